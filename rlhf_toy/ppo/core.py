@@ -1,0 +1,499 @@
+"""The PPO math of rlhf_toy: pure torch functions, no I/O, no models (CleanRL style).
+
+Everything here works on right-padded response tensors of shape ``[B, T]`` (batch, response
+tokens).  A *mask* is a bool (or 0/1 float) tensor ``[B, T]`` that is True on the real response
+tokens: the prefix of each row up to and including the EOS token when the response stopped, or the
+whole row when it ran to the length limit.  Each row must hold at least one real token.  Values at
+padded positions may be anything (garbage, NaN, inf): every function below selects with
+``torch.where`` instead of multiplying by the mask, so padding never leaks into a result, and
+results come back as 0 at padded positions.
+
+The rollout side of one PPO iteration, in order::
+
+    logprobs      = logprobs_from_logits(policy_logits, responses, T)      # at sampling time
+    ref_logprobs  = logprobs_from_logits(ref_logits, responses, T)
+    kl            = kl_penalty(logprobs, ref_logprobs, "k1")                # per token
+    rewards, nsr  = compute_rewards(scores, kl, mask, beta)                 # -beta*kl + score at the end
+    adv, returns  = gae(rewards, values, mask, gamma, lam)
+    adv           = masked_whiten(adv, mask)
+
+(``compute_ppo_targets`` does exactly these steps, optionally whitening the rewards, in one call.)
+Then for several epochs of minibatches::
+
+    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs, adv, mask, cliprange)
+    vf_loss, vf_clip  = value_loss(new_values, values, returns, mask, cliprange_value)
+    loss = pg_loss + vf_coef * vf_loss
+
+and after the iteration ``kl_ctl.update(mean_sequence_kl, batch_size)``.
+
+Where we differ from TRL, and why
+---------------------------------
+Reference: ``trl/experimental/ppo/ppo_trainer.py`` (trl 1.12.0, the last release with PPO),
+``PPOTrainer.train()``.  TRL builds two masks from ``sequence_lengths`` = index of the last
+non-pad token of the EOS-truncated response: ``padding_mask`` (True past the last real token) and
+``padding_mask_p1`` (True past *one after* the last real token).  Every difference below can be
+switched to TRL's behaviour (``trl_compat=True`` in ``compute_ppo_targets``, or passing
+``extend_mask_by_one(mask)`` / ``stats_over_padding=True`` to the single functions); the
+cross-check (``rlhf_toy/crosscheck.py``) reproduces TRL to float32 round-off that way.
+
+1. **Where the score lands.**  TRL adds the score at index ``sequence_length + 1`` -- one past
+   the last real token, i.e. on the first padding position -- whenever that index fits in the
+   response window, and on the last token otherwise.  So an EOS-terminated response (EOS at
+   ``k < T-1``) gets its score on the pad position ``k+1``; a response truncated at the length
+   limit (no EOS), or whose EOS is the very last slot, gets it on its last token ``T-1``.  The
+   pad position ``k+1`` carries the value ``V(prompt + response incl. EOS)`` of a state in which
+   no action is ever taken, and GAE then bootstraps the EOS token's advantage through that
+   learned value: the score reaches the EOS token only discounted by ``gamma*lam`` plus
+   whatever the value head predicts there, and the two cases (stopped vs truncated) are treated
+   differently.  **Ours:** the score is the reward of the last *action*, i.e. lands on the last
+   real response token (the EOS when there is one, ``T-1`` when truncated), and the state after
+   it is terminal (value 0).  This is the standard episodic MDP (and what lm-human-preferences'
+   sequence-level reward means); EOS-terminated and truncated responses are treated alike.
+2. **Value-loss mask and reward-whitening mask.**  TRL uses ``~padding_mask_p1`` for both, i.e.
+   it also fits the value of that one extra pad position and includes its reward (the score) in
+   the reward statistics.  Ours uses the response mask: there is no extra position because the
+   state after the last token is terminal.
+3. **Values past the mask.**  TRL zeroes values past ``padding_mask_p1``; ours past the mask
+   (again: terminal state, value 0).  Same function, different mask.
+4. **approx-KL and ratio statistics.**  TRL logs ``0.5 * (logratio**2).mean()`` and
+   ``ratio.mean()`` over *every* ``[B, T]`` position, padding included (where the log-ratio is
+   exactly 0 and the ratio exactly 1), so its numbers shrink as padding grows.  Ours average over
+   real tokens only (``stats_over_padding=False``).  The losses and the clip fractions are
+   masked means in both.
+5. **Which tokens are real.**  TRL finds the end of a response as the first ``pad_token_id`` in
+   the EOS-truncated response: if the policy samples the pad token it silently ends the response
+   there, and if pad == EOS (a common setup) the EOS token itself drops out of the mask, so the
+   policy never gets gradient for stopping.  Ours derives the mask from the EOS position
+   (``truncate_at_eos``), independent of the pad id.
+6. **Logprob fill value.**  TRL overwrites logprobs at padding with ``INVALID_LOGPROB = 1.0`` so
+   that its unmasked sums come out right; ours never needs a fill value (``where``-masking).
+
+Functions whose numerics match TRL exactly (same formula, same order of operations):
+``masked_mean``, ``masked_var`` (unbiased Bessel correction ``n/(n-1)``), ``masked_whiten``
+(``rsqrt(var + 1e-8)``), ``kl_penalty`` (k1 / k3), the GAE recursion, and the clipped policy and
+value losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+__all__ = [
+    "logprobs_from_logits",
+    "entropy_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "kl_penalty",
+    "truncate_at_eos",
+    "last_token_index",
+    "extend_mask_by_one",
+    "compute_rewards",
+    "gae",
+    "compute_ppo_targets",
+    "policy_loss",
+    "value_loss",
+    "explained_variance",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "make_kl_controller",
+]
+
+Tensor = torch.Tensor
+
+
+def _bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+# --------------------------------------------------------------------------------------------
+# log-probabilities and entropy
+# --------------------------------------------------------------------------------------------
+def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-token log-probabilities of ``tokens`` under ``softmax(logits / (temperature + 1e-7))``.
+
+    ``log pi(y_t) = z_t[y_t] - logsumexp(z_t)`` with ``z_t = logits_t / (T + 1e-7)``.
+    ``logits``: ``[B, T, V]`` (the logits that *predict* each response token, i.e. already shifted
+    by one); ``tokens``: ``[B, T]``.  Returns ``[B, T]`` (float32 at least).
+    """
+    # TRL detail: logits / (temperature + 1e-7) for policy and reference alike, the same T as sampling
+    z = logits.float() / (temperature + 1e-7)
+    selected = torch.gather(z, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
+    return selected - torch.logsumexp(z, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of ``softmax(logits)`` per position: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
+
+    ``logits``: ``[..., V]`` -> ``[...]``.  Divide by the temperature first if you want the
+    entropy of the sampling distribution (TRL logs it that way).
+    """
+    # TRL detail: entropy = logsumexp(logits) - sum(softmax(logits) * logits)
+    z = logits.float()
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - torch.sum(p * z, dim=-1)
+
+
+# --------------------------------------------------------------------------------------------
+# masked statistics
+# --------------------------------------------------------------------------------------------
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum_{mask} x`` over all elements (``dim=None``) or along ``dim``; padding ignored."""
+    m = _bool(mask)
+    xz = torch.where(m, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return xz.sum() if dim is None else xz.sum(dim=dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """``sum_{mask} x / sum(mask)``, over everything (``dim=None``) or along ``dim``.
+
+    Same numerics as TRL's ``masked_mean`` (sum of the selected values divided by the count),
+    but padded values are selected away, not multiplied by 0, so NaN/inf padding is harmless.
+    """
+    # TRL detail: masked_mean = (values * mask).sum() / mask.sum()
+    m = _bool(mask)
+    if dim is None:
+        return masked_sum(x, m) / m.sum()
+    return masked_sum(x, m, dim) / m.sum(dim=dim)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of the real entries: ``mean_mask((x - mean_mask(x))^2) * n/(n-1)`` (if unbiased).
+
+    ``n = sum(mask)``.  Raises when the mask is empty (as TRL does); with ``n == 1`` and
+    ``unbiased`` the result is inf (TRL behaves the same; whitening then returns 0).
+    """
+    # TRL detail: masked_var with Bessel correction mask_sum / (mask_sum - 1)
+    m = _bool(mask)
+    mean = masked_mean(x, m)
+    centered = x - mean
+    variance = masked_mean(centered**2, m)
+    if unbiased:
+        mask_sum = m.sum()
+        if mask_sum == 0:
+            raise ValueError("masked_var: the mask is empty (no real tokens in this batch)")
+        bessel_correction = mask_sum / (mask_sum - 1)
+        variance = variance * bessel_correction
+    return variance
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+    """Whiten the real entries: ``(x - mu) * rsqrt(var + 1e-8)`` (``+ mu`` back if not shift_mean).
+
+    ``mu`` and ``var`` (unbiased) are taken over the mask only.  Padded positions come back as 0
+    (TRL returns whitened garbage there and masks it afterwards; on real positions the two agree).
+    """
+    # TRL detail: masked_whiten, rsqrt(var + 1e-8), unbiased variance; lm-human-preferences whitens advantages
+    m = _bool(mask)
+    mean, var = masked_mean(x, m), masked_var(x, m)
+    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(m, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+
+
+# --------------------------------------------------------------------------------------------
+# KL estimators, response masks, rewards
+# --------------------------------------------------------------------------------------------
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of ``KL(pi || pi_ref)`` from tokens sampled from ``pi``.
+
+    * ``"k1"``: ``log pi - log pi_ref`` (unbiased, can be negative, high variance).
+    * ``"k3"``: ``(r - 1) - log r`` with ``r = pi_ref / pi = exp(log pi_ref - log pi)``
+      (unbiased, always >= 0, lower variance).
+    """
+    # Schulman, "Approximating KL Divergence" (joschu.net/blog/kl-approx.html); TRL's kl_estimator
+    logr = ref_logprobs - logprobs
+    if estimator == "k1":
+        return -logr
+    if estimator == "k3":
+        return (logr.exp() - 1) - logr
+    raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
+
+
+def truncate_at_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Cut each response after its first EOS: ``(truncated_responses, mask)``.
+
+    ``mask`` is True up to and including the first EOS (the whole row when there is none);
+    positions after it are set to ``pad_token_id``.  The pad id plays no part in finding the end.
+    """
+    # TRL detail: truncate_response at the first stop token; ours keeps EOS in the mask even when pad == eos
+    T = responses.shape[1]
+    is_eos = responses == eos_token_id
+    idx = torch.arange(T, device=responses.device).expand_as(responses)
+    first_eos = torch.where(is_eos, idx, torch.full_like(idx, T)).min(dim=1).values  # T if none
+    mask = idx <= first_eos.unsqueeze(1)
+    truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
+    return truncated, mask
+
+
+def last_token_index(mask: Tensor) -> Tensor:
+    """Index of the last True position of each row of a (prefix) mask, ``[B]`` (long)."""
+    m = _bool(mask)
+    T = m.shape[1]
+    idx = torch.arange(T, device=m.device).expand_as(m)
+    return torch.where(m, idx, torch.full_like(idx, -1)).max(dim=1).values
+
+
+def extend_mask_by_one(mask: Tensor) -> Tensor:
+    """TRL's ``~padding_mask_p1``: the mask plus the one position after each row's last real token
+    (when that position exists).  Only for reproducing TRL; see the module docstring."""
+    # TRL detail: padding_mask_p1 = response_idxs > sequence_lengths + 1
+    m = _bool(mask)
+    idx = torch.arange(m.shape[1], device=m.device).expand_as(m)
+    return idx <= (last_token_index(m) + 1).unsqueeze(1)
+
+
+def compute_rewards(
+    scores: Tensor,
+    kl: Tensor,
+    mask: Tensor,
+    kl_coef: float | Tensor,
+    score_index: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-token rewards ``r_t = -beta * kl_t  (+ score on the last real token)``.
+
+    Returns ``(rewards, non_score_reward)``, both ``[B, T]`` and 0 on padding, where
+    ``non_score_reward = -beta * kl`` on real tokens.  ``scores``: ``[B]``.  By default the score
+    is added on ``last_token_index(mask)`` (the EOS when the response stopped, the last token when
+    it was truncated).  ``score_index`` overrides the position; TRL's choice is
+    ``last_token_index(extend_mask_by_one(mask))`` (one past the last real token when it fits).
+    """
+    # Ziegler et al. / lm-human-preferences: R = score - beta*KL, score on the final token (TRL: at sequence_length+1)
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    non_score_reward = torch.where(m, -kl_coef * kl, zero)
+    rewards = non_score_reward.clone()
+    if score_index is None:
+        score_index = last_token_index(m)
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    rewards[rows, score_index] += scores.to(rewards.dtype)
+    return rewards, non_score_reward
+
+
+# --------------------------------------------------------------------------------------------
+# advantages
+# --------------------------------------------------------------------------------------------
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """Generalized Advantage Estimation over right-padded sequences: ``(advantages, returns)``.
+
+    ``delta_t = r_t + gamma * V_{t+1} - V_t``;  ``A_t = delta_t + gamma * lam * A_{t+1}``;
+    ``returns_t = A_t + V_t``.  Values and rewards past the mask are treated as 0, so the state
+    after the last real token is terminal (``V = 0``).  Both outputs are 0 on padding.
+    Advantages are *not* whitened here (see ``masked_whiten``).
+    """
+    # Schulman et al. 2016 (GAE); same backwards recursion as TRL's train() step 6
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(m, values, zero)
+    rewards = torch.where(m, rewards.to(values.dtype), zero)
+    T = rewards.shape[1]
+    lastgaelam = torch.zeros_like(values[:, 0])
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        nextvalues = values[:, t + 1] if t < T - 1 else 0.0
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam = delta + gamma * lam * lastgaelam
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)
+    returns = advantages + values
+    return torch.where(m, advantages, zero), torch.where(m, returns, zero)
+
+
+def compute_ppo_targets(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    gamma: float,
+    lam: float,
+    kl_estimator: str = "k1",
+    whiten_rewards: bool = False,
+    trl_compat: bool = False,
+) -> dict[str, Tensor]:
+    """The rollout post-processing of one PPO iteration, in one call.
+
+    ``kl = kl_penalty(logprobs, ref_logprobs)``; ``rewards = -beta*kl (+score at the end)``;
+    optionally ``rewards = whiten(rewards, shift_mean=False)``;
+    ``advantages, returns = gae(rewards, values)``; ``advantages = whiten(advantages)``.
+
+    Returns a dict: ``kl``, ``non_score_reward``, ``rewards``, ``advantages`` (whitened),
+    ``returns``, ``values`` (0 past the value mask) and ``value_mask`` (the mask the value loss
+    must use: ``mask``, or TRL's one-longer mask when ``trl_compat``).  Padding is 0 everywhere.
+    With ``trl_compat=True`` every quantity equals TRL 1.12's (score one past the last token,
+    rewards whitened and values kept over ``extend_mask_by_one(mask)``).
+    """
+    # TRL PPOTrainer.train() steps 4-6; lm-human-preferences: advantages always whitened
+    m = _bool(mask)
+    value_mask = extend_mask_by_one(m) if trl_compat else m
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kl_estimator), zero)
+    score_index = last_token_index(value_mask)
+    rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef, score_index=score_index)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False)
+    values = torch.where(value_mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
+    advantages, returns = gae(rewards, values, value_mask, gamma, lam)
+    advantages = masked_whiten(advantages, m)
+    return {
+        "kl": kl,
+        "non_score_reward": non_score_reward,
+        "rewards": rewards,
+        "advantages": advantages,
+        "returns": returns,
+        "values": values,
+        "value_mask": value_mask,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# losses
+# --------------------------------------------------------------------------------------------
+def policy_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+    stats_over_padding: bool = False,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate: ``L = mean_mask( max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) )``.
+
+    ``rho = exp(log pi_new - log pi_old)``.  Returns ``(loss, stats)`` with detached stats
+    ``approxkl = 0.5 * mean(log rho ^ 2)``, ``clipfrac = mean_mask[clipped term is the larger]``
+    (strictly larger: a ratio exactly on the boundary is not counted as clipped) and
+    ``ratio_mean``.  With ``stats_over_padding`` approxkl / ratio_mean average over all ``[B,T]``
+    positions, padding counted as log-ratio 0 (TRL's logging); the loss is always a masked mean.
+    """
+    # Schulman et al. 2017 (PPO-clip); TRL's pg_losses / pg_clipfrac / approxkl = 0.5*mean(logratio^2)
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=new_logprobs.dtype, device=new_logprobs.device)
+    logratio = torch.where(m, new_logprobs - old_logprobs, zero)
+    ratio = torch.exp(logratio)
+    adv = torch.where(m, advantages.to(ratio.dtype), zero)
+    pg_losses = -adv * ratio
+    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
+    with torch.no_grad():
+        clipfrac = masked_mean((pg_losses2 > pg_losses).float(), m)
+        if stats_over_padding:
+            approxkl = 0.5 * (logratio**2).mean()
+            ratio_mean = ratio.mean()
+        else:
+            approxkl = 0.5 * masked_mean(logratio**2, m)
+            ratio_mean = masked_mean(ratio, m)
+    return loss, {"approxkl": approxkl.detach(), "clipfrac": clipfrac, "ratio_mean": ratio_mean.detach()}
+
+
+def value_loss(
+    new_values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float,
+) -> tuple[Tensor, Tensor]:
+    """Clipped value loss: ``0.5 * mean_mask( max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2) )``.
+
+    Returns ``(loss, clipfrac)``; ``clipfrac`` = fraction of real tokens where the clipped term is
+    strictly larger.  Pass TRL's one-longer mask (``compute_ppo_targets(...)["value_mask"]``) to
+    reproduce TRL.
+    """
+    # lm-human-preferences / TRL: vf_loss = 0.5 * masked_mean(max(vf_losses1, vf_losses2))
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=new_values.dtype, device=new_values.device)
+    vpred = torch.where(m, new_values, zero)
+    old = torch.where(m, old_values.to(vpred.dtype), zero)
+    ret = torch.where(m, returns.to(vpred.dtype), zero)
+    vpredclipped = torch.clamp(vpred, old - cliprange_value, old + cliprange_value)
+    vf_losses1 = torch.square(vpred - ret)
+    vf_losses2 = torch.square(vpredclipped - ret)
+    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), m)
+    with torch.no_grad():
+        clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), m)
+    return loss, clipfrac
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var_mask(returns - values) / Var_mask(returns)`` (biased variances; NaN if Var(returns)=0).
+
+    1 = the value head predicts the returns perfectly, 0 = no better than a constant, < 0 = worse.
+    """
+    # CleanRL / stable-baselines explained_variance, restricted to real tokens
+    m = _bool(mask)
+    with torch.no_grad():
+        var_y = masked_var(returns, m, unbiased=False)
+        var_res = masked_var(returns - values, m, unbiased=False)
+        if var_y == 0:
+            return torch.tensor(float("nan"))
+        return 1.0 - var_res / var_y
+
+
+# --------------------------------------------------------------------------------------------
+# KL controllers
+# --------------------------------------------------------------------------------------------
+class AdaptiveKLController:
+    """Ziegler et al. (2019) adaptive KL coefficient.
+
+    ``e = clip(KL / target - 1, -0.2, 0.2)``;  ``beta <- beta * (1 + e * n_steps / horizon)``.
+    ``current_kl`` is the mean per-sequence KL (sum over tokens) of the last batch; ``n_steps``
+    the number of episodes in it.  lm-human-preferences uses target 6, horizon 10000.
+    """
+
+    # Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences", sec. 2.2
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError("AdaptiveKLController: target and horizon must be > 0")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        mult = 1.0 + proportional_error * n_steps / self.horizon
+        self.value *= mult
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "adaptive", "value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+        self.target = float(state.get("target", self.target))
+        self.horizon = float(state.get("horizon", self.horizon))
+
+    def __repr__(self) -> str:
+        return f"AdaptiveKLController(value={self.value:.6g}, target={self.target}, horizon={self.horizon})"
+
+
+class FixedKLController:
+    """Constant KL coefficient with the same interface as ``AdaptiveKLController``."""
+
+    # TRL PPOTrainer: fixed kl_coef
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"type": "fixed", "value": self.value}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.value = float(state["value"])
+
+    def __repr__(self) -> str:
+        return f"FixedKLController(value={self.value:.6g})"
+
+
+def make_kl_controller(
+    kl_coef: float, target: float | None = None, horizon: float | None = None
+) -> AdaptiveKLController | FixedKLController:
+    """Adaptive controller when ``target`` is given (``horizon`` defaults to 10000), else fixed."""
+    if target is None:
+        return FixedKLController(kl_coef)
+    return AdaptiveKLController(kl_coef, target, 10000.0 if horizon is None else horizon)
