@@ -1,0 +1,152 @@
+"""Configuration as plain dataclasses: `--config FILE.yaml` plus any field as a flag (HF/TRL style).
+
+Precedence: dataclass defaults < YAML file < command-line flags. An unknown key, in the YAML file
+or on the command line, is an error that names the nearest valid key. The resolved config is written
+to the run directory as `config.yaml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """Bad configuration; the message names the file or flag and the key at fault."""
+
+
+def _nearest(key: str, valid) -> str:
+    match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
+    return f"; did you mean {match[0]!r}?" if match else ""
+
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _convert(value, annotation, key: str, where: str):
+    """Coerce a YAML value or a flag string to the field's type."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(value, inner[0], key, where)
+    if origin in (list, tuple):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v]
+        return [_convert(v, args[0] if args else str, key, where) for v in items]
+    try:
+        if annotation is bool:
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("true", "1", "yes", "on"):
+                return True
+            if str(value).lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError(value)
+        if annotation in (int, float, str):
+            if annotation is int and isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return annotation(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: {key} must be {annotation.__name__}, got {value!r}") from None
+    return value
+
+
+def parse_config(cls, argv=None):
+    """Build `cls` from `--config FILE.yaml` and `--field value` flags (flags win)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    types_ = _field_types(cls)
+    values: dict = {}
+    if "--help" in argv or "-h" in argv:
+        print(f"usage: --config FILE.yaml [--field value ...]\n\nfields of {cls.__name__}:")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            print(f"  --{f.name} ({getattr(types_[f.name], '__name__', types_[f.name])}, default {default!r})")
+        raise SystemExit(0)
+
+    flags: dict = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise ConfigError(f"command line: unexpected argument {arg!r} (flags look like --learning_rate 1e-5)")
+        key, _, inline = arg[2:].partition("=")
+        key = key.replace("-", "_")
+        if inline:
+            flags[key] = inline
+            i += 1
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            flags[key] = argv[i + 1]
+            i += 2
+        elif types_.get(key) is bool:  # a bare boolean flag means true
+            flags[key] = "true"
+            i += 1
+        else:
+            raise ConfigError(f"command line: --{key} needs a value")
+
+    config_path = flags.pop("config", None)
+    if config_path is not None:
+        path = Path(config_path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
+        for key, value in loaded.items():
+            if key not in types_:
+                raise ConfigError(f"{path}: unknown key {key!r}{_nearest(key, types_)}")
+            values[key] = _convert(value, types_[key], key, str(path))
+    for key, value in flags.items():
+        if key not in types_:
+            raise ConfigError(f"command line: unknown flag --{key}{_nearest(key, types_)}")
+        values[key] = _convert(value, types_[key], key, "command line")
+    config = cls(**values)
+    if hasattr(config, "validate"):
+        config.validate()
+    return config
+
+
+def save_config(config, output_dir) -> Path:
+    path = Path(output_dir) / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    return path
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    """Fields every stage has."""
+
+    model_name_or_path: str = "embedded:smollm2-135m-instruct"
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"            # auto = cuda, then mps, then cpu
+    dtype: str = "auto"             # auto = bf16 on a GPU that supports it, float32 elsewhere
+    num_threads: int = 0            # torch CPU threads; 0 = torch's default
+    logging_steps: int = 1
+    save_steps: int = 20            # checkpoint every N optimizer steps (resume restarts from the last one)
+    save_total_limit: int = 2
+    report_to: str = "tensorboard"  # or "none"
+    resume: bool = True             # continue from the last checkpoint in output_dir if there is one
+
+
+@dataclasses.dataclass
+class LoraFields:
+    use_lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"

@@ -1,0 +1,124 @@
+"""Dataset loading in TRL's standard formats, with errors that name the file, line and field.
+
+Accepted sources: a local `.jsonl`, `.json` (a list of records) or `.parquet` file, or a hub dataset
+name (`name` or `name:split`) through `datasets.load_dataset` where a hub is reachable.
+
+Formats (conversational or plain text, as TRL):
+    prompts:      {"prompt": [{"role": "user", "content": ...}]}          or {"prompt": "..."}
+    SFT:          {"prompt": [...], "completion": [{"role": "assistant", ...}]}
+    preferences:  {"prompt": [...], "chosen": [...], "rejected": [...]}  (gold_* optional)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+PROMPT_FIELDS = ("prompt",)
+SFT_FIELDS = ("prompt", "completion")
+PREFERENCE_FIELDS = ("prompt", "chosen", "rejected")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line or record, and the field."""
+
+
+def load_records(source: str, required_fields=(), split: str = "train") -> list[dict]:
+    path = Path(source)
+    if path.exists():
+        records = _read_local(path)
+    elif path.suffix in (".jsonl", ".json", ".parquet") or "/" in source and source.startswith((".", "/", "data/")):
+        raise DataError(f"dataset file {source} does not exist")
+    else:
+        records = _read_hub(source, split)
+        path = Path(source)
+    if not records:
+        raise DataError(f"{source}: the dataset is empty")
+    for index, record in enumerate(records):
+        where = f"{source}:{index + 1}" if path.suffix == ".jsonl" else f"{source} record {index}"
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for field in required_fields:
+            if field not in record or record[field] in (None, "", []):
+                raise DataError(f"{where}: missing field {field!r} (has: {', '.join(record) or 'nothing'})")
+            _check_text_or_messages(record[field], f"{where}: field {field!r}")
+    return records
+
+
+def _check_text_or_messages(value, where: str) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+        return
+    raise DataError(f"{where} must be a string or a list of {{'role', 'content'}} messages, got {str(value)[:80]!r}")
+
+
+def _read_local(path: Path) -> list[dict]:
+    if path.suffix == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for number, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+        return records
+    if path.suffix == ".json":
+        try:
+            loaded = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+        if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
+            loaded = loaded["data"]
+        if not isinstance(loaded, list):
+            raise DataError(f"{path}: expected a list of records (or {{'data': [...]}})")
+        return loaded
+    if path.suffix == ".parquet":
+        import pandas as pd
+
+        try:
+            return pd.read_parquet(path).to_dict(orient="records")
+        except Exception as error:  # pyarrow raises several types for a bad file
+            raise DataError(f"{path}: cannot read parquet ({error})") from None
+    raise DataError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _read_hub(name: str, split: str) -> list[dict]:
+    import datasets
+
+    name, _, named_split = name.partition(":")
+    try:
+        dataset = datasets.load_dataset(name, split=named_split or split)
+    except Exception as error:  # offline, missing, gated: many exception types
+        raise DataError(
+            f"cannot load dataset {name!r} from the hub ({type(error).__name__}); no hub is reachable here: "
+            "use a local .jsonl/.json/.parquet file such as data/preferences.jsonl"
+        ) from None
+    return [dict(row) for row in dataset]
+
+
+def as_messages(value, role: str) -> list[dict]:
+    """TRL's plain-text form as conversational messages, so one chat template formats both."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else value
+
+
+def load_prompts(source: str) -> list[list[dict]]:
+    return [as_messages(r["prompt"], "user") for r in load_records(source, PROMPT_FIELDS)]
+
+
+def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
+    """A seeded split by prompt text, so no prompt is in both halves."""
+    if eval_fraction <= 0:
+        return records, []
+    keys = sorted({json.dumps(r["prompt"], sort_keys=True) for r in records})
+    random.Random(seed).shuffle(keys)
+    n_eval = max(1, round(len(keys) * eval_fraction))
+    eval_keys = set(keys[:n_eval])
+    train = [r for r in records if json.dumps(r["prompt"], sort_keys=True) not in eval_keys]
+    held_out = [r for r in records if json.dumps(r["prompt"], sort_keys=True) in eval_keys]
+    if not train:
+        raise DataError(f"eval_fraction={eval_fraction} leaves no training records ({len(records)} in all)")
+    return train, held_out

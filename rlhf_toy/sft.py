@@ -1,0 +1,120 @@
+"""Stage 1, supervised fine-tuning on demonstrations, with TRL's SFTTrainer (loss on completions only).
+
+Before and after training it samples the eval prompts and records the gold mean, so the effect of
+the stage is a number in metrics.jsonl, and the samples are in samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_toy import data, models, runlog, sampling, task
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
+from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_precision
+
+
+@dataclass
+class SFTStageConfig(LoraFields, CommonConfig):
+    output_dir: str = "runs/sft"
+    dataset: str = "data/sft.jsonl"
+    eval_fraction: float = 0.1          # held-out demonstrations for the eval loss
+    eval_prompts: str = "data/prompts_eval.jsonl"
+    num_sample_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_steps: float = 0.0          # an int counts steps; a float in [0, 1) is a fraction of the run
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_length: int = 256
+    eval_steps: int = 0                 # 0 = evaluate only before and after
+    max_new_tokens: int = 64            # for the before/after samples
+    temperature: float = 0.7
+    sample_batch_size: int = 32
+
+    def validate(self):
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+
+
+
+def sample_and_score(model, tokenizer, prompts, cfg, label: str) -> tuple[float, list[dict]]:
+    samples = sampling.generate(
+        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+        batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=f"sampling eval prompts ({label})",
+    )
+    rows = [{"stage": label, "prompt": s.prompt, "response": s.response, "gold": task.gold_score(s.response),
+             "n_tokens": len(s.response_ids), "has_eos": s.has_eos} for s in samples]
+    return statistics.mean(r["gold"] for r in rows), rows
+
+
+def run_sft(cfg: SFTStageConfig) -> Path:
+    from trl import SFTConfig, SFTTrainer
+    from datasets import Dataset
+
+    run_dir = setup_run(cfg)
+    records = data.load_records(cfg.dataset, data.SFT_FIELDS)
+    records = [{"prompt": data.as_messages(r["prompt"], "user"),
+                "completion": data.as_messages(r["completion"], "assistant")} for r in records]
+    train_records, eval_records = data.split_records(records, cfg.eval_fraction, cfg.seed)
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.num_sample_prompts else []
+
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    checkpoints = run_dir / "checkpoints"
+    resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
+
+    if eval_prompts and "gold_mean_before" not in summary:
+        summary["gold_mean_before"], rows = sample_and_score(model, tokenizer, eval_prompts, cfg, "before")
+        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+
+    args = SFTConfig(
+        output_dir=str(checkpoints), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, max_length=cfg.max_length,
+        completion_only_loss=True, logging_steps=cfg.logging_steps, save_strategy="steps",
+        save_steps=cfg.save_steps, save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_steps and eval_records else "no", eval_steps=cfg.eval_steps or None,
+        report_to="none", seed=cfg.seed, disable_tqdm=False, dataloader_num_workers=0,
+        **trainer_precision(cfg),
+    )
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_records),
+        eval_dataset=Dataset.from_list(eval_records) if eval_records else None,
+        processing_class=tokenizer, peft_config=lora_config(cfg),
+        callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
+    )
+    if eval_records and "eval_loss_before" not in summary:
+        summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    summary_path.write_text(json.dumps(summary) + "\n")
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    summary["train_wall_s"] = time.time() - started
+    # TRL logs num_tokens, the tokens this process trained on (it restarts from 0 on resume).
+    logged_tokens = [r["num_tokens"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "num_tokens" in r]
+    summary["train_tokens"] = logged_tokens[-1] if logged_tokens else 0
+    summary["tokens_per_s"] = summary["train_tokens"] / max(result.metrics["train_runtime"], 1e-9)
+    summary["train_loss"] = result.training_loss
+    if eval_records:
+        summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+    final = save_final(trainer, tokenizer, run_dir)
+
+    if eval_prompts:
+        final_model = models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype)
+        summary["gold_mean_after"], rows = sample_and_score(final_model, tokenizer, eval_prompts, cfg, "after")
+        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+    summary_path.write_text(json.dumps(summary) + "\n")
+    runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step, {"summary": 1, **summary})
+    return run_dir

@@ -1,0 +1,48 @@
+"""What every stage built on an HF/TRL trainer shares: run set-up, LoRA, precision, the final model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from rlhf_toy import models
+from rlhf_toy.config import save_config
+
+
+def setup_run(cfg) -> Path:
+    """Seed, threads and the run directory with its resolved config (shared by every stage)."""
+    from transformers import set_seed
+
+    set_seed(cfg.seed)
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    save_config(cfg, cfg.output_dir)
+    return Path(cfg.output_dir)
+
+
+def lora_config(cfg, task_type: str = "CAUSAL_LM"):
+    if not cfg.use_lora:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=cfg.lora_target_modules, task_type=task_type)
+
+
+def trainer_precision(cfg) -> dict:
+    """TrainingArguments fields for the device and dtype the config resolves to."""
+    device = models.pick_device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
+    return {"use_cpu": device.type == "cpu", "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+
+
+def save_final(trainer, tokenizer, run_dir: Path) -> Path:
+    """final/: a plain HF model (LoRA merged in) that any from_pretrained loads."""
+    model = trainer.model
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    final = run_dir / "final"
+    model.save_pretrained(final, safe_serialization=True)
+    tokenizer.save_pretrained(final)
+    return final

@@ -1,0 +1,118 @@
+"""Regenerate the toy task's data in data/ from the embedded model, with a fixed seed.
+
+    python scripts/make_data.py [--model embedded:smollm2-135m-instruct] [--seed 0] [--out data]
+
+Writes prompts_train.jsonl, prompts_eval.jsonl, sft.jsonl (best-of-n demonstrations by gold),
+preferences.jsonl (pairs labelled by a Bradley-Terry draw on gold: noisy, like real labelers) and
+data/README.md (the data card, with counts and statistics).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf_toy import models, sampling, task
+
+
+def last_complete_sentence(text: str) -> str:
+    """A human demonstrator finishes sentences: cut a truncated sample after its last full stop."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[: ends[-1]].strip() if ends else ""
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=models.DEFAULT_MODEL)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="data")
+    parser.add_argument("--n_train", type=int, default=600)
+    parser.add_argument("--n_eval", type=int, default=200)
+    parser.add_argument("--samples_per_prompt", type=int, default=4)
+    parser.add_argument("--pairs_per_prompt", type=int, default=4)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--batch_size", type=int, default=32)
+    # Labelers prefer the higher-gold response with probability sigmoid((g_a - g_b) / temperature).
+    parser.add_argument("--label_temperature", type=float, default=0.1)
+    args = parser.parse_args(argv)
+
+    started = time.time()
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts, eval_prompts = task.make_prompts(args.n_train, args.n_eval, args.seed)
+    write_jsonl(out / "prompts_train.jsonl", train_prompts)
+    write_jsonl(out / "prompts_eval.jsonl", eval_prompts)
+
+    tokenizer = models.load_tokenizer(args.model)
+    model = models.load_causal_lm(args.model, tokenizer)
+    repeated = [row["prompt"] for row in train_prompts for _ in range(args.samples_per_prompt)]
+    samples = sampling.generate(
+        model, tokenizer, repeated, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, progress="sampling train prompts",
+    )
+    rng = random.Random(args.seed)
+    sft_rows, pref_rows, flips = [], [], 0
+    all_gold, demo_gold = [], []
+    for i, row in enumerate(train_prompts):
+        group = samples[i * args.samples_per_prompt:(i + 1) * args.samples_per_prompt]
+        golds = [task.gold_score(s.response) for s in group]
+        all_gold += golds
+        demos = [s.response if s.has_eos else last_complete_sentence(s.response) for s in group]
+        scored = [(task.gold_score(d), d) for d in demos if d]
+        if scored:
+            best_gold, best = max(scored)
+            demo_gold.append(best_gold)
+            sft_rows.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": best}]})
+        pairs = [(a, b) for a, b in itertools.combinations(range(len(group)), 2)
+                 if group[a].response != group[b].response]
+        for a, b in rng.sample(pairs, min(args.pairs_per_prompt, len(pairs))):
+            p_a = 1 / (1 + math.exp(-(golds[a] - golds[b]) / args.label_temperature))
+            chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+            flips += golds[chosen] < golds[rejected]
+            pref_rows.append({
+                "prompt": row["prompt"],
+                "chosen": [{"role": "assistant", "content": group[chosen].response}],
+                "rejected": [{"role": "assistant", "content": group[rejected].response}],
+                "gold_chosen": round(golds[chosen], 4), "gold_rejected": round(golds[rejected], 4),
+            })
+    write_jsonl(out / "sft.jsonl", sft_rows)
+    write_jsonl(out / "preferences.jsonl", pref_rows)
+
+    stats = {
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "model": args.model, "seed": args.seed,
+        "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts),
+        "samples": len(samples), "sft_demonstrations": len(sft_rows), "preference_pairs": len(pref_rows),
+        "label_noise_rate": flips / max(1, len(pref_rows)),
+        "sample_gold_mean": statistics.mean(all_gold), "sample_gold_std": statistics.pstdev(all_gold),
+        "demo_gold_mean": statistics.mean(demo_gold),
+        "sample_eos_rate": sum(s.has_eos for s in samples) / len(samples),
+        "sample_tokens_mean": statistics.mean(len(s.response_ids) for s in samples),
+        "minutes": (time.time() - started) / 60,
+        **{k: v for k, v in vars(args).items() if k not in ("out", "model", "seed")},
+    }
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    print(json.dumps(stats, indent=2))
+
+
+def write_jsonl(path: Path, rows) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tests never touch the user's cache or a hub: the tiny model is built into a per-session cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("rlhf_toy_cache")
+    os.environ["RLHF_TOY_CACHE"] = str(cache)
+    yield cache
+
+
+@pytest.fixture
+def run_script():
+    """Run scripts/NAME.py in a subprocess the way a user does; returns the CompletedProcess."""
+    import subprocess
+
+    def run(name, *args, check=True, timeout=300):
+        result = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
+                                cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        if check and result.returncode != 0:
+            raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        return result
+
+    return run

@@ -1,0 +1,55 @@
+import dataclasses
+
+import pytest
+import yaml
+
+from rlhf_toy.config import ConfigError, parse_config, save_config
+from rlhf_toy.sft import SFTStageConfig
+
+
+def write(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_precedence_defaults_then_yaml_then_flags(tmp_path):
+    path = write(tmp_path, "learning_rate: 1.0e-4\nmax_steps: 7\n")
+    cfg = parse_config(SFTStageConfig, ["--config", str(path), "--max_steps", "9"])
+    assert cfg.learning_rate == 1e-4          # from YAML
+    assert cfg.max_steps == 9                 # the flag wins over YAML
+    assert cfg.per_device_train_batch_size == SFTStageConfig().per_device_train_batch_size  # default
+
+
+def test_unknown_yaml_key_names_file_and_nearest(tmp_path):
+    path = write(tmp_path, "learnin_rate: 1.0e-4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'learnin_rate'; did you mean 'learning_rate'"):
+        parse_config(SFTStageConfig, ["--config", str(path)])
+
+
+def test_unknown_flag_names_nearest():
+    with pytest.raises(ConfigError, match=r"unknown flag --max_step; did you mean 'max_steps'"):
+        parse_config(SFTStageConfig, ["--max_step", "3"])
+
+
+def test_bad_type_and_missing_value_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="max_steps must be int"):
+        parse_config(SFTStageConfig, ["--max_steps", "three"])
+    with pytest.raises(ConfigError, match="needs a value"):
+        parse_config(SFTStageConfig, ["--learning_rate"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        parse_config(SFTStageConfig, ["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        parse_config(SFTStageConfig, ["--config", str(write(tmp_path, "- a\n- b\n"))])
+
+
+def test_bool_flags_and_resolved_config_written(tmp_path):
+    cfg = parse_config(SFTStageConfig, ["--use_lora", "--resume=false", "--output_dir", str(tmp_path / "run")])
+    assert cfg.use_lora is True and cfg.resume is False
+    written = yaml.safe_load(save_config(cfg, cfg.output_dir).read_text())
+    assert written == dataclasses.asdict(cfg)
+
+
+def test_validate_rejects_bad_eval_fraction():
+    with pytest.raises(ConfigError, match="eval_fraction"):
+        parse_config(SFTStageConfig, ["--eval_fraction", "1.5"])

@@ -1,0 +1,79 @@
+import json
+
+import pandas as pd
+import pytest
+
+from rlhf_toy import data
+from rlhf_toy.data import DataError, load_records
+
+GOOD = {"prompt": [{"role": "user", "content": "Review X"}], "completion": [{"role": "assistant", "content": "Fine."}]}
+
+
+def write_lines(tmp_path, lines, name="d.jsonl"):
+    path = tmp_path / name
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_loads_jsonl_json_and_parquet(tmp_path):
+    jsonl = write_lines(tmp_path, [json.dumps(GOOD)] * 3)
+    assert len(load_records(str(jsonl), data.SFT_FIELDS)) == 3
+    as_json = tmp_path / "d.json"
+    as_json.write_text(json.dumps([GOOD, GOOD]))
+    assert len(load_records(str(as_json), data.SFT_FIELDS)) == 2
+    parquet = tmp_path / "d.parquet"
+    pd.DataFrame([{"prompt": "plain text prompt", "completion": "plain answer"}]).to_parquet(parquet)
+    assert load_records(str(parquet), data.SFT_FIELDS)[0]["completion"] == "plain answer"
+
+
+def test_malformed_line_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path, [json.dumps(GOOD), json.dumps(GOOD), '{"prompt": oops}'])
+    with pytest.raises(DataError, match=r"d\.jsonl:3: not valid JSON"):
+        load_records(str(path), data.SFT_FIELDS)
+
+
+def test_missing_field_names_field_and_line(tmp_path):
+    path = write_lines(tmp_path, [json.dumps(GOOD), json.dumps({"prompt": "only a prompt"})])
+    with pytest.raises(DataError, match=r"d\.jsonl:2: missing field 'completion'"):
+        load_records(str(path), data.SFT_FIELDS)
+
+
+def test_wrong_shape_of_field(tmp_path):
+    path = write_lines(tmp_path, [json.dumps({"prompt": [{"text": "no role"}], "completion": "x"})])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: field 'prompt' must be a string or a list"):
+        load_records(str(path), data.SFT_FIELDS)
+
+
+def test_empty_dataset_and_missing_file(tmp_path):
+    path = write_lines(tmp_path, ["", "  "])
+    with pytest.raises(DataError, match="empty"):
+        load_records(str(path))
+    with pytest.raises(DataError, match="does not exist"):
+        load_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_hub_name_offline_is_a_clear_error():
+    with pytest.raises(DataError, match="no hub is reachable"):
+        load_records("someone/some-preferences")
+
+
+def test_split_by_prompt_is_disjoint_and_seeded():
+    records = [{"prompt": f"p{i % 10}", "completion": str(i)} for i in range(40)]
+    train, held_out = data.split_records(records, 0.2, seed=3)
+    assert {r["prompt"] for r in train}.isdisjoint({r["prompt"] for r in held_out})
+    assert len({r["prompt"] for r in held_out}) == 2
+    assert data.split_records(records, 0.2, seed=3) == (train, held_out)
+
+
+def test_shipped_data_matches_the_design(tmp_path):
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "data"
+    train = load_records(str(root / "prompts_train.jsonl"), data.PROMPT_FIELDS)
+    evals = load_records(str(root / "prompts_eval.jsonl"), data.PROMPT_FIELDS)
+    assert len(train) >= 600 and len(evals) >= 200
+    assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in evals}
+    assert len(load_records(str(root / "sft.jsonl"), data.SFT_FIELDS)) >= 600
+    prefs = load_records(str(root / "preferences.jsonl"), data.PREFERENCE_FIELDS)
+    assert len(prefs) >= 2000
+    assert all(r["chosen"] != r["rejected"] for r in prefs)

@@ -1,0 +1,65 @@
+import pytest
+import torch
+
+from rlhf_toy import models, sampling
+from rlhf_toy.models import ModelNotFoundError
+
+
+def test_tiny_model_builds_offline_with_distinct_pad():
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    model = models.load_causal_lm(models.TINY_MODEL, tokenizer, device="cpu")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    assert tokenizer.padding_side == "left"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert text.endswith("Assistant: ")
+
+
+def test_missing_path_and_run_dir_without_model(tmp_path):
+    with pytest.raises(ModelNotFoundError, match="does not exist"):
+        models.resolve_model_path(str(tmp_path / "nope"))
+    with pytest.raises(ModelNotFoundError, match="final/"):
+        models.resolve_model_path(str(tmp_path))
+
+
+def test_offline_hub_id_names_the_embedded_default():
+    with pytest.raises(ModelNotFoundError, match="embedded:smollm2-135m-instruct"):
+        models.resolve_model_path("distilgpt2")
+
+
+def test_unknown_embedded_model():
+    with pytest.raises(ModelNotFoundError, match="unknown embedded model"):
+        models.resolve_model_path("embedded:nothing")
+
+
+def test_dtype_choice():
+    assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
+    assert models.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        models.pick_dtype("float8", torch.device("cpu"))
+
+
+def test_truncate_at_eos_keeps_eos_and_pads_after():
+    tokens = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9]])
+    out = sampling.truncate_at_eos(tokens, eos_token_id=0, pad_token_id=1)
+    assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9]]
+
+
+def test_long_prompt_is_truncated_from_the_left():
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    long_prompt = [{"role": "user", "content": " ".join(["film"] * 300)}]
+    short_prompt = [{"role": "user", "content": "film"}]
+    ids, mask, n_truncated = sampling.encode_prompts(tokenizer, [long_prompt, short_prompt], max_prompt_length=16)
+    assert n_truncated == 1 and ids.shape == (2, 16)
+    assert tokenizer.decode(ids[0]).endswith("Assistant:")    # the end of the prompt is kept
+    assert mask[1].sum() < 16 and mask[1, -1] == 1             # left padding
+
+
+def test_generation_is_seeded():
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    model = models.load_causal_lm(models.TINY_MODEL, tokenizer, device="cpu")
+    prompts = [[{"role": "user", "content": "Review the film"}]] * 3
+    a = sampling.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
+    b = sampling.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
+    assert [s.response_ids for s in a] == [s.response_ids for s in b]
+    assert all(len(s.response_ids) <= 8 for s in a)

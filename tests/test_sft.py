@@ -1,0 +1,72 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT
+from rlhf_toy import runlog, task
+
+
+def write_fixture(tmp_path, n=48):
+    """Demonstrations the tiny word-level model can learn: one fixed positive answer per template."""
+    train, evals = task.make_prompts(n, 8, seed=1)
+    sft = tmp_path / "sft.jsonl"
+    sft.write_text("".join(json.dumps({**row, "completion": [{"role": "assistant", "content": "a wonderful film ."}]}) + "\n"
+                           for row in train))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in evals))
+    return sft, prompts
+
+
+def tiny_args(tmp_path, out, **overrides):
+    sft, prompts = write_fixture(tmp_path)
+    args = {"config": ROOT / "configs/tiny/sft.yaml", "dataset": sft, "eval_prompts": prompts, "output_dir": out}
+    args.update(overrides)
+    return [x for key, value in args.items() for x in (f"--{key}", value)]
+
+
+def test_tiny_sft_loss_falls_and_final_reloads(tmp_path, run_script):
+    out = tmp_path / "run"
+    run_script("sft", *tiny_args(tmp_path, out, max_steps=20, learning_rate=1e-2, report_to="tensorboard"))
+    losses = [r["loss"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_loss_after"] < summary["eval_loss_before"]
+    assert {"gold_mean_before", "gold_mean_after", "tokens_per_s"} <= set(summary)
+    stages = [r["stage"] for r in runlog.read_jsonl(out / "samples.jsonl")]
+    assert stages.count("before") == stages.count("after") == 8
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert (out / "config.yaml").exists() and list((out / "tensorboard").iterdir())
+
+
+def test_tiny_sft_with_lora_saves_a_merged_model(tmp_path, run_script):
+    out = tmp_path / "run"
+    run_script("sft", *tiny_args(tmp_path, out, max_steps=4, use_lora="true", lora_r=4, num_sample_prompts=0))
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_sft_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts/sft.py"), *map(str, tiny_args(
+        tmp_path, out, max_steps=60, save_steps=5, num_sample_prompts=0, per_device_train_batch_size=2))]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while runlog.last_checkpoint(out / "checkpoints") is None or not runlog.last_checkpoint(out / "checkpoints").endswith("-10"):
+        assert time.time() < deadline and process.poll() is None, "no checkpoint-10 before the run ended"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    killed_at = max(r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl"))
+    assert killed_at < 60
+
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    steps = [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 61))          # every step once: none lost, none repeated
+    state = json.loads((out / "checkpoints/checkpoint-60/trainer_state.json").read_text())
+    assert state["global_step"] == 60
+    assert (out / "final/model.safetensors").exists()
