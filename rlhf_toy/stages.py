@@ -10,14 +10,15 @@ from rlhf_toy import models
 from rlhf_toy.config import save_config
 
 
-def setup_run(cfg) -> Path:
+def setup_run(cfg, write_config: bool = True) -> Path:
     """Seed, threads and the run directory with its resolved config (shared by every stage)."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    save_config(cfg, cfg.output_dir)
+    if write_config:  # only one process of a multi-process run writes
+        save_config(cfg, cfg.output_dir)
     return Path(cfg.output_dir)
 
 
