@@ -344,8 +344,17 @@ def run_trl_one_update(setting: dict[str, Any]) -> dict[str, Any]:
             "fused": bool(groups[0].get("fused") or False),  # transformers >= 5 on torch >= 2.8: adamw_torch_fused
         }
         t0 = time.time()
-        with _observe_trl_train(cap):
-            trainer.train()
+        import io
+
+        import transformers
+
+        verbosity = transformers.logging.get_verbosity()
+        transformers.logging.set_verbosity_error()
+        try:  # TRL prints its metrics (PrinterCallback); keep our report readable
+            with _observe_trl_train(cap), contextlib.redirect_stdout(io.StringIO()):
+                trainer.train()
+        finally:
+            transformers.logging.set_verbosity(verbosity)
         cap["trl_train_s"] = time.time() - t0
         wrapper = trainer.accelerator.unwrap_model(trainer.model)
         cap["final"] = {
@@ -589,7 +598,7 @@ def replay_update(cap, targets, mask, value_mask) -> dict[str, Any]:
         opt.step()
         opt.zero_grad()
         per_mb.append(
-            {"policy_loss": float(pg), "value_loss": float(vf), "approxkl": float(st["approxkl"]),
+            {"policy_loss": pg.item(), "value_loss": vf.item(), "approxkl": float(st["approxkl"]),
              "clipfrac": float(st["clipfrac"]), "vf_clipfrac": float(vf_clip)}  # fmt: skip
         )
     # compare the weight change with TRL's
