@@ -56,15 +56,23 @@ cross-check (``rlhf_toy/crosscheck.py``) reproduces TRL to float32 round-off tha
 3. **Values past the mask.**  TRL zeroes values past ``padding_mask_p1``; ours past the mask
    (again: terminal state, value 0).  Same function, different mask.
 4. **approx-KL and ratio statistics.**  TRL logs ``0.5 * (logratio**2).mean()`` and
-   ``ratio.mean()`` over *every* ``[B, T]`` position, padding included (where the log-ratio is
-   exactly 0 and the ratio exactly 1), so its numbers shrink as padding grows.  Ours average over
-   real tokens only (``stats_over_padding=False``).  The losses and the clip fractions are
-   masked means in both.
+   ``ratio.mean()`` (and ``policy/entropy_avg``) over *every* ``[B, T]`` position, padding
+   included (where the log-ratio is exactly 0 and the ratio exactly 1), so its numbers shrink
+   toward 0 / 1 as padding grows.  Ours average over real tokens only
+   (``stats_over_padding=False``).  The losses and the clip fractions are masked means in both.
 5. **Which tokens are real.**  TRL finds the end of a response as the first ``pad_token_id`` in
    the EOS-truncated response: if the policy samples the pad token it silently ends the response
    there, and if pad == EOS (a common setup) the EOS token itself drops out of the mask, so the
-   policy never gets gradient for stopping.  Ours derives the mask from the EOS position
+   policy never gets gradient for stopping (and the score then lands on the EOS position, which
+   is outside the policy mask).  Ours derives the mask from the EOS position
    (``truncate_at_eos``), independent of the pad id.
+
+With gamma = lam = 1 difference 1 vanishes for the advantages and returns of the real tokens (GAE
+telescopes and the extra value cancels); with TRL's defaults (gamma 1, lam 0.95) the EOS token's
+advantage is ``-beta*kl + 0.95*score + 0.05*V(pad) - V(EOS)`` in TRL against
+``-beta*kl + score - V(EOS)`` in ours.  In TRL-compat mode the cross-check finds our rewards,
+advantages, returns, losses, clip fractions, approx-KL and one full AdamW update bit-identical
+to TRL's (float32) on five settings.
 6. **Logprob fill value.**  TRL overwrites logprobs at padding with ``INVALID_LOGPROB = 1.0`` so
    that its unmasked sums come out right; ours never needs a fill value (``where``-masking).
 
