@@ -1,0 +1,545 @@
+"""Stage 2, the reward model: TRL's RewardTrainer (Bradley-Terry loss) on preference pairs, then a
+gain and bias that normalise its scores, then an evaluation against the gold judge.
+
+    python scripts/train_reward.py --config configs/reward.yaml [--field value ...]
+
+One formatting for every consumer. `encode_for_reward` turns (prompt messages, response text) into
+reward-model input ids: the prompt exactly as the policy sees it (the tokenizer's chat template
+with the generation prompt, `sampling.prompt_text`), then the response tokens, then EOS. The model
+scores the last token, so every sequence ends in the same token whether or not the policy stopped
+on its own (a missing EOS is penalised separately, in `sequence_score`). Training pre-tokenizes its
+pairs with this function, so TRL's own tokenization never runs, and `RewardScorer` (used by PPO,
+compare and inspect) calls the same function: nothing else formats reward-model inputs.
+
+Normalisation (lm-human-preferences): after training, the SFT model samples responses to train
+prompts; gain and bias are set so that those samples score mean 0, std 1. They are stored beside
+the weights in `final/reward_normalization.json`; `RewardScorer` refuses a directory without it.
+
+Run directory: config.yaml, metrics.jsonl + tensorboard/ (TRL's loss, accuracy, margin per step),
+checkpoints/, final/ (an `AutoModelForSequenceClassification` directory + the normalisation JSON),
+samples.jsonl (calibration and eval samples with RM and gold scores), summary.json, rm_vs_gold.png.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_toy import data, models, runlog, sampling, task
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
+from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_precision
+
+NORMALIZATION_FILE = "reward_normalization.json"
+
+
+class RewardNormalizationMissing(models.ModelNotFoundError):
+    """A reward model directory without its gain and bias (so a CLI prints one line, not a traceback)."""
+
+
+@dataclass
+class RewardStageConfig(LoraFields, CommonConfig):
+    model_name_or_path: str = "runs/sft/final"   # the RM starts from the SFT model (any model works)
+    output_dir: str = "runs/reward"
+    dataset: str = "data/preferences.jsonl"
+    eval_fraction: float = 0.1          # held-out pairs (split by prompt) for the accuracy
+    max_train_pairs: int = 0            # subsample the training pairs (0 = all) to fit a time budget
+    max_eval_pairs: int = 0             # 0 = all held-out pairs
+    learning_rate: float = 1e-5
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8    # pairs per step (the model sees twice as many sequences)
+    gradient_accumulation_steps: int = 1
+    warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_length: int = 512               # prompt + response + EOS; longer prompts lose their beginning
+    margin: float | None = None         # TRL's `margin` column: None = use the dataset's if it has one
+    center_rewards_coefficient: float | None = None   # TRL's name; 0.01 is the paper's value
+    freeze_bottom_layers: int = 0       # freeze embeddings + the N lowest blocks (faster on a CPU)
+    eval_steps: int = 0                 # TRL's eval loss/accuracy every N steps (0 = only at the end)
+    # normalisation and evaluation
+    policy_model: str = ""              # the model whose samples calibrate the RM ("" = model_name_or_path)
+    train_prompts: str = "data/prompts_train.jsonl"
+    eval_prompts: str = "data/prompts_eval.jsonl"
+    num_norm_samples: int = 64          # calibration samples (train prompts)
+    num_eval_samples: int = 64          # fresh samples on eval prompts for the Spearman correlation
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    sample_batch_size: int = 32
+    score_batch_size: int = 16
+
+    def validate(self):
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.num_norm_samples < 2:
+            raise ConfigError(f"num_norm_samples must be at least 2 (a standard deviation), got {self.num_norm_samples}")
+        if self.use_lora and self.freeze_bottom_layers:
+            raise ConfigError("use_lora and freeze_bottom_layers are alternatives; set one of them")
+        if self.max_length < 8:
+            raise ConfigError(f"max_length must be at least 8 tokens, got {self.max_length}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Formatting: the one place where (prompt, response) becomes reward-model input ids.
+
+
+def response_text(value, where: str = "response") -> str:
+    """A response in TRL's plain (str) or conversational ([{"role": "assistant", ...}]) form, as text."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and "content" in value[0]:
+        return value[0]["content"]
+    raise data.DataError(f"{where}: expected a string or one assistant message, got {str(value)[:80]!r}")
+
+
+def encode_for_reward(tokenizer, prompt, response: str, max_length: int) -> tuple[list[int], bool]:
+    """Reward-model input ids for one (prompt, response), and whether the prompt was truncated.
+
+    The response is tokenized on its own (as the policy generated it, after the prompt) and always
+    ends in EOS. When the whole does not fit, the prompt loses its beginning, never the response."""
+    prompt_ids = tokenizer(sampling.prompt_text(tokenizer, data.as_messages(prompt, "user")),
+                           add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    room = max_length - len(response_ids)
+    if room < 0:
+        raise ValueError(f"a response of {len(response_ids)} tokens (EOS included) does not fit max_length="
+                         f"{max_length}; responses are never truncated, so raise max_length")
+    truncated = len(prompt_ids) > room
+    return (prompt_ids[len(prompt_ids) - room:] if room else []) + response_ids, truncated
+
+
+def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right padding, as TRL's preference collator pads during training: positions then start at 0
+    for every sequence, and the model's score sits on the last non-pad token (the EOS)."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in sequences])
+    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
+    return ids, mask
+
+
+# --------------------------------------------------------------------------------------------------
+# The scorer every consumer uses.
+
+
+def read_normalization(path) -> dict:
+    path = Path(path)
+    file = path / NORMALIZATION_FILE
+    if not file.exists():
+        raise RewardNormalizationMissing(
+            f"{path} has no {NORMALIZATION_FILE} (the gain and bias that normalise the reward model's scores). "
+            f"`python scripts/train_reward.py --config configs/reward.yaml` writes it after training; for an "
+            f"existing reward model run `python -m rlhf_toy.reward normalize {path} --policy runs/sft/final`."
+        )
+    return json.loads(file.read_text())
+
+
+def _model_dir(path) -> Path:
+    """Accept a run directory for its final/ model."""
+    path = Path(path)
+    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
+        return path / "final"
+    return Path(models.resolve_model_path(str(path)))
+
+
+def load_reward_model(path, device: str = "auto", dtype: str = "auto"):
+    """An `AutoModelForSequenceClassification(num_labels=1)` from a reward model or a causal LM directory
+    (a causal LM gets a fresh score head), with pad/eos ids aligned to the tokenizer."""
+    from transformers import AutoModelForSequenceClassification
+    from trl.trainer.reward_trainer import suppress_seqcls_warning
+
+    torch_device = models.pick_device(device)
+    with suppress_seqcls_warning():  # "score.weight newly initialised" is expected from a causal LM
+        model = AutoModelForSequenceClassification.from_pretrained(
+            models.resolve_model_path(str(path)), num_labels=1, dtype=models.pick_dtype(dtype, torch_device))
+    return model.to(torch_device)
+
+
+def align_with_tokenizer(model, tokenizer) -> None:
+    """Embeddings sized for a pad token the tokenizer added, and the pad id the score is located by
+    (sequence classification reads the last token that is not pad; pad must not be EOS)."""
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    model.config.pad_token_id = tokenizer.pad_token_id
+
+
+class RewardScorer:
+    """Loads a trained reward model and scores (prompt, response) batches: normalised, float32, on the CPU.
+
+    `score` applies the stored gain and bias; `score_raw` is the model's output before them.
+    `n_truncated` counts prompts (over this scorer's lifetime) that lost their beginning to fit."""
+
+    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
+                 max_length: int = 512, *, require_normalization: bool = True):
+        self.path = _model_dir(path)
+        # Only calibration itself scores without a normalisation (it is what creates one).
+        self.normalization = (read_normalization(self.path) if require_normalization or
+                              (self.path / NORMALIZATION_FILE).exists() else {"gain": 1.0, "bias": 0.0})
+        self.gain = float(self.normalization["gain"])
+        self.bias = float(self.normalization["bias"])
+        self.tokenizer = models.load_tokenizer(str(self.path))
+        self.model = load_reward_model(self.path, device, dtype).eval()
+        if self.model.config.num_labels != 1:
+            raise models.ModelNotFoundError(f"{self.path} is not a reward model (num_labels="
+                                            f"{self.model.config.num_labels}, expected 1)")
+        align_with_tokenizer(self.model, self.tokenizer)
+        self.device = next(self.model.parameters()).device
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.n_truncated = 0
+
+    @torch.no_grad()
+    def score_raw(self, prompts, responses) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+        if not prompts:
+            return torch.zeros(0)
+        encoded = [encode_for_reward(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        self.n_truncated += sum(truncated for _, truncated in encoded)
+        # Batch similar lengths together (less padding), then restore the caller's order.
+        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
+        scores = torch.empty(len(encoded), dtype=torch.float32)
+        for start in range(0, len(order), self.batch_size):
+            index = order[start:start + self.batch_size]
+            ids, mask = pad_right([encoded[i][0] for i in index], self.tokenizer.pad_token_id)
+            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            scores[index] = logits[:, 0].float().cpu()
+        return scores
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        return self.score_raw(prompts, responses) * self.gain + self.bias
+
+
+def sequence_score(rm_norm: torch.Tensor, n_tokens: torch.Tensor, has_eos: torch.Tensor, length_coef: float,
+                   length_target: int, missing_eos_penalty: float) -> dict[str, torch.Tensor]:
+    """The score PPO optimises, with its parts (so each can be logged):
+
+        score = rm_norm − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
+
+    `length_penalty` and `eos_penalty` are returned as the (non-negative) amounts subtracted."""
+    rm = rm_norm.float()
+    length_penalty = length_coef * (n_tokens.to(rm.device).float() - length_target).clamp(min=0)
+    eos_penalty = missing_eos_penalty * (~has_eos.to(rm.device).bool()).float()
+    return {"score": rm - length_penalty - eos_penalty, "rm": rm, "length_penalty": length_penalty,
+            "eos_penalty": eos_penalty}
+
+
+# --------------------------------------------------------------------------------------------------
+# Normalisation.
+
+
+def fit_normalization(raw_scores: torch.Tensor) -> dict:
+    """Gain and bias that map these scores to mean 0, std 1 (population std, as lm-human-preferences)."""
+    raw = raw_scores.double()
+    mean, std = raw.mean().item(), raw.std(unbiased=False).item()
+    gain = 1.0 / max(std, 1e-8)
+    return {"gain": gain, "bias": -mean * gain, "raw_mean": mean, "raw_std": std, "n_samples": len(raw)}
+
+
+def calibrate(rm_path, policy, tokenizer, prompts, *, num_samples: int, max_new_tokens: int, temperature: float,
+              seed: int, sample_batch_size: int = 32, score_batch_size: int = 16, max_length: int = 512,
+              device: str = "auto", dtype: str = "auto", policy_name: str = "") -> tuple[dict, list]:
+    """Sample the policy on `prompts`, score the samples raw, and write the gain and bias beside the
+    reward model. Returns (the normalisation record, the samples with their raw scores)."""
+    rng = random.Random(seed)
+    chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
+    rng.shuffle(chosen)
+    samples = sampling.generate(policy, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature,
+                                batch_size=sample_batch_size, seed=seed, progress="sampling calibration responses")
+    rm_dir = _model_dir(rm_path)
+    scorer = RewardScorer(str(rm_dir), device=device, dtype=dtype, batch_size=score_batch_size,
+                          max_length=max_length, require_normalization=False)
+    raw = scorer.score_raw([s.prompt for s in samples], [s.response for s in samples])
+    record = {**fit_normalization(raw), "policy": policy_name, "temperature": temperature,
+              "max_new_tokens": max_new_tokens, "seed": seed, "prompts_truncated": scorer.n_truncated}
+    (rm_dir / NORMALIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record, [(s, r) for s, r in zip(samples, raw.tolist())]
+
+
+# --------------------------------------------------------------------------------------------------
+# Training data.
+
+
+def gold_of(record: dict, which: str) -> float:
+    """The gold score stored with a pair (`gold_chosen`), or the gold judge's verdict on the text."""
+    stored = record.get(f"gold_{which}")
+    return float(stored) if stored is not None else task.gold_score(response_text(record[which]))
+
+
+def clean_pairs(records: list[dict], source: str) -> tuple[list[dict], dict]:
+    """Normalise the pairs to (prompt messages, chosen text, rejected text) and drop the ones that
+    carry no preference (chosen == rejected). Empty responses are kept: "something beats nothing"
+    is a preference, and the policy can produce an empty response that the RM must then score."""
+    pairs, identical = [], 0
+    for index, record in enumerate(records):
+        where = f"{source}:{index + 1}"
+        chosen = response_text(record["chosen"], f"{where}: field 'chosen'")
+        rejected = response_text(record["rejected"], f"{where}: field 'rejected'")
+        if chosen.strip() == rejected.strip():
+            identical += 1
+            continue
+        pairs.append({"prompt": data.as_messages(record["prompt"], "user"), "chosen": chosen, "rejected": rejected,
+                      "gold_chosen": gold_of(record, "chosen"), "gold_rejected": gold_of(record, "rejected"),
+                      **({"margin": float(record["margin"])} if record.get("margin") is not None else {})})
+    return pairs, {"pairs_read": len(records), "pairs_identical_dropped": identical}
+
+
+def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, margin: float | None) -> tuple[list[dict], dict]:
+    """Pre-tokenized rows for RewardTrainer (`chosen_ids`, `rejected_ids`, optional `margin`): TRL then
+    skips its own tokenization, and training sees exactly what `RewardScorer` will see."""
+    rows, truncated, too_long = [], 0, 0
+    use_margin = margin is not None or any("margin" in p for p in pairs)
+    for pair in pairs:
+        try:
+            chosen_ids, chosen_cut = encode_for_reward(tokenizer, pair["prompt"], pair["chosen"], max_length)
+            rejected_ids, rejected_cut = encode_for_reward(tokenizer, pair["prompt"], pair["rejected"], max_length)
+        except ValueError:
+            too_long += 1      # a response longer than the context: never truncated, so the pair is dropped
+            continue
+        truncated += chosen_cut or rejected_cut
+        row = {"chosen_ids": chosen_ids, "rejected_ids": rejected_ids}
+        if use_margin:
+            row["margin"] = margin if margin is not None else pair.get("margin", 0.0)
+        rows.append(row)
+    return rows, {"prompts_truncated": truncated, "pairs_response_too_long_dropped": too_long}
+
+
+def freeze_bottom(model, n_layers: int) -> None:
+    """Freeze the input embeddings and the `n_layers` lowest transformer blocks: backward then stops
+    early, which is most of the saving on a CPU; the upper blocks and the score head still learn."""
+    if n_layers <= 0:
+        return
+    n_blocks = model.config.num_hidden_layers
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None)
+    if blocks is None or n_layers > n_blocks:
+        raise ConfigError(f"freeze_bottom_layers={n_layers}: the model has {n_blocks} blocks")
+    model.get_input_embeddings().requires_grad_(False)
+    for name in ("wpe", "embed_positions"):  # learned position embeddings (GPT-2) sit below block 0 too
+        module = getattr(model.base_model, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+    for block in blocks[:n_layers]:
+        block.requires_grad_(False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation.
+
+
+def pair_accuracy(chosen: torch.Tensor, rejected: torch.Tensor) -> float:
+    """Fraction of pairs ranked as labelled; a tie counts half (a coin flip)."""
+    if len(chosen) == 0:
+        return float("nan")
+    return ((chosen > rejected).double() + 0.5 * (chosen == rejected).double()).mean().item()
+
+
+def spearman(x, y) -> float:
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def plot_rm_vs_gold(rm, gold, path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.scatter(gold, rm, s=12, alpha=0.7)
+    ax.set_xlabel("gold score")
+    ax.set_ylabel("reward model score (normalised)")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _finite(x):
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+# --------------------------------------------------------------------------------------------------
+# The stage.
+
+
+def train_reward(cfg: RewardStageConfig) -> Path:
+    from datasets import Dataset
+    from trl import RewardConfig, RewardTrainer
+
+    started = time.time()
+    run_dir = setup_run(cfg)
+    records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
+    pairs, data_stats = clean_pairs(records, cfg.dataset)
+    if not pairs:
+        raise data.DataError(f"{cfg.dataset}: no usable pairs (all {len(records)} have chosen == rejected)")
+    train_pairs, eval_pairs = data.split_records(pairs, cfg.eval_fraction, cfg.seed)
+    if cfg.max_train_pairs and len(train_pairs) > cfg.max_train_pairs:
+        train_pairs = random.Random(cfg.seed).sample(train_pairs, cfg.max_train_pairs)
+    if cfg.max_eval_pairs and len(eval_pairs) > cfg.max_eval_pairs:
+        eval_pairs = random.Random(cfg.seed + 1).sample(eval_pairs, cfg.max_eval_pairs)
+
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    train_rows, train_stats = tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.margin)
+    eval_rows, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.margin)
+    if not train_rows:
+        raise data.DataError(f"{cfg.dataset}: no training pair fits max_length={cfg.max_length}")
+    model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype)
+    align_with_tokenizer(model, tokenizer)
+    freeze_bottom(model, cfg.freeze_bottom_layers)
+
+    checkpoints = run_dir / "checkpoints"
+    resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
+    args = RewardConfig(
+        output_dir=str(checkpoints), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
+        max_length=None,                  # already fitted by encode_for_reward (TRL would drop, not truncate)
+        center_rewards_coefficient=cfg.center_rewards_coefficient,
+        activation_checkpointing=False,   # TRL defaults gradient checkpointing on; recomputing only costs time here
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_steps and eval_rows else "no", eval_steps=cfg.eval_steps or None,
+        report_to="none", seed=cfg.seed, disable_tqdm=False, dataloader_num_workers=0,
+        **trainer_precision(cfg),
+    )
+    trainer = RewardTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+        eval_dataset=Dataset.from_list(eval_rows) if cfg.eval_steps and eval_rows else None,
+        processing_class=tokenizer, peft_config=lora_config(cfg, "SEQ_CLS"),
+        callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
+    )
+    train_started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    summary = {**data_stats, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
+               "train_prompts_truncated": train_stats["prompts_truncated"],
+               "train_pairs_response_too_long_dropped": train_stats["pairs_response_too_long_dropped"],
+               "train_loss": result.training_loss, "train_wall_s": time.time() - train_started,
+               "global_step": trainer.state.global_step}
+    final = save_final(trainer, tokenizer, run_dir)
+    del trainer, model
+
+    # Normalisation on the policy's own samples (the distribution PPO starts from).
+    policy_name = cfg.policy_model or cfg.model_name_or_path
+    policy_tokenizer = models.load_tokenizer(policy_name)
+    policy = models.load_causal_lm(policy_name, policy_tokenizer, cfg.device, cfg.dtype)
+    normalization, calibration = calibrate(
+        final, policy, policy_tokenizer, data.load_prompts(cfg.train_prompts), num_samples=cfg.num_norm_samples,
+        max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
+        sample_batch_size=cfg.sample_batch_size, score_batch_size=cfg.score_batch_size, max_length=cfg.max_length,
+        device=cfg.device, dtype=cfg.dtype, policy_name=policy_name)
+    summary["normalization"] = normalization
+
+    scorer = RewardScorer(str(final), cfg.device, cfg.dtype, cfg.score_batch_size, cfg.max_length)
+    rows = [{"stage": "calibration", "prompt": s.prompt, "response": s.response, "rm": raw * scorer.gain + scorer.bias,
+             "gold": task.gold_score(s.response), "n_tokens": len(s.response_ids), "has_eos": s.has_eos}
+            for s, raw in calibration]
+
+    # Held-out pair accuracy, next to the ceiling the label noise allows: the gold judge's own
+    # accuracy on the same (noisy) labels.
+    if eval_pairs:
+        prompts = [p["prompt"] for p in eval_pairs]
+        chosen = scorer.score(prompts, [p["chosen"] for p in eval_pairs])
+        rejected = scorer.score(prompts, [p["rejected"] for p in eval_pairs])
+        gold_c = torch.tensor([p["gold_chosen"] for p in eval_pairs])
+        gold_r = torch.tensor([p["gold_rejected"] for p in eval_pairs])
+        gold_differs = gold_c != gold_r
+        rm_says_c = chosen > rejected
+        summary.update({
+            "eval_accuracy": pair_accuracy(chosen, rejected),
+            "eval_accuracy_ceiling": pair_accuracy(gold_c, gold_r),
+            # how often the RM orders a pair as the gold judge does (labels without noise)
+            "eval_gold_agreement": (rm_says_c == (gold_c > gold_r))[gold_differs].double().mean().item(),
+            "eval_prompts_truncated": scorer.n_truncated,
+        })
+        summary["eval_accuracy_gap"] = summary["eval_accuracy_ceiling"] - summary["eval_accuracy"]
+
+    # Rank correlation with gold on fresh samples of the eval prompts.
+    if cfg.num_eval_samples:
+        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_samples]
+        samples = sampling.generate(policy, policy_tokenizer, eval_prompts, max_new_tokens=cfg.max_new_tokens,
+                                    temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
+                                    progress="sampling eval responses")
+        rm = scorer.score([s.prompt for s in samples], [s.response for s in samples]).tolist()
+        gold = [task.gold_score(s.response) for s in samples]
+        summary["eval_samples"] = len(samples)
+        summary["spearman_rm_gold"] = spearman(rm, gold)
+        summary["eval_samples_rm_mean"] = sum(rm) / len(rm)
+        summary["eval_samples_gold_mean"] = sum(gold) / len(gold)
+        rows += [{"stage": "eval", "prompt": s.prompt, "response": s.response, "rm": r, "gold": g,
+                  "n_tokens": len(s.response_ids), "has_eos": s.has_eos} for s, r, g in zip(samples, rm, gold)]
+        plot_rm_vs_gold(rm, gold, run_dir / "rm_vs_gold.png",
+                        f"{len(samples)} samples on eval prompts: Spearman {summary['spearman_rm_gold']:.3f}")
+    (run_dir / "samples.jsonl").unlink(missing_ok=True)
+    runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+
+    summary["wall_s"] = time.time() - started
+    summary = {k: _finite(v) for k, v in summary.items()}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    runlog.MetricsLogger(run_dir, tensorboard=False).log(
+        summary["global_step"], {"summary": 1, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+    print_summary(summary, run_dir)
+    return run_dir
+
+
+def print_summary(summary: dict, run_dir: Path) -> None:
+    def fmt(key, spec=".3f"):
+        value = summary.get(key)
+        return "n/a" if value is None else format(value, spec)
+
+    print(f"\nreward model: {run_dir / 'final'}")
+    print(f"  held-out pairs          {summary['eval_pairs']}")
+    print(f"  held-out accuracy       {fmt('eval_accuracy')}   (noise ceiling, the gold judge on the same "
+          f"labels: {fmt('eval_accuracy_ceiling')})")
+    print(f"  agreement with gold     {fmt('eval_gold_agreement')}")
+    print(f"  Spearman(RM, gold)      {fmt('spearman_rm_gold')}   on {summary.get('eval_samples', 0)} fresh samples")
+    print(f"  normalisation           gain {summary['normalization']['gain']:.4f}, "
+          f"bias {summary['normalization']['bias']:.4f} ({summary['normalization']['n_samples']} samples)")
+    print(f"  dropped/truncated       {summary['pairs_identical_dropped']} identical pairs dropped, "
+          f"{summary['train_prompts_truncated']} training prompts truncated")
+    print(f"  wall time               {summary['wall_s']:.0f} s (training {summary['train_wall_s']:.0f} s)")
+
+
+def _normalize_main(argv=None) -> None:
+    """`python -m rlhf_toy.reward normalize RM_DIR [--policy MODEL]`: (re)write the gain and bias of an
+    existing reward model directory."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m rlhf_toy.reward normalize", description=_normalize_main.__doc__)
+    parser.add_argument("reward_model")
+    parser.add_argument("--policy", default="runs/sft/final")
+    parser.add_argument("--prompts", default="data/prompts_train.jsonl")
+    parser.add_argument("--num_samples", type=int, default=64)
+    parser.add_argument("--max_new_tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.7)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    tokenizer = models.load_tokenizer(args.policy)
+    policy = models.load_causal_lm(args.policy, tokenizer, args.device)
+    record, _ = calibrate(args.reward_model, policy, tokenizer, data.load_prompts(args.prompts),
+                          num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, seed=args.seed, device=args.device, policy_name=args.policy)
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["normalize"]:
+        raise SystemExit("usage: python -m rlhf_toy.reward normalize RM_DIR [--policy MODEL] [--prompts FILE]")
+    try:
+        _normalize_main(sys.argv[2:])
+    except (ConfigError, data.DataError, models.ModelNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from None
