@@ -1,0 +1,228 @@
+"""Stage 4, Direct Preference Optimization with TRL's DPOTrainer, on the same preference pairs the
+reward model learns from and from the same SFT model PPO starts from.
+
+DPO needs no reward model and no sampling while it trains: it raises the policy's log-ratio against
+the frozen reference on chosen answers over rejected ones (Rafailov et al. 2023). The implicit reward
+β·(log π − log π_ref) is what TRL logs as `rewards/*`; `rewards/margins` (chosen − rejected) should
+grow. Before and after training it samples the eval prompts and records gold, the RM score (when a
+reward model exists) and the sequence KL to the reference, under the names PPO logs (`score/gold`,
+`score/rm`, `objective/kl`), so compare.py can overlay the two.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from rlhf_toy import data, models, runlog, sampling
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
+from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_precision
+
+# TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+
+
+@dataclass
+class DPOStageConfig(LoraFields, CommonConfig):
+    model_name_or_path: str = "runs/sft/final"   # the SFT model PPO starts from, which is also the reference
+    output_dir: str = "runs/dpo"
+    dataset: str = "data/preferences.jsonl"
+    max_pairs: int = 0                  # a seeded subsample of the pairs (0 = all): CPU time is the budget
+    eval_fraction: float = 0.05         # held-out pairs (by prompt) for eval reward accuracy/margins
+    beta: float = 0.1                   # for IPO this is τ
+    loss_type: str = "sigmoid"          # sigmoid (DPO), ipo, hinge, robust, ...; a comma list combines losses
+    label_smoothing: float = 0.0        # robust DPO / cDPO: the assumed label-flip probability
+    learning_rate: float = 5e-6
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0
+    max_length: int = 192               # prompt + answer tokens (longer pairs keep their start)
+    # Reference log-probs of every pair computed once before training: the reference model then never
+    # runs during training (and needs no memory), which on a CPU saves about a third of each step.
+    precompute_ref_log_probs: bool = True
+    gradient_checkpointing: bool = False  # TRL's default is on; on a small CPU model it only costs time
+    eval_steps: int = 0                 # 0 = evaluate the held-out pairs only before and after
+    eval_prompts: str = "data/prompts_eval.jsonl"
+    num_sample_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
+    reward_model: str = "runs/reward/final"   # scores the samples when it exists ("" = never)
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    sample_batch_size: int = 32
+
+    def validate(self):
+        unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
+        if unknown:
+            import difflib
+
+            near = difflib.get_close_matches(unknown[0], LOSS_TYPES, n=1, cutoff=0.0)
+            raise ConfigError(f"loss_type {unknown[0]!r} is not one of TRL's DPO losses"
+                              + (f"; did you mean {near[0]!r}?" if near else f" ({', '.join(LOSS_TYPES)})"))
+        if not 0 <= self.eval_fraction < 1:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.beta <= 0:
+            raise ConfigError(f"beta must be > 0, got {self.beta}")
+        if "exo_pair" in self.loss_types and self.label_smoothing <= 0:
+            raise ConfigError("loss_type exo_pair needs label_smoothing > 0 (the EXO paper uses 1e-3)")
+
+    @property
+    def loss_types(self) -> list[str]:
+        return [t.strip() for t in self.loss_type.split(",") if t.strip()]
+
+
+def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict]]:
+    """Preference pairs in TRL's conversational form, subsampled and split by prompt."""
+    records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
+    pairs = [{"prompt": data.as_messages(r["prompt"], "user"),
+              "chosen": data.as_messages(r["chosen"], "assistant"),
+              "rejected": data.as_messages(r["rejected"], "assistant")} for r in records]
+    if cfg.max_pairs and cfg.max_pairs < len(pairs):
+        pairs = random.Random(cfg.seed).sample(pairs, cfg.max_pairs)
+    return data.split_records(pairs, cfg.eval_fraction, cfg.seed)
+
+
+def sample_and_score(model, tokenizer, prompts, cfg, label: str, judge, ref=None) -> tuple[dict, list[dict]]:
+    """Sample the eval prompts; gold, RM and (given the reference) sequence KL per sample."""
+    from rlhf_toy.compare import sequence_logprobs
+
+    samples = sampling.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
+                                temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed,
+                                progress=f"sampling eval prompts ({label})")
+    n_tokens = [len(s.response_ids) for s in samples]
+    scores = judge.score([s.prompt for s in samples], [s.response for s in samples], n_tokens,
+                         [s.has_eos for s in samples])
+    kls = [None] * len(samples)
+    if ref is not None:
+        kls = []
+        for start in range(0, len(samples), cfg.sample_batch_size):
+            batch = samples[start:start + cfg.sample_batch_size]
+            ids = [s.response_ids or [tokenizer.eos_token_id] for s in batch]
+            args = dict(temperature=cfg.temperature)
+            logp = sequence_logprobs(model, tokenizer, [s.prompt for s in batch], ids, **args)
+            ref_logp = sequence_logprobs(ref, tokenizer, [s.prompt for s in batch], ids, **args)
+            kls += [a - b for a, b in zip(logp, ref_logp)]
+    rows = [{"stage": label, "prompt": s.prompt, "response": s.response, **sc, "n_tokens": n, "has_eos": s.has_eos,
+             "kl": kl} for s, sc, n, kl in zip(samples, scores, n_tokens, kls)]
+    means = {"score/gold": statistics.mean(r["gold"] for r in rows),
+             "response/length_mean": statistics.mean(n_tokens),
+             "val/eos_rate": statistics.mean(float(s.has_eos) for s in samples)}
+    if rows[0]["rm"] is not None:
+        means["score/rm"] = statistics.mean(r["rm"] for r in rows)
+    if ref is not None:
+        means["objective/kl"] = statistics.mean(kls)
+    return means, rows
+
+
+def run_dpo(cfg: DPOStageConfig) -> Path:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    from rlhf_toy.compare import Judge
+
+    run_dir = setup_run(cfg)
+    train_pairs, eval_pairs = load_pairs(cfg)
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.num_sample_prompts else []
+
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    checkpoints = run_dir / "checkpoints"
+    resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
+    judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
+    if judge is not None and judge.note:
+        print(f"note: {judge.note}")
+
+    if eval_prompts and "before" not in summary:
+        summary["before"], rows = sample_and_score(model, tokenizer, eval_prompts, cfg, "before", judge)
+        summary["before"]["objective/kl"] = 0.0   # the policy is the reference
+        (run_dir / "samples.jsonl").unlink(missing_ok=True)
+        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+        # Step 0 of PPO-named curves (score/gold, score/rm, objective/kl) that compare.py overlays.
+        logger = runlog.MetricsLogger(run_dir, tensorboard=cfg.report_to == "tensorboard",
+                                      resume_step=None if resume_from else -1)   # fresh run: drop old records
+        logger.log(0, {**summary["before"], "sample_stage": 0})
+        logger.close()
+
+    args = DPOConfig(
+        output_dir=str(checkpoints), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
+        per_device_eval_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, max_length=cfg.max_length,
+        beta=cfg.beta, loss_type=cfg.loss_types, label_smoothing=cfg.label_smoothing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs, gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        eval_strategy="steps" if cfg.eval_steps and eval_pairs else "no", eval_steps=cfg.eval_steps or None,
+        report_to="none", seed=cfg.seed, disable_tqdm=False, dataloader_num_workers=0,
+        **trainer_precision(cfg),
+    )
+    # The reference: with LoRA, the same weights with the adapter disabled (TRL's default); with
+    # precomputed log-probs, TRL runs the initial model once over the pairs (before any resume loads a
+    # checkpoint) and keeps no second copy; otherwise a frozen copy loaded like the policy (same pad token).
+    ref_model = None
+    if not cfg.use_lora and not cfg.precompute_ref_log_probs:
+        ref_model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    trainer = DPOTrainer(
+        model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(train_pairs),
+        eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+        processing_class=tokenizer, peft_config=lora_config(cfg),
+        callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
+    )
+    if eval_pairs and "eval_before" not in summary:
+        summary["eval_before"] = _eval_metrics(trainer)
+    summary_path.write_text(json.dumps(summary) + "\n")
+
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=resume_from)
+    summary["train_wall_s"] = time.time() - started
+    summary["train_loss"] = result.training_loss
+    summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
+    margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
+    if margins:
+        summary["train_margin_first"], summary["train_margin_last"] = margins[0], margins[-1]
+    if eval_pairs:
+        summary["eval_after"] = _eval_metrics(trainer)
+    final = save_final(trainer, tokenizer, run_dir)
+
+    step = trainer.state.global_step
+    logger = runlog.MetricsLogger(run_dir, tensorboard=cfg.report_to == "tensorboard")
+    # A rerun of this tail (killed after training) replaces, not repeats, its records.
+    kept = [r for r in runlog.read_jsonl(logger.path) if r.get("sample_stage") != 1 and "summary" not in r]
+    logger.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if eval_prompts:
+        del trainer, model, ref_model
+        reference = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+        final_model = models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype)
+        summary["after"], rows = sample_and_score(final_model, tokenizer, eval_prompts, cfg, "after", judge, reference)
+        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+        logger.log(step, {**summary["after"], "sample_stage": 1})
+    summary_path.write_text(json.dumps(summary) + "\n")
+    logger.log(step, {"summary": 1, **_flat(summary)})
+    logger.close()
+    return run_dir
+
+
+def _eval_metrics(trainer) -> dict:
+    metrics = trainer.evaluate()
+    return {k.removeprefix("eval_"): v for k, v in metrics.items()
+            if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
+
+
+def _flat(summary: dict) -> dict:
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
+        elif isinstance(value, (int, float)):
+            out[key] = value
+    return out

@@ -1,0 +1,105 @@
+import json
+import signal
+import subprocess
+import sys
+import time
+
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT
+from rlhf_toy import models, runlog, task
+
+GOOD, BAD = "a wonderful film .", "a terrible boring film ."
+
+
+def write_preferences(tmp_path, n=64):
+    """Pairs the tiny word-level model can learn: a fixed positive answer preferred to a negative one."""
+    train, evals = task.make_prompts(n, 8, seed=1)
+    prefs = tmp_path / "preferences.jsonl"
+    prefs.write_text("".join(json.dumps({**row, "chosen": [{"role": "assistant", "content": GOOD}],
+                                         "rejected": [{"role": "assistant", "content": BAD}],
+                                         "gold_chosen": task.gold_score(GOOD), "gold_rejected": task.gold_score(BAD)}) + "\n"
+                             for row in train))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(row) + "\n" for row in evals))
+    return prefs, prompts
+
+
+def make_tiny_reward_model(path):
+    """A random tiny GPT-2 reward model (num_labels=1) with the normalisation file RewardScorer needs."""
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, GPT2ForSequenceClassification
+
+    source = models.resolve_model_path(models.TINY_MODEL)
+    config = AutoConfig.from_pretrained(source)
+    config.num_labels = 1
+    torch.manual_seed(0)
+    GPT2ForSequenceClassification(config).save_pretrained(path)
+    AutoTokenizer.from_pretrained(source).save_pretrained(path)
+    (path / "reward_normalization.json").write_text(json.dumps({"gain": 1.0, "bias": 0.0}))
+    return path
+
+
+def tiny_args(tmp_path, out, **overrides):
+    prefs, prompts = write_preferences(tmp_path)
+    args = {"config": ROOT / "configs/tiny/dpo.yaml", "dataset": prefs, "eval_prompts": prompts,
+            "output_dir": out, "reward_model": "none"}
+    args.update(overrides)
+    return [x for key, value in args.items() for x in (f"--{key}", value)]
+
+
+def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
+    out = tmp_path / "run"
+    rm = make_tiny_reward_model(tmp_path / "rm")
+    run_script("dpo", *tiny_args(tmp_path, out, reward_model=rm, report_to="tensorboard"))
+    records = runlog.read_jsonl(out / "metrics.jsonl")
+    margins = [r["rewards/margins"] for r in records if "rewards/margins" in r]
+    assert len(margins) == 12
+    # The implicit reward β·(log π/π_ref) separates chosen from rejected more and more.
+    assert margins[0] < 0.05 and sum(margins[-3:]) / 3 > margins[0] + 0.1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["eval_after"]["rewards/margins"] > summary["eval_before"]["rewards/margins"]
+    assert summary["after"]["objective/kl"] > 0 and summary["before"]["objective/kl"] == 0
+    # Before/after samples with gold and RM scores, and PPO-named points compare.py can overlay.
+    rows = runlog.read_jsonl(out / "samples.jsonl")
+    assert [r["stage"] for r in rows].count("before") == [r["stage"] for r in rows].count("after") == 8
+    assert all(isinstance(r["gold"], float) and isinstance(r["rm"], float) for r in rows)
+    points = [r for r in records if "sample_stage" in r]
+    assert [r["step"] for r in points] == [0, 12] and all("score/gold" in r and "score/rm" in r for r in points)
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    assert (out / "config.yaml").exists() and list((out / "tensorboard").iterdir())
+
+
+def test_tiny_dpo_ipo_with_lora_saves_a_merged_model(tmp_path, run_script):
+    out = tmp_path / "run"
+    run_script("dpo", *tiny_args(tmp_path, out, max_steps=4, loss_type="ipo", beta=0.5, use_lora="true",
+                                 lora_r=4, num_sample_prompts=0))
+    assert "loss_type: ipo" in (out / "config.yaml").read_text()
+    assert len([r for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]) == 4
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_dpo_bad_loss_type_names_the_nearest(tmp_path, run_script):
+    result = run_script("dpo", *tiny_args(tmp_path, tmp_path / "run", loss_type="sigmod"), check=False)
+    assert result.returncode == 2 and "did you mean 'sigmoid'" in result.stderr
+
+
+def test_dpo_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "scripts/dpo.py"), *map(str, tiny_args(
+        tmp_path, out, max_steps=40, save_steps=5, num_sample_prompts=0, per_device_train_batch_size=2))]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while runlog.last_checkpoint(out / "checkpoints") is None or not runlog.last_checkpoint(out / "checkpoints").endswith("-10"):
+        assert time.time() < deadline and process.poll() is None, "no checkpoint-10 before the run ended"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert max(r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl")) < 40
+
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    steps = [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert steps == list(range(1, 41))          # every step once: none lost, none repeated
+    assert (out / "final/model.safetensors").exists()
