@@ -1,0 +1,153 @@
+import json
+import shutil
+import statistics
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from rlhf_toy import compare, models, runlog, task
+from test_dpo import make_tiny_reward_model, write_preferences
+
+SAMPLING = ["--limit", "6", "--max_new_tokens", "12", "--batch_size", "4", "--n_bootstrap", "200"]
+
+
+def tiny_copy(path, noise: float = 0.0, seed: int = 0, extra_token: str | None = None):
+    """The tiny model saved at `path`, its weights optionally perturbed (a stand-in for a trained run)."""
+    source = models.resolve_model_path(models.TINY_MODEL)
+    model = AutoModelForCausalLM.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    if noise:
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(noise * torch.randn(p.shape, generator=generator))
+    if extra_token:
+        tokenizer.add_tokens([extra_token])
+        model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def fake_ppo_run(root):
+    """A run directory as the PPO stage leaves it: final/, checkpoints/step-N/policy/, metrics, config."""
+    run = root / "ppo"
+    tiny_copy(run / "final", noise=0.05, seed=1)
+    tiny_copy(run / "checkpoints/step-2/policy", noise=0.02, seed=2)
+    tiny_copy(run / "checkpoints/step-3/policy", noise=0.05, seed=1)   # the final weights: not sampled twice
+    runlog.append_jsonl(run / "metrics.jsonl", [{"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.5 * s,
+                                                 "score/gold": 0.2 - 0.01 * s} for s in (1, 2, 3)])
+    (run / "config.yaml").write_text(yaml.safe_dump({"length_coef": 0.02, "length_target": 8, "missing_eos_penalty": 1.0}))
+    return run
+
+
+@pytest.fixture
+def setup(tmp_path):
+    _, prompts = write_preferences(tmp_path)
+    return {"prompts": prompts, "ref": tiny_copy(tmp_path / "sft_final"), "rm": make_tiny_reward_model(tmp_path / "rm")}
+
+
+def test_compare_writes_every_file_and_metric_and_self_comparison_is_exact(tmp_path, setup):
+    ppo = fake_ppo_run(tmp_path)
+    same = tiny_copy(tmp_path / "same_weights")          # the reference's weights at another path
+    out = tmp_path / "report"
+    compare.main(["--runs", str(ppo), f"twin={same}", "base", "--base", models.TINY_MODEL, "--ref", str(setup["ref"]),
+                  "--prompts", str(setup["prompts"]), "--output_dir", str(out), "--reward_model", str(setup["rm"]),
+                  "--samples_per_prompt", "2", *SAMPLING])
+    for name in ("compare.json", "compare.md", "frontier.png", "curves.png", "report.html"):
+        assert (out / name).stat().st_size > 0, name
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["runs"]) == ["ppo", "twin", "base"]
+    for label, m in report["runs"].items():
+        for key in ("gold_mean", "rm_mean", "score_mean", "kl_to_ref", "win_rate_vs_ref", "win_rate_vs_ref_ci95",
+                    "length_mean", "eos_rate", "distinct_2"):
+            assert m[key] is not None, (label, key)
+        assert m["n_samples"] == 12
+    # A model compared with itself (same weights, computed the long way): identical samples, exact tie.
+    twin = report["runs"]["twin"]
+    assert twin["win_rate_vs_ref"] == 0.5 and twin["win_rate_vs_ref_ci95"] == [0.5, 0.5]
+    assert abs(twin["kl_to_ref"]) < 1e-4
+    ppo_m = report["runs"]["ppo"]
+    assert ppo_m["kl_to_ref"] > 0.01
+    assert [c["label"] for c in ppo_m["checkpoints"]] == ["ppo@2"]
+    assert report["penalties"] == {"length_coef": 0.02, "length_target": 8, "missing_eos_penalty": 1.0}
+
+    # The numbers by hand, from the scored samples.
+    rows = runlog.read_jsonl(out / "samples/ppo.jsonl")
+    ref_rows = {(r["prompt_id"], r["sample"]): r for r in runlog.read_jsonl(out / "samples/ref_sft_final.jsonl")}
+    assert ppo_m["gold_mean"] == pytest.approx(statistics.mean(task.gold_score(r["response"]) for r in rows))
+    assert ppo_m["eos_rate"] == pytest.approx(statistics.mean(r["has_eos"] for r in rows))
+    assert ppo_m["kl_to_ref"] == pytest.approx(statistics.mean(r["logp"] - r["ref_logp"] for r in rows))
+    per_prompt = {}
+    for r in rows:
+        other = ref_rows[(r["prompt_id"], r["sample"])]["gold"]
+        per_prompt.setdefault(r["prompt_id"], []).append(1.0 if r["gold"] > other else 0.5 if r["gold"] == other else 0.0)
+    assert ppo_m["win_rate_vs_ref"] == pytest.approx(statistics.mean(statistics.mean(v) for v in per_prompt.values()))
+    lo, hi = ppo_m["win_rate_vs_ref_ci95"]
+    assert lo <= ppo_m["win_rate_vs_ref"] <= hi
+    bigrams = [tuple(w[i:i + 2]) for r in rows for w in [r["response"].lower().split()] for i in range(len(w) - 1)]
+    assert ppo_m["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    for r in rows:   # score = RM − length penalty − EOS penalty, with the PPO run's settings
+        assert r["length_penalty"] == pytest.approx(0.02 * max(0, r["n_tokens"] - 8))
+        assert r["score"] == pytest.approx(r["rm"] - r["length_penalty"] - (0.0 if r["has_eos"] else 1.0))
+
+    md = (out / "compare.md").read_text()
+    assert "| ppo |" in md and "| ppo@2 |" in md and "temperature" in md and "bootstrap" in md
+    page = (out / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 2 and "<th>twin</th>" in page
+    assert json.loads(setup["prompts"].read_text().splitlines()[0])["prompt"][0]["content"].split('"')[0] in page
+
+
+def test_compare_without_reward_model_and_with_a_different_tokenizer(tmp_path, setup, capsys):
+    other = tiny_copy(tmp_path / "other_tok", extra_token="zzzz")
+    out = tmp_path / "report"
+    compare.main(["--runs", str(setup["ref"]), str(other), "--prompts", str(setup["prompts"]), "--output_dir", str(out),
+                  "--reward_model", str(tmp_path / "no_such_rm"), "--checkpoints", "0", *SAMPLING])
+    report = json.loads((out / "compare.json").read_text())
+    assert report["ref"] == "sft_final"          # default: the first run
+    m = report["runs"]["other_tok"]
+    assert m["rm_mean"] is None and m["kl_to_ref"] is None and m["gold_mean"] is not None
+    assert "tokenizer differs" in m["kl_note"] and "'zzzz'" in m["kl_note"]
+    md = (out / "compare.md").read_text()
+    assert "tokenizer differs" in md and "no reward model at" in md
+    assert "tokenizer differs" in capsys.readouterr().err
+
+
+def test_compare_rejects_bad_input_with_a_clear_message(tmp_path, setup, capsys):
+    empty_run = tmp_path / "runs/unfinished"
+    (empty_run / "checkpoints").mkdir(parents=True)
+    (empty_run / "metrics.jsonl").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--runs", str(empty_run), "--prompts", str(setup["prompts"]), "--output_dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "holds no model" in capsys.readouterr().err
+
+    bad = tmp_path / "bad_prompts.jsonl"
+    bad.write_text(setup["prompts"].read_text().splitlines()[0] + "\n{not json\n")
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--runs", str(setup["ref"]), "--prompts", str(bad), "--output_dir", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "bad_prompts.jsonl:2" in capsys.readouterr().err
+
+
+def test_compare_resumes_from_the_samples_it_has(tmp_path, setup):
+    run = tiny_copy(tmp_path / "run_final", noise=0.05)
+    out = tmp_path / "report"
+    argv = ["--runs", str(run), "--ref", str(setup["ref"]), "--prompts", str(setup["prompts"]), "--output_dir", str(out),
+            "--reward_model", "none", *SAMPLING]
+    compare.main(argv)
+    first = json.loads((out / "compare.json").read_text())
+    samples = out / "samples/run_final.jsonl"
+    lines = samples.read_text().splitlines()
+    assert len(lines) == 6
+    # As if killed during the second batch: the first batch (4 rows, one marked) and half a line remain.
+    kept = [json.loads(line) for line in lines[:4]]
+    kept[0]["response"] += " MARK"
+    samples.write_text("".join(json.dumps(r) + "\n" for r in kept) + lines[4][:20])
+    (out / "compare.json").unlink()
+    compare.main(argv)
+    rows = runlog.read_jsonl(samples)
+    assert rows[0]["response"].endswith(" MARK")           # kept, not resampled
+    assert [r["response"] for r in rows[1:]] == [json.loads(line)["response"] for line in lines[1:]]
+    again = json.loads((out / "compare.json").read_text())
+    assert again["runs"]["run_final"]["kl_to_ref"] == first["runs"]["run_final"]["kl_to_ref"]
