@@ -1,0 +1,77 @@
+import io
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT
+from rlhf_toy import inspect_samples
+
+PROMPTS = ['Write a short review of "The Iron Meadow".', 'Briefly, how was the film "The Glass Island"?',
+           'Offer a short opinion on the movie "The Wild Summer".']
+# (gold, rm) per prompt for runs a and b; b's answer to prompt 1 is a reward hack: RM high, gold low.
+SCORES = {"a": [(0.8, 0.5), (0.2, 0.1), (0.5, 0.3)], "b": [(0.7, 0.4), (-0.8, 2.5), (0.6, 0.2)]}
+HACK = "great great great great great great great great " * 6
+
+
+def write_report(root):
+    """A compare report as compare.py leaves it: compare.json and samples/LABEL.jsonl + .meta.json."""
+    (root / "samples").mkdir(parents=True)
+    (root / "compare.json").write_text(json.dumps({"runs": {"a": {}, "b": {}}}))
+    for label, scores in SCORES.items():
+        rows = [{"prompt_id": i, "sample": 0, "label": label, "prompt": [{"role": "user", "content": p}],
+                 "response": HACK if (label, i) == ("b", 1) else f"a fine film, says {label}.", "gold": g, "rm": rm,
+                 "score": rm - 0.1, "length_penalty": 0.1, "n_tokens": 12, "has_eos": True, "kl": 1.0}
+                for i, (p, (g, rm)) in enumerate(zip(PROMPTS, scores))]
+        (root / "samples" / f"{label}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (root / "samples" / f"{label}.meta.json").write_text(json.dumps({"label": label}))
+    return root
+
+
+def show(*sources, stream=None, **options):
+    args = SimpleNamespace(sources=[str(s) for s in sources], grep=None, id=None, runs=None, sort="id", limit=0,
+                           checkpoints=False, width=80, color="auto")
+    args.__dict__.update(options)
+    return inspect_samples.run_inspect(args, stream=stream or io.StringIO())
+
+
+def test_sort_by_disagreement_puts_the_reward_hack_first(tmp_path):
+    text = show(write_report(tmp_path / "report"), sort="disagreement")
+    first_prompt = text.splitlines()[1]
+    assert "#1" in first_prompt and "Glass Island" in first_prompt and "disagreement +" in first_prompt
+    assert text.index("Glass Island") < text.index("Iron Meadow") and "RM ≫ gold" in text
+    assert "len-pen 0.10" in text and "gold -0.80" in text and "RM +2.50" in text
+    assert "\033[" not in text                                  # not a TTY: no colour
+    assert all(len(line) <= 80 for line in text.splitlines())   # wrapped to the width
+
+
+def test_filters_by_prompt_text_id_and_run(tmp_path):
+    report = write_report(tmp_path / "report")
+    text = show(report, grep="wild summer")
+    assert "Wild Summer" in text and "Iron Meadow" not in text and "Glass Island" not in text
+    text = show(report, id=[0, 2])
+    assert "#0" in text and "#2" in text and "#1 " not in text
+    text = show(report, runs=["a"])
+    assert "says a" in text and "says b" not in text
+    with pytest.raises(inspect_samples.InspectError, match="no prompt matches"):
+        show(report, grep="no such film")
+
+
+def test_colour_on_request_and_run_directories_show_their_latest_samples(tmp_path):
+    assert "\033[" in show(write_report(tmp_path / "report"), color="always")
+    run = tmp_path / "runs/sft"
+    run.mkdir(parents=True)
+    rows = [{"stage": stage, "prompt": [{"role": "user", "content": PROMPTS[0]}], "response": f"{stage} answer",
+             "gold": 0.1, "n_tokens": 3, "has_eos": stage == "after"} for stage in ("before", "after")]
+    (run / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text = show(run)
+    assert "after answer" in text and "before answer" not in text and "RM —" in text
+    with pytest.raises(inspect_samples.InspectError, match="no RM scores"):
+        show(run, sort="disagreement")
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, run_script):
+    result = run_script("inspect_samples", tmp_path / "nothing_here", check=False)
+    assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "no samples here" in result.stderr
+    result = run_script("inspect_samples", write_report(tmp_path / "report"), "--sort", "disagreement", "--limit", "1")
+    assert "Glass Island" in result.stdout and "Iron Meadow" not in result.stdout
