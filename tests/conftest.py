@@ -9,6 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The tiny models gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting for
+# each other at barriers make every step many times slower. Subprocesses inherit this.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch_threads = int(os.environ["OMP_NUM_THREADS"])
+
+
+def pytest_configure(config):
+    import torch
+
+    torch.set_num_threads(torch_threads)
 
 
 @pytest.fixture(scope="session", autouse=True)
