@@ -323,6 +323,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
             context_length = queries.shape[1]
             with torch.no_grad():
                 policy.eval()
+                tick = time.perf_counter()  # finer timers: where a step's rollout time goes
                 generated = policy.generate(
                     input_ids=queries, attention_mask=query_mask, max_new_tokens=cfg.response_length,
                     do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
@@ -337,10 +338,13 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                 logprobs = core.logprobs_from_logits(torch.stack(generated.scores, 1).float(), responses, 1.0)
                 query_responses = torch.cat([queries, responses], 1)
                 attention_mask = torch.cat([query_mask, mask.long()], 1)
+                generation_s, tick = time.perf_counter() - tick, time.perf_counter()
                 ref_logprobs = core.logprobs_from_logits(
                     reference_logits(policy, reference, query_responses, attention_mask, context_length,
                                      cfg.temperature).float(), responses, 1.0)
+                ref_forward_s, tick = time.perf_counter() - tick, time.perf_counter()
                 values = forward_values(value_model, query_responses, attention_mask, context_length)
+                value_forward_s, tick = time.perf_counter() - tick, time.perf_counter()
                 # ---- 2. score: RM_norm − length penalty − missing-EOS penalty ----------------------
                 texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
                 n_tokens = mask.sum(1)
@@ -348,6 +352,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                 parts = sequence_score(scorer.score(batch_prompts, texts).to(device), n_tokens, has_eos,
                                        cfg.length_coef, cfg.length_target, cfg.missing_eos_penalty)
                 scores = parts["score"].clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else parts["score"]
+                scoring_s = time.perf_counter() - tick
                 check_finite(step, **{"rollout logprobs": core.masked_mean(logprobs, mask),
                                       "reference logprobs": core.masked_mean(ref_logprobs, mask),
                                       "values": core.masked_mean(values, mask), "scores": scores})
@@ -435,6 +440,10 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                 "episode": (step + 1) * cfg.batch_size,
                 "time/rollout_s": rollout_s,
                 "time/update_s": update_s,
+                "time/generation_s": generation_s,
+                "time/ref_forward_s": ref_forward_s,
+                "time/value_forward_s": value_forward_s,
+                "time/scoring_s": scoring_s,
                 "perf/episodes_per_s": cfg.batch_size / (time.time() - step_started),
                 "perf/tokens_per_s": gathered["length"].sum().item() / (time.time() - step_started),
             }
