@@ -2,11 +2,18 @@
 """Check the hand-written PPO (rlhf_toy.ppo.core) against TRL 1.12's PPOTrainer.
 
     python scripts/crosscheck_trl.py --numeric [--settings trl_defaults,k3_whiten_rewards] [--json out.json]
+    python scripts/crosscheck_trl.py --config configs/crosscheck.yaml [--output_dir reports/crosscheck] [--field value ...]
 
 --numeric: run TRL's own PPOTrainer.train() for one iteration per setting on a tiny random GPT-2
 (built locally, no download), observe its tensors, feed the same inputs to our core functions
 and print max |ours - TRL| per quantity per setting, the weight agreement after one replayed
 update, and where our defaults differ from TRL by design.  Exit status 1 if a tolerance fails.
+
+Run level (any other invocation; fields of rlhf_toy.crosscheck_run.CrosscheckRunConfig as flags):
+train our PPO and TRL's PPOTrainer with matched hyperparameters (length penalty off, same beta, batch,
+minibatches, epochs, learning rate, generation settings, seed) on the same models and prompt batches,
+and write crosscheck.md, crosscheck.png (reward, KL, entropy, clip fraction of both overlaid) and
+crosscheck.json to --output_dir: final gold and RM means on the eval prompts, and throughput.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--numeric" not in argv and "--list" not in argv:
+        return run_level(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--numeric", action="store_true", help="numeric cross-check of the PPO math (the default mode)")
     ap.add_argument("--settings", default=None, help="comma-separated setting names (default: all)")
@@ -54,6 +65,24 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=str)
     return 0 if report["passed"] else 1
+
+
+def run_level(argv: list[str]) -> int:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    from rlhf_toy.cli import run_stage
+    from rlhf_toy.crosscheck_run import CrosscheckRunConfig, run_crosscheck
+
+    def stage(cfg):
+        report = run_crosscheck(cfg)
+        print((Path(cfg.output_dir) / "crosscheck.md").read_text())
+        return Path(cfg.output_dir) / "crosscheck.md" if report else None
+
+    run_stage(CrosscheckRunConfig, stage, argv)
+    return 0
 
 
 if __name__ == "__main__":

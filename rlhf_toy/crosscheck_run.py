@@ -1,0 +1,562 @@
+"""Run-level cross-check and benchmark: our PPO (`rlhf_toy.ppo.trainer.train_ppo`) and TRL 1.12's
+`trl.experimental.ppo.PPOTrainer`, same model, same prompts, matched hyperparameters.
+
+    python scripts/crosscheck_trl.py --config configs/crosscheck.yaml      # curves + crosscheck.md
+    python scripts/bench_ppo.py --config configs/crosscheck.yaml           # speed + peak memory
+
+What "matched" means here (and where it cannot be, said in crosscheck.md):
+* the same policy / reference (the SFT model), value model (initialised from the RM), tokenizer
+  (distinct pad, left padding), prompts formatted by the same chat template, and the same prompt
+  batches in the same order (TRL's shuffling dataloader is replaced by one that reads our order);
+* the same β (fixed), k1/k3, γ, λ, ε, ε_v, vf_coef, epochs, minibatches, batch, learning rate with
+  TRL's linear decay, AdamW eps and weight decay, temperature, response length, EOS stop, missing-EOS
+  penalty; our length penalty and score clip are off, gradient clipping off (TRL's loop has none);
+* the reward: ours is the RM's raw score times the stored gain plus bias.  TRL takes the score head's
+  raw output, so the copy of the RM given to TRL has gain and bias folded into its score head
+  (weight·gain, bias = bias): both optimise the same normalised RM score.
+
+One difference in the reward input remains by construction: TRL scores the token sequence as sampled
+(left-padded prompt + response, score at the last response token, the EOS when there is one); ours
+re-tokenises the decoded text and always appends EOS (`reward.encode_for_reward`), so responses cut
+at the length limit are scored differently (both get the missing-EOS penalty on top).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from rlhf_toy import data, models
+from rlhf_toy.config import CommonConfig, ConfigError
+
+# The curves overlaid in the PNG: (metric, title). TRL logs these names itself; ours uses the same.
+CURVES = [
+    ("objective/scores", "reward (normalised RM score − EOS penalty)"),
+    ("objective/kl", "KL(π‖π_ref) per sequence"),
+    ("objective/entropy", "entropy per sequence (−Σ log π)"),
+    ("policy/clipfrac_avg", "policy clip fraction"),
+    ("objective/rlhf_reward", "RLHF reward (score − β·KL)"),
+    ("loss/value_avg", "value loss"),
+]
+
+
+@dataclass
+class CrosscheckRunConfig(CommonConfig):
+    model_name_or_path: str = "runs/sft/final"      # policy init and reference, both trainers
+    reward_model_path: str = "runs/reward/final"    # the RM (+ normalisation sidecar) and the value init
+    output_dir: str = "reports/crosscheck"          # crosscheck.md, .png, .json (small files only)
+    work_dir: str = "runs/crosscheck"               # the two trainers' run directories (models, metrics)
+    prompts: str = "data/prompts_train.jsonl"
+    eval_prompts: str = "data/prompts_eval.jsonl"
+    num_eval_prompts: int = 32
+    num_steps: int = 8
+    batch_size: int = 8
+    num_mini_batches: int = 1
+    num_ppo_epochs: int = 2
+    response_length: int = 32
+    max_prompt_length: int = 128
+    temperature: float = 0.7
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    missing_eos_penalty: float = 1.0
+    gamma: float = 1.0
+    lam: float = 0.95
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    whiten_rewards: bool = False
+    learning_rate: float = 3e-6
+    adam_eps: float = 1e-5          # ours' default; TRL gets the same through adam_epsilon
+    weight_decay: float = 0.01      # torch AdamW's default, which ours uses; TRL gets the same
+    use_lora: bool = False          # ours: reference = adapter disabled; TRL: peft_config, ref_model=None
+    lora_r: int = 16
+    lora_alpha: int = 32
+    device: str = "cpu"
+    dtype: str = "float32"
+    report_to: str = "none"
+    resume: bool = False
+
+    def validate(self):
+        if self.batch_size % self.num_mini_batches:
+            raise ConfigError(f"batch_size ({self.batch_size}) must split into num_mini_batches ({self.num_mini_batches})")
+        if self.num_steps < 1:
+            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
+
+
+# ----------------------------------------------------------------------------------------------
+# ours
+# ----------------------------------------------------------------------------------------------
+def ours_config(cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int | None = None):
+    """Our PPOStageConfig with TRL's semantics switched on where they are options."""
+    from rlhf_toy.ppo.trainer import PPOStageConfig
+
+    return PPOStageConfig(
+        output_dir=output_dir, model_name_or_path=cfg.model_name_or_path, reward_model_path=cfg.reward_model_path,
+        prompts=cfg.prompts, eval_prompts=cfg.eval_prompts,
+        num_eval_prompts=cfg.num_eval_prompts if num_eval_prompts is None else num_eval_prompts,
+        total_episodes=cfg.num_steps * cfg.batch_size, batch_size=cfg.batch_size,
+        response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature,
+        length_coef=0.0,                # TRL has no length penalty
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        score_clip=0.0,                 # TRL does not clip the score
+        kl_coef=cfg.kl_coef, kl_target=0.0, kl_estimator=cfg.kl_estimator,
+        num_ppo_epochs=cfg.num_ppo_epochs, num_mini_batches=cfg.num_mini_batches, gradient_accumulation_steps=1,
+        gamma=cfg.gamma, lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
+        vf_coef=cfg.vf_coef, whiten_rewards=cfg.whiten_rewards, learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear", adam_eps=cfg.adam_eps,
+        max_grad_norm=1e9,              # TRL's PPO loop never clips gradients
+        sample_every=1, save_steps=cfg.num_steps, save_total_limit=1,
+        use_lora=cfg.use_lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, num_threads=cfg.num_threads, report_to="none",
+        resume=False,
+    )
+
+
+def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | None = None) -> dict[str, Any]:
+    from rlhf_toy import runlog
+    from rlhf_toy.ppo.trainer import train_ppo
+
+    import shutil
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    ocfg = ours_config(cfg, str(run_dir), num_eval_prompts)
+    started = time.time()
+    train_ppo(ocfg)
+    wall = time.time() - started
+    history = [r for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/kl" in r]
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    steps = [{"step": r["step"], "step_s": r["time/rollout_s"] + r["time/update_s"],
+              "tokens": r["response/length_mean"] * cfg.batch_size,
+              **{k: r.get(k) for k in ("time/generation_s", "time/ref_forward_s", "time/value_forward_s",
+                                       "time/scoring_s", "time/rollout_s", "time/update_s")}} for r in history]
+    batches = [[s["prompt"] for s in runlog.read_jsonl(run_dir / "samples.jsonl") if s["step"] == r["step"]]
+               for r in history]
+    return {"history": history, "steps": steps, "summary": summary, "wall_s": wall, "batches": batches}
+
+
+def prompt_order(cfg: CrosscheckRunConfig, prompts: list) -> list:
+    """The prompts in the order our trainer draws them (`train_ppo`'s `prompts_for`: a pure function of
+    seed and step), so TRL can be fed the same batches. Checked against ours' samples.jsonl."""
+    out = []
+    for step in range(cfg.num_steps):
+        epoch, offset = divmod(step * cfg.batch_size, len(prompts))
+        order = list(range(len(prompts)))
+        random.Random(cfg.seed * 100003 + epoch).shuffle(order)
+        out += [prompts[order[(offset + i) % len(order)]] for i in range(cfg.batch_size)]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# TRL
+# ----------------------------------------------------------------------------------------------
+def normalised_reward_model_for_trl(rm_path, dtype, gain: float, bias: float):
+    """The RM with the normalisation folded into its score head: score' = gain·score + bias.
+    (Llama's / GPT-2's score head has no bias, so it is replaced by a Linear with one.)"""
+    from rlhf_toy.reward import load_reward_model
+
+    rm = load_reward_model(rm_path, device="cpu", dtype="float32" if dtype == torch.float32 else "auto").to(dtype)
+    old = rm.score
+    new = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
+    with torch.no_grad():
+        new.weight.copy_(old.weight * gain)
+        new.bias.fill_(bias)
+    rm.score = new
+    return rm
+
+
+class TRLTimers:
+    """Time split of TRL's PPOTrainer.train(), by wrapping the module-level functions it calls:
+    `batch_generation` (sampling), `forward` without grad (reference), `get_reward` (value model
+    vs reward model). Everything else in a step is the update. Also counts response tokens."""
+
+    def __init__(self, reward_model):
+        self.reward_model = reward_model
+        self.acc = {"generation": 0.0, "ref_forward": 0.0, "value_forward": 0.0, "scoring": 0.0}
+        self.tokens = 0
+
+    def reset(self):
+        self.acc = dict.fromkeys(self.acc, 0.0)
+        self.tokens = 0
+
+    @contextlib.contextmanager
+    def installed(self):
+        import trl.experimental.ppo.ppo_trainer as M
+
+        orig = {"batch_generation": M.batch_generation, "forward": M.forward, "get_reward": M.get_reward}
+
+        def timed(key_of, fn):
+            def wrapper(*a, **k):
+                t0 = time.perf_counter()
+                out = fn(*a, **k)
+                key = key_of(*a)
+                if key:
+                    self.acc[key] += time.perf_counter() - t0
+                return out
+            return wrapper
+
+        def count_reward(model, query_responses, pad_token_id, context_length):
+            if model is self.reward_model:
+                self.tokens += int((query_responses[:, context_length:] != pad_token_id).sum())
+                return "scoring"
+            return "value_forward"
+
+        M.batch_generation = timed(lambda *a: "generation", orig["batch_generation"])
+        M.forward = timed(lambda *a: None if torch.is_grad_enabled() else "ref_forward", orig["forward"])
+        M.get_reward = timed(count_reward, orig["get_reward"])
+        try:
+            yield self
+        finally:
+            for k, v in orig.items():
+                setattr(M, k, v)
+
+
+def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: list):
+    """TRL's PPOTrainer with a PPOConfig matched to `ours_config(cfg)`; returns (trainer, tokenizer, rm_copy)."""
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import Dataset
+    from torch.utils.data import DataLoader
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    from rlhf_toy import sampling
+    from rlhf_toy.reward import _model_dir, read_normalization
+
+    dtype = models.pick_dtype(cfg.dtype, torch.device(cfg.device))
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    policy_path = models.resolve_model_path(cfg.model_name_or_path)
+    rm_dir = _model_dir(cfg.reward_model_path)
+    norm = read_normalization(rm_dir)
+
+    def causal_lm():
+        m = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
+        models.align_with_tokenizer(m, tokenizer)
+        return m
+
+    policy = causal_lm()
+    ref = None if cfg.use_lora else causal_lm()
+    value_model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), num_labels=1, dtype=dtype)
+    value_model.config.pad_token_id = tokenizer.pad_token_id
+    reward_model = normalised_reward_model_for_trl(rm_dir, dtype, float(norm["gain"]), float(norm["bias"]))
+    reward_model.config.pad_token_id = tokenizer.pad_token_id
+    peft_config = None
+    if cfg.use_lora:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+
+    # the same token ids as our rollout: chat template + generation prompt, left-truncated
+    ids = [tokenizer(sampling.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"][-cfg.max_prompt_length:]
+           for p in ordered_prompts]
+    ds = Dataset.from_dict({"input_ids": ids})
+    args = PPOConfig(
+        output_dir=str(run_dir), report_to=[], seed=cfg.seed,
+        per_device_train_batch_size=cfg.batch_size,  # TRL: micro-batch = batch / num_mini_batches, as ours
+        gradient_accumulation_steps=1, local_rollout_forward_batch_size=cfg.batch_size,
+        total_episodes=cfg.num_steps * cfg.batch_size, num_ppo_epochs=cfg.num_ppo_epochs,
+        num_mini_batches=cfg.num_mini_batches, response_length=cfg.response_length, stop_token="eos",
+        temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma,
+        lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
+        whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
+        learning_rate=cfg.learning_rate, lr_scheduler_type="linear", adam_epsilon=cfg.adam_eps,
+        weight_decay=cfg.weight_decay, num_sample_generations=0, save_strategy="no", logging_steps=1,
+        use_cpu=cfg.device == "cpu", disable_tqdm=True, bf16=dtype == torch.bfloat16,
+    )
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
+                         reward_model=reward_model, train_dataset=ds, value_model=value_model,
+                         peft_config=peft_config)
+    # TRL shuffles its prompts; read them in our order instead, so both see the same batches.
+    trainer.dataloader = trainer.accelerator.prepare(DataLoader(
+        ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=trainer.data_collator, drop_last=True))
+    return trainer, tokenizer, reward_model
+
+
+def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True) -> dict[str, Any]:
+    import shutil
+    import warnings
+
+    import transformers
+    from transformers import TrainerCallback
+
+    from rlhf_toy import runlog
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ordered = prompt_order(cfg, data.load_prompts(cfg.prompts))
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer, tokenizer, reward_model = build_trl_trainer(cfg, run_dir, ordered)
+    timers = TRLTimers(reward_model)
+    steps: list[dict] = []
+
+    class StepTimes(TrainerCallback):
+        def on_train_begin(self, *a, **k):
+            self.t = time.perf_counter()
+            timers.reset()
+
+        def on_step_end(self, *a, **k):
+            now = time.perf_counter()
+            step_s = now - self.t
+            split = {f"time/{k}_s": v for k, v in timers.acc.items()}
+            rollout = sum(timers.acc.values())
+            steps.append({"step": len(steps) + 1, "step_s": step_s, "tokens": timers.tokens, **split,
+                          "time/rollout_s": rollout, "time/update_s": step_s - rollout})
+            timers.reset()
+            self.t = time.perf_counter()
+
+    trainer.add_callback(StepTimes())
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    started = time.time()
+    try:  # TRL prints its metrics dict every step (PrinterCallback); keep the output readable
+        with timers.installed(), contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.train()
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+    wall = time.time() - started
+    history = [{"step": i + 1, **h} for i, h in enumerate(x for x in trainer.state.log_history if "objective/kl" in x)]
+    for h, s in zip(history, steps):
+        h.update({k: v for k, v in s.items() if k.startswith("time/")})
+        h["response/length_mean"] = s["tokens"] / cfg.batch_size
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+    result = {"history": history, "steps": steps, "wall_s": wall,
+              "batches": [ordered[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.num_steps)]}
+    if evaluate_after and cfg.num_eval_prompts:
+        from rlhf_toy.ppo.trainer import evaluate
+        from rlhf_toy.reward import RewardScorer
+
+        policy = trainer.accelerator.unwrap_model(trainer.model).policy
+        ocfg = ours_config(cfg, str(run_dir))
+        scorer = RewardScorer(cfg.reward_model_path, device=cfg.device, dtype=cfg.dtype)
+        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
+        if cfg.use_lora:  # `evaluate` disables the adapter for the reference, as ours
+            result["after"] = evaluate(ocfg, policy, None, tokenizer, scorer, eval_prompts, "after (TRL)")
+        else:
+            result["after"] = evaluate(ocfg, policy, trainer.ref_model, tokenizer, scorer, eval_prompts, "after (TRL)")
+        (run_dir / "summary.json").write_text(json.dumps({"after": result["after"]}, indent=2) + "\n")
+    del trainer
+    runlog  # noqa: B018 (imported for symmetry with run_ours)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# the run-level cross-check
+# ----------------------------------------------------------------------------------------------
+def _median(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def throughput(res: dict, batch_size: int) -> dict:
+    """Episodes/s and response tokens/s over the steps after the first (the first pays warm-up)."""
+    steps = res["steps"][1:] or res["steps"]
+    secs = sum(s["step_s"] for s in steps)
+    return {"episodes_per_s": batch_size * len(steps) / secs, "tokens_per_s": sum(s["tokens"] for s in steps) / secs,
+            "step_s_median": _median([s["step_s"] for s in steps]), "steps_timed": len(steps)}
+
+
+def plot_curves(ours: list[dict], trl: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=110)
+    for ax, (key, label) in zip(axes.flat, CURVES):
+        for hist, name, style in ((ours, "ours (rlhf_toy)", "-o"), (trl, "TRL PPOTrainer", "--s")):
+            pts = [(h["step"], h[key]) for h in hist if h.get(key) is not None]
+            if pts:
+                ax.plot(*zip(*pts), style, label=name, markersize=3)
+        ax.set_title(label, fontsize=9)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
+    """Both trainers, one after the other in this process; writes crosscheck.{md,png,json}."""
+    from rlhf_toy.stages import setup_run
+
+    setup_run(cfg)  # seed, threads, output_dir/config.yaml
+    out = Path(cfg.output_dir)
+    work = Path(cfg.work_dir)
+    ours = run_ours(cfg, work / "ours")
+    trl = run_trl(cfg, work / "trl")
+    same_batches = [sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
+                    for a, b in zip(ours["batches"], trl["batches"])]
+    report = {
+        "config": asdict(cfg),
+        "trl_version": _version("trl"), "transformers_version": _version("transformers"),
+        "torch_version": torch.__version__,
+        "same_prompt_batches": all(same_batches) and len(same_batches) == cfg.num_steps,
+        "ours": {"history": ours["history"], "eval_before": ours["summary"].get("before"),
+                 "eval_after": ours["summary"].get("after"), "throughput": throughput(ours, cfg.batch_size),
+                 "time_split_median": _split(ours["steps"]), "wall_s": ours["wall_s"]},
+        "trl": {"history": trl["history"], "eval_after": trl.get("after"),
+                "throughput": throughput(trl, cfg.batch_size), "time_split_median": _split(trl["steps"]),
+                "wall_s": trl["wall_s"]},
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    name = Path(cfg.model_name_or_path).name if "/" in cfg.model_name_or_path else cfg.model_name_or_path
+    plot_curves(ours["history"], trl["history"], out / "crosscheck.png",
+                f"ours vs TRL {report['trl_version']} PPOTrainer — {cfg.model_name_or_path}, "
+                f"batch {cfg.batch_size}, {cfg.num_ppo_epochs} epochs × {cfg.num_mini_batches} minibatches, "
+                f"β={cfg.kl_coef}, T={cfg.temperature}, {cfg.response_length} new tokens")
+    (out / "crosscheck.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    (out / "crosscheck.md").write_text(format_markdown(report, name))
+    return report
+
+
+def _split(steps):
+    keys = ("time/generation_s", "time/ref_forward_s", "time/value_forward_s", "time/scoring_s",
+            "time/rollout_s", "time/update_s")
+    steps = steps[1:] or steps
+    return {k: _median([s.get(k) for s in steps]) for k in keys}
+
+
+def _jsonable(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return str(x)
+
+
+def _version(pkg):
+    try:
+        from importlib.metadata import version
+
+        return version(pkg)
+    except Exception:  # pragma: no cover
+        return "?"
+
+
+def _fmt(v, spec=".3f"):
+    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
+
+
+def format_markdown(r: dict, model_name: str) -> str:
+    c = r["config"]
+    o, t = r["ours"], r["trl"]
+    lines = [
+        f"# Run-level cross-check: ours vs TRL {r['trl_version']} `PPOTrainer`",
+        "",
+        f"Policy/reference `{c['model_name_or_path']}`, reward model and value init `{c['reward_model_path']}`; "
+        f"{c['num_steps']} PPO steps of {c['batch_size']} episodes, {c['num_ppo_epochs']} epochs × "
+        f"{c['num_mini_batches']} minibatches, lr {c['learning_rate']:g} (linear decay), β = {c['kl_coef']} "
+        f"({c['kl_estimator']}), γ = {c['gamma']}, λ = {c['lam']}, ε = {c['cliprange']}, ε_v = {c['cliprange_value']}, "
+        f"vf_coef = {c['vf_coef']}, T = {c['temperature']}, {c['response_length']} new tokens at most, stop at EOS, "
+        f"missing-EOS penalty {c['missing_eos_penalty']}, seed {c['seed']}, {c['dtype']} on {c['device']}"
+        + (f", LoRA r={c['lora_r']} (reference = adapter disabled)" if c["use_lora"] else "") + ".",
+        f"transformers {r['transformers_version']}, torch {r['torch_version']}.",
+        "",
+        "Command: `python scripts/crosscheck_trl.py --config <config> --output_dir "
+        f"{c['output_dir']}`. Curves: `crosscheck.png`; every number: `crosscheck.json`.",
+        "",
+        "## How the two are matched",
+        "",
+        "- Same models, tokenizer (distinct pad, left padding), chat-formatted prompts, and the same prompt "
+        f"batches in the same order (TRL's shuffling dataloader replaced by one in our order; checked: "
+        f"{'identical' if r['same_prompt_batches'] else 'NOT identical'}).",
+        "- Our length penalty off (`length_coef: 0`), our score clip off, our gradient clipping off (TRL's "
+        "PPO loop does not clip); AdamW eps and weight decay set equal on both sides; TRL micro-batch = minibatch.",
+        "- **Reward**: ours is the RM's raw score × gain + bias (the normalisation sidecar of the RM). TRL uses "
+        "the score head's raw output, so the RM copy given to TRL has the normalisation folded into its score "
+        "head (weight × gain, a bias = bias): both optimise the same normalised score. The value models start "
+        "from the un-normalised RM on both sides.",
+        "- Remaining differences, by design or by construction: TRL scores the sampled token ids (left-padded, "
+        "score at the last response token) while ours re-tokenises the decoded text and always appends EOS — "
+        "identical for responses that stop with EOS, different for responses cut at the length limit; TRL puts "
+        "the score one token past the last response token when there is room (`padding_mask_p1`) and trains the "
+        "value there too, ours on the last real token (see the numeric cross-check); TRL's weight decay skips "
+        "biases and norms; the two sample different responses (different RNG use), so the curves agree in "
+        "distribution, not token for token.",
+        "",
+        "## Curves (final step, and mean over all steps)",
+        "",
+        "| metric | ours final | TRL final | ours mean | TRL mean |",
+        "|---|---|---|---|---|",
+    ]
+    for key, _ in CURVES + [("response/length_mean", ""), ("val/num_eos_tokens", "")]:
+        ov = [h.get(key) for h in o["history"] if h.get(key) is not None]
+        tv = [h.get(key) for h in t["history"] if h.get(key) is not None]
+        lines.append(f"| `{key}` | {_fmt(ov[-1] if ov else None, '.4f')} | {_fmt(tv[-1] if tv else None, '.4f')} | "
+                     f"{_fmt(sum(ov) / len(ov) if ov else None, '.4f')} | {_fmt(sum(tv) / len(tv) if tv else None, '.4f')} |")
+    lines += ["", "(`val/num_eos_tokens` is the number of responses with EOS in the batch, for both.)", ""]
+    lines += [
+        f"## Evaluation on {c['num_eval_prompts']} eval prompts (same sampling: `sampling.generate`, seed {c['seed'] + 1}, "
+        f"T = {c['temperature']}; gold judge `task.gold_score`; normalised RM `RewardScorer`)",
+        "",
+        "| policy | gold mean | RM mean | KL to ref | length | EOS rate |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, ev in (("initial (both)", o.get("eval_before")), ("ours after", o.get("eval_after")),
+                      ("TRL after", t.get("eval_after"))):
+        if ev:
+            lines.append(f"| {label} | {_fmt(ev['gold_mean'])} | {_fmt(ev['rm_mean'])} | {_fmt(ev['kl_mean'])} | "
+                         f"{_fmt(ev['length_mean'], '.1f')} | {_fmt(ev['eos_rate'], '.2f')} |")
+    ot, tt = o["throughput"], t["throughput"]
+    lines += [
+        "",
+        f"## Throughput (steps 2–{c['num_steps']}, both in this one process, one after the other)",
+        "",
+        "| | episodes/s | response tokens/s | median s/step | generation | ref fwd | value fwd | scoring | update |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, tp, sp in (("ours", ot, o["time_split_median"]), ("TRL", tt, t["time_split_median"])):
+        lines.append(f"| {label} | {_fmt(tp['episodes_per_s'])} | {_fmt(tp['tokens_per_s'], '.1f')} | "
+                     f"{_fmt(tp['step_s_median'], '.2f')} | " + " | ".join(
+                         _fmt(sp[f"time/{k}_s"], ".2f") for k in ("generation", "ref_forward", "value_forward",
+                                                                 "scoring", "update")) + " |")
+    ratio = ot["episodes_per_s"] / tt["episodes_per_s"] if tt["episodes_per_s"] else float("nan")
+    lines += ["", f"ours / TRL episodes/s: **{ratio:.2f}×** (time split: median seconds per step). For a careful "
+              "benchmark (alternating fresh processes, peak memory) see `scripts/bench_ppo.py` / `reports/bench/`.", ""]
+    return "\n".join(lines)
+
+
+def make_tiny_reward_model(out_dir, base: str = models.TINY_MODEL, gain: float = 2.0, bias: float = 0.5,
+                           seed: int = 0) -> Path:
+    """A reward model directory for tests and timing before a trained RM exists: a sequence-
+    classification model from `base` (random score head) with a normalisation sidecar."""
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf_toy.reward import NORMALIZATION_FILE
+
+    out_dir = Path(out_dir)
+    if (out_dir / NORMALIZATION_FILE).exists():
+        return out_dir
+    torch.manual_seed(seed)
+    tokenizer = models.load_tokenizer(base)
+    rm = AutoModelForSequenceClassification.from_pretrained(models.resolve_model_path(base), num_labels=1)
+    if len(tokenizer) > rm.get_input_embeddings().weight.shape[0]:
+        rm.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    rm.config.pad_token_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        rm.score.weight.normal_(0, 1.0 / math.sqrt(rm.score.weight.shape[1]))
+    rm.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    (out_dir / NORMALIZATION_FILE).write_text(json.dumps({"gain": gain, "bias": bias, "note": "synthetic"}) + "\n")
+    return out_dir
+
+
+if __name__ == "__main__":  # python -m rlhf_toy.crosscheck_run make-rm OUT_DIR [BASE]
+    if sys.argv[1:2] == ["make-rm"]:
+        print(make_tiny_reward_model(sys.argv[2], *(sys.argv[3:4] or [models.TINY_MODEL])))
