@@ -61,7 +61,9 @@ class RewardStageConfig(LoraFields, CommonConfig):
     max_length: int = 512               # prompt + response + EOS; longer prompts lose their beginning
     margin: float | None = None         # TRL's `margin` column: None = use the dataset's if it has one
     center_rewards_coefficient: float | None = None   # TRL's name; 0.01 is the paper's value
-    freeze_bottom_layers: int = 0       # freeze embeddings + the N lowest blocks (faster on a CPU)
+    num_hidden_layers: int = 0          # keep only the N lowest blocks of the init model (0 = all): a
+                                        # shallower RM is faster to train and to score, for every consumer
+    freeze_bottom_layers: int = 0       # freeze embeddings + the N lowest blocks (backward stops early)
     eval_steps: int = 0                 # TRL's eval loss/accuracy every N steps (0 = only at the end)
     # normalisation and evaluation
     policy_model: str = ""              # the model whose samples calibrate the RM ("" = model_name_or_path)
@@ -81,6 +83,11 @@ class RewardStageConfig(LoraFields, CommonConfig):
             raise ConfigError(f"num_norm_samples must be at least 2 (a standard deviation), got {self.num_norm_samples}")
         if self.use_lora and self.freeze_bottom_layers:
             raise ConfigError("use_lora and freeze_bottom_layers are alternatives; set one of them")
+        if self.num_hidden_layers < 0 or self.freeze_bottom_layers < 0:
+            raise ConfigError("num_hidden_layers and freeze_bottom_layers must be >= 0")
+        if self.num_hidden_layers and self.freeze_bottom_layers >= self.num_hidden_layers:
+            raise ConfigError(f"freeze_bottom_layers={self.freeze_bottom_layers} leaves nothing to train in "
+                              f"num_hidden_layers={self.num_hidden_layers}")
         if self.max_length < 8:
             raise ConfigError(f"max_length must be at least 8 tokens, got {self.max_length}")
 
@@ -148,16 +155,29 @@ def _model_dir(path) -> Path:
     return Path(models.resolve_model_path(str(path)))
 
 
-def load_reward_model(path, device: str = "auto", dtype: str = "auto"):
+def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidden_layers: int = 0):
     """An `AutoModelForSequenceClassification(num_labels=1)` from a reward model or a causal LM directory
-    (a causal LM gets a fresh score head), with pad/eos ids aligned to the tokenizer."""
-    from transformers import AutoModelForSequenceClassification
-    from trl.trainer.reward_trainer import suppress_seqcls_warning
+    (a causal LM gets a fresh score head). `num_hidden_layers` keeps only that many of the lowest blocks."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+    from transformers.utils import logging as hf_logging
 
     torch_device = models.pick_device(device)
-    with suppress_seqcls_warning():  # "score.weight newly initialised" is expected from a causal LM
+    resolved = models.resolve_model_path(str(path))
+    overrides = {"num_labels": 1}
+    if num_hidden_layers:
+        n_blocks = AutoConfig.from_pretrained(resolved).num_hidden_layers
+        if num_hidden_layers > n_blocks:
+            raise ConfigError(f"num_hidden_layers={num_hidden_layers}: {path} has only {n_blocks} blocks")
+        overrides["num_hidden_layers"] = num_hidden_layers
+    # From a causal LM, "score.weight missing" and "lm_head unexpected" are the expected cross-architecture
+    # report (as are the dropped upper blocks): silence it rather than alarm the user.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            models.resolve_model_path(str(path)), num_labels=1, dtype=models.pick_dtype(dtype, torch_device))
+            resolved, dtype=models.pick_dtype(dtype, torch_device), **overrides)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     return model.to(torch_device)
 
 
@@ -393,7 +413,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     eval_rows, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.margin)
     if not train_rows:
         raise data.DataError(f"{cfg.dataset}: no training pair fits max_length={cfg.max_length}")
-    model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype)
+    model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     align_with_tokenizer(model, tokenizer)
     freeze_bottom(model, cfg.freeze_bottom_layers)
 

@@ -213,15 +213,17 @@ def test_directory_without_normalisation_names_the_command(trained, tmp_path):
     assert "python -m rlhf_toy.reward normalize" in str(error.value)
 
 
-def test_margin_and_centering_reach_trl(tmp_path):
+def test_margin_centering_and_a_shallower_model(tmp_path):
     rows, _ = tokenize_pairs(clean_pairs([{"prompt": "p", "chosen": "good .", "rejected": "bad ."}], "x")[0],
                              models.load_tokenizer("tiny-random-gpt2"), 64, 0.5)
     assert rows[0]["margin"] == 0.5
     cfg = tiny_cfg(tmp_path, max_steps=2, margin=1.0, center_rewards_coefficient=0.01, num_norm_samples=4,
-                   num_eval_samples=0, save_steps=100)
+                   num_eval_samples=0, save_steps=100, num_hidden_layers=1)
     run = train_reward(cfg)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["eval_accuracy"] is not None
+    assert AutoModelForSequenceClassification.from_pretrained(run / "final").config.num_hidden_layers == 1
+    assert RewardScorer(str(run)).score([[{"role": "user", "content": "hi"}]], ["good ."]).shape == (1,)
 
 
 def test_lora_saves_a_merged_model_and_resume_continues(tmp_path):
