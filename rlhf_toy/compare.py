@@ -151,8 +151,15 @@ def _tokenizer_dir(run_dir: Path, model_dir: Path) -> str | None:
 
 def load_model_and_tokenizer(entry_model: str, tokenizer_from: str | None, device: str, dtype: str):
     """A causal LM (a LoRA adapter directory is merged into its base) and its prepared tokenizer."""
+    from transformers import AutoTokenizer
+
     path = Path(entry_model)
-    tokenizer = models.load_tokenizer(tokenizer_from or entry_model)
+    source = tokenizer_from or entry_model
+    if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").exists():
+        # A checkpoint directory may hold a tokenizer and a LoRA adapter but no config.json.
+        tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    else:
+        tokenizer = models.load_tokenizer(source)
     if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
         from peft import PeftModel
 

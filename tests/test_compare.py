@@ -151,3 +151,22 @@ def test_compare_resumes_from_the_samples_it_has(tmp_path, setup):
     assert [r["response"] for r in rows[1:]] == [json.loads(line)["response"] for line in lines[1:]]
     again = json.loads((out / "compare.json").read_text())
     assert again["runs"]["run_final"]["kl_to_ref"] == first["runs"]["run_final"]["kl_to_ref"]
+
+
+def test_compare_loads_lora_adapter_checkpoints(tmp_path, setup):
+    """An HF trainer's LoRA checkpoint holds only an adapter: it is merged into its base to be sampled."""
+    from peft import LoraConfig, get_peft_model
+
+    run = tmp_path / "dpo"
+    tiny_copy(run / "final", noise=0.05)
+    base = AutoModelForCausalLM.from_pretrained(setup["ref"])
+    adapter = run / "checkpoints/checkpoint-1"
+    get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(adapter)  # B = 0: the base's function
+    AutoTokenizer.from_pretrained(setup["ref"]).save_pretrained(adapter)
+    runlog.append_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}])
+    out = tmp_path / "report"
+    compare.main(["--runs", str(run), "--ref", str(setup["ref"]), "--prompts", str(setup["prompts"]),
+                  "--output_dir", str(out), "--reward_model", "none", *SAMPLING])
+    checkpoint = json.loads((out / "compare.json").read_text())["runs"]["dpo"]["checkpoints"][0]
+    assert checkpoint["label"] == "dpo@1" and checkpoint["step"] == 1
+    assert abs(checkpoint["kl_to_ref"]) < 1e-4 and checkpoint["win_rate_vs_ref"] == 0.5
