@@ -103,8 +103,11 @@ def forward_logits(model, input_ids, attention_mask, context_length: int, temper
     """Logits of the response positions, divided by T (TRL: logits / (T + 1e-7)), policy and ref alike."""
     # left padding: position ids from the attention mask (lm-human-preferences), pad ids never attended
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-    return out.logits[:, context_length - 1:-1] / (temperature + 1e-7)
+    # logits_to_keep: the LM head (hidden × vocab, the largest matmul) and its backward run only on the
+    # positions that predict response tokens; with a chat template the prompt is most of the sequence.
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                logits_to_keep=input_ids.shape[1] - context_length + 1)
+    return out.logits[:, :-1] / (temperature + 1e-7)
 
 
 def forward_values(value_model, input_ids, attention_mask, context_length: int):
@@ -156,6 +159,16 @@ def reference_logits(policy, reference, input_ids, attention_mask, context_lengt
         return forward_logits(reference, input_ids, attention_mask, context_length, temperature)
     with policy.disable_adapter():
         return forward_logits(policy, input_ids, attention_mask, context_length, temperature)
+
+
+def assert_in_sync(parameters, accelerator) -> None:
+    """Data parallelism is only correct while every process holds the same weights: check a checksum."""
+    if accelerator.num_processes == 1:
+        return
+    checksum = torch.stack([p.detach().double().sum() for p in parameters]).sum().reshape(1)
+    gathered = accelerator.gather(checksum)
+    if not torch.allclose(gathered, gathered[0].expand_as(gathered), rtol=1e-6):
+        raise RuntimeError(f"processes' weights diverged (checksums {gathered.tolist()})")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -353,7 +366,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                                        cfg.length_coef, cfg.length_target, cfg.missing_eos_penalty)
                 scores = parts["score"].clamp(-cfg.score_clip, cfg.score_clip) if cfg.score_clip else parts["score"]
                 scoring_s = time.perf_counter() - tick
-                check_finite(step, **{"rollout logprobs": core.masked_mean(logprobs, mask),
+                check_finite(step + 1, **{"rollout logprobs": core.masked_mean(logprobs, mask),
                                       "reference logprobs": core.masked_mean(ref_logprobs, mask),
                                       "values": core.masked_mean(values, mask), "scores": scores})
                 # ---- 3. rewards and advantages (core: -β·KL per token, score on the last token, GAE) --
@@ -385,7 +398,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                                                                targets["returns"][idx], mb_mask, cfg.cliprange_value)
                         loss = pg_loss + cfg.vf_coef * vf_loss
                         # Stop before a non-finite loss reaches the weights (they stay the last good ones).
-                        check_finite(step, **{"loss/policy": pg_loss, "loss/value": vf_loss})
+                        check_finite(step + 1, **{"loss/policy": pg_loss, "loss/value": vf_loss})
                         (loss / cfg.gradient_accumulation_steps).backward()
                         with torch.no_grad():
                             stats["pg_loss"].append(pg_loss.item())
@@ -397,7 +410,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                             stats["entropy"].append(core.masked_mean(core.entropy_from_logits(logits), mb_mask).item())
                     average_gradients(parameters, accelerator)   # data parallel: each process saw its own rollouts
                     grad_norm = torch.nn.utils.clip_grad_norm_(parameters, cfg.max_grad_norm)
-                    check_finite(step, **{"gradient norm": grad_norm})
+                    check_finite(step + 1, **{"gradient norm": grad_norm})
                     optimizer.step()
             scheduler.step()
             update_s = time.time() - update_started
@@ -460,6 +473,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
             progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{mean_kl:.2f}",
                                  gold=f"{metrics['score/gold']:.3f}")
             if (step + 1) % cfg.save_steps == 0 or step + 1 == cfg.num_steps:
+                assert_in_sync(parameters, accelerator)
                 save_checkpoint(run_dir, step + 1, policy, value_model, tokenizer, optimizer, scheduler, kl_ctl,
                                 accelerator, cfg.save_total_limit)
     except NonFiniteError as error:

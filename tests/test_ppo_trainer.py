@@ -1,0 +1,159 @@
+"""End-to-end tests of the PPO loop on the tiny random GPT-2 (seconds each)."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import ROOT
+from rlhf_toy import runlog, task
+from rlhf_toy.config import parse_config
+from rlhf_toy.ppo import core, trainer
+from rlhf_toy.reward import NORMALIZATION_FILE, RewardStageConfig, train_reward
+from rlhf_toy.sft import SFTStageConfig, run_sft
+
+DESIGN_METRICS = [
+    "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
+    "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
+    "val/ratio", "val/num_eos_tokens", "score/rm", "score/gold", "score/length_penalty", "objective/kl_coef",
+    "response/length_mean", "val/explained_variance", "time/rollout_s", "time/update_s", "perf/episodes_per_s",
+    "perf/tokens_per_s",
+]
+
+
+GOOD, BAD = "a wonderful film .", "a terrible film ."
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The pipeline in miniature, so PPO has an easy, learnable reward: a tiny SFT model that answers
+    GOOD or BAD about equally, and a reward model trained on pairs that prefer GOOD."""
+    tmp = tmp_path_factory.mktemp("pipeline")
+    train, evals = task.make_prompts(64, 16, seed=5)
+    write = lambda name, rows: (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answer = lambda text: [{"role": "assistant", "content": text}]
+    write("sft.jsonl", [{**r, "completion": answer([GOOD, BAD][i % 2])} for i, r in enumerate(train)])
+    write("prompts.jsonl", evals)
+    write("pairs.jsonl", [{**r, "chosen": answer(GOOD), "rejected": answer(BAD)} for r in train])
+    run_sft(parse_config(SFTStageConfig, [
+        "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dataset", str(tmp / "sft.jsonl"), "--output_dir",
+        str(tmp / "sft"), "--num_sample_prompts", "0", "--eval_fraction", "0", "--max_steps", "30",
+        "--learning_rate", "1e-2"]))
+    train_reward(parse_config(RewardStageConfig, [
+        "--config", str(ROOT / "configs/tiny/reward.yaml"), "--model_name_or_path", str(tmp / "sft/final"),
+        "--policy_model", str(tmp / "sft/final"), "--dataset", str(tmp / "pairs.jsonl"), "--train_prompts",
+        str(tmp / "prompts.jsonl"), "--eval_prompts", str(tmp / "prompts.jsonl"), "--output_dir", str(tmp / "rm"),
+        "--num_eval_samples", "0", "--max_steps", "20"]))
+    return tmp
+
+
+def tiny_flags(pipeline, out, **overrides):
+    flags = {"config": ROOT / "configs/tiny/ppo.yaml", "model_name_or_path": pipeline / "sft/final",
+             "reward_model_path": pipeline / "rm/final", "output_dir": out, "prompts": pipeline / "prompts.jsonl",
+             "eval_prompts": pipeline / "prompts.jsonl"}
+    flags.update(overrides)
+    return [str(x) for key, value in flags.items() for x in (f"--{key}", value)]
+
+
+def run_in_process(pipeline, out, **overrides):
+    return trainer.train_ppo(parse_config(trainer.PPOStageConfig, tiny_flags(pipeline, out, **overrides)))
+
+
+def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
+    out = tmp_path / "ppo"
+    run_in_process(pipeline, out, total_episodes=96, length_coef=0.0, missing_eos_penalty=0.0)
+    records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for name in DESIGN_METRICS:
+        assert all(isinstance(r[name], float | int) for r in records), name
+    first = sum(r["score/rm"] for r in records[:2]) / 2
+    last = sum(r["score/rm"] for r in records[-4:]) / 4
+    assert last > first + 0.3, (first, last)      # the policy learns to say "wonderful"
+    assert abs(records[0]["objective/kl"]) < 1e-3           # the policy starts as the reference
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["rm_mean"] > summary["before"]["rm_mean"]
+    assert summary["before"]["kl_mean"] == pytest.approx(0, abs=1e-3)
+    assert runlog.read_jsonl(out / "samples.jsonl")
+    assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "GPT2LMHeadModel"
+
+
+def test_lora_policy_uses_the_disabled_adapter_as_reference(pipeline, tmp_path):
+    out = tmp_path / "ppo"
+    run_in_process(pipeline, out, total_episodes=16, use_lora="true", lora_r=4, num_eval_prompts=0)
+    records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
+    assert abs(records[0]["objective/kl"]) < 1e-3
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert not any("lora" in name for name, _ in final.named_parameters())
+
+
+def test_killed_run_resumes_with_no_step_lost_or_repeated(pipeline, tmp_path):
+    flags = tiny_flags(pipeline, tmp_path / "killed", total_episodes=96, save_steps=2, num_eval_prompts=0)
+    cmd = [sys.executable, str(ROOT / "scripts/ppo.py"), *flags]
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not (tmp_path / "killed/checkpoints/step-4").exists():
+        assert time.time() < deadline and process.poll() is None, "no step-4 checkpoint before the run ended"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
+    resumed = [r for r in runlog.read_jsonl(tmp_path / "killed/metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+
+    # The same command never killed gives the same run: data order, sampling and updates all resume exactly.
+    run_in_process(pipeline, tmp_path / "whole", total_episodes=96, save_steps=2, num_eval_prompts=0)
+    whole = [r for r in runlog.read_jsonl(tmp_path / "whole/metrics.jsonl") if "objective/scores" in r]
+    for a, b in zip(resumed, whole):
+        assert a["objective/scores"] == pytest.approx(b["objective/scores"], abs=1e-5)
+        assert a["objective/kl"] == pytest.approx(b["objective/kl"], abs=1e-4)
+
+
+def test_nan_in_a_loss_stops_with_the_quantity_and_step(pipeline, tmp_path, monkeypatch):
+    real_policy_loss = core.policy_loss
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, stats = real_policy_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (loss * float("nan") if calls["n"] > 4 else loss), stats   # tiny config: 4 minibatches a step
+
+    monkeypatch.setattr(core, "policy_loss", poisoned)
+    out = tmp_path / "ppo"
+    with pytest.raises(trainer.NonFiniteError, match=r"loss/policy is NaN or Inf at step 2"):
+        run_in_process(pipeline, out, total_episodes=32, num_eval_prompts=0)
+    saved = out / "checkpoints/nonfinite-at-step-2/policy/model.safetensors"
+    assert saved.exists()
+    weights = AutoModelForCausalLM.from_pretrained(saved.parent).state_dict()
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_nan_reward_is_named(pipeline, tmp_path):
+    bad = tmp_path / "bad_rm"
+    subprocess.run(["cp", "-r", str(pipeline / "rm/final"), str(bad)], check=True)
+    (bad / NORMALIZATION_FILE).write_text(json.dumps({"gain": float("nan"), "bias": 0.0}))
+    with pytest.raises(trainer.NonFiniteError, match="scores is NaN or Inf at step 1"):
+        run_in_process(pipeline, tmp_path / "ppo", total_episodes=16, num_eval_prompts=0, reward_model_path=bad)
+
+
+def test_bad_config_is_a_clear_error(run_script, pipeline, tmp_path):
+    result = run_script("ppo", *tiny_flags(pipeline, tmp_path / "x", num_mini_batches=3), check=False)
+    assert result.returncode == 2 and "must split into num_mini_batches" in result.stderr
+    result = run_script("ppo", *tiny_flags(pipeline, tmp_path / "x", kl_coeff=0.1), check=False)
+    assert result.returncode == 2 and "did you mean 'kl_coef'" in result.stderr
+
+
+def test_two_processes_split_rollouts_and_stay_in_sync(pipeline, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           str(ROOT / "scripts/ppo.py"), *tiny_flags(pipeline, out, total_episodes=32, num_eval_prompts=0)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert all(r["episode"] == 8 * r["step"] for r in records)
+    assert (out / "final/model.safetensors").exists()
