@@ -1,0 +1,240 @@
+#!/usr/bin/env python
+"""Benchmark our PPO against TRL 1.12's PPOTrainer at matched settings, in one run.
+
+    python scripts/bench_ppo.py --config configs/crosscheck.yaml [--num_steps 3] [--repeats 2] [--lora]
+                                [--profile] [--bench_dir reports/bench] [--field value ...]
+
+Settings are `rlhf_toy.crosscheck_run.CrosscheckRunConfig` (the cross-check's config, so both
+trainers are matched exactly as there). Each trainer phase runs in a fresh subprocess (peak RSS only
+grows within a process), alternating ours / TRL / ours / TRL ..., so machine load drifts hit both.
+Per phase: episodes/s and response tokens/s over the steps after the first (warm-up), the time
+split (generation, scoring, reference forward, value forward, update), and peak RSS (VmHWM, read at
+the end of every PPO step, so checkpoint writing after training is not counted). Reported: medians
+over repeats, and the ratios ours/TRL. `--lora` adds a LoRA phase per trainer (reference = the same
+weights with the adapter disabled) and reports the memory saved. `--profile` adds one torch-profiler
+run of our PPO (step 2 of 2) and writes the top operators to `profile_ours.txt`.
+Writes bench.md and bench.json to --bench_dir and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+SPLIT = ("generation", "scoring", "ref_forward", "value_forward", "update")
+
+
+def peak_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ----------------------------------------------------------------------------------------------
+# child: one trainer phase
+# ----------------------------------------------------------------------------------------------
+def child(kind: str, cfg_json: str, out_json: str, profile_dir: str | None) -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from rlhf_toy import crosscheck_run as X
+    from rlhf_toy import runlog
+
+    cfg = X.CrosscheckRunConfig(**json.loads(Path(cfg_json).read_text()))
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    rss_per_step: list[float] = []
+    work = Path(cfg.work_dir) / f"bench_{kind}"
+    if kind == "ours":
+        # Peak RSS at the end of each step: MetricsLogger.log is called once per step, before the
+        # end-of-training checkpoint (whose serialisation buffers are not training memory).
+        orig_log = runlog.MetricsLogger.log
+        prof = None
+        if profile_dir:
+            from torch.profiler import ProfilerActivity, profile, schedule
+
+            prof = profile(activities=[ProfilerActivity.CPU], schedule=schedule(wait=1, warmup=0, active=1),
+                           record_shapes=True)
+            prof.start()
+
+        def log(self, step, metrics):
+            if "objective/kl" in metrics:
+                rss_per_step.append(peak_rss_mb())
+                if prof is not None:
+                    prof.step()
+            return orig_log(self, step, metrics)
+
+        runlog.MetricsLogger.log = log
+        res = X.run_ours(cfg, work, num_eval_prompts=0)
+        if prof is not None:
+            prof.stop()
+            Path(profile_dir).mkdir(parents=True, exist_ok=True)
+            ka = prof.key_averages()
+            text = ["# torch.profiler, one PPO step of ours (step 2), CPU", "",
+                    "## by self CPU time", ka.table(sort_by="self_cpu_time_total", row_limit=30), "",
+                    "## by total CPU time (includes children)", ka.table(sort_by="cpu_time_total", row_limit=40)]
+            (Path(profile_dir) / "profile_ours.txt").write_text("\n".join(text) + "\n")
+    else:
+        from transformers import TrainerCallback
+
+        import trl.experimental.ppo.ppo_trainer as M
+
+        class RSS(TrainerCallback):
+            def on_step_end(self, *a, **k):
+                rss_per_step.append(peak_rss_mb())
+
+        orig_init = M.PPOTrainer.__init__
+
+        def init(self, *a, **k):  # add the RSS callback to the trainer run_trl builds
+            orig_init(self, *a, **k)
+            self.add_callback(RSS())
+
+        M.PPOTrainer.__init__ = init
+        res = X.run_trl(cfg, work, evaluate_after=False)
+    tp = X.throughput(res, cfg.batch_size)
+    steps = res["steps"][1:] or res["steps"]
+    split = {k: statistics.median(s.get(f"time/{k}_s") or 0.0 for s in steps) for k in SPLIT}
+    Path(out_json).write_text(json.dumps({
+        "kind": kind, "lora": cfg.use_lora, **tp, "split_median_s": split,
+        "peak_rss_mb": max(rss_per_step) if rss_per_step else peak_rss_mb(),
+        "step_s": [s["step_s"] for s in res["steps"]],
+        "num_threads": torch.get_num_threads(),
+    }))
+
+
+# ----------------------------------------------------------------------------------------------
+# parent: alternate phases, summarise
+# ----------------------------------------------------------------------------------------------
+def run_phase(kind: str, cfg, tmp: Path, profile_dir: str | None = None) -> dict:
+    cfg_path = tmp / f"cfg_{kind}_{time.time_ns()}.json"
+    out = cfg_path.with_suffix(".out.json")
+    cfg_path.write_text(json.dumps(asdict(cfg)))
+    cmd = [sys.executable, __file__, "--child", kind, "--cfg_json", str(cfg_path), "--out_json", str(out)]
+    if profile_dir:
+        cmd += ["--profile_dir", profile_dir]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{kind} phase failed:\n{proc.stderr[-4000:]}")
+    res = json.loads(out.read_text())
+    res["phase_wall_s"] = time.time() - started
+    print(f"  {kind:9s} lora={cfg.use_lora!s:5s} {res['episodes_per_s']:.3f} episodes/s, "
+          f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB "
+          f"({res['phase_wall_s']:.0f} s)", flush=True)
+    return res
+
+
+def med(rows, key):
+    return statistics.median(r[key] for r in rows)
+
+
+def summarise(rows: list[dict]) -> dict:
+    return {"episodes_per_s": med(rows, "episodes_per_s"), "tokens_per_s": med(rows, "tokens_per_s"),
+            "step_s_median": med(rows, "step_s_median"), "peak_rss_mb": med(rows, "peak_rss_mb"),
+            "split_median_s": {k: statistics.median(r["split_median_s"][k] for r in rows) for k in SPLIT},
+            "runs": len(rows)}
+
+
+def format_table(summary: dict) -> str:
+    head = ("| phase | episodes/s | tokens/s | s/step | generation | scoring | ref fwd | value fwd | update+rest "
+            "| peak RSS MB | runs |")
+    lines = [head, "|" + "---|" * 11]
+    for name, s in summary.items():
+        sp = s["split_median_s"]
+        lines.append(f"| {name} | {s['episodes_per_s']:.3f} | {s['tokens_per_s']:.1f} | {s['step_s_median']:.2f} | "
+                     + " | ".join(f"{sp[k]:.2f}" for k in SPLIT) + f" | {s['peak_rss_mb']:.0f} | {s['runs']} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=2, help="phases per trainer (alternating)")
+    ap.add_argument("--lora", action="store_true", help="also one LoRA phase per trainer")
+    ap.add_argument("--profile", action="store_true", help="also profile one PPO step of ours")
+    ap.add_argument("--bench_dir", default="reports/bench")
+    ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    ap.add_argument("--cfg_json", help=argparse.SUPPRESS)
+    ap.add_argument("--out_json", help=argparse.SUPPRESS)
+    ap.add_argument("--profile_dir", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args(argv)
+    if args.child:
+        child(args.child, args.cfg_json, args.out_json, args.profile_dir)
+        return 0
+
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.crosscheck_run import CrosscheckRunConfig
+
+    cfg = parse_config(CrosscheckRunConfig, rest)
+    bench_dir = Path(args.bench_dir)
+    bench_dir.mkdir(parents=True, exist_ok=True)
+    print(f"bench: {cfg.model_name_or_path} (RM {cfg.reward_model_path}), {cfg.num_steps} steps of {cfg.batch_size}, "
+          f"{cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} minibatches, {cfg.response_length} new tokens, "
+          f"{args.repeats} alternating phases per trainer", flush=True)
+    phases: dict[str, list] = {"ours": [], "TRL": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for _ in range(args.repeats):
+            phases["ours"].append(run_phase("ours", cfg, tmp))
+            phases["TRL"].append(run_phase("trl", cfg, tmp))
+        if args.lora:
+            from dataclasses import replace
+
+            lcfg = replace(cfg, use_lora=True)
+            phases["ours LoRA"] = [run_phase("ours", lcfg, tmp)]
+            phases["TRL LoRA"] = [run_phase("trl", lcfg, tmp)]
+        if args.profile:
+            from dataclasses import replace
+
+            run_phase("ours", replace(cfg, num_steps=2), tmp, profile_dir=str(bench_dir))
+    summary = {k: summarise(v) for k, v in phases.items() if v}
+    o, t = summary["ours"], summary["TRL"]
+    ratios = {"episodes_per_s ours/TRL": o["episodes_per_s"] / t["episodes_per_s"],
+              "tokens_per_s ours/TRL": o["tokens_per_s"] / t["tokens_per_s"],
+              "peak_rss ours/TRL": o["peak_rss_mb"] / t["peak_rss_mb"]}
+    if "ours LoRA" in summary:
+        ratios["peak_rss saved by LoRA, ours (MB)"] = o["peak_rss_mb"] - summary["ours LoRA"]["peak_rss_mb"]
+        ratios["peak_rss saved by LoRA, TRL (MB)"] = t["peak_rss_mb"] - summary["TRL LoRA"]["peak_rss_mb"]
+        ratios["episodes_per_s ours LoRA/TRL LoRA"] = (summary["ours LoRA"]["episodes_per_s"]
+                                                       / summary["TRL LoRA"]["episodes_per_s"])
+    table = format_table(summary)
+    import torch
+
+    md = "\n".join([
+        "# PPO benchmark: ours vs TRL `PPOTrainer`, matched settings", "",
+        f"Command: `python scripts/bench_ppo.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
+        f"Policy/ref `{cfg.model_name_or_path}`, RM/value init `{cfg.reward_model_path}`, {cfg.dtype} on {cfg.device}, "
+        f"torch threads {phases['ours'][0]['num_threads']}, torch {torch.__version__}. {cfg.num_steps} PPO steps of "
+        f"{cfg.batch_size} episodes per phase ({cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} minibatches, "
+        f"up to {cfg.response_length} new tokens, T={cfg.temperature}); the first step of each phase is warm-up and "
+        "not timed. Each phase is a fresh process; phases alternate ours/TRL. Medians over phases. Time split: median "
+        "seconds per step; 'update+rest' is the step time minus the four rollout parts (PPO epochs, GAE, logging). "
+        "Peak RSS: VmHWM at the end of the last step (model loading included, checkpoint writing not).", "",
+        table, "",
+        *[f"- {k}: **{v:.2f}**" + ("" if "MB" in k else "x") for k, v in ratios.items()], "",
+    ])
+    (bench_dir / "bench.md").write_text(md)
+    (bench_dir / "bench.json").write_text(json.dumps({"config": asdict(cfg), "summary": summary, "ratios": ratios,
+                                                      "phases": phases}, indent=2) + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
