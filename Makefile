@@ -23,12 +23,39 @@ test: setup
 data: setup
 	$(PY) scripts/make_data.py
 
-# The demo: each stage runs only if its output does not exist yet (delete runs/NAME to redo one).
-demo: setup runs/sft/final/config.json
-	$(PY) scripts/inspect_sft.py runs/sft
+# The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs only when its output does not
+# exist yet (delete runs/NAME to redo it); each prints its wall time. `make demo CONFIGS=configs/tiny
+# RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same pipeline on the tiny model.
+SHELL := /bin/bash
+CONFIGS ?= configs
+RUNS ?= runs
+REPORT ?= reports/demo
+BASE ?= embedded:smollm2-135m-instruct
+COMPARE_PROMPTS ?= 64
 
-runs/sft/final/config.json: | setup
-	$(PY) scripts/sft.py --config configs/sft.yaml
+demo: setup $(REPORT)/report.html
+	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html"
+	@cat $(REPORT)/compare.md | sed -n '1,20p'
+
+$(RUNS)/sft/final/config.json: | setup
+	time $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft
+
+$(RUNS)/reward/final/config.json: | $(RUNS)/sft/final/config.json
+	time $(PY) scripts/train_reward.py --config $(CONFIGS)/reward.yaml --output_dir $(RUNS)/reward \
+		--model_name_or_path $(RUNS)/sft/final --policy_model $(RUNS)/sft/final
+
+$(RUNS)/ppo/final/config.json: | $(RUNS)/reward/final/config.json
+	time $(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --output_dir $(RUNS)/ppo \
+		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final
+
+$(RUNS)/dpo/final/config.json: | $(RUNS)/reward/final/config.json
+	time $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --output_dir $(RUNS)/dpo \
+		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final
+
+$(REPORT)/report.html: | $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
+	time $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo --ref $(RUNS)/sft \
+		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts data/prompts_eval.jsonl \
+		--limit $(COMPARE_PROMPTS) --output_dir $(REPORT)
 
 clean-runs:
 	rm -rf runs reports
