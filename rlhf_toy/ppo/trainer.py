@@ -114,9 +114,12 @@ def forward_values(value_model, input_ids, attention_mask, context_length: int):
     """Per-token values V(s_t) for the state before each response token: the reward model's scalar
     head applied to every position's hidden state (TRL's get_reward), not only the last one."""
     position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
-    backbone = getattr(value_model, value_model.base_model_prefix)
+    # Through PEFT, getattr(peft_model, "model") is Llama's whole seq-cls model, not its backbone:
+    # go through the base model (whose LoRA layers and trainable score copy are still in place).
+    base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
+    backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
-    return value_model.score(hidden).squeeze(-1)[:, context_length - 1:-1].float()
+    return base.score(hidden).squeeze(-1)[:, context_length - 1:-1].float()
 
 
 def load_models(cfg, tokenizer, device, dtype):
