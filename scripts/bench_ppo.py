@@ -205,6 +205,9 @@ def main(argv=None) -> int:
 
             run_phase("ours", replace(cfg, num_steps=2), tmp, profile_dir=str(bench_dir))
     phases = {k: [r for r in v if r is not None] for k, v in phases.items()}
+    if not phases["ours"] or not phases["TRL"]:  # e.g. --repeats 0 --profile: the profile only
+        print(f"no complete ours/TRL pair of phases; profile (if asked) in {bench_dir / 'profile_ours.txt'}")
+        return 0
     summary = {k: summarise(v) for k, v in phases.items() if v}
     o, t = summary["ours"], summary["TRL"]
     ratios = {"episodes_per_s ours/TRL": o["episodes_per_s"] / t["episodes_per_s"],
