@@ -262,24 +262,22 @@ def fit_normalization(raw_scores: torch.Tensor) -> dict:
     return {"gain": gain, "bias": -mean * gain, "raw_mean": mean, "raw_std": std, "n_samples": len(raw)}
 
 
-def calibrate(rm_path, policy, tokenizer, prompts, *, num_samples: int, max_new_tokens: int, temperature: float,
-              seed: int, sample_batch_size: int = 32, score_batch_size: int = 16, max_length: int = 512,
-              device: str = "auto", dtype: str = "auto", policy_name: str = "") -> tuple[dict, list]:
-    """Sample the policy on `prompts`, score the samples raw, and write the gain and bias beside the
-    reward model. Returns (the normalisation record, the samples with their raw scores)."""
+def calibrate(scorer: "RewardScorer", policy, tokenizer, prompts, *, num_samples: int, max_new_tokens: int,
+              temperature: float, seed: int, sample_batch_size: int = 32, policy_name: str = "") -> tuple[dict, list]:
+    """Sample the policy on `prompts`, fit gain and bias on the samples' raw scores, write them beside
+    the reward model and into `scorer`. Returns (the normalisation record, [(sample, raw score)])."""
     rng = random.Random(seed)
     chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
     rng.shuffle(chosen)
     samples = sampling.generate(policy, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature,
                                 batch_size=sample_batch_size, seed=seed, progress="sampling calibration responses")
-    rm_dir = _model_dir(rm_path)
-    scorer = RewardScorer(str(rm_dir), device=device, dtype=dtype, batch_size=score_batch_size,
-                          max_length=max_length, require_normalization=False)
+    truncated_before = scorer.n_truncated
     raw = scorer.score_raw([s.prompt for s in samples], [s.response for s in samples])
     record = {**fit_normalization(raw), "policy": policy_name, "temperature": temperature,
-              "max_new_tokens": max_new_tokens, "seed": seed, "prompts_truncated": scorer.n_truncated}
-    (rm_dir / NORMALIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
-    return record, [(s, r) for s, r in zip(samples, raw.tolist())]
+              "max_new_tokens": max_new_tokens, "seed": seed, "prompts_truncated": scorer.n_truncated - truncated_before}
+    (scorer.path / NORMALIZATION_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    scorer.normalization, scorer.gain, scorer.bias = record, record["gain"], record["bias"]
+    return record, list(zip(samples, raw.tolist()))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -454,14 +452,14 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     policy_name = cfg.policy_model or cfg.model_name_or_path
     policy_tokenizer = models.load_tokenizer(policy_name)
     policy = models.load_causal_lm(policy_name, policy_tokenizer, cfg.device, cfg.dtype)
+    scorer = RewardScorer(str(final), cfg.device, cfg.dtype, cfg.score_batch_size, cfg.max_length,
+                          require_normalization=False)
     normalization, calibration = calibrate(
-        final, policy, policy_tokenizer, data.load_prompts(cfg.train_prompts), num_samples=cfg.num_norm_samples,
+        scorer, policy, policy_tokenizer, data.load_prompts(cfg.train_prompts), num_samples=cfg.num_norm_samples,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
-        sample_batch_size=cfg.sample_batch_size, score_batch_size=cfg.score_batch_size, max_length=cfg.max_length,
-        device=cfg.device, dtype=cfg.dtype, policy_name=policy_name)
+        sample_batch_size=cfg.sample_batch_size, policy_name=policy_name)
     summary["normalization"] = normalization
-
-    scorer = RewardScorer(str(final), cfg.device, cfg.dtype, cfg.score_batch_size, cfg.max_length)
+    scorer.n_truncated = 0
     rows = [{"stage": "calibration", "prompt": s.prompt, "response": s.response, "rm": raw * scorer.gain + scorer.bias,
              "gold": task.gold_score(s.response), "n_tokens": len(s.response_ids), "has_eos": s.has_eos}
             for s, raw in calibration]
@@ -548,9 +546,10 @@ def _normalize_main(argv=None) -> None:
     args = parser.parse_args(argv)
     tokenizer = models.load_tokenizer(args.policy)
     policy = models.load_causal_lm(args.policy, tokenizer, args.device)
-    record, _ = calibrate(args.reward_model, policy, tokenizer, data.load_prompts(args.prompts),
-                          num_samples=args.num_samples, max_new_tokens=args.max_new_tokens,
-                          temperature=args.temperature, seed=args.seed, device=args.device, policy_name=args.policy)
+    scorer = RewardScorer(args.reward_model, device=args.device, require_normalization=False)
+    record, _ = calibrate(scorer, policy, tokenizer, data.load_prompts(args.prompts), num_samples=args.num_samples,
+                          max_new_tokens=args.max_new_tokens, temperature=args.temperature, seed=args.seed,
+                          policy_name=args.policy)
     print(json.dumps(record, indent=2))
 
 

@@ -1,5 +1,7 @@
 import json
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -57,9 +59,6 @@ def tiny_cfg(tmp_path, **overrides) -> RewardStageConfig:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One tiny end-to-end run through the script, shared by the tests that read its outputs."""
-    import subprocess
-    import sys
-
     tmp = tmp_path_factory.mktemp("reward")
     cfg = tiny_cfg(tmp, report_to="tensorboard")
     args = ["--config", ROOT / "configs/tiny/reward.yaml", "--dataset", cfg.dataset, "--train_prompts",
@@ -134,8 +133,8 @@ def test_calibrate_writes_the_sidecar_the_scorer_reads(trained, tmp_path):
     tokenizer = models.load_tokenizer("tiny-random-gpt2")
     policy = models.load_causal_lm("tiny-random-gpt2", tokenizer)
     prompts = [r["prompt"] for r in map(json.loads, write_prompts(tmp_path / "p.jsonl").read_text().splitlines())]
-    record, samples = calibrate(rm, policy, tokenizer, prompts, num_samples=12, max_new_tokens=8,
-                                temperature=1.0, seed=5)
+    record, samples = calibrate(RewardScorer(str(rm), require_normalization=False), policy, tokenizer, prompts,
+                                num_samples=12, max_new_tokens=8, temperature=1.0, seed=5)
     assert json.loads((rm / NORMALIZATION_FILE).read_text())["gain"] == record["gain"]
     scores = RewardScorer(str(rm)).score([s.prompt for s, _ in samples], [s.response for s, _ in samples])
     assert abs(scores.mean().item()) < 1e-4 and abs(scores.std(unbiased=False).item() - 1) < 1e-4
@@ -211,6 +210,12 @@ def test_directory_without_normalisation_names_the_command(trained, tmp_path):
     with pytest.raises(RewardNormalizationMissing, match="scripts/train_reward.py") as error:
         RewardScorer(str(rm))
     assert "python -m rlhf_toy.reward normalize" in str(error.value)
+    # The command the message names creates it.
+    result = subprocess.run([sys.executable, "-m", "rlhf_toy.reward", "normalize", str(rm), "--policy", "tiny-random-gpt2",
+                             "--prompts", str(write_prompts(tmp_path / "p.jsonl")), "--num_samples", "8",
+                             "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert RewardScorer(str(rm)).normalization["n_samples"] == 8
 
 
 def test_margin_centering_and_a_shallower_model(tmp_path):
