@@ -32,6 +32,7 @@ RUNS ?= runs
 REPORT ?= reports/demo
 BASE ?= embedded:smollm2-135m-instruct
 COMPARE_PROMPTS ?= 64
+EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
 
 demo: setup $(REPORT)/report.html
 	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html"
@@ -53,7 +54,7 @@ $(RUNS)/dpo/final/config.json: | $(RUNS)/reward/final/config.json
 		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final
 
 $(REPORT)/report.html: | $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
-	time $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo --ref $(RUNS)/sft \
+	time $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
 		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts data/prompts_eval.jsonl \
 		--limit $(COMPARE_PROMPTS) --output_dir $(REPORT)
 
