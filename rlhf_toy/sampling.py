@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_toy.ppo import core
+
 
 @dataclass
 class Sample:
@@ -37,13 +39,6 @@ def encode_prompts(tokenizer, prompts, max_prompt_length: int, device=None):
     return input_ids, attention_mask, n_truncated
 
 
-def truncate_at_eos(tokens: torch.Tensor, eos_token_id: int, pad_token_id: int) -> torch.Tensor:
-    """Replace everything after the first EOS with pad (the EOS itself stays: it is an action)."""
-    is_eos = tokens == eos_token_id
-    after_eos = (is_eos.cumsum(dim=1) - is_eos.long()) > 0
-    return tokens.masked_fill(after_eos, pad_token_id)
-
-
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 0.7,
              top_k: int = 0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
@@ -66,7 +61,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
             top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        responses = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, _ = core.truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
         for messages, row in zip(batch, responses.tolist()):
             ids = [t for t in row if t != tokenizer.pad_token_id]
             samples.append(Sample(

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from rlhf_toy import models, sampling
+from rlhf_toy.ppo import core
 from rlhf_toy.models import ModelNotFoundError
 
 
@@ -41,7 +42,7 @@ def test_dtype_choice():
 
 def test_truncate_at_eos_keeps_eos_and_pads_after():
     tokens = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9]])
-    out = sampling.truncate_at_eos(tokens, eos_token_id=0, pad_token_id=1)
+    out, _ = core.truncate_at_eos(tokens, eos_token_id=0, pad_token_id=1)
     assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9]]
 
 
