@@ -81,6 +81,7 @@ class CrosscheckRunConfig(CommonConfig):
     adam_eps: float = 1e-5          # ours' default; TRL gets the same through adam_epsilon
     weight_decay: float = 0.01      # torch AdamW's default, which ours uses; TRL gets the same
     use_lora: bool = False          # ours: reference = adapter disabled; TRL: peft_config, ref_model=None
+    critic: str = "separate"        # ours only: "shared" (value head on the policy trunk) is NOT matched to TRL
     lora_r: int = 16
     lora_alpha: int = 32
     device: str = "cpu"
@@ -118,7 +119,7 @@ def ours_config(cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int
         lr_scheduler_type="linear", adam_eps=cfg.adam_eps,
         max_grad_norm=1e9,              # TRL's PPO loop never clips gradients
         sample_every=1, save_steps=cfg.num_steps, save_total_limit=1,
-        use_lora=cfg.use_lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
+        use_lora=cfg.use_lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, critic=cfg.critic,
         seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, num_threads=cfg.num_threads, report_to="none",
         resume=False,
     )
@@ -473,6 +474,8 @@ def format_markdown(r: dict, model_name: str) -> str:
         "",
         "## How the two are matched",
         "",
+        *([f"- **Not matched in one respect: ours ran with `critic: {c['critic']}`** (a value head on the policy's "
+           "trunk; TRL's critic is a separate model initialised from the RM).", ""] if c.get("critic", "separate") != "separate" else []),
         "- Same models, tokenizer (distinct pad, left padding), chat-formatted prompts, and the same prompt "
         f"batches in the same order (TRL's shuffling dataloader replaced by one in our order; checked: "
         f"{'identical' if r['same_prompt_batches'] else 'NOT identical'}).",

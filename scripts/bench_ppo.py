@@ -2,7 +2,7 @@
 """Benchmark our PPO against TRL 1.12's PPOTrainer at matched settings, in one run.
 
     python scripts/bench_ppo.py --config configs/crosscheck.yaml [--num_steps 3] [--repeats 2] [--lora]
-                                [--profile] [--bench_dir reports/bench] [--field value ...]
+                                [--shared_critic] [--profile] [--bench_dir reports/bench] [--field value ...]
 
 Settings are `rlhf_toy.crosscheck_run.CrosscheckRunConfig` (the cross-check's config, so both
 trainers are matched exactly as there). Each trainer phase runs in a fresh subprocess (peak RSS only
@@ -11,7 +11,9 @@ Per phase: episodes/s and response tokens/s over the steps after the first (warm
 split (generation, scoring, reference forward, value forward, update), and peak RSS (VmHWM, read at
 the end of every PPO step, so checkpoint writing after training is not counted). Reported: medians
 over repeats, and the ratios ours/TRL. `--lora` adds a LoRA phase per trainer (reference = the same
-weights with the adapter disabled) and reports the memory saved. `--profile` adds one torch-profiler
+weights with the adapter disabled) and reports the memory saved. `--shared_critic` adds, in every
+repeat, a phase of ours with `critic: shared` (value head on the policy's trunk, lm-human-preferences'
+architecture: NOT matched to TRL's separate critic, reported as its own row). `--profile` adds one torch-profiler
 run of our PPO (step 2 of 2) and writes the top operators to `profile_ours.txt`.
 Writes bench.md and bench.json to --bench_dir and prints the table.
 """
@@ -136,7 +138,7 @@ def run_phase(kind: str, cfg, tmp: Path, profile_dir: str | None = None) -> dict
         return None
     res = json.loads(out.read_text())
     res["phase_wall_s"] = time.time() - started
-    print(f"  {kind:9s} lora={cfg.use_lora!s:5s} {res['episodes_per_s']:.3f} episodes/s, "
+    print(f"  {kind:4s} lora={cfg.use_lora!s:5s} critic={cfg.critic:8s} {res['episodes_per_s']:.3f} episodes/s, "
           f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB "
           f"({res['phase_wall_s']:.0f} s)", flush=True)
     return res
@@ -168,6 +170,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2, help="phases per trainer (alternating)")
     ap.add_argument("--lora", action="store_true", help="also one LoRA phase per trainer")
+    ap.add_argument("--shared_critic", action="store_true",
+                    help="also a phase of ours with critic=shared in every repeat (not matched to TRL)")
     ap.add_argument("--profile", action="store_true", help="also profile one PPO step of ours")
     ap.add_argument("--bench_dir", default="reports/bench")
     ap.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
@@ -188,21 +192,23 @@ def main(argv=None) -> int:
     print(f"bench: {cfg.model_name_or_path} (RM {cfg.reward_model_path}), {cfg.num_steps} steps of {cfg.batch_size}, "
           f"{cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} minibatches, {cfg.response_length} new tokens, "
           f"{args.repeats} alternating phases per trainer", flush=True)
+    from dataclasses import replace
+
     phases: dict[str, list] = {"ours": [], "TRL": []}
+    if args.shared_critic:
+        phases["ours shared critic"] = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for _ in range(args.repeats):
             phases["ours"].append(run_phase("ours", cfg, tmp))
             phases["TRL"].append(run_phase("trl", cfg, tmp))
+            if args.shared_critic:
+                phases["ours shared critic"].append(run_phase("ours", replace(cfg, critic="shared"), tmp))
         if args.lora:
-            from dataclasses import replace
-
             lcfg = replace(cfg, use_lora=True)
             phases["ours LoRA"] = [run_phase("ours", lcfg, tmp)]
             phases["TRL LoRA"] = [run_phase("trl", lcfg, tmp)]
         if args.profile:
-            from dataclasses import replace
-
             run_phase("ours", replace(cfg, num_steps=2), tmp, profile_dir=str(bench_dir))
     phases = {k: [r for r in v if r is not None] for k, v in phases.items()}
     if not phases["ours"] or not phases["TRL"]:  # e.g. --repeats 0 --profile: the profile only
@@ -213,6 +219,10 @@ def main(argv=None) -> int:
     ratios = {"episodes_per_s ours/TRL": o["episodes_per_s"] / t["episodes_per_s"],
               "tokens_per_s ours/TRL": o["tokens_per_s"] / t["tokens_per_s"],
               "peak_rss ours/TRL": o["peak_rss_mb"] / t["peak_rss_mb"]}
+    if "ours shared critic" in summary:
+        shared = summary["ours shared critic"]
+        ratios["episodes_per_s ours shared critic/TRL (not matched)"] = shared["episodes_per_s"] / t["episodes_per_s"]
+        ratios["peak_rss ours shared critic/TRL (not matched)"] = shared["peak_rss_mb"] / t["peak_rss_mb"]
     if "ours LoRA" in summary:
         ratios["peak_rss saved by LoRA, ours (MB)"] = o["peak_rss_mb"] - summary["ours LoRA"]["peak_rss_mb"]
         ratios["peak_rss saved by LoRA, TRL (MB)"] = t["peak_rss_mb"] - summary["TRL LoRA"]["peak_rss_mb"]

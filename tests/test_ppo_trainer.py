@@ -157,3 +157,49 @@ def test_two_processes_split_rollouts_and_stay_in_sync(pipeline, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["episode"] == 8 * r["step"] for r in records)
     assert (out / "final/model.safetensors").exists()
+
+
+def test_shared_critic_values_from_sampling_equal_a_fresh_forward(pipeline):
+    """lm-human-preferences' shortcut: the rollout values come out of generate(); they must be the values
+    the update's forward pass computes for the same tokens, or the value loss's clipping is off."""
+    from rlhf_toy import data, models, sampling
+
+    tokenizer = models.load_tokenizer(str(pipeline / "sft/final"))
+    policy = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").eval()
+    head = torch.nn.Linear(policy.config.hidden_size, 1)   # random, not zero: every position matters
+    prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:3]
+    queries, query_mask, _ = sampling.encode_prompts(tokenizer, prompts, 64, torch.device("cpu"))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        generated = policy.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=6, do_sample=True,
+                                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                                    return_dict_in_generate=True, output_scores=True, output_hidden_states=True)
+        rollout_values = trainer.values_from_generation(head, generated)
+        sequences = generated.sequences
+        mask = torch.cat([query_mask, torch.ones_like(sequences[:, queries.shape[1]:])], 1)
+        _, forward_values = trainer.forward_logits(policy, sequences, mask, queries.shape[1], 0.7, value_head=head)
+    assert rollout_values.shape == forward_values.shape == (3, sequences.shape[1] - queries.shape[1])
+    torch.testing.assert_close(rollout_values, forward_values, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_critic_learns_and_resumes_from_its_checkpoint(pipeline, tmp_path):
+    out = tmp_path / "ppo"
+    run_in_process(pipeline, out, total_episodes=96, length_coef=0.0, missing_eos_penalty=0.0, critic="shared",
+                   num_eval_prompts=0, save_steps=6)
+    records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert all(r["time/value_forward_s"] < 0.01 for r in records)   # no separate value forward pass
+    first = sum(r["score/rm"] for r in records[:2]) / 2
+    last = sum(r["score/rm"] for r in records[-4:]) / 4
+    assert last > first + 0.3, (first, last)
+    # the zero-initialised head learned something: its value loss fell
+    assert records[-1]["loss/value_avg"] < records[0]["loss/value_avg"]
+    from safetensors.torch import load_file
+
+    head = load_file(out / "checkpoints/step-12/value/value_head.safetensors")
+    assert head["weight"].abs().sum() > 0
+    # two more steps from the step-12 checkpoint, whose value head (a safetensors file of its own) is loaded back
+    run_in_process(pipeline, out, total_episodes=112, length_coef=0.0, missing_eos_penalty=0.0, critic="shared",
+                   num_eval_prompts=0, save_steps=6)
+    resumed = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
+    assert [r["step"] for r in resumed] == list(range(1, 15))
