@@ -24,7 +24,8 @@ data: setup
 	$(PY) scripts/make_data.py
 
 # The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs only when its output does not
-# exist yet (delete runs/NAME to redo it); each prints its wall time. `make demo CONFIGS=configs/tiny
+# exist yet (delete runs/NAME to redo it); each appends its wall time to $(RUNS)/demo_times.txt, which
+# the demo prints at the end. `make demo CONFIGS=configs/tiny
 # RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same pipeline on the tiny model.
 SHELL := /bin/bash
 CONFIGS ?= configs
@@ -33,28 +34,33 @@ REPORT ?= reports/demo
 BASE ?= embedded:smollm2-135m-instruct
 COMPARE_PROMPTS ?= 64
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
+# $(STAGE) NAME COMMAND...: run COMMAND, then log "NAME <seconds> s" (only when it succeeded)
+STAGE = @mkdir -p $(RUNS) && bash -c 'echo "== $$1: $${*:2}"; start=$$SECONDS; "$${@:2}" && \
+	echo "$$1 $$((SECONDS - start)) s  ($$(date -u +%FT%TZ))" | tee -a $(RUNS)/demo_times.txt' stage
 
 demo: setup $(REPORT)/report.html
+	@cat $(REPORT)/compare.md | sed -n '1,9p'
+	@echo "stage wall times (seconds; one line per stage run, this and earlier invocations):"
+	@cat $(RUNS)/demo_times.txt
 	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html"
-	@cat $(REPORT)/compare.md | sed -n '1,20p'
 
 $(RUNS)/sft/final/config.json: | setup
-	time $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft
+	$(STAGE) sft $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft
 
 $(RUNS)/reward/final/config.json: | $(RUNS)/sft/final/config.json
-	time $(PY) scripts/train_reward.py --config $(CONFIGS)/reward.yaml --output_dir $(RUNS)/reward \
+	$(STAGE) reward $(PY) scripts/train_reward.py --config $(CONFIGS)/reward.yaml --output_dir $(RUNS)/reward \
 		--model_name_or_path $(RUNS)/sft/final --policy_model $(RUNS)/sft/final
 
 $(RUNS)/ppo/final/config.json: | $(RUNS)/reward/final/config.json
-	time $(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --output_dir $(RUNS)/ppo \
+	$(STAGE) ppo $(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --output_dir $(RUNS)/ppo \
 		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final
 
 $(RUNS)/dpo/final/config.json: | $(RUNS)/reward/final/config.json
-	time $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --output_dir $(RUNS)/dpo \
+	$(STAGE) dpo $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --output_dir $(RUNS)/dpo \
 		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final
 
 $(REPORT)/report.html: | $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
-	time $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
+	$(STAGE) compare $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
 		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts data/prompts_eval.jsonl \
 		--limit $(COMPARE_PROMPTS) --output_dir $(REPORT)
 

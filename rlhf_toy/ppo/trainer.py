@@ -407,6 +407,7 @@ def train_ppo(cfg: PPOStageConfig) -> Path:
                     values = values_from_generation(value_model, generated)
                 else:
                     values = forward_values(value_model, query_responses, attention_mask, context_length)
+                del generated   # its per-step logits (batch × length × vocab) are not needed past here
                 value_forward_s, tick = time.perf_counter() - tick, time.perf_counter()
                 # ---- 2. score: RM_norm − length penalty − missing-EOS penalty ----------------------
                 texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
