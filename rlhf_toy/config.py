@@ -150,3 +150,17 @@ class LoraFields:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
+
+
+@dataclasses.dataclass
+class TrainerFields:
+    """The optimisation fields of the stages built on an HF/TRL trainer (SFT, reward, DPO); a stage
+    overrides a default by declaring the field again. `stages.trainer_fields` passes them on."""
+    learning_rate: float = 5e-5
+    num_train_epochs: float = 1.0
+    max_steps: int = -1
+    per_device_train_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
+    lr_scheduler_type: str = "linear"
+    weight_decay: float = 0.0

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, runlog, sampling
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
-from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_precision
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_fields, trainer_precision
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -28,7 +28,7 @@ LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_
 
 
 @dataclass
-class DPOStageConfig(LoraFields, CommonConfig):
+class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
     model_name_or_path: str = "runs/sft/final"   # the SFT model PPO starts from, which is also the reference
     output_dir: str = "runs/dpo"
     dataset: str = "data/preferences.jsonl"
@@ -38,13 +38,6 @@ class DPOStageConfig(LoraFields, CommonConfig):
     loss_type: str = "sigmoid"          # sigmoid (DPO), ipo, hinge, robust, ...; a comma list combines losses
     label_smoothing: float = 0.0        # robust DPO / cDPO: the assumed label-flip probability
     learning_rate: float = 5e-6
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
     max_length: int = 192               # prompt + answer tokens (longer pairs keep their start)
     # Reference log-probs of every pair computed once before training: the reference model then never
     # runs during training (and needs no memory), which on a CPU saves about a third of each step.
@@ -153,11 +146,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         logger.close()
 
     args = DPOConfig(
-        output_dir=str(checkpoints), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, max_length=cfg.max_length,
+        output_dir=str(checkpoints), **trainer_fields(cfg), max_length=cfg.max_length,
         beta=cfg.beta, loss_type=cfg.loss_types, label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs, gradient_checkpointing=cfg.gradient_checkpointing,
         logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,

@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import data, models, runlog, sampling, task
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
-from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_precision
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_fields, trainer_precision
 
 NORMALIZATION_FILE = "reward_normalization.json"
 
@@ -43,21 +43,14 @@ class RewardNormalizationMissing(models.ModelNotFoundError):
 
 
 @dataclass
-class RewardStageConfig(LoraFields, CommonConfig):
+class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
     model_name_or_path: str = "runs/sft/final"   # the RM starts from the SFT model (any model works)
     output_dir: str = "runs/reward"
     dataset: str = "data/preferences.jsonl"
     eval_fraction: float = 0.1          # held-out pairs (split by prompt) for the accuracy
     max_train_pairs: int = 0            # subsample the training pairs (0 = all) to fit a time budget
     max_eval_pairs: int = 0             # 0 = all held-out pairs
-    learning_rate: float = 1e-5
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8    # pairs per step (the model sees twice as many sequences)
-    gradient_accumulation_steps: int = 1
-    warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
+    learning_rate: float = 1e-5         # (per_device_train_batch_size counts pairs: twice as many sequences)
     max_length: int = 512               # prompt + response + EOS; longer prompts lose their beginning
     margin: float | None = None         # TRL's `margin` column: None = use the dataset's if it has one
     center_rewards_coefficient: float | None = None   # TRL's name; 0.01 is the paper's value
@@ -418,11 +411,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     checkpoints = run_dir / "checkpoints"
     resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
     args = RewardConfig(
-        output_dir=str(checkpoints), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay,
+        output_dir=str(checkpoints), **trainer_fields(cfg),
         max_length=None,                  # already fitted by encode_for_reward (TRL would drop, not truncate)
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         activation_checkpointing=False,   # TRL defaults gradient checkpointing on; recomputing only costs time here

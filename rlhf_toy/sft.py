@@ -13,25 +13,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, runlog, sampling, task
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
-from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_precision
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_fields, trainer_precision
 
 
 @dataclass
-class SFTStageConfig(LoraFields, CommonConfig):
+class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
     output_dir: str = "runs/sft"
     dataset: str = "data/sft.jsonl"
     eval_fraction: float = 0.1          # held-out demonstrations for the eval loss
     eval_prompts: str = "data/prompts_eval.jsonl"
     num_sample_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
-    learning_rate: float = 5e-5
-    num_train_epochs: float = 1.0
-    max_steps: int = -1
-    per_device_train_batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    warmup_steps: float = 0.0          # an int counts steps; a float in [0, 1) is a fraction of the run
-    lr_scheduler_type: str = "linear"
-    weight_decay: float = 0.0
     max_length: int = 256
     eval_steps: int = 0                 # 0 = evaluate only before and after
     max_new_tokens: int = 64            # for the before/after samples
@@ -78,11 +70,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         runlog.append_jsonl(run_dir / "samples.jsonl", rows)
 
     args = SFTConfig(
-        output_dir=str(checkpoints), learning_rate=cfg.learning_rate, num_train_epochs=cfg.num_train_epochs,
-        max_steps=cfg.max_steps, per_device_train_batch_size=cfg.per_device_train_batch_size,
-        per_device_eval_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps, warmup_steps=cfg.warmup_steps,
-        lr_scheduler_type=cfg.lr_scheduler_type, weight_decay=cfg.weight_decay, max_length=cfg.max_length,
+        output_dir=str(checkpoints), **trainer_fields(cfg), max_length=cfg.max_length,
         completion_only_loss=True,
         gradient_checkpointing=False,   # TRL defaults it on; on a small model on a CPU it only costs time (~30%)
         logging_steps=cfg.logging_steps, save_strategy="steps",

@@ -22,6 +22,16 @@ def setup_run(cfg, write_config: bool = True) -> Path:
     return Path(cfg.output_dir)
 
 
+def trainer_fields(cfg) -> dict:
+    """TrainingArguments fields straight from the stage config's TrainerFields (eval batch = train batch)."""
+    from dataclasses import fields
+
+    from rlhf_toy.config import TrainerFields
+
+    values = {f.name: getattr(cfg, f.name) for f in fields(TrainerFields)}
+    return {**values, "per_device_eval_batch_size": cfg.per_device_train_batch_size}
+
+
 def lora_config(cfg, task_type: str = "CAUSAL_LM"):
     if not cfg.use_lora:
         return None
