@@ -41,3 +41,19 @@ def run_script():
         return result
 
     return run
+
+
+def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float = 120) -> None:
+    """SIGKILL `process` once it has saved a complete HF checkpoint at `step` or later: a kill mid-run.
+    (Waiting for exactly `step` to be the newest races with the next save on a fast machine.)"""
+    import signal
+    import time
+
+    from rlhf_toy import runlog
+
+    deadline = time.time() + timeout
+    while (last := runlog.last_checkpoint(checkpoints)) is None or int(last.rsplit("-", 1)[1]) < step:
+        assert time.time() < deadline and process.poll() is None, f"no checkpoint at step >= {step} before the run ended"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()

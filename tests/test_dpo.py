@@ -1,12 +1,10 @@
 import json
-import signal
 import subprocess
 import sys
-import time
 
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
+from conftest import ROOT, kill_after_checkpoint
 from rlhf_toy import models, runlog, task
 
 GOOD, BAD = "a wonderful film .", "a terrible boring film ."
@@ -97,12 +95,7 @@ def test_dpo_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
     cmd = [sys.executable, str(ROOT / "scripts/dpo.py"), *map(str, tiny_args(
         tmp_path, out, max_steps=24, save_steps=5, num_sample_prompts=0, per_device_train_batch_size=2))]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while runlog.last_checkpoint(out / "checkpoints") is None or not runlog.last_checkpoint(out / "checkpoints").endswith("-10"):
-        assert time.time() < deadline and process.poll() is None, "no checkpoint-10 before the run ended"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(process, out / "checkpoints", 10)
     assert max(r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl")) < 24
 
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)

@@ -82,9 +82,10 @@ def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
     assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "GPT2LMHeadModel"
 
 
-def test_lora_policy_uses_the_disabled_adapter_as_reference(pipeline, tmp_path):
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_lora_policy_uses_the_disabled_adapter_as_reference(pipeline, tmp_path, critic):
     out = tmp_path / "ppo"
-    run_in_process(pipeline, out, total_episodes=16, use_lora="true", lora_r=4, num_eval_prompts=0)
+    run_in_process(pipeline, out, total_episodes=16, use_lora="true", lora_r=4, num_eval_prompts=0, critic=critic)
     records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
     assert abs(records[0]["objective/kl"]) < 1e-3
     final = AutoModelForCausalLM.from_pretrained(out / "final")
