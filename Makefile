@@ -24,7 +24,7 @@ data: setup
 	$(PY) scripts/make_data.py
 
 # The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs only when its output does not
-# exist yet (delete runs/NAME to redo it); each appends its wall time to $(RUNS)/demo_times.txt, which
+# exist yet (delete runs/NAME to redo it; the report is redone after any stage); each appends its wall time to $(RUNS)/demo_times.txt, which
 # the demo prints at the end. `make demo CONFIGS=configs/tiny
 # RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same pipeline on the tiny model.
 SHELL := /bin/bash
@@ -60,7 +60,9 @@ $(RUNS)/dpo/final/config.json: | $(RUNS)/reward/final/config.json
 	$(STAGE) dpo $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --output_dir $(RUNS)/dpo \
 		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final
 
-$(REPORT)/report.html: | $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
+# Not order-only: a report older than any model it compares (a fresh clone has the committed one) is
+# redone; compare.py resamples only the models whose weights changed.
+$(REPORT)/report.html: $(RUNS)/sft/final/config.json $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 	$(STAGE) compare $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
 		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts data/prompts_eval.jsonl \
 		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --output_dir $(REPORT)
