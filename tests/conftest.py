@@ -44,15 +44,23 @@ def run_script():
 
 
 def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float = 120) -> None:
-    """SIGKILL `process` once it has saved a complete HF checkpoint at `step` or later: a kill mid-run.
-    (Waiting for exactly `step` to be the newest races with the next save on a fast machine.)"""
+    """SIGKILL `process` once it has saved a complete checkpoint at `step` or later: a kill mid-run.
+    Both formats count: HF trainers' `checkpoint-N` (SFT, reward, DPO) and our PPO's `step-N`.
+    (Waiting for exactly `step` to be the newest races with the next save, or its rotation.)"""
     import signal
     import time
 
     from rlhf_toy import runlog
+    from rlhf_toy.ppo.trainer import completed_checkpoints
+
+    def newest_step() -> int:
+        steps = [n for n, _ in completed_checkpoints(checkpoints)]
+        if (hf := runlog.last_checkpoint(checkpoints)) is not None:
+            steps.append(int(hf.rsplit("-", 1)[1]))
+        return max(steps, default=0)
 
     deadline = time.time() + timeout
-    while (last := runlog.last_checkpoint(checkpoints)) is None or int(last.rsplit("-", 1)[1]) < step:
+    while newest_step() < step:
         assert time.time() < deadline and process.poll() is None, f"no checkpoint at step >= {step} before the run ended"
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)

@@ -1,16 +1,14 @@
 """End-to-end tests of the PPO loop on the tiny random GPT-2 (seconds each)."""
 
 import json
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT
+from conftest import ROOT, kill_after_checkpoint
 from rlhf_toy import runlog, task
 from rlhf_toy.config import parse_config
 from rlhf_toy.ppo import core, trainer
@@ -96,12 +94,7 @@ def test_killed_run_resumes_with_no_step_lost_or_repeated(pipeline, tmp_path):
     flags = tiny_flags(pipeline, tmp_path / "killed", total_episodes=96, save_steps=2, num_eval_prompts=0)
     cmd = [sys.executable, str(ROOT / "scripts/ppo.py"), *flags]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while not (tmp_path / "killed/checkpoints/step-4").exists():
-        assert time.time() < deadline and process.poll() is None, "no step-4 checkpoint before the run ended"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    kill_after_checkpoint(process, tmp_path / "killed/checkpoints", 4, timeout=180)
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     resumed = [r for r in runlog.read_jsonl(tmp_path / "killed/metrics.jsonl") if "objective/scores" in r]
     assert [r["step"] for r in resumed] == list(range(1, 13))
