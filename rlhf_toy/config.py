@@ -21,7 +21,17 @@ class ConfigError(ValueError):
     """Bad configuration; the message names the file or flag and the key at fault."""
 
 
+# Keys that were renamed: a config that still uses one gets told the new name.
+RENAMED_KEYS = {
+    "num_sample_prompts": "num_eval_prompts",     # SFT, DPO: the eval prompts sampled before and after
+    "num_eval_samples": "num_eval_prompts",       # reward: the eval prompts sampled for the Spearman correlation
+    "num_steps": "total_episodes",                # run-level cross-check: total_episodes = num_steps × batch_size
+}
+
+
 def _nearest(key: str, valid) -> str:
+    if key in RENAMED_KEYS and RENAMED_KEYS[key] in valid:
+        return f"; it was renamed {RENAMED_KEYS[key]!r}"
     match = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.0)
     return f"; did you mean {match[0]!r}?" if match else ""
 

@@ -109,6 +109,16 @@ def load_prompts(source: str) -> list[list[dict]]:
     return [as_messages(r["prompt"], "user") for r in load_records(source, PROMPT_FIELDS)]
 
 
+def prompt_batch(prompts: list, step: int, batch_size: int, seed: int) -> list:
+    """The prompts of training step `step`: consecutive slices of a seeded shuffle, reshuffled every
+    pass over the data. A pure function of (seed, step), so a resumed run draws exactly the batches it
+    would have, and the TRL cross-check can feed TRL the same ones."""
+    epoch, offset = divmod(step * batch_size, len(prompts))
+    order = list(range(len(prompts)))
+    random.Random(seed * 100003 + epoch).shuffle(order)
+    return [prompts[order[(offset + i) % len(order)]] for i in range(batch_size)]
+
+
 def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:
     """A seeded split by prompt text, so no prompt is in both halves."""
     if eval_fraction <= 0:

@@ -64,6 +64,17 @@ class MetricsLogger:
             self.writer.close()
 
 
+def flatten(summary: dict) -> dict:
+    """A summary's numbers as one flat record for metrics.jsonl: {"before": {"gold_mean": x}} -> {"before/gold_mean": x}."""
+    out = {}
+    for key, value in summary.items():
+        if isinstance(value, dict):
+            out.update({f"{key}/{k}": v for k, v in flatten(value).items()})
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
 class MetricsCallback(TrainerCallback):
     """Sends an HF/TRL trainer's logs to our MetricsLogger (metrics.jsonl + TensorBoard)."""
 
@@ -85,11 +96,23 @@ class MetricsCallback(TrainerCallback):
             self.logger.close()
 
 
-def last_checkpoint(checkpoints_dir) -> str | None:
-    """The newest complete `checkpoint-N` directory, or None."""
+def checkpoints(checkpoints_dir) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run, oldest first, as (step, directory): HF trainers'
+    `checkpoint-N` (SFT, reward, DPO; complete once `trainer_state.json` is written) and the PPO
+    stage's `step-N` (renamed into place only when complete, holding `trainer_state.pt`)."""
     path = Path(checkpoints_dir)
     if not path.is_dir():
-        return None
-    found = [(int(m.group(1)), p) for p in path.iterdir()
-             if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and (p / "trainer_state.json").exists()]
-    return str(max(found)[1]) if found else None
+        return []
+    found = []
+    for directory in path.iterdir():
+        match = re.fullmatch(r"(checkpoint|step)-(\d+)", directory.name)
+        state = "trainer_state.json" if match and match.group(1) == "checkpoint" else "trainer_state.pt"
+        if match and (directory / state).exists():
+            found.append((int(match.group(2)), directory))
+    return sorted(found)
+
+
+def last_checkpoint(checkpoints_dir) -> Path | None:
+    """The newest complete checkpoint directory, or None."""
+    found = checkpoints(checkpoints_dir)
+    return found[-1][1] if found else None

@@ -12,6 +12,8 @@ that is fooled (proxy up, gold down) shows up as reward hacking.
 
 from __future__ import annotations
 
+import itertools
+import math
 import random
 import re
 from functools import lru_cache
@@ -120,6 +122,35 @@ def gold_parts(text: str) -> dict:
 
 def gold_score(text: str) -> float:
     return gold_parts(text)["gold"]
+
+
+# ------------------------------------------------------------------------------------------------
+# How the shipped data is made from samples (scripts/make_data.py): demonstrations and labels
+# ------------------------------------------------------------------------------------------------
+def last_complete_sentence(text: str) -> str:
+    """A human demonstrator finishes sentences: cut a truncated sample after its last full stop."""
+    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
+    return text[: ends[-1]].strip() if ends else ""
+
+
+def best_demonstration(samples: list[tuple[str, bool]]) -> tuple[float, str] | None:
+    """Best-of-n by gold over one prompt's (response, has_eos) samples, each cut to its last complete
+    sentence when it never stopped: (gold, text), or None when no sample leaves any text."""
+    demos = [text if has_eos else last_complete_sentence(text) for text, has_eos in samples]
+    scored = [(gold_score(d), d) for d in demos if d]
+    return max(scored) if scored else None
+
+
+def label_pairs(responses: list[str], rng: random.Random, pairs_per_prompt: int, label_temperature: float):
+    """Preference pairs from one prompt's responses, labelled like noisy human labelers: a Bradley–Terry
+    draw on gold, P(a preferred to b) = sigmoid((gold_a − gold_b) / label_temperature).
+    Yields (chosen, rejected, gold_chosen, gold_rejected)."""
+    golds = [gold_score(r) for r in responses]
+    pairs = [(a, b) for a, b in itertools.combinations(range(len(responses)), 2) if responses[a] != responses[b]]
+    for a, b in rng.sample(pairs, min(pairs_per_prompt, len(pairs))):
+        p_a = 1 / (1 + math.exp(-(golds[a] - golds[b]) / label_temperature))
+        chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
+        yield responses[chosen], responses[rejected], golds[chosen], golds[rejected]
 
 
 def vocabulary() -> list[str]:

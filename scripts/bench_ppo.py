@@ -1,10 +1,10 @@
 #!/usr/bin/env python
 """Benchmark our PPO against TRL 1.12's PPOTrainer at matched settings, in one run.
 
-    python scripts/bench_ppo.py --config configs/crosscheck.yaml [--num_steps 3] [--repeats 2] [--lora]
+    python scripts/bench_ppo.py --config configs/crosscheck.yaml [--total_episodes 24] [--repeats 2] [--lora]
                                 [--shared_critic] [--profile] [--bench_dir reports/bench] [--field value ...]
 
-Settings are `rlhf_toy.crosscheck_run.CrosscheckRunConfig` (the cross-check's config, so both
+Settings are `rlhf_toy.verify.trl_run.CrosscheckRunConfig` (the PPO config plus the cross-check's output, so both
 trainers are matched exactly as there). Each trainer phase runs in a fresh subprocess (peak RSS only
 grows within a process), alternating ours / TRL / ours / TRL ..., so machine load drifts hit both.
 Per phase: episodes/s and response tokens/s over the steps after the first (warm-up), the time
@@ -31,7 +31,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 SPLIT = ("generation", "scoring", "ref_forward", "value_forward", "update")
@@ -56,8 +55,7 @@ def child(kind: str, cfg_json: str, out_json: str, profile_dir: str | None) -> N
     warnings.filterwarnings("ignore")
     import torch
 
-    from rlhf_toy import crosscheck_run as X
-    from rlhf_toy import runlog
+    from rlhf_toy.verify import trl_run as X
 
     cfg = X.CrosscheckRunConfig(**json.loads(Path(cfg_json).read_text()))
     if cfg.num_threads > 0:
@@ -65,9 +63,6 @@ def child(kind: str, cfg_json: str, out_json: str, profile_dir: str | None) -> N
     rss_per_step: list[float] = []
     work = Path(cfg.work_dir) / f"bench_{kind}"
     if kind == "ours":
-        # Peak RSS at the end of each step: MetricsLogger.log is called once per step, before the
-        # end-of-training checkpoint (whose serialisation buffers are not training memory).
-        orig_log = runlog.MetricsLogger.log
         prof = None
         if profile_dir:
             from torch.profiler import ProfilerActivity, profile, schedule
@@ -76,15 +71,13 @@ def child(kind: str, cfg_json: str, out_json: str, profile_dir: str | None) -> N
                            record_shapes=True)
             prof.start()
 
-        def log(self, step, metrics):
-            if "objective/kl" in metrics:
-                rss_per_step.append(peak_rss_mb())
-                if prof is not None:
-                    prof.step()
-            return orig_log(self, step, metrics)
+        def on_step_end(step, metrics):
+            # Peak RSS at the end of each step, before its checkpoint (serialisation buffers are not training memory).
+            rss_per_step.append(peak_rss_mb())
+            if prof is not None:
+                prof.step()
 
-        runlog.MetricsLogger.log = log
-        res = X.run_ours(cfg, work, num_eval_prompts=0)
+        res = X.run_ours(cfg, work, num_eval_prompts=0, on_step_end=on_step_end)
         if prof is not None:
             prof.stop()
             Path(profile_dir).mkdir(parents=True, exist_ok=True)
@@ -96,20 +89,11 @@ def child(kind: str, cfg_json: str, out_json: str, profile_dir: str | None) -> N
     else:
         from transformers import TrainerCallback
 
-        import trl.experimental.ppo.ppo_trainer as M
-
         class RSS(TrainerCallback):
             def on_step_end(self, *a, **k):
                 rss_per_step.append(peak_rss_mb())
 
-        orig_init = M.PPOTrainer.__init__
-
-        def init(self, *a, **k):  # add the RSS callback to the trainer run_trl builds
-            orig_init(self, *a, **k)
-            self.add_callback(RSS())
-
-        M.PPOTrainer.__init__ = init
-        res = X.run_trl(cfg, work, evaluate_after=False)
+        res = X.run_trl(cfg, work, evaluate_after=False, callbacks=[RSS()])
     tp = X.throughput(res, cfg.batch_size)
     steps = res["steps"][1:] or res["steps"]
     split = {k: statistics.median(s.get(f"time/{k}_s") or 0.0 for s in steps) for k in SPLIT}
@@ -184,7 +168,7 @@ def main(argv=None) -> int:
         return 0
 
     from rlhf_toy.config import parse_config
-    from rlhf_toy.crosscheck_run import CrosscheckRunConfig
+    from rlhf_toy.verify.trl_run import CrosscheckRunConfig
 
     cfg = parse_config(CrosscheckRunConfig, rest)
     bench_dir = Path(args.bench_dir)
@@ -209,7 +193,7 @@ def main(argv=None) -> int:
             phases["ours LoRA"] = [run_phase("ours", lcfg, tmp)]
             phases["TRL LoRA"] = [run_phase("trl", lcfg, tmp)]
         if args.profile:
-            run_phase("ours", replace(cfg, num_steps=2), tmp, profile_dir=str(bench_dir))
+            run_phase("ours", replace(cfg, total_episodes=2 * cfg.batch_size), tmp, profile_dir=str(bench_dir))
     phases = {k: [r for r in v if r is not None] for k, v in phases.items()}
     if not phases["ours"] or not phases["TRL"]:  # e.g. --repeats 0 --profile: the profile only
         print(f"no complete ours/TRL pair of phases; profile (if asked) in {bench_dir / 'profile_ours.txt'}")

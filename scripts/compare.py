@@ -6,7 +6,7 @@
 Writes compare.json, compare.md, frontier.png, curves.png, report.html and samples/ (see --help).
 """
 
-from rlhf_toy.compare import main
+from rlhf_toy.evaluation.compare import main
 
 if __name__ == "__main__":
     main()

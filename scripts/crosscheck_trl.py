@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check the hand-written PPO (rlhf_toy.ppo.core) against TRL 1.12's PPOTrainer.
+"""Check the hand-written PPO (rlhf_toy.stages.ppo.core) against TRL 1.12's PPOTrainer.
 
     python scripts/crosscheck_trl.py --numeric [--settings trl_defaults,k3_whiten_rewards] [--json out.json]
     python scripts/crosscheck_trl.py --config configs/crosscheck.yaml [--output_dir reports/crosscheck] [--field value ...]
@@ -9,7 +9,7 @@
 and print max |ours - TRL| per quantity per setting, the weight agreement after one replayed
 update, and where our defaults differ from TRL by design.  Exit status 1 if a tolerance fails.
 
-Run level (any other invocation; fields of rlhf_toy.crosscheck_run.CrosscheckRunConfig as flags):
+Run level (any other invocation; fields of rlhf_toy.verify.trl_run.CrosscheckRunConfig as flags):
 train our PPO and TRL's PPOTrainer with matched hyperparameters (length penalty off, same beta, batch,
 minibatches, epochs, learning rate, generation settings, seed) on the same models and prompt batches,
 and write crosscheck.md, crosscheck.png (reward, KL, entropy, clip fraction of both overlaid) and
@@ -24,7 +24,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from rlhf_toy import crosscheck
+    from rlhf_toy.verify import trl_numeric as crosscheck
 
     if args.list:
         for s in crosscheck.DEFAULT_SETTINGS:
@@ -74,7 +73,7 @@ def run_level(argv: list[str]) -> int:
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
     from rlhf_toy.cli import run_stage
-    from rlhf_toy.crosscheck_run import CrosscheckRunConfig, run_crosscheck
+    from rlhf_toy.verify.trl_run import CrosscheckRunConfig, run_crosscheck
 
     def stage(cfg):
         report = run_crosscheck(cfg)

@@ -3,7 +3,7 @@
     python scripts/inspect_samples.py reports/NAME [--sort disagreement] [--grep TEXT] [--id N ...] [--limit N]
 """
 
-from rlhf_toy.inspect_samples import main
+from rlhf_toy.evaluation.inspect_samples import main
 
 if __name__ == "__main__":
     main()

@@ -10,11 +10,8 @@ data/README.md (the data card, with counts and statistics).
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import math
 import random
-import re
 import statistics
 import sys
 import time
@@ -22,13 +19,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import models, sampling, task
-
-
-def last_complete_sentence(text: str) -> str:
-    """A human demonstrator finishes sentences: cut a truncated sample after its last full stop."""
-    ends = [m.end() for m in re.finditer(r"[.!?](?=\s|$)", text)]
-    return text[: ends[-1]].strip() if ends else ""
+from rlhf_toy import models, sequences, task
 
 
 def main(argv=None):
@@ -59,7 +50,7 @@ def main(argv=None):
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_causal_lm(args.model, tokenizer)
     repeated = [row["prompt"] for row in train_prompts for _ in range(args.samples_per_prompt)]
-    samples = sampling.generate(
+    samples = sequences.generate(
         model, tokenizer, repeated, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
         top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, progress="sampling train prompts",
     )
@@ -68,25 +59,19 @@ def main(argv=None):
     all_gold, demo_gold = [], []
     for i, row in enumerate(train_prompts):
         group = samples[i * args.samples_per_prompt:(i + 1) * args.samples_per_prompt]
-        golds = [task.gold_score(s.response) for s in group]
-        all_gold += golds
-        demos = [s.response if s.has_eos else last_complete_sentence(s.response) for s in group]
-        scored = [(task.gold_score(d), d) for d in demos if d]
-        if scored:
-            best_gold, best = max(scored)
-            demo_gold.append(best_gold)
-            sft_rows.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": best}]})
-        pairs = [(a, b) for a, b in itertools.combinations(range(len(group)), 2)
-                 if group[a].response != group[b].response]
-        for a, b in rng.sample(pairs, min(args.pairs_per_prompt, len(pairs))):
-            p_a = 1 / (1 + math.exp(-(golds[a] - golds[b]) / args.label_temperature))
-            chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
-            flips += golds[chosen] < golds[rejected]
+        all_gold += [task.gold_score(s.response) for s in group]
+        best = task.best_demonstration([(s.response, s.has_eos) for s in group])
+        if best is not None:
+            demo_gold.append(best[0])
+            sft_rows.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": best[1]}]})
+        for chosen, rejected, gold_chosen, gold_rejected in task.label_pairs(
+                [s.response for s in group], rng, args.pairs_per_prompt, args.label_temperature):
+            flips += gold_chosen < gold_rejected
             pref_rows.append({
                 "prompt": row["prompt"],
-                "chosen": [{"role": "assistant", "content": group[chosen].response}],
-                "rejected": [{"role": "assistant", "content": group[rejected].response}],
-                "gold_chosen": round(golds[chosen], 4), "gold_rejected": round(golds[rejected], 4),
+                "chosen": [{"role": "assistant", "content": chosen}],
+                "rejected": [{"role": "assistant", "content": rejected}],
+                "gold_chosen": round(gold_chosen, 4), "gold_rejected": round(gold_rejected, 4),
             })
     write_jsonl(out / "sft.jsonl", sft_rows)
     write_jsonl(out / "preferences.jsonl", pref_rows)

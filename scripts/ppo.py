@@ -4,7 +4,8 @@ Several processes (rollouts split, gradients averaged):  accelerate launch --num
 """
 
 from rlhf_toy.cli import run_stage
-from rlhf_toy.ppo.trainer import PPOStageConfig, train_ppo
+from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.trainer import train_ppo
 
 if __name__ == "__main__":
     run_stage(PPOStageConfig, train_ppo)

@@ -51,13 +51,9 @@ def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float 
     import time
 
     from rlhf_toy import runlog
-    from rlhf_toy.ppo.trainer import completed_checkpoints
 
     def newest_step() -> int:
-        steps = [n for n, _ in completed_checkpoints(checkpoints)]
-        if (hf := runlog.last_checkpoint(checkpoints)) is not None:
-            steps.append(int(hf.rsplit("-", 1)[1]))
-        return max(steps, default=0)
+        return max((n for n, _ in runlog.checkpoints(checkpoints)), default=0)
 
     deadline = time.time() + timeout
     while newest_step() < step:

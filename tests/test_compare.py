@@ -1,5 +1,4 @@
 import json
-import shutil
 import statistics
 
 import pytest
@@ -7,7 +6,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf_toy import compare, models, runlog, task
+from rlhf_toy import models, runlog, task
+from rlhf_toy.evaluation import compare
 from test_dpo import make_tiny_reward_model, write_preferences
 
 SAMPLING = ["--limit", "6", "--max_new_tokens", "12", "--batch_size", "4", "--n_bootstrap", "200"]
@@ -37,6 +37,8 @@ def fake_ppo_run(root):
     tiny_copy(run / "final", noise=0.05, seed=1)
     tiny_copy(run / "checkpoints/step-2/policy", noise=0.02, seed=2)
     tiny_copy(run / "checkpoints/step-3/policy", noise=0.05, seed=1)   # the final weights: not sampled twice
+    for step in (2, 3):   # a PPO checkpoint is complete once its trainer state is written
+        (run / f"checkpoints/step-{step}/trainer_state.pt").write_bytes(b"")
     runlog.append_jsonl(run / "metrics.jsonl", [{"step": s, "objective/scores": 0.1 * s, "objective/kl": 0.5 * s,
                                                  "score/gold": 0.2 - 0.01 * s} for s in (1, 2, 3)])
     (run / "config.yaml").write_text(yaml.safe_dump({"length_coef": 0.02, "length_target": 8, "missing_eos_penalty": 1.0}))
@@ -163,6 +165,7 @@ def test_compare_loads_lora_adapter_checkpoints(tmp_path, setup):
     adapter = run / "checkpoints/checkpoint-1"
     get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(adapter)  # B = 0: the base's function
     AutoTokenizer.from_pretrained(setup["ref"]).save_pretrained(adapter)
+    (adapter / "trainer_state.json").write_text("{}")   # an HF checkpoint is complete once this is written
     runlog.append_jsonl(run / "metrics.jsonl", [{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.6}])
     out = tmp_path / "report"
     compare.main(["--runs", str(run), "--ref", str(setup["ref"]), "--prompts", str(setup["prompts"]),

@@ -4,7 +4,7 @@ import pytest
 import yaml
 
 from rlhf_toy.config import ConfigError, parse_config, save_config
-from rlhf_toy.sft import SFTStageConfig
+from rlhf_toy.stages.sft import SFTStageConfig
 
 
 def write(tmp_path, text):

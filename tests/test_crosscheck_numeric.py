@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
-from rlhf_toy import crosscheck as X  # noqa: E402
+from rlhf_toy.verify import trl_numeric as X  # noqa: E402
 
 NAMES = [s["name"] for s in X.DEFAULT_SETTINGS]
 _CACHE: dict = {}

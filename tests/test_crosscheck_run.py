@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import ROOT
-from rlhf_toy import data, models, sampling
-from rlhf_toy.crosscheck_run import CURVES, make_tiny_reward_model, normalised_reward_model_for_trl
+from rlhf_toy import data, models, sequences
+from rlhf_toy.verify.trl_run import CURVES, make_tiny_reward_model, normalised_reward_model_for_trl
 
 
 @pytest.fixture(scope="module")
@@ -22,12 +22,12 @@ def test_folded_reward_model_matches_normalised_scorer(tiny_rm):
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from trl.experimental.utils import get_reward
 
-    from rlhf_toy.reward import RewardScorer
+    from rlhf_toy.scoring import RewardScorer
 
     tok = models.load_tokenizer(models.TINY_MODEL)
     prompts = data.load_prompts(str(ROOT / "data/prompts_eval.jsonl"))[:3]
     texts = ["the film was great", "a dull story", "wonderful acting and music , really"]
-    queries, _, _ = sampling.encode_prompts(tok, prompts, 48)
+    queries, _, _ = sequences.encode_prompts(tok, prompts, 48)
     resp = [tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for t in texts]
     width = max(map(len, resp))
     responses = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in resp])
@@ -42,7 +42,7 @@ def test_tiny_run_level_crosscheck(tiny_rm, tmp_path, run_script):
     out = tmp_path / "report"
     result = run_script("crosscheck_trl", "--config", ROOT / "configs/tiny/crosscheck.yaml",
                         "--reward_model_path", tiny_rm, "--output_dir", out, "--work_dir", tmp_path / "work",
-                        "--num_steps", 3, "--num_eval_prompts", 4, timeout=240)
+                        "--total_episodes", 24, "--num_eval_prompts", 4, timeout=240)
     assert "Run-level cross-check" in result.stdout
     md = (out / "crosscheck.md").read_text()
     assert "TRL after" in md and "ours after" in md and "episodes/s" in md
@@ -56,4 +56,4 @@ def test_tiny_run_level_crosscheck(tiny_rm, tmp_path, run_script):
             assert all(isinstance(h[key], float) for h in hist), (side, key)
         assert report[side]["eval_after"]["gold_mean"] is not None
         assert report[side]["throughput"]["episodes_per_s"] > 0
-    assert report["ours"]["eval_before"]["kl_mean"] == pytest.approx(0.0, abs=1e-5)
+    assert report["ours"]["eval_before"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)

@@ -57,7 +57,7 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
     assert margins[0] < 0.05 and sum(margins[-3:]) / 3 > margins[0] + 0.1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["rewards/margins"] > summary["eval_before"]["rewards/margins"]
-    assert summary["after"]["objective/kl"] > 0 and summary["before"]["objective/kl"] == 0
+    assert summary["after"]["kl_to_ref"] > 0 and summary["before"]["kl_to_ref"] == 0
     # Before/after samples with gold and RM scores, and PPO-named points compare.py can overlay.
     rows = runlog.read_jsonl(out / "samples.jsonl")
     assert [r["stage"] for r in rows].count("before") == [r["stage"] for r in rows].count("after") == 8
@@ -72,7 +72,7 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
 def test_tiny_dpo_ipo_with_lora_saves_a_merged_model(tmp_path, run_script):
     out = tmp_path / "run"
     run_script("dpo", *tiny_args(tmp_path, out, max_steps=4, loss_type="ipo", beta=0.5, use_lora="true",
-                                 lora_r=4, num_sample_prompts=0))
+                                 lora_r=4, num_eval_prompts=0))
     assert "loss_type: ipo" in (out / "config.yaml").read_text()
     assert len([r for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]) == 4
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -83,7 +83,7 @@ def test_dpo_bad_loss_type_names_the_nearest():
     import pytest
 
     from rlhf_toy.config import ConfigError, parse_config
-    from rlhf_toy.dpo import DPOStageConfig
+    from rlhf_toy.stages.dpo import DPOStageConfig
 
     with pytest.raises(ConfigError, match="did you mean 'sigmoid'"):
         parse_config(DPOStageConfig, ["--config", str(ROOT / "configs/tiny/dpo.yaml"), "--loss_type", "sigmod"])
@@ -93,7 +93,7 @@ def test_dpo_bad_loss_type_names_the_nearest():
 def test_dpo_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts/dpo.py"), *map(str, tiny_args(
-        tmp_path, out, max_steps=24, save_steps=5, num_sample_prompts=0, per_device_train_batch_size=2))]
+        tmp_path, out, max_steps=24, save_steps=5, num_eval_prompts=0, per_device_train_batch_size=2))]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after_checkpoint(process, out / "checkpoints", 10)
     assert max(r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl")) < 24

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import ROOT
-from rlhf_toy import inspect_samples
+from rlhf_toy.evaluation import inspect_samples
 
 PROMPTS = ['Write a short review of "The Iron Meadow".', 'Briefly, how was the film "The Glass Island"?',
            'Offer a short opinion on the movie "The Wild Summer".']

@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from rlhf_toy import models, sampling
-from rlhf_toy.ppo import core
+from rlhf_toy import models, sequences
 from rlhf_toy.models import ModelNotFoundError
 
 
@@ -42,7 +41,7 @@ def test_dtype_choice():
 
 def test_truncate_at_eos_keeps_eos_and_pads_after():
     tokens = torch.tensor([[5, 6, 0, 7, 0], [5, 6, 7, 8, 9]])
-    out, _ = core.truncate_at_eos(tokens, eos_token_id=0, pad_token_id=1)
+    out, _ = sequences.truncate_at_eos(tokens, eos_token_id=0, pad_token_id=1)
     assert out.tolist() == [[5, 6, 0, 1, 1], [5, 6, 7, 8, 9]]
 
 
@@ -50,7 +49,7 @@ def test_long_prompt_is_truncated_from_the_left():
     tokenizer = models.load_tokenizer(models.TINY_MODEL)
     long_prompt = [{"role": "user", "content": " ".join(["film"] * 300)}]
     short_prompt = [{"role": "user", "content": "film"}]
-    ids, mask, n_truncated = sampling.encode_prompts(tokenizer, [long_prompt, short_prompt], max_prompt_length=16)
+    ids, mask, n_truncated = sequences.encode_prompts(tokenizer, [long_prompt, short_prompt], max_prompt_length=16)
     assert n_truncated == 1 and ids.shape == (2, 16)
     assert tokenizer.decode(ids[0]).endswith("Assistant:")    # the end of the prompt is kept
     assert mask[1].sum() < 16 and mask[1, -1] == 1             # left padding
@@ -60,7 +59,7 @@ def test_generation_is_seeded():
     tokenizer = models.load_tokenizer(models.TINY_MODEL)
     model = models.load_causal_lm(models.TINY_MODEL, tokenizer, device="cpu")
     prompts = [[{"role": "user", "content": "Review the film"}]] * 3
-    a = sampling.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
-    b = sampling.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
+    a = sequences.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
+    b = sequences.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
     assert all(len(s.response_ids) <= 8 for s in a)

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from rlhf_toy.ppo import core
+from rlhf_toy import sequences
+from rlhf_toy.stages.ppo import core
 
 F = torch.float32
 
@@ -20,20 +21,20 @@ def t(x, dtype=F):
 def test_logprobs_from_logits_with_temperature():
     logits = t([[[0.0, math.log(3.0)]]])  # p = [1/4, 3/4] at T = 1
     tokens = torch.tensor([[1]])
-    assert core.logprobs_from_logits(logits, tokens, 1.0).item() == pytest.approx(math.log(0.75), abs=1e-6)
+    assert sequences.logprobs_from_logits(logits, tokens, 1.0).item() == pytest.approx(math.log(0.75), abs=1e-6)
     # T = 2: z = [0, log(3)/2] -> p(1) = sqrt(3) / (1 + sqrt(3)); TRL divides by T + 1e-7
     expect = math.log(math.sqrt(3) / (1 + math.sqrt(3)))
-    assert core.logprobs_from_logits(logits, tokens, 2.0).item() == pytest.approx(expect, abs=1e-6)
-    assert core.logprobs_from_logits(logits, torch.tensor([[0]]), 1.0).item() == pytest.approx(math.log(0.25), abs=1e-6)
+    assert sequences.logprobs_from_logits(logits, tokens, 2.0).item() == pytest.approx(expect, abs=1e-6)
+    assert sequences.logprobs_from_logits(logits, torch.tensor([[0]]), 1.0).item() == pytest.approx(math.log(0.25), abs=1e-6)
 
 
 def test_entropy_from_logits():
-    assert core.entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4), abs=1e-6)
+    assert sequences.entropy_from_logits(torch.zeros(1, 4)).item() == pytest.approx(math.log(4), abs=1e-6)
     peaked = t([[100.0, 0.0, 0.0]])
-    assert core.entropy_from_logits(peaked).item() == pytest.approx(0.0, abs=1e-6)
+    assert sequences.entropy_from_logits(peaked).item() == pytest.approx(0.0, abs=1e-6)
     p = torch.tensor([0.5, 0.25, 0.25])
     h = -(p * p.log()).sum().item()  # 1.0397
-    assert core.entropy_from_logits(p.log()[None]).item() == pytest.approx(h, abs=1e-6)
+    assert sequences.entropy_from_logits(p.log()[None]).item() == pytest.approx(h, abs=1e-6)
 
 
 # --------------------------------------------------------------------------------------------
@@ -147,13 +148,13 @@ def test_fixed_kl_controller_and_factory():
 def test_truncate_at_eos_and_masks():
     EOS, PAD = 1, 0
     resp = torch.tensor([[5, 1, 7, 8], [5, 6, 7, 8], [5, 6, 7, 1], [1, 1, 9, 9]])
-    trunc, mask = core.truncate_at_eos(resp, EOS, PAD)
+    trunc, mask = sequences.truncate_at_eos(resp, EOS, PAD)
     assert trunc.tolist() == [[5, 1, 0, 0], [5, 6, 7, 8], [5, 6, 7, 1], [1, 0, 0, 0]]
     assert mask.sum(1).tolist() == [2, 4, 4, 1]  # EOS included
     assert core.last_token_index(mask).tolist() == [1, 3, 3, 0]
     assert core.extend_mask_by_one(mask).sum(1).tolist() == [3, 4, 4, 2]  # TRL's ~padding_mask_p1
     # pad == eos: ours still keeps the EOS in the mask
-    _, mask2 = core.truncate_at_eos(resp, EOS, EOS)
+    _, mask2 = sequences.truncate_at_eos(resp, EOS, EOS)
     assert torch.equal(mask2, mask)
 
 

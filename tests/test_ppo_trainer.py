@@ -11,9 +11,12 @@ from transformers import AutoModelForCausalLM
 from conftest import ROOT, kill_after_checkpoint
 from rlhf_toy import runlog, task
 from rlhf_toy.config import parse_config
-from rlhf_toy.ppo import core, trainer
-from rlhf_toy.reward import NORMALIZATION_FILE, RewardStageConfig, train_reward
-from rlhf_toy.sft import SFTStageConfig, run_sft
+from rlhf_toy.stages.ppo import core, trainer
+from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.models import values_from_generation
+from rlhf_toy.scoring import NORMALIZATION_FILE
+from rlhf_toy.stages.reward import RewardStageConfig, train_reward
+from rlhf_toy.stages.sft import SFTStageConfig, run_sft
 
 DESIGN_METRICS = [
     "objective/kl", "objective/entropy", "objective/non_score_reward", "objective/rlhf_reward", "objective/scores",
@@ -40,13 +43,13 @@ def pipeline(tmp_path_factory):
     write("pairs.jsonl", [{**r, "chosen": answer(GOOD), "rejected": answer(BAD)} for r in train])
     run_sft(parse_config(SFTStageConfig, [
         "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dataset", str(tmp / "sft.jsonl"), "--output_dir",
-        str(tmp / "sft"), "--num_sample_prompts", "0", "--eval_fraction", "0", "--max_steps", "30",
+        str(tmp / "sft"), "--num_eval_prompts", "0", "--eval_fraction", "0", "--max_steps", "30",
         "--learning_rate", "1e-2"]))
     train_reward(parse_config(RewardStageConfig, [
         "--config", str(ROOT / "configs/tiny/reward.yaml"), "--model_name_or_path", str(tmp / "sft/final"),
         "--policy_model", str(tmp / "sft/final"), "--dataset", str(tmp / "pairs.jsonl"), "--train_prompts",
         str(tmp / "prompts.jsonl"), "--eval_prompts", str(tmp / "prompts.jsonl"), "--output_dir", str(tmp / "rm"),
-        "--num_eval_samples", "0", "--max_steps", "20"]))
+        "--num_eval_prompts", "0", "--max_steps", "20"]))
     return tmp
 
 
@@ -59,7 +62,7 @@ def tiny_flags(pipeline, out, **overrides):
 
 
 def run_in_process(pipeline, out, **overrides):
-    return trainer.train_ppo(parse_config(trainer.PPOStageConfig, tiny_flags(pipeline, out, **overrides)))
+    return trainer.train_ppo(parse_config(PPOStageConfig, tiny_flags(pipeline, out, **overrides)))
 
 
 def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
@@ -75,7 +78,7 @@ def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
     assert abs(records[0]["objective/kl"]) < 1e-3           # the policy starts as the reference
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["rm_mean"] > summary["before"]["rm_mean"]
-    assert summary["before"]["kl_mean"] == pytest.approx(0, abs=1e-3)
+    assert summary["before"]["kl_to_ref"] == pytest.approx(0, abs=1e-3)
     assert runlog.read_jsonl(out / "samples.jsonl")
     assert type(AutoModelForCausalLM.from_pretrained(out / "final")).__name__ == "GPT2LMHeadModel"
 
@@ -156,23 +159,24 @@ def test_two_processes_split_rollouts_and_stay_in_sync(pipeline, tmp_path):
 def test_shared_critic_values_from_sampling_equal_a_fresh_forward(pipeline):
     """lm-human-preferences' shortcut: the rollout values come out of generate(); they must be the values
     the update's forward pass computes for the same tokens, or the value loss's clipping is off."""
-    from rlhf_toy import data, models, sampling
+    from rlhf_toy import data, models, sequences
 
     tokenizer = models.load_tokenizer(str(pipeline / "sft/final"))
     policy = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").eval()
     head = torch.nn.Linear(policy.config.hidden_size, 1)   # random, not zero: every position matters
     prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:3]
-    queries, query_mask, _ = sampling.encode_prompts(tokenizer, prompts, 64, torch.device("cpu"))
+    queries, query_mask, _ = sequences.encode_prompts(tokenizer, prompts, 64, torch.device("cpu"))
     torch.manual_seed(0)
     with torch.no_grad():
         generated = policy.generate(input_ids=queries, attention_mask=query_mask, max_new_tokens=6, do_sample=True,
                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                                     return_dict_in_generate=True, output_scores=True, output_hidden_states=True)
-        rollout_values = trainer.values_from_generation(head, generated)
-        sequences = generated.sequences
-        mask = torch.cat([query_mask, torch.ones_like(sequences[:, queries.shape[1]:])], 1)
-        _, forward_values = trainer.forward_logits(policy, sequences, mask, queries.shape[1], 0.7, value_head=head)
-    assert rollout_values.shape == forward_values.shape == (3, sequences.shape[1] - queries.shape[1])
+        rollout_values = values_from_generation(head, generated)
+        query_responses = generated.sequences
+        mask = torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1]:])], 1)
+        _, forward_values = sequences.response_logits(policy, query_responses, mask, queries.shape[1], 0.7,
+                                                      value_head=head)
+    assert rollout_values.shape == forward_values.shape == (3, query_responses.shape[1] - queries.shape[1])
     torch.testing.assert_close(rollout_values, forward_values, atol=1e-5, rtol=1e-4)
 
 

@@ -10,9 +10,10 @@ from transformers import AutoModelForSequenceClassification
 from conftest import ROOT
 from rlhf_toy import models, runlog, task
 from rlhf_toy.config import parse_config
-from rlhf_toy.reward import (NORMALIZATION_FILE, RewardNormalizationMissing, RewardScorer, RewardStageConfig,
-                             calibrate, clean_pairs, encode_for_reward, fit_normalization, sequence_score,
-                             tokenize_pairs, train_reward)
+from rlhf_toy.scoring import (NORMALIZATION_FILE, RewardNormalizationMissing, RewardScorer, encode_for_reward,
+                              sequence_score)
+from rlhf_toy.stages.reward import (RewardStageConfig, calibrate, clean_pairs, fit_normalization, tokenize_pairs,
+                                    train_reward)
 
 # Words the tiny word-level tokenizer knows; the marker word makes a response "chosen".
 FILLER = "the film story plot cast acting music visuals ending was is very quite really a".split()
@@ -209,9 +210,9 @@ def test_directory_without_normalisation_names_the_command(trained, tmp_path):
     (rm / NORMALIZATION_FILE).unlink()
     with pytest.raises(RewardNormalizationMissing, match="scripts/train_reward.py") as error:
         RewardScorer(str(rm))
-    assert "python -m rlhf_toy.reward normalize" in str(error.value)
+    assert "python -m rlhf_toy.stages.reward normalize" in str(error.value)
     # The command the message names creates it.
-    result = subprocess.run([sys.executable, "-m", "rlhf_toy.reward", "normalize", str(rm), "--policy", "tiny-random-gpt2",
+    result = subprocess.run([sys.executable, "-m", "rlhf_toy.stages.reward", "normalize", str(rm), "--policy", "tiny-random-gpt2",
                              "--prompts", str(write_prompts(tmp_path / "p.jsonl")), "--num_samples", "8",
                              "--max_new_tokens", "8"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -223,7 +224,7 @@ def test_margin_centering_and_a_shallower_model(tmp_path):
                              models.load_tokenizer("tiny-random-gpt2"), 64, 0.5)
     assert rows[0]["margin"] == 0.5
     cfg = tiny_cfg(tmp_path, max_steps=2, margin=1.0, center_rewards_coefficient=0.01, num_norm_samples=4,
-                   num_eval_samples=0, save_steps=100, num_hidden_layers=1)
+                   num_eval_prompts=0, save_steps=100, num_hidden_layers=1)
     run = train_reward(cfg)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["eval_accuracy"] is not None
@@ -233,7 +234,7 @@ def test_margin_centering_and_a_shallower_model(tmp_path):
 
 def test_lora_saves_a_merged_model_and_resume_continues(tmp_path):
     cfg = tiny_cfg(tmp_path, max_steps=3, save_steps=3, use_lora="true", lora_r=4, num_norm_samples=4,
-                   num_eval_samples=0)
+                   num_eval_prompts=0)
     run = train_reward(cfg)
     model = AutoModelForSequenceClassification.from_pretrained(run / "final")
     assert not any("lora" in name for name, _ in model.named_parameters())
@@ -248,7 +249,7 @@ def test_lora_saves_a_merged_model_and_resume_continues(tmp_path):
 def test_freezing_bottom_layers_keeps_them_fixed(tmp_path):
     from safetensors.torch import load_file
 
-    cfg = tiny_cfg(tmp_path, max_steps=2, freeze_bottom_layers=1, num_norm_samples=4, num_eval_samples=0)
+    cfg = tiny_cfg(tmp_path, max_steps=2, freeze_bottom_layers=1, num_norm_samples=4, num_eval_prompts=0)
     run = train_reward(cfg)
     before = load_file(f"{models.resolve_model_path('tiny-random-gpt2')}/model.safetensors")
     after = load_file(run / "final/model.safetensors")

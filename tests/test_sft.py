@@ -33,7 +33,8 @@ def test_tiny_sft_loss_falls_and_final_reloads(tmp_path, run_script):
     assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_loss_after"] < summary["eval_loss_before"]
-    assert {"gold_mean_before", "gold_mean_after", "tokens_per_s"} <= set(summary)
+    assert {"before", "after", "tokens_per_s"} <= set(summary)
+    assert summary["before"]["gold_mean"] is not None and summary["after"]["gold_mean"] is not None
     stages = [r["stage"] for r in runlog.read_jsonl(out / "samples.jsonl")]
     assert stages.count("before") == stages.count("after") == 8
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -43,7 +44,7 @@ def test_tiny_sft_loss_falls_and_final_reloads(tmp_path, run_script):
 
 def test_tiny_sft_with_lora_saves_a_merged_model(tmp_path, run_script):
     out = tmp_path / "run"
-    run_script("sft", *tiny_args(tmp_path, out, max_steps=4, use_lora="true", lora_r=4, num_sample_prompts=0))
+    run_script("sft", *tiny_args(tmp_path, out, max_steps=4, use_lora="true", lora_r=4, num_eval_prompts=0))
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert not any("lora" in name for name, _ in model.named_parameters())
 
@@ -51,7 +52,7 @@ def test_tiny_sft_with_lora_saves_a_merged_model(tmp_path, run_script):
 def test_sft_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
     out = tmp_path / "run"
     cmd = [sys.executable, str(ROOT / "scripts/sft.py"), *map(str, tiny_args(
-        tmp_path, out, max_steps=60, save_steps=5, num_sample_prompts=0, per_device_train_batch_size=2))]
+        tmp_path, out, max_steps=60, save_steps=5, num_eval_prompts=0, per_device_train_batch_size=2))]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after_checkpoint(process, out / "checkpoints", 10)
     killed_at = max(r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl"))

@@ -2,8 +2,8 @@
 
 import torch
 
-from rlhf_toy import toy_rl
-from rlhf_toy.toy_rl import GridWorld
+from rlhf_toy.verify import toy_rl
+from rlhf_toy.verify.toy_rl import GridWorld
 
 
 def test_bandit_ppo_picks_action_2():

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import re
 import shutil
 import statistics
 import sys

@@ -3,17 +3,11 @@ gain and bias that normalise its scores, then an evaluation against the gold jud
 
     python scripts/train_reward.py --config configs/reward.yaml [--field value ...]
 
-One formatting for every consumer. `encode_for_reward` turns (prompt messages, response text) into
-reward-model input ids: the prompt exactly as the policy sees it (the tokenizer's chat template
-with the generation prompt, `sampling.prompt_text`), then the response tokens, then EOS. The model
-scores the last token, so every sequence ends in the same token whether or not the policy stopped
-on its own (a missing EOS is penalised separately, in `sequence_score`). Training pre-tokenizes its
-pairs with this function, so TRL's own tokenization never runs, and `RewardScorer` (used by PPO,
-compare and inspect) calls the same function: nothing else formats reward-model inputs.
-
-Normalisation (lm-human-preferences): after training, the SFT model samples responses to train
-prompts; gain and bias are set so that those samples score mean 0, std 1. They are stored beside
-the weights in `final/reward_normalization.json`; `RewardScorer` refuses a directory without it.
+Training pre-tokenizes its pairs with `scoring.encode_for_reward`, so TRL's own tokenization never runs
+and training sees exactly what `scoring.RewardScorer` (used by PPO, DPO, compare and inspect) sees.
+Normalisation (lm-human-preferences): after training, the policy (the SFT model) samples responses to
+train prompts; gain and bias are set so that those samples score mean 0, std 1, and stored beside the
+weights in `final/reward_normalization.json`; `RewardScorer` refuses a directory without it.
 
 Run directory: config.yaml, metrics.jsonl + tensorboard/ (TRL's loss, accuracy, margin per step),
 checkpoints/, final/ (an `AutoModelForSequenceClassification` directory + the normalisation JSON),
@@ -31,15 +25,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import data, models, runlog, sampling, task
+from rlhf_toy import data, models, runlog, sequences, task
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
-from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_fields, trainer_precision
-
-NORMALIZATION_FILE = "reward_normalization.json"
-
-
-class RewardNormalizationMissing(models.ModelNotFoundError):
-    """A reward model directory without its gain and bias (so a CLI prints one line, not a traceback)."""
+from rlhf_toy.evaluation.sample_and_score import sample_and_score
+from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
+                              load_reward_model, response_text)
+from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
+                                    trainer_precision)
 
 
 @dataclass
@@ -63,7 +55,7 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
     train_prompts: str = "data/prompts_train.jsonl"
     eval_prompts: str = "data/prompts_eval.jsonl"
     num_norm_samples: int = 64          # calibration samples (train prompts)
-    num_eval_samples: int = 64          # fresh samples on eval prompts for the Spearman correlation
+    num_eval_prompts: int = 64          # fresh samples on eval prompts for the Spearman correlation
     max_new_tokens: int = 64
     temperature: float = 0.7
     sample_batch_size: int = 32
@@ -86,164 +78,6 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
 
 
 # --------------------------------------------------------------------------------------------------
-# Formatting: the one place where (prompt, response) becomes reward-model input ids.
-
-
-def response_text(value, where: str = "response") -> str:
-    """A response in TRL's plain (str) or conversational ([{"role": "assistant", ...}]) form, as text."""
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list) and len(value) == 1 and isinstance(value[0], dict) and "content" in value[0]:
-        return value[0]["content"]
-    raise data.DataError(f"{where}: expected a string or one assistant message, got {str(value)[:80]!r}")
-
-
-def encode_for_reward(tokenizer, prompt, response: str, max_length: int) -> tuple[list[int], bool]:
-    """Reward-model input ids for one (prompt, response), and whether the prompt was truncated.
-
-    The response is tokenized on its own (as the policy generated it, after the prompt) and always
-    ends in EOS. When the whole does not fit, the prompt loses its beginning, never the response."""
-    prompt_ids = tokenizer(sampling.prompt_text(tokenizer, data.as_messages(prompt, "user")),
-                           add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
-    response_ids = response_ids + [tokenizer.eos_token_id]
-    room = max_length - len(response_ids)
-    if room < 0:
-        raise ValueError(f"a response of {len(response_ids)} tokens (EOS included) does not fit max_length="
-                         f"{max_length}; responses are never truncated, so raise max_length")
-    truncated = len(prompt_ids) > room
-    return (prompt_ids[len(prompt_ids) - room:] if room else []) + response_ids, truncated
-
-
-def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right padding, as TRL's preference collator pads during training: positions then start at 0
-    for every sequence, and the model's score sits on the last non-pad token (the EOS)."""
-    width = max(len(s) for s in sequences)
-    ids = torch.tensor([s + [pad_token_id] * (width - len(s)) for s in sequences])
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences])
-    return ids, mask
-
-
-# --------------------------------------------------------------------------------------------------
-# The scorer every consumer uses.
-
-
-def read_normalization(path) -> dict:
-    path = Path(path)
-    file = path / NORMALIZATION_FILE
-    if not file.exists():
-        raise RewardNormalizationMissing(
-            f"{path} has no {NORMALIZATION_FILE} (the gain and bias that normalise the reward model's scores). "
-            f"`python scripts/train_reward.py --config configs/reward.yaml` writes it after training; for an "
-            f"existing reward model run `python -m rlhf_toy.reward normalize {path} --policy runs/sft/final`."
-        )
-    return json.loads(file.read_text())
-
-
-def _model_dir(path) -> Path:
-    """Accept a run directory for its final/ model."""
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / "final" / "config.json").exists():
-        return path / "final"
-    return Path(models.resolve_model_path(str(path)))
-
-
-def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidden_layers: int = 0):
-    """An `AutoModelForSequenceClassification(num_labels=1)` from a reward model or a causal LM directory
-    (a causal LM gets a fresh score head). `num_hidden_layers` keeps only that many of the lowest blocks."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
-
-    torch_device = models.pick_device(device)
-    resolved = models.resolve_model_path(str(path))
-    overrides = {"num_labels": 1}
-    if num_hidden_layers:
-        n_blocks = AutoConfig.from_pretrained(resolved).num_hidden_layers
-        if num_hidden_layers > n_blocks:
-            raise ConfigError(f"num_hidden_layers={num_hidden_layers}: {path} has only {n_blocks} blocks")
-        overrides["num_hidden_layers"] = num_hidden_layers
-    # From a causal LM, "score.weight missing" and "lm_head unexpected" are the expected cross-architecture
-    # report (as are the dropped upper blocks): silence it rather than alarm the user.
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, dtype=models.pick_dtype(dtype, torch_device), **overrides)
-    finally:
-        hf_logging.set_verbosity(verbosity)
-    return model.to(torch_device)
-
-
-def align_with_tokenizer(model, tokenizer) -> None:
-    """Embeddings sized for a pad token the tokenizer added, and the pad id the score is located by
-    (sequence classification reads the last token that is not pad; pad must not be EOS)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.pad_token_id = tokenizer.pad_token_id
-
-
-class RewardScorer:
-    """Loads a trained reward model and scores (prompt, response) batches: normalised, float32, on the CPU.
-
-    `score` applies the stored gain and bias; `score_raw` is the model's output before them.
-    `n_truncated` counts prompts (over this scorer's lifetime) that lost their beginning to fit."""
-
-    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
-                 max_length: int = 512, *, require_normalization: bool = True):
-        self.path = _model_dir(path)
-        # Only calibration itself scores without a normalisation (it is what creates one).
-        self.normalization = (read_normalization(self.path) if require_normalization or
-                              (self.path / NORMALIZATION_FILE).exists() else {"gain": 1.0, "bias": 0.0})
-        self.gain = float(self.normalization["gain"])
-        self.bias = float(self.normalization["bias"])
-        self.tokenizer = models.load_tokenizer(str(self.path))
-        self.model = load_reward_model(self.path, device, dtype).eval()
-        if self.model.config.num_labels != 1:
-            raise models.ModelNotFoundError(f"{self.path} is not a reward model (num_labels="
-                                            f"{self.model.config.num_labels}, expected 1)")
-        align_with_tokenizer(self.model, self.tokenizer)
-        self.device = next(self.model.parameters()).device
-        self.batch_size = batch_size
-        self.max_length = max_length
-        self.n_truncated = 0
-
-    @torch.no_grad()
-    def score_raw(self, prompts, responses) -> torch.Tensor:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        if not prompts:
-            return torch.zeros(0)
-        encoded = [encode_for_reward(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
-        self.n_truncated += sum(truncated for _, truncated in encoded)
-        # Batch similar lengths together (less padding), then restore the caller's order.
-        order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
-        scores = torch.empty(len(encoded), dtype=torch.float32)
-        for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
-            ids, mask = pad_right([encoded[i][0] for i in index], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
-            scores[index] = logits[:, 0].float().cpu()
-        return scores
-
-    def score(self, prompts, responses) -> torch.Tensor:
-        return self.score_raw(prompts, responses) * self.gain + self.bias
-
-
-def sequence_score(rm_norm: torch.Tensor, n_tokens: torch.Tensor, has_eos: torch.Tensor, length_coef: float,
-                   length_target: int, missing_eos_penalty: float) -> dict[str, torch.Tensor]:
-    """The score PPO optimises, with its parts (so each can be logged):
-
-        score = rm_norm − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
-
-    `length_penalty` and `eos_penalty` are returned as the (non-negative) amounts subtracted."""
-    rm = rm_norm.float()
-    length_penalty = length_coef * (n_tokens.to(rm.device).float() - length_target).clamp(min=0)
-    eos_penalty = missing_eos_penalty * (~has_eos.to(rm.device).bool()).float()
-    return {"score": rm - length_penalty - eos_penalty, "rm": rm, "length_penalty": length_penalty,
-            "eos_penalty": eos_penalty}
-
-
-# --------------------------------------------------------------------------------------------------
 # Normalisation.
 
 
@@ -262,7 +96,7 @@ def calibrate(scorer: "RewardScorer", policy, tokenizer, prompts, *, num_samples
     rng = random.Random(seed)
     chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
     rng.shuffle(chosen)
-    samples = sampling.generate(policy, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature,
+    samples = sequences.generate(policy, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature,
                                 batch_size=sample_batch_size, seed=seed, progress="sampling calibration responses")
     truncated_before = scorer.n_truncated
     raw = scorer.score_raw([s.prompt for s in samples], [s.response for s in samples])
@@ -409,7 +243,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     freeze_bottom(model, cfg.freeze_bottom_layers)
 
     checkpoints = run_dir / "checkpoints"
-    resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg, run_dir)
     args = RewardConfig(
         output_dir=str(checkpoints), **trainer_fields(cfg),
         max_length=None,                  # already fitted by encode_for_reward (TRL would drop, not truncate)
@@ -473,21 +307,17 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         summary["eval_accuracy_gap"] = summary["eval_accuracy_ceiling"] - summary["eval_accuracy"]
 
     # Rank correlation with gold on fresh samples of the eval prompts.
-    if cfg.num_eval_samples:
-        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_samples]
-        samples = sampling.generate(policy, policy_tokenizer, eval_prompts, max_new_tokens=cfg.max_new_tokens,
-                                    temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
-                                    progress="sampling eval responses")
-        rm = scorer.score([s.prompt for s in samples], [s.response for s in samples]).tolist()
-        gold = [task.gold_score(s.response) for s in samples]
-        summary["eval_samples"] = len(samples)
+    if cfg.num_eval_prompts:
+        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
+        summary["eval_samples"], scored = sample_and_score(
+            policy, policy_tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
+            progress="sampling eval responses")
+        rm, gold = [r["rm"] for r in scored], [r["gold"] for r in scored]
         summary["spearman_rm_gold"] = spearman(rm, gold)
-        summary["eval_samples_rm_mean"] = sum(rm) / len(rm)
-        summary["eval_samples_gold_mean"] = sum(gold) / len(gold)
-        rows += [{"stage": "eval", "prompt": s.prompt, "response": s.response, "rm": r, "gold": g,
-                  "n_tokens": len(s.response_ids), "has_eos": s.has_eos} for s, r, g in zip(samples, rm, gold)]
+        rows += [{"stage": "eval", **row} for row in scored]
         plot_rm_vs_gold(rm, gold, run_dir / "rm_vs_gold.png",
-                        f"{len(samples)} samples on eval prompts: Spearman {summary['spearman_rm_gold']:.3f}")
+                        f"{len(scored)} samples on eval prompts: Spearman {summary['spearman_rm_gold']:.3f}")
     (run_dir / "samples.jsonl").unlink(missing_ok=True)
     runlog.append_jsonl(run_dir / "samples.jsonl", rows)
 
@@ -495,7 +325,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     summary = {k: _finite(v) for k, v in summary.items()}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     runlog.MetricsLogger(run_dir, tensorboard=False).log(
-        summary["global_step"], {"summary": 1, **{k: v for k, v in summary.items() if not isinstance(v, dict)}})
+        summary["global_step"], {"summary": 1, **runlog.flatten(summary)})
     print_summary(summary, run_dir)
     return run_dir
 
@@ -510,7 +340,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"  held-out accuracy       {fmt('eval_accuracy')}   (noise ceiling, the gold judge on the same "
           f"labels: {fmt('eval_accuracy_ceiling')})")
     print(f"  agreement with gold     {fmt('eval_gold_agreement')}")
-    print(f"  Spearman(RM, gold)      {fmt('spearman_rm_gold')}   on {summary.get('eval_samples', 0)} fresh samples")
+    print(f"  Spearman(RM, gold)      {fmt('spearman_rm_gold')}   on {summary.get('eval_samples', {}).get('n_samples', 0)} fresh samples")
     print(f"  normalisation           gain {summary['normalization']['gain']:.4f}, "
           f"bias {summary['normalization']['bias']:.4f} ({summary['normalization']['n_samples']} samples)")
     print(f"  dropped/truncated       {summary['pairs_identical_dropped']} identical pairs dropped, "
@@ -519,11 +349,11 @@ def print_summary(summary: dict, run_dir: Path) -> None:
 
 
 def _normalize_main(argv=None) -> None:
-    """`python -m rlhf_toy.reward normalize RM_DIR [--policy MODEL]`: (re)write the gain and bias of an
+    """`python -m rlhf_toy.stages.reward normalize RM_DIR [--policy MODEL]`: (re)write the gain and bias of an
     existing reward model directory."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m rlhf_toy.reward normalize", description=_normalize_main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m rlhf_toy.stages.reward normalize", description=_normalize_main.__doc__)
     parser.add_argument("reward_model")
     parser.add_argument("--policy", default="runs/sft/final")
     parser.add_argument("--prompts", default="data/prompts_train.jsonl")
@@ -546,7 +376,7 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] != ["normalize"]:
-        raise SystemExit("usage: python -m rlhf_toy.reward normalize RM_DIR [--policy MODEL] [--prompts FILE]")
+        raise SystemExit("usage: python -m rlhf_toy.stages.reward normalize RM_DIR [--policy MODEL] [--prompts FILE]")
     try:
         _normalize_main(sys.argv[2:])
     except (ConfigError, data.DataError, models.ModelNotFoundError) as error:

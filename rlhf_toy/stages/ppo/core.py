@@ -1,85 +1,20 @@
 """The PPO math of rlhf_toy: pure torch functions, no I/O, no models (CleanRL style).
 
-Everything here works on right-padded response tensors of shape ``[B, T]`` (batch, response
-tokens).  A *mask* is a bool (or 0/1 float) tensor ``[B, T]`` that is True on the real response
-tokens: the prefix of each row up to and including the EOS token when the response stopped, or the
-whole row when it ran to the length limit.  Each row must hold at least one real token.  Values at
-padded positions may be anything (garbage, NaN, inf): every function below selects with
-``torch.where`` instead of multiplying by the mask, so padding never leaks into a result, and
-results come back as 0 at padded positions.
+Everything works on right-padded response tensors ``[B, T]``; a *mask* is True on the real response
+tokens (up to and including the EOS, or the whole row when the response ran to the length limit).
+Padded values may be anything (NaN, inf): every function selects with ``torch.where`` rather than
+multiplying by the mask, and returns 0 at padded positions. One PPO iteration::
 
-The rollout side of one PPO iteration, in order::
-
-    logprobs      = logprobs_from_logits(policy_logits, responses, T)      # at sampling time
-    ref_logprobs  = logprobs_from_logits(ref_logits, responses, T)
-    kl            = kl_penalty(logprobs, ref_logprobs, "k1")                # per token
-    rewards, nsr  = compute_rewards(scores, kl, mask, beta)                 # -beta*kl + score at the end
+    kl            = kl_penalty(logprobs, ref_logprobs, "k1")            # per token
+    rewards, nsr  = compute_rewards(scores, kl, mask, beta)             # -beta*kl + score at the end
     adv, returns  = gae(rewards, values, mask, gamma, lam)
-    adv           = masked_whiten(adv, mask)
+    adv           = masked_whiten(adv, mask)                            # (compute_ppo_targets does all four)
+    pg_loss, st   = policy_loss(new_logprobs, logprobs, adv, mask, cliprange)
+    vf_loss, vclip = value_loss(new_values, values, returns, mask, cliprange_value)
 
-(``compute_ppo_targets`` does exactly these steps, optionally whitening the rewards, in one call.)
-Then for several epochs of minibatches::
-
-    pg_loss, pg_stats = policy_loss(new_logprobs, logprobs, adv, mask, cliprange)
-    vf_loss, vf_clip  = value_loss(new_values, values, returns, mask, cliprange_value)
-    loss = pg_loss + vf_coef * vf_loss
-
-and after the iteration ``kl_ctl.update(mean_sequence_kl, batch_size)``.
-
-Where we differ from TRL, and why
----------------------------------
-Reference: ``trl/experimental/ppo/ppo_trainer.py`` (trl 1.12.0, the last release with PPO),
-``PPOTrainer.train()``.  TRL builds two masks from ``sequence_lengths`` = index of the last
-non-pad token of the EOS-truncated response: ``padding_mask`` (True past the last real token) and
-``padding_mask_p1`` (True past *one after* the last real token).  Every difference below can be
-switched to TRL's behaviour (``trl_compat=True`` in ``compute_ppo_targets``, or passing
-``extend_mask_by_one(mask)`` / ``stats_over_padding=True`` to the single functions); the
-cross-check (``rlhf_toy/crosscheck.py``) reproduces TRL to float32 round-off that way.
-
-1. **Where the score lands.**  TRL adds the score at index ``sequence_length + 1`` -- one past
-   the last real token, i.e. on the first padding position -- whenever that index fits in the
-   response window, and on the last token otherwise.  So an EOS-terminated response (EOS at
-   ``k < T-1``) gets its score on the pad position ``k+1``; a response truncated at the length
-   limit (no EOS), or whose EOS is the very last slot, gets it on its last token ``T-1``.  The
-   pad position ``k+1`` carries the value ``V(prompt + response incl. EOS)`` of a state in which
-   no action is ever taken, and GAE then bootstraps the EOS token's advantage through that
-   learned value: the score reaches the EOS token only discounted by ``gamma*lam`` plus
-   whatever the value head predicts there, and the two cases (stopped vs truncated) are treated
-   differently.  **Ours:** the score is the reward of the last *action*, i.e. lands on the last
-   real response token (the EOS when there is one, ``T-1`` when truncated), and the state after
-   it is terminal (value 0).  This is the standard episodic MDP (and what lm-human-preferences'
-   sequence-level reward means); EOS-terminated and truncated responses are treated alike.
-2. **Value-loss mask and reward-whitening mask.**  TRL uses ``~padding_mask_p1`` for both, i.e.
-   it also fits the value of that one extra pad position and includes its reward (the score) in
-   the reward statistics.  Ours uses the response mask: there is no extra position because the
-   state after the last token is terminal.
-3. **Values past the mask.**  TRL zeroes values past ``padding_mask_p1``; ours past the mask
-   (again: terminal state, value 0).  Same function, different mask.
-4. **approx-KL and ratio statistics.**  TRL logs ``0.5 * (logratio**2).mean()`` and
-   ``ratio.mean()`` (and ``policy/entropy_avg``) over *every* ``[B, T]`` position, padding
-   included (where the log-ratio is exactly 0 and the ratio exactly 1), so its numbers shrink
-   toward 0 / 1 as padding grows.  Ours average over real tokens only
-   (``stats_over_padding=False``).  The losses and the clip fractions are masked means in both.
-5. **Which tokens are real.**  TRL finds the end of a response as the first ``pad_token_id`` in
-   the EOS-truncated response: if the policy samples the pad token it silently ends the response
-   there, and if pad == EOS (a common setup) the EOS token itself drops out of the mask, so the
-   policy never gets gradient for stopping (and the score then lands on the EOS position, which
-   is outside the policy mask).  Ours derives the mask from the EOS position
-   (``truncate_at_eos``), independent of the pad id.
-
-With gamma = lam = 1 difference 1 vanishes for the advantages and returns of the real tokens (GAE
-telescopes and the extra value cancels); with TRL's defaults (gamma 1, lam 0.95) the EOS token's
-advantage is ``-beta*kl + 0.95*score + 0.05*V(pad) - V(EOS)`` in TRL against
-``-beta*kl + score - V(EOS)`` in ours.  In TRL-compat mode the cross-check finds our rewards,
-advantages, returns, losses, clip fractions, approx-KL and one full AdamW update bit-identical
-to TRL's (float32) on five settings.
-6. **Logprob fill value.**  TRL overwrites logprobs at padding with ``INVALID_LOGPROB = 1.0`` so
-   that its unmasked sums come out right; ours never needs a fill value (``where``-masking).
-
-Functions whose numerics match TRL exactly (same formula, same order of operations):
-``masked_mean``, ``masked_var`` (unbiased Bessel correction ``n/(n-1)``), ``masked_whiten``
-(``rsqrt(var + 1e-8)``), ``kl_penalty`` (k1 / k3), the GAE recursion, and the clipped policy and
-value losses.
+Where and why ours differs from TRL 1.12's ``PPOTrainer`` (score position, value mask, statistics over
+padding, end-of-response detection), and the ``trl_compat`` switch that reproduces TRL exactly:
+``docs/trl_differences.md``. Log-probs and EOS truncation are in ``rlhf_toy.sequences``.
 """
 
 from __future__ import annotations
@@ -89,14 +24,11 @@ from typing import Any
 import torch
 
 __all__ = [
-    "logprobs_from_logits",
-    "entropy_from_logits",
     "masked_mean",
     "masked_sum",
     "masked_var",
     "masked_whiten",
     "kl_penalty",
-    "truncate_at_eos",
     "last_token_index",
     "extend_mask_by_one",
     "compute_rewards",
@@ -115,34 +47,6 @@ Tensor = torch.Tensor
 
 def _bool(mask: Tensor) -> Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
-
-
-# --------------------------------------------------------------------------------------------
-# log-probabilities and entropy
-# --------------------------------------------------------------------------------------------
-def logprobs_from_logits(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
-    """Per-token log-probabilities of ``tokens`` under ``softmax(logits / (temperature + 1e-7))``.
-
-    ``log pi(y_t) = z_t[y_t] - logsumexp(z_t)`` with ``z_t = logits_t / (T + 1e-7)``.
-    ``logits``: ``[B, T, V]`` (the logits that *predict* each response token, i.e. already shifted
-    by one); ``tokens``: ``[B, T]``.  Returns ``[B, T]`` (float32 at least).
-    """
-    # TRL detail: logits / (temperature + 1e-7) for policy and reference alike, the same T as sampling
-    z = logits.float() / (temperature + 1e-7)
-    selected = torch.gather(z, -1, tokens.long().unsqueeze(-1)).squeeze(-1)
-    return selected - torch.logsumexp(z, dim=-1)
-
-
-def entropy_from_logits(logits: Tensor) -> Tensor:
-    """Entropy of ``softmax(logits)`` per position: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
-
-    ``logits``: ``[..., V]`` -> ``[...]``.  Divide by the temperature first if you want the
-    entropy of the sampling distribution (TRL logs it that way).
-    """
-    # TRL detail: entropy = logsumexp(logits) - sum(softmax(logits) * logits)
-    z = logits.float()
-    p = torch.softmax(z, dim=-1)
-    return torch.logsumexp(z, dim=-1) - torch.sum(p * z, dim=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,22 +124,6 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
     if estimator == "k3":
         return (logr.exp() - 1) - logr
     raise ValueError(f"unknown KL estimator {estimator!r}: use 'k1' or 'k3'")
-
-
-def truncate_at_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
-    """Cut each response after its first EOS: ``(truncated_responses, mask)``.
-
-    ``mask`` is True up to and including the first EOS (the whole row when there is none);
-    positions after it are set to ``pad_token_id``.  The pad id plays no part in finding the end.
-    """
-    # TRL detail: truncate_response at the first stop token; ours keeps EOS in the mask even when pad == eos
-    T = responses.shape[1]
-    is_eos = responses == eos_token_id
-    idx = torch.arange(T, device=responses.device).expand_as(responses)
-    first_eos = torch.where(is_eos, idx, torch.full_like(idx, T)).min(dim=1).values  # T if none
-    mask = idx <= first_eos.unsqueeze(1)
-    truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
-    return truncated, mask
 
 
 def last_token_index(mask: Tensor) -> Tensor:

@@ -1,4 +1,4 @@
-"""Numeric cross-check of ``rlhf_toy.ppo.core`` against TRL's own PPOTrainer (trl 1.12.0).
+"""Numeric cross-check of ``rlhf_toy.stages.ppo.core`` against TRL's own PPOTrainer (trl 1.12.0).
 
 What runs on the TRL side is TRL's code, unmodified: ``trl.experimental.ppo.PPOTrainer.train()``
 for exactly one PPO iteration on a tiny random GPT-2 (policy, reference, reward model, value
@@ -9,7 +9,7 @@ variables (responses, logprobs, ref_logprobs, values, scores, sequence lengths, 
 advantages, returns, and per micro-batch the new logprobs / value predictions) and keep
 references to its statistics tensors.  The return values are TRL's own, unchanged.
 
-On our side the same inputs go through ``rlhf_toy.ppo.core``:
+On our side the same inputs go through ``rlhf_toy.stages.ppo.core``:
 
 * ``compat`` quantities: ``compute_ppo_targets(..., trl_compat=True)`` and the loss functions with
   TRL's masks must equal TRL's numbers to float32 round-off (``TOLERANCE``).
@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from rlhf_toy.ppo import core
+from rlhf_toy import sequences
+from rlhf_toy.stages.ppo import core
 
 TOLERANCE = 1e-5  # max abs diff, float32
 UPDATE_TOLERANCE = 1e-4  # relative difference of the weight change after one PPO iteration
@@ -411,7 +412,7 @@ def _fresh_models(s: dict[str, Any], init: dict[str, Any]):
 
 
 def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
-    """Compare one observed TRL iteration with ``rlhf_toy.ppo.core`` (see module docstring)."""
+    """Compare one observed TRL iteration with ``rlhf_toy.stages.ppo.core`` (see module docstring)."""
     s = cap["setting"]
     T_resp = cap["responses"].shape[1]
     ctx = cap["context_length"]
@@ -420,7 +421,7 @@ def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
 
     # ---- which tokens are real: ours from the EOS position, TRL's from the first pad token
     if s["stop_token"] == "eos":
-        _, mask = core.truncate_at_eos(responses, EOS_ID, PAD_ID)
+        _, mask = sequences.truncate_at_eos(responses, EOS_ID, PAD_ID)
     else:
         mask = torch.ones_like(responses, dtype=torch.bool)
     trl_mask = ~cap["padding_mask"]
@@ -437,8 +438,8 @@ def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
     ref.load_state_dict(cap["init"]["ref"])
     with torch.no_grad():
         qr = cap["query_responses"]
-        lp = core.logprobs_from_logits(policy_logits(pol, qr, ctx), responses, s["temperature"])
-        rlp = core.logprobs_from_logits(policy_logits(ref, qr, ctx), responses, s["temperature"])
+        lp = sequences.logprobs_from_logits(policy_logits(pol, qr, ctx), responses, s["temperature"])
+        rlp = sequences.logprobs_from_logits(policy_logits(ref, qr, ctx), responses, s["temperature"])
         val = value_predictions(vm, qr, ctx)
     d["logprobs"] = _maxdiff(lp, cap["logprobs"], mask)
     d["ref_logprobs"] = _maxdiff(rlp, cap["ref_logprobs"], mask)
@@ -585,7 +586,7 @@ def replay_update(cap, targets, mask, value_mask) -> dict[str, Any]:
     for mb in cap["micro_batches"]:
         inds = mb["inds"]
         logits = policy_logits(pol, qr[inds], ctx)
-        new_lp = core.logprobs_from_logits(logits, responses[inds], s["temperature"])
+        new_lp = sequences.logprobs_from_logits(logits, responses[inds], s["temperature"])
         vpred = value_predictions(vm, qr[inds], ctx)
         pg, st = core.policy_loss(
             new_lp, old_logprobs[inds], targets["advantages"][inds], mask[inds], s["cliprange"], stats_over_padding=True
@@ -627,7 +628,7 @@ def replay_update(cap, targets, mask, value_mask) -> dict[str, Any]:
 
 
 def numeric_crosscheck(settings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Run TRL's PPOTrainer for one iteration per setting and compare with ``rlhf_toy.ppo.core``.
+    """Run TRL's PPOTrainer for one iteration per setting and compare with ``rlhf_toy.stages.ppo.core``.
 
     ``settings``: list of dicts overriding ``BASE_SETTING`` (default ``DEFAULT_SETTINGS``).
     Returns ``{"tolerance", "update_tolerance", "passed", "results": {name: {...}}}``; each result

@@ -7,14 +7,16 @@ the stage is a number in metrics.jsonl, and the samples are in samples.jsonl.
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_toy import data, models, runlog, sampling, task
+from rlhf_toy import data, models, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
-from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_fields, trainer_precision
+from rlhf_toy.evaluation.sample_and_score import sample_and_score
+from rlhf_toy.scoring import Judge
+from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
+                                    trainer_precision)
 
 
 @dataclass
@@ -23,7 +25,7 @@ class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
     dataset: str = "data/sft.jsonl"
     eval_fraction: float = 0.1          # held-out demonstrations for the eval loss
     eval_prompts: str = "data/prompts_eval.jsonl"
-    num_sample_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
+    num_eval_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
     max_length: int = 256
     eval_steps: int = 0                 # 0 = evaluate only before and after
     max_new_tokens: int = 64            # for the before/after samples
@@ -36,16 +38,6 @@ class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
 
 
 
-def sample_and_score(model, tokenizer, prompts, cfg, label: str) -> tuple[float, list[dict]]:
-    samples = sampling.generate(
-        model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-        batch_size=cfg.sample_batch_size, seed=cfg.seed, progress=f"sampling eval prompts ({label})",
-    )
-    rows = [{"stage": label, "prompt": s.prompt, "response": s.response, "gold": task.gold_score(s.response),
-             "n_tokens": len(s.response_ids), "has_eos": s.has_eos} for s in samples]
-    return statistics.mean(r["gold"] for r in rows), rows
-
-
 def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
@@ -55,19 +47,25 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     records = [{"prompt": data.as_messages(r["prompt"], "user"),
                 "completion": data.as_messages(r["completion"], "assistant")} for r in records]
     train_records, eval_records = data.split_records(records, cfg.eval_fraction, cfg.seed)
-    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.num_sample_prompts else []
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
     checkpoints = run_dir / "checkpoints"
-    resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg, run_dir)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
 
-    if eval_prompts and "gold_mean_before" not in summary:
-        summary["gold_mean_before"], rows = sample_and_score(model, tokenizer, eval_prompts, cfg, "before")
+    def evaluate(policy, when: str) -> None:   # gold on the eval prompts (no reward model exists yet)
+        summary[when], rows = sample_and_score(
+            policy, tokenizer, eval_prompts, judge=Judge(None), max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed,
+            progress=f"sampling eval prompts ({when})")
+        runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
+
+    if eval_prompts and "before" not in summary:
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
-        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+        evaluate(model, "before")
 
     args = SFTConfig(
         output_dir=str(checkpoints), **trainer_fields(cfg), max_length=cfg.max_length,
@@ -102,9 +100,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     final = save_final(trainer, tokenizer, run_dir)
 
     if eval_prompts:
-        final_model = models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype)
-        summary["gold_mean_after"], rows = sample_and_score(final_model, tokenizer, eval_prompts, cfg, "after")
-        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+        evaluate(models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype), "after")
     summary_path.write_text(json.dumps(summary) + "\n")
-    runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step, {"summary": 1, **summary})
+    runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step, {"summary": 1, **runlog.flatten(summary)})
     return run_dir

@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import json
 import random
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_toy import data, models, runlog, sampling
+from rlhf_toy import data, models, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
-from rlhf_toy.stages import lora_config, save_final, setup_run, trainer_fields, trainer_precision
+from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
+from rlhf_toy.scoring import Judge
+from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
+                                    trainer_precision)
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -45,7 +47,7 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
     gradient_checkpointing: bool = False  # TRL's default is on; on a small CPU model it only costs time
     eval_steps: int = 0                 # 0 = evaluate the held-out pairs only before and after
     eval_prompts: str = "data/prompts_eval.jsonl"
-    num_sample_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
+    num_eval_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
     reward_model: str = "runs/reward/final"   # scores the samples when it exists ("" = never)
     max_new_tokens: int = 48
     temperature: float = 0.7
@@ -82,67 +84,39 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict]]:
     return data.split_records(pairs, cfg.eval_fraction, cfg.seed)
 
 
-def sample_and_score(model, tokenizer, prompts, cfg, label: str, judge, ref=None) -> tuple[dict, list[dict]]:
-    """Sample the eval prompts; gold, RM and (given the reference) sequence KL per sample."""
-    from rlhf_toy.compare import sequence_logprobs
-
-    samples = sampling.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
-                                temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed,
-                                progress=f"sampling eval prompts ({label})")
-    n_tokens = [len(s.response_ids) for s in samples]
-    scores = judge.score([s.prompt for s in samples], [s.response for s in samples], n_tokens,
-                         [s.has_eos for s in samples])
-    kls = [None] * len(samples)
-    if ref is not None:
-        kls = []
-        for start in range(0, len(samples), cfg.sample_batch_size):
-            batch = samples[start:start + cfg.sample_batch_size]
-            ids = [s.response_ids or [tokenizer.eos_token_id] for s in batch]
-            args = dict(temperature=cfg.temperature)
-            logp = sequence_logprobs(model, tokenizer, [s.prompt for s in batch], ids, **args)
-            ref_logp = sequence_logprobs(ref, tokenizer, [s.prompt for s in batch], ids, **args)
-            kls += [a - b for a, b in zip(logp, ref_logp)]
-    rows = [{"stage": label, "prompt": s.prompt, "response": s.response, **sc, "n_tokens": n, "has_eos": s.has_eos,
-             "kl": kl} for s, sc, n, kl in zip(samples, scores, n_tokens, kls)]
-    means = {"score/gold": statistics.mean(r["gold"] for r in rows),
-             "response/length_mean": statistics.mean(n_tokens),
-             "val/eos_rate": statistics.mean(float(s.has_eos) for s in samples)}
-    if rows[0]["rm"] is not None:
-        means["score/rm"] = statistics.mean(r["rm"] for r in rows)
-    if ref is not None:
-        means["objective/kl"] = statistics.mean(kls)
-    return means, rows
-
-
 def run_dpo(cfg: DPOStageConfig) -> Path:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    from rlhf_toy.compare import Judge
-
     run_dir = setup_run(cfg)
     train_pairs, eval_pairs = load_pairs(cfg)
-    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_sample_prompts] if cfg.num_sample_prompts else []
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
     checkpoints = run_dir / "checkpoints"
-    resume_from = runlog.last_checkpoint(checkpoints) if cfg.resume else None
+    resume_from = resume_checkpoint(cfg, run_dir)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
     judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
     if judge is not None and judge.note:
         print(f"note: {judge.note}")
 
+    def evaluate(policy, when: str, ref=None) -> None:   # gold, RM and (after) the KL to the reference
+        summary[when], rows = sample_and_score(
+            policy, tokenizer, eval_prompts, judge=judge, max_new_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed, ref=ref,
+            progress=f"sampling eval prompts ({when})")
+        runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
+
     if eval_prompts and "before" not in summary:
-        summary["before"], rows = sample_and_score(model, tokenizer, eval_prompts, cfg, "before", judge)
-        summary["before"]["objective/kl"] = 0.0   # the policy is the reference
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
-        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
+        evaluate(model, "before")
+        summary["before"]["kl_to_ref"] = 0.0   # the policy is the reference
         # Step 0 of PPO-named curves (score/gold, score/rm, objective/kl) that compare.py overlays.
         logger = runlog.MetricsLogger(run_dir, tensorboard=cfg.report_to == "tensorboard",
                                       resume_step=None if resume_from else -1)   # fresh run: drop old records
-        logger.log(0, {**summary["before"], "sample_stage": 0})
+        logger.log(0, {**as_training_metrics(summary["before"]), "sample_stage": 0})
         logger.close()
 
     args = DPOConfig(
@@ -191,12 +165,10 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     if eval_prompts:
         del trainer, model, ref_model
         reference = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
-        final_model = models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype)
-        summary["after"], rows = sample_and_score(final_model, tokenizer, eval_prompts, cfg, "after", judge, reference)
-        runlog.append_jsonl(run_dir / "samples.jsonl", rows)
-        logger.log(step, {**summary["after"], "sample_stage": 1})
+        evaluate(models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype), "after", reference)
+        logger.log(step, {**as_training_metrics(summary["after"]), "sample_stage": 1})
     summary_path.write_text(json.dumps(summary) + "\n")
-    logger.log(step, {"summary": 1, **_flat(summary)})
+    logger.log(step, {"summary": 1, **runlog.flatten(summary)})
     logger.close()
     return run_dir
 
@@ -205,13 +177,3 @@ def _eval_metrics(trainer) -> dict:
     metrics = trainer.evaluate()
     return {k.removeprefix("eval_"): v for k, v in metrics.items()
             if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
-
-
-def _flat(summary: dict) -> dict:
-    out = {}
-    for key, value in summary.items():
-        if isinstance(value, dict):
-            out.update({f"{key}/{k}": v for k, v in value.items() if isinstance(v, (int, float))})
-        elif isinstance(value, (int, float)):
-            out[key] = value
-    return out

@@ -1,4 +1,4 @@
-"""Run-level cross-check and benchmark: our PPO (`rlhf_toy.ppo.trainer.train_ppo`) and TRL 1.12's
+"""Run-level cross-check and benchmark: our PPO (`rlhf_toy.stages.ppo.trainer.train_ppo`) and TRL 1.12's
 `trl.experimental.ppo.PPOTrainer`, same model, same prompts, matched hyperparameters.
 
     python scripts/crosscheck_trl.py --config configs/crosscheck.yaml      # curves + crosscheck.md
@@ -28,18 +28,17 @@ import io
 import json
 import math
 import os
-import random
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from rlhf_toy import data, models
-from rlhf_toy.config import CommonConfig, ConfigError
+from rlhf_toy import data, models, sequences
+from rlhf_toy.stages.ppo.config import PPOStageConfig
 
 # The curves overlaid in the PNG: (metric, title). TRL logs these names itself; ours uses the same.
 CURVES = [
@@ -53,88 +52,56 @@ CURVES = [
 
 
 @dataclass
-class CrosscheckRunConfig(CommonConfig):
+class CrosscheckRunConfig(PPOStageConfig):
+    """The PPO stage's config (every field, same meaning) plus where the cross-check writes. `ours_config`
+    switches off what TRL does not have (length penalty, score clip, gradient clipping, adaptive β) and
+    the TRL side gets the same values through `build_trl_trainer`."""
     model_name_or_path: str = "runs/sft/final"      # policy init and reference, both trainers
-    reward_model_path: str = "runs/reward/final"    # the RM (+ normalisation sidecar) and the value init
     output_dir: str = "reports/crosscheck"          # crosscheck.md, .png, .json (small files only)
     work_dir: str = "runs/crosscheck"               # the two trainers' run directories (models, metrics)
-    prompts: str = "data/prompts_train.jsonl"
-    eval_prompts: str = "data/prompts_eval.jsonl"
     num_eval_prompts: int = 32
-    num_steps: int = 8
+    total_episodes: int = 64
     batch_size: int = 8
-    num_mini_batches: int = 1
     num_ppo_epochs: int = 2
     response_length: int = 32
     max_prompt_length: int = 128
-    temperature: float = 0.7
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    missing_eos_penalty: float = 1.0
-    gamma: float = 1.0
-    lam: float = 0.95
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    whiten_rewards: bool = False
     learning_rate: float = 3e-6
-    adam_eps: float = 1e-5          # ours' default; TRL gets the same through adam_epsilon
     weight_decay: float = 0.01      # torch AdamW's default, which ours uses; TRL gets the same
-    use_lora: bool = False          # ours: reference = adapter disabled; TRL: peft_config, ref_model=None
-    critic: str = "separate"        # ours only: "shared" (value head on the policy trunk) is NOT matched to TRL
-    lora_r: int = 16
-    lora_alpha: int = 32
     device: str = "cpu"
     dtype: str = "float32"
     report_to: str = "none"
     resume: bool = False
 
-    def validate(self):
-        if self.batch_size % self.num_mini_batches:
-            raise ConfigError(f"batch_size ({self.batch_size}) must split into num_mini_batches ({self.num_mini_batches})")
-        if self.num_steps < 1:
-            raise ConfigError(f"num_steps must be >= 1, got {self.num_steps}")
-
 
 # ----------------------------------------------------------------------------------------------
 # ours
 # ----------------------------------------------------------------------------------------------
-def ours_config(cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int | None = None):
+def ours_config(cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int | None = None) -> PPOStageConfig:
     """Our PPOStageConfig with TRL's semantics switched on where they are options."""
-    from rlhf_toy.ppo.trainer import PPOStageConfig
-
-    return PPOStageConfig(
-        output_dir=output_dir, model_name_or_path=cfg.model_name_or_path, reward_model_path=cfg.reward_model_path,
-        prompts=cfg.prompts, eval_prompts=cfg.eval_prompts,
-        num_eval_prompts=cfg.num_eval_prompts if num_eval_prompts is None else num_eval_prompts,
-        total_episodes=cfg.num_steps * cfg.batch_size, batch_size=cfg.batch_size,
-        response_length=cfg.response_length, max_prompt_length=cfg.max_prompt_length, temperature=cfg.temperature,
-        length_coef=0.0,                # TRL has no length penalty
-        missing_eos_penalty=cfg.missing_eos_penalty,
-        score_clip=0.0,                 # TRL does not clip the score
-        kl_coef=cfg.kl_coef, kl_target=0.0, kl_estimator=cfg.kl_estimator,
-        num_ppo_epochs=cfg.num_ppo_epochs, num_mini_batches=cfg.num_mini_batches, gradient_accumulation_steps=1,
-        gamma=cfg.gamma, lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value,
-        vf_coef=cfg.vf_coef, whiten_rewards=cfg.whiten_rewards, learning_rate=cfg.learning_rate,
-        lr_scheduler_type="linear", adam_eps=cfg.adam_eps,
-        max_grad_norm=1e9,              # TRL's PPO loop never clips gradients
-        sample_every=1, save_steps=cfg.num_steps, save_total_limit=1,
-        use_lora=cfg.use_lora, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha, critic=cfg.critic,
-        seed=cfg.seed, device=cfg.device, dtype=cfg.dtype, num_threads=cfg.num_threads, report_to="none",
-        resume=False,
-    )
+    same = {f.name: getattr(cfg, f.name) for f in fields(PPOStageConfig)}
+    return PPOStageConfig(**{
+        **same, "output_dir": output_dir,
+        "num_eval_prompts": cfg.num_eval_prompts if num_eval_prompts is None else num_eval_prompts,
+        "length_coef": 0.0,             # TRL has no length penalty
+        "score_clip": 0.0,              # TRL does not clip the score
+        "kl_target": 0.0,               # TRL's β is fixed
+        "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear",
+        "max_grad_norm": 1e9,           # TRL's PPO loop never clips gradients
+        "sample_every": 1, "save_steps": cfg.num_steps, "save_total_limit": 1, "report_to": "none", "resume": False,
+    })
 
 
-def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | None = None) -> dict[str, Any]:
+def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | None = None,
+             on_step_end=None) -> dict[str, Any]:
     from rlhf_toy import runlog
-    from rlhf_toy.ppo.trainer import train_ppo
+    from rlhf_toy.stages.ppo.trainer import train_ppo
 
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
     ocfg = ours_config(cfg, str(run_dir), num_eval_prompts)
     started = time.time()
-    train_ppo(ocfg)
+    train_ppo(ocfg, on_step_end=on_step_end)
     wall = time.time() - started
     history = [r for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/kl" in r]
     summary_path = run_dir / "summary.json"
@@ -149,15 +116,9 @@ def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | No
 
 
 def prompt_order(cfg: CrosscheckRunConfig, prompts: list) -> list:
-    """The prompts in the order our trainer draws them (`train_ppo`'s `prompts_for`: a pure function of
-    seed and step), so TRL can be fed the same batches. Checked against ours' samples.jsonl."""
-    out = []
-    for step in range(cfg.num_steps):
-        epoch, offset = divmod(step * cfg.batch_size, len(prompts))
-        order = list(range(len(prompts)))
-        random.Random(cfg.seed * 100003 + epoch).shuffle(order)
-        out += [prompts[order[(offset + i) % len(order)]] for i in range(cfg.batch_size)]
-    return out
+    """The prompts in the order our trainer draws them (`data.prompt_batch`, step by step), so TRL can be
+    fed the same batches. Checked against ours' samples.jsonl."""
+    return [p for step in range(cfg.num_steps) for p in data.prompt_batch(prompts, step, cfg.batch_size, cfg.seed)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -166,7 +127,7 @@ def prompt_order(cfg: CrosscheckRunConfig, prompts: list) -> list:
 def normalised_reward_model_for_trl(rm_path, dtype, gain: float, bias: float):
     """The RM with the normalisation folded into its score head: score' = gain·score + bias.
     (Llama's / GPT-2's score head has no bias, so it is replaced by a Linear with one.)"""
-    from rlhf_toy.reward import load_reward_model
+    from rlhf_toy.scoring import load_reward_model
 
     rm = load_reward_model(rm_path, device="cpu", dtype="float32" if dtype == torch.float32 else "auto").to(dtype)
     old = rm.score
@@ -232,13 +193,12 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
-    from rlhf_toy import sampling
-    from rlhf_toy.reward import _model_dir, read_normalization
+    from rlhf_toy.scoring import read_normalization, reward_model_dir
 
     dtype = models.pick_dtype(cfg.dtype, torch.device(cfg.device))
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
-    rm_dir = _model_dir(cfg.reward_model_path)
+    rm_dir = reward_model_dir(cfg.reward_model_path)
     norm = read_normalization(rm_dir)
 
     def causal_lm():
@@ -260,8 +220,7 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
                                  target_modules="all-linear", task_type="CAUSAL_LM")
 
     # the same token ids as our rollout: chat template + generation prompt, left-truncated
-    ids = [tokenizer(sampling.prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"][-cfg.max_prompt_length:]
-           for p in ordered_prompts]
+    ids = [sequences.prompt_ids(tokenizer, p, cfg.max_prompt_length) for p in ordered_prompts]
     ds = Dataset.from_dict({"input_ids": ids})
     args = PPOConfig(
         output_dir=str(run_dir), report_to=[], seed=cfg.seed,
@@ -285,14 +244,12 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
     return trainer, tokenizer, reward_model
 
 
-def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True) -> dict[str, Any]:
+def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True, callbacks=()) -> dict[str, Any]:
     import shutil
     import warnings
 
     import transformers
     from transformers import TrainerCallback
-
-    from rlhf_toy import runlog
 
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -320,7 +277,8 @@ def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True
             timers.reset()
             self.t = time.perf_counter()
 
-    trainer.add_callback(StepTimes())
+    for callback in (StepTimes(), *callbacks):
+        trainer.add_callback(callback)
     verbosity = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     started = time.time()
@@ -339,20 +297,17 @@ def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True
     result = {"history": history, "steps": steps, "wall_s": wall,
               "batches": [ordered[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.num_steps)]}
     if evaluate_after and cfg.num_eval_prompts:
-        from rlhf_toy.ppo.trainer import evaluate
-        from rlhf_toy.reward import RewardScorer
+        from rlhf_toy.scoring import RewardScorer
+        from rlhf_toy.stages.ppo.models import AdapterDisabled
+        from rlhf_toy.stages.ppo.trainer import evaluate
 
         policy = trainer.accelerator.unwrap_model(trainer.model).policy
-        ocfg = ours_config(cfg, str(run_dir))
         scorer = RewardScorer(cfg.reward_model_path, device=cfg.device, dtype=cfg.dtype)
         eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
-        if cfg.use_lora:  # `evaluate` disables the adapter for the reference, as ours
-            result["after"] = evaluate(ocfg, policy, None, tokenizer, scorer, eval_prompts, "after (TRL)")
-        else:
-            result["after"] = evaluate(ocfg, policy, trainer.ref_model, tokenizer, scorer, eval_prompts, "after (TRL)")
+        reference = AdapterDisabled(policy) if cfg.use_lora else trainer.ref_model   # as ours
+        result["after"] = evaluate(cfg, policy, reference, tokenizer, scorer, eval_prompts, "after (TRL)")
         (run_dir / "summary.json").write_text(json.dumps({"after": result["after"]}, indent=2) + "\n")
     del trainer
-    runlog  # noqa: B018 (imported for symmetry with run_ours)
     return result
 
 
@@ -396,7 +351,7 @@ def plot_curves(ours: list[dict], trl: list[dict], path: Path, title: str) -> No
 
 def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
     """Both trainers, one after the other in this process; writes crosscheck.{md,png,json}."""
-    from rlhf_toy.stages import setup_run
+    from rlhf_toy.stages.common import setup_run
 
     setup_run(cfg)  # seed, threads, output_dir/config.yaml
     out = Path(cfg.output_dir)
@@ -406,7 +361,7 @@ def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
     same_batches = [sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
                     for a, b in zip(ours["batches"], trl["batches"])]
     report = {
-        "config": asdict(cfg),
+        "config": {**asdict(cfg), "num_steps": cfg.num_steps},
         "trl_version": _version("trl"), "transformers_version": _version("transformers"),
         "torch_version": torch.__version__,
         "same_prompt_batches": all(same_batches) and len(same_batches) == cfg.num_steps,
@@ -505,7 +460,7 @@ def format_markdown(r: dict, model_name: str) -> str:
                      f"{_fmt(sum(ov) / len(ov) if ov else None, '.4f')} | {_fmt(sum(tv) / len(tv) if tv else None, '.4f')} |")
     lines += ["", "(`val/num_eos_tokens` is the number of responses with EOS in the batch, for both.)", ""]
     lines += [
-        f"## Evaluation on {c['num_eval_prompts']} eval prompts (same sampling: `sampling.generate`, seed {c['seed'] + 1}, "
+        f"## Evaluation on {c['num_eval_prompts']} eval prompts (same sampling: `sequences.generate`, seed {c['seed'] + 1}, "
         f"T = {c['temperature']}; gold judge `task.gold_score`; normalised RM `RewardScorer`)",
         "",
         "| policy | gold mean | RM mean | KL to ref | length | EOS rate |",
@@ -514,7 +469,7 @@ def format_markdown(r: dict, model_name: str) -> str:
     for label, ev in (("initial (both)", o.get("eval_before")), ("ours after", o.get("eval_after")),
                       ("TRL after", t.get("eval_after"))):
         if ev:
-            lines.append(f"| {label} | {_fmt(ev['gold_mean'])} | {_fmt(ev['rm_mean'])} | {_fmt(ev['kl_mean'])} | "
+            lines.append(f"| {label} | {_fmt(ev['gold_mean'])} | {_fmt(ev['rm_mean'])} | {_fmt(ev['kl_to_ref'])} | "
                          f"{_fmt(ev['length_mean'], '.1f')} | {_fmt(ev['eos_rate'], '.2f')} |")
     ot, tt = o["throughput"], t["throughput"]
     lines += [
@@ -541,7 +496,7 @@ def make_tiny_reward_model(out_dir, base: str = models.TINY_MODEL, gain: float =
     classification model from `base` (random score head) with a normalisation sidecar."""
     from transformers import AutoModelForSequenceClassification
 
-    from rlhf_toy.reward import NORMALIZATION_FILE
+    from rlhf_toy.scoring import NORMALIZATION_FILE
 
     out_dir = Path(out_dir)
     if (out_dir / NORMALIZATION_FILE).exists():
@@ -560,6 +515,6 @@ def make_tiny_reward_model(out_dir, base: str = models.TINY_MODEL, gain: float =
     return out_dir
 
 
-if __name__ == "__main__":  # python -m rlhf_toy.crosscheck_run make-rm OUT_DIR [BASE]
+if __name__ == "__main__":  # python -m rlhf_toy.verify.trl_run make-rm OUT_DIR [BASE]
     if sys.argv[1:2] == ["make-rm"]:
         print(make_tiny_reward_model(sys.argv[2], *(sys.argv[3:4] or [models.TINY_MODEL])))

@@ -12,12 +12,12 @@ Two problems from the seed (seeds/000_4cd3616e2ace358c.txt):
   *and* an episode sampled from the policy does so with probability >= 0.9 (computed exactly).
 
 Each is trained by PPO -- ``core.gae``, ``core.masked_whiten``, ``core.policy_loss`` and
-``core.value_loss``, imported from ``rlhf_toy.ppo.core``, exactly the functions that train the
+``core.value_loss``, imported from ``rlhf_toy.stages.ppo.core``, exactly the functions that train the
 language model (an episode is a "response", a step a "token") -- and by the seed's REINFORCE
 (per-episode update, loss ``-sum log pi(a_t) G_t``).  That is a cheap, exact check that the PPO
 objective points the right way.  Everything is seeded and deterministic, seconds on a CPU.
 
-``python -m rlhf_toy.toy_rl`` prints the updates each method needs (seeds 0..4, median).
+``python -m rlhf_toy.verify.toy_rl`` prints the updates each method needs (seeds 0..4, median).
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from rlhf_toy.ppo import core
+from rlhf_toy import sequences
+from rlhf_toy.stages.ppo import core
 
 # ------------------------------------------------------------------------------------------
 # environments
@@ -215,7 +216,7 @@ def evaluate_gridworld(policy: nn.Module, max_steps: int = 20, success_rate: flo
 
 
 # ------------------------------------------------------------------------------------------
-# PPO with rlhf_toy.ppo.core
+# PPO with rlhf_toy.stages.ppo.core
 # ------------------------------------------------------------------------------------------
 def _ppo_update(
     policy: nn.Module,
@@ -234,13 +235,13 @@ def _ppo_update(
 ) -> dict[str, float]:
     """One PPO iteration on a padded batch of episodes, with the language model's loss functions."""
     with torch.no_grad():
-        old_logprobs = core.logprobs_from_logits(policy(obs), actions, temperature=1.0)
+        old_logprobs = sequences.logprobs_from_logits(policy(obs), actions, temperature=1.0)
         old_values = value(obs).squeeze(-1)
         advantages, returns = core.gae(rewards, old_values, mask, gamma, lam)
         advantages = core.masked_whiten(advantages, mask)
     stats: dict[str, float] = {}
     for _ in range(epochs):
-        new_logprobs = core.logprobs_from_logits(policy(obs), actions, temperature=1.0)
+        new_logprobs = sequences.logprobs_from_logits(policy(obs), actions, temperature=1.0)
         new_values = value(obs).squeeze(-1)
         pg_loss, pg_stats = core.policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange)
         vf_loss, vf_clipfrac = core.value_loss(new_values, old_values, returns, mask, cliprange_value)
@@ -486,7 +487,7 @@ def comparison_table(seeds=range(5)) -> tuple[str, list[ToyResult]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="PPO (rlhf_toy.ppo.core) vs REINFORCE on the seed's toy problems")
+    ap = argparse.ArgumentParser(description="PPO (rlhf_toy.stages.ppo.core) vs REINFORCE on the seed's toy problems")
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     args = ap.parse_args(argv)
     table, _ = comparison_table(range(args.seeds))

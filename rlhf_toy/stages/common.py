@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import models
+from rlhf_toy import models, runlog
 from rlhf_toy.config import save_config
 
 
@@ -22,6 +22,12 @@ def setup_run(cfg, write_config: bool = True) -> Path:
     return Path(cfg.output_dir)
 
 
+def resume_checkpoint(cfg, run_dir: Path) -> str | None:
+    """The checkpoint an HF trainer resumes from (`resume_from_checkpoint`), or None to start fresh."""
+    found = runlog.last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    return str(found) if found else None
+
+
 def trainer_fields(cfg) -> dict:
     """TrainingArguments fields straight from the stage config's TrainerFields (eval batch = train batch)."""
     from dataclasses import fields
@@ -32,13 +38,14 @@ def trainer_fields(cfg) -> dict:
     return {**values, "per_device_eval_batch_size": cfg.per_device_train_batch_size}
 
 
-def lora_config(cfg, task_type: str = "CAUSAL_LM"):
+def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):
+    """peft's LoraConfig from the stage config's LoraFields (None without `use_lora`)."""
     if not cfg.use_lora:
         return None
     from peft import LoraConfig
 
     return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, task_type=task_type)
+                      target_modules=cfg.lora_target_modules, task_type=task_type, **extra)
 
 
 def trainer_precision(cfg) -> dict:

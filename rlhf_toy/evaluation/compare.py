@@ -1,0 +1,390 @@
+"""Evaluation: every run answers the same prompts with the same sampling seeds, judged the same way.
+
+    python scripts/compare.py --runs runs/sft runs/ppo runs/dpo base --ref runs/sft \
+        --prompts data/prompts_eval.jsonl --output_dir reports/NAME [--limit N]
+
+A run is a run directory (its `final/` model, and its kept checkpoints as extra points on the
+gold-vs-KL plot), a model directory, a model name (`tiny-random-gpt2`, `embedded:...`), or `base`
+(the `--base` model). `LABEL=PATH` names a run explicitly.
+
+Per run, over the samples (one or more per prompt):
+- gold_mean: the gold judge (the simulated human), the number that matters.
+- rm_mean: the reward model's normalised score (null without a reward model); score_mean also
+  subtracts the length and missing-EOS penalties PPO optimises.
+- kl_to_ref: sequence KL(π‖π_ref) estimated on π's samples, Σ_t log π(y_t|·) − log π_ref(y_t|·) over
+  response tokens, both log-probs taken at the sampling temperature (logits / T), so it is the KL
+  between the two distributions the samples actually come from (as TRL's PPO computes its KL).
+- win_rate_vs_ref: P(gold of the run's answer > gold of the reference's answer to the same prompt),
+  ties count half, with a 95% percentile-bootstrap interval over prompts.
+- length_mean (response tokens, EOS included), eos_rate, distinct_2 (distinct word bigrams / all
+  word bigrams over all responses: words, so runs with different tokenizers are comparable).
+
+Sampling is batched and resumable: each model's scored samples go to `samples/KEY.jsonl` one batch at
+a time, so a killed compare continues where it stopped. Every batch has its own seed, which is the
+same for every model (common random numbers): a model compared with itself gives identical samples,
+win rate 0.5 and KL 0 exactly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rlhf_toy import data, models, runlog
+from rlhf_toy.evaluation.report import (markdown_table, method_notes, plot_curves, plot_frontier, training_curves,
+                                        write_html, _fmt)
+from rlhf_toy.evaluation.sample_and_score import sample_and_score
+from rlhf_toy.evaluation.stats import summarize
+from rlhf_toy.scoring import PENALTIES_OFF, Judge, run_penalties
+
+DEFAULT_REWARD_MODEL = "runs/reward/final"
+BASE = "base"
+
+
+class CompareError(ValueError):
+    """Bad compare input (a run with no model, a bad prompts file); the message says what to do."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Finding the models
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Entry:
+    """One model to sample: a run's final model, one of its checkpoints, or a plain model."""
+
+    label: str                 # what tables and plots call it ("ppo", "ppo@step-40")
+    model: str                 # a loadable model directory or name
+    run: str                   # the label of the run it belongs to
+    run_dir: Path | None = None
+    step: int | None = None    # a checkpoint's training step; None for the final model
+    tokenizer_from: str | None = None   # where to load the tokenizer from, when `model` has none
+
+    @property
+    def key(self) -> str:
+        return re.sub(r"[^A-Za-z0-9_.@-]+", "_", self.label)
+
+
+def _is_model_dir(path: Path) -> bool:
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
+def checkpoints_of(run_dir: Path) -> list[tuple[int, Path]]:
+    """A run's kept checkpoints that hold a model, as (step, model directory): an HF trainer's
+    `checkpoint-N/` (full or LoRA adapter) or the PPO stage's `step-N/policy/`."""
+    found = []
+    for step, path in runlog.checkpoints(run_dir / "checkpoints"):
+        model_dir = path / "policy" if (path / "policy").is_dir() else path
+        if _is_model_dir(model_dir):
+            found.append((step, model_dir))
+    return found
+
+
+def _last_logged_step(run_dir: Path) -> int | None:
+    steps = [r["step"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if isinstance(r.get("step"), int)]
+    return max(steps) if steps else None
+
+
+def resolve_entries(spec: str, base: str, max_checkpoints: int) -> list[Entry]:
+    """A `--runs` item as the models to sample: the final model first, then kept checkpoints."""
+    label, _, target = spec.partition("=") if "=" in spec else ("", "", spec)
+    if target == BASE:
+        return [Entry(label or BASE, base, label or BASE)]
+    path = Path(target).expanduser()
+    if path.is_dir() and not _is_model_dir(path):
+        run_label = label or path.name
+        final = path / "final"
+        ckpts = checkpoints_of(path)
+        if not _is_model_dir(final) and not ckpts:
+            raise CompareError(
+                f"run directory {path} holds no model: no final/ and no checkpoints/ with a model in them "
+                "(did its training finish? a model directory has a config.json)")
+        entries = []
+        if _is_model_dir(final):
+            entries.append(Entry(run_label, str(final), run_label, path))
+            last = _last_logged_step(path)
+            if ckpts and last is not None and ckpts[-1][0] >= last:
+                ckpts = ckpts[:-1]     # the last checkpoint holds the final weights: no need to sample them twice
+        else:
+            step, ckpt = ckpts.pop()   # an unfinished run: its newest checkpoint stands in for final/
+            print(f"note: {path} has no final/; using its newest checkpoint (step {step})", file=sys.stderr)
+            entries.append(Entry(run_label, str(ckpt), run_label, path, step, _tokenizer_dir(path, ckpt)))
+        if max_checkpoints > 0 and ckpts:
+            picks = sorted({round(i * (len(ckpts) - 1) / max(1, max_checkpoints - 1)) for i in range(max_checkpoints)})
+            for step, ckpt in (ckpts[i] for i in picks if i < len(ckpts)):
+                entries.append(Entry(f"{run_label}@{step}", str(ckpt), run_label, path, step, _tokenizer_dir(path, ckpt)))
+        return entries
+    if path.is_dir():
+        name = path.parent.name if path.name == "final" else path.name
+        return [Entry(label or name, str(path), label or name)]
+    try:
+        models.resolve_model_path(target)   # a model name (tiny-random-gpt2, embedded:..., a hub id)
+    except models.ModelNotFoundError as error:
+        raise CompareError(f"--runs {spec}: {error}") from None
+    return [Entry(label or target, target, label or target)]
+
+
+def _tokenizer_dir(run_dir: Path, model_dir: Path) -> str | None:
+    for candidate in (model_dir, model_dir.parent, run_dir / "final"):
+        if (candidate / "tokenizer_config.json").exists():
+            return str(candidate)
+    return None
+
+
+def load_model_and_tokenizer(entry_model: str, tokenizer_from: str | None, device: str, dtype: str):
+    """A causal LM (a LoRA adapter directory is merged into its base) and its prepared tokenizer."""
+    from transformers import AutoTokenizer
+
+    path = Path(entry_model)
+    source = tokenizer_from or entry_model
+    if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").exists():
+        # A checkpoint directory may hold a tokenizer and a LoRA adapter but no config.json.
+        tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(source))
+    else:
+        tokenizer = models.load_tokenizer(source)
+    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
+        from peft import PeftModel
+
+        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
+        model = models.load_causal_lm(base, tokenizer, device, dtype)
+        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
+    else:
+        model = models.load_causal_lm(entry_model, tokenizer, device, dtype)
+    model.eval()
+    return model, tokenizer
+
+
+def tokenizer_mismatch(tokenizer, ref_tokenizer) -> str | None:
+    """Why a token-level KL between two models is undefined, or None when they share a tokenizer."""
+    vocab, ref_vocab = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
+    if vocab == ref_vocab:
+        return None
+    only = sorted(set(vocab) - set(ref_vocab))[:3]
+    return (f"its tokenizer differs from the reference's ({len(vocab)} vs {len(ref_vocab)} tokens"
+            + (f"; e.g. {', '.join(map(repr, only))} only in the run's" if only else "; same tokens, different ids")
+            + "): a per-token KL needs one token space, so kl_to_ref is left out for it. "
+            "Use a --ref that shares its tokenizer (e.g. the model it was trained from).")
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling, batch by batch, resumable
+# ----------------------------------------------------------------------------------------------
+def _fingerprint(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _model_stamp(model: str) -> dict:
+    """Identifies a model's weights on this machine (names, sizes, modification times): a retrained run
+    invalidates its cached samples. It lives in samples/*.meta.json, which git ignores: a fresh clone
+    has committed samples but no stamps, so it samples every model again rather than trust them."""
+    path = Path(model)
+    if not path.is_dir():
+        return {"name": model}
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json"))
+    return {"path": str(path.resolve()), "files": [(p.name, p.stat().st_size, int(p.stat().st_mtime)) for p in files]}
+
+
+def _read_done(path: Path, batch_sizes: list[int]) -> list[dict]:
+    """The rows of complete batches (a kill can leave a half-written last line or batch)."""
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    done, total = 0, 0
+    for size in batch_sizes:
+        if total + size > len(rows):
+            break
+        total += size
+        done += 1
+    return rows[:total]
+
+
+def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, ref_key: str) -> list[dict]:
+    """Sample and score one model on every prompt (each `samples_per_prompt` times), resuming."""
+    samples_dir = out_dir / "samples"
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    path, meta_path = samples_dir / f"{entry.key}.jsonl", samples_dir / f"{entry.key}.meta.json"
+    settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size",
+                                              "samples_per_prompt", "max_prompt_length")}
+    meta = {"label": entry.label, "model": entry.model, "run": entry.run, "step": entry.step,
+            "fingerprint": _fingerprint([_model_stamp(entry.model), settings, prompts, ref_key,
+                                         judge.penalties, getattr(judge, "path", None)])}
+    batches = [(j, start) for j in range(args.samples_per_prompt) for start in range(0, len(prompts), args.batch_size)]
+    sizes = [len(prompts[start:start + args.batch_size]) for _, start in batches]
+    old_meta = json.loads(meta_path.read_text()) if meta_path.exists() else None
+    if old_meta is None or old_meta.get("fingerprint") != meta["fingerprint"]:
+        if path.exists():
+            print(f"{entry.label}: model, prompts or settings changed since the last compare (or were never "
+                  "recorded here); resampling", file=sys.stderr)
+        path.unlink(missing_ok=True)
+    meta_path.write_text(json.dumps(meta) + "\n")
+    rows = _read_done(path, sizes)
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    n_done = sum(1 for i in range(len(batches)) if sum(sizes[:i + 1]) <= len(rows))
+    if n_done == len(batches):
+        return rows
+
+    ref_model, ref_tokenizer, ref_model_name = ref
+    is_ref = entry.model == ref_model_name
+    if is_ref:
+        model, tokenizer = ref_model, ref_tokenizer
+    else:
+        model, tokenizer = load_model_and_tokenizer(entry.model, entry.tokenizer_from, args.device, args.dtype)
+    mismatch = None if is_ref else tokenizer_mismatch(tokenizer, ref_tokenizer)
+    if mismatch:
+        print(f"warning: {entry.label}: {mismatch}", file=sys.stderr)
+    from tqdm.auto import tqdm
+
+    for j, start in tqdm(batches[n_done:], desc=f"sampling {entry.label}", unit="batch", initial=n_done, total=len(batches)):
+        batch = prompts[start:start + args.batch_size]
+        # The batch's seed depends only on (seed, sample index, batch start): the same for every model.
+        seed = args.seed * 1_000_003 + j * 10_007 + start
+        # The reference itself has KL 0 by definition; a run with another tokenizer has no token-level KL.
+        _, scored = sample_and_score(model, tokenizer, batch, judge=judge, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, batch_size=len(batch), seed=seed,
+                                     max_prompt_length=args.max_prompt_length,
+                                     ref=None if is_ref or mismatch else ref_model, ref_tokenizer=ref_tokenizer)
+        new = [{"prompt_id": start + i, "sample": j, "label": entry.label, **row,
+                **({"kl": 0.0} if is_ref else {}), **({"kl_note": mismatch} if mismatch else {})}
+               for i, row in enumerate(scored)]
+        runlog.append_jsonl(path, new)
+        rows.extend(new)
+    if not is_ref:
+        del model
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True,
+                   help="run directories, model directories or names, or `base`; LABEL=PATH names one")
+    p.add_argument("--ref", default=None, help="the reference for KL and win rate (default: the first run)")
+    p.add_argument("--base", default=models.DEFAULT_MODEL, help="the model `base` stands for")
+    p.add_argument("--prompts", default="data/prompts_eval.jsonl")
+    p.add_argument("--output_dir", required=True)
+    p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0 = all)")
+    p.add_argument("--reward_model", default=DEFAULT_REWARD_MODEL, help="reward model directory, or `none`")
+    p.add_argument("--length_coef", type=float, default=None, help="default: from a PPO run's config.yaml, else 0")
+    p.add_argument("--length_target", type=int, default=None)
+    p.add_argument("--missing_eos_penalty", type=float, default=None)
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--samples_per_prompt", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--max_prompt_length", type=int, default=256)
+    p.add_argument("--checkpoints", type=int, default=2, help="kept checkpoints sampled per run (0 = none)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_bootstrap", type=int, default=1000)
+    p.add_argument("--html_prompts", type=int, default=50, help="prompts shown in report.html")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    return p
+
+
+def _penalties(args, run_dirs: dict) -> dict:
+    """The length/EOS penalties of "RM − penalties": flags win, else those of the first run that was
+    trained with them (a PPO run, `scoring.run_penalties`), else none."""
+    found = next((p for p in map(run_penalties, run_dirs.values()) if p is not None), PENALTIES_OFF)
+    flags = {name: getattr(args, name) for name in PENALTIES_OFF}
+    return {name: type(PENALTIES_OFF[name])(flags[name] if flags[name] is not None else found[name])
+            for name in PENALTIES_OFF}
+
+
+def run_compare(args) -> Path:
+    out_dir = Path(args.output_dir)
+    try:
+        prompts = data.load_prompts(args.prompts)
+    except data.DataError as error:
+        raise CompareError(str(error)) from None
+    if args.limit:
+        prompts = prompts[: args.limit]
+
+    entries, run_labels = [], []
+    for spec in args.runs:
+        group = resolve_entries(spec, args.base, args.checkpoints)
+        run = group[0].run
+        if run in run_labels:   # two runs with the same name (runs/a/ppo, runs/b/ppo): number them
+            new_run = f"{run}#{run_labels.count(run) + 1}"
+            for entry in group:
+                entry.label, entry.run = entry.label.replace(run, new_run, 1), new_run
+        run_labels.append(run)
+        entries += group
+    ref_spec = args.ref or args.runs[0]
+    ref_entry = resolve_entries(ref_spec, args.base, 0)[0]
+    # The reference is a run when it is one of them (same model): its samples are then shared.
+    same = [e for e in entries if e.step is None and e.model == ref_entry.model]
+    if same:
+        ref_entry = same[0]
+    else:
+        ref_entry.label = ref_entry.run = f"ref:{ref_entry.label}"
+    run_dirs = {e.run: e.run_dir for e in entries if e.run_dir is not None and e.step is None}
+    penalties = _penalties(args, run_dirs)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    ref_model, ref_tokenizer = load_model_and_tokenizer(ref_entry.model, ref_entry.tokenizer_from, args.device, args.dtype)
+    judge = Judge(args.reward_model, args.device, args.dtype, **penalties)
+    if judge.note:
+        print(f"note: {judge.note}", file=sys.stderr)
+    ref_key = _fingerprint(_model_stamp(ref_entry.model))
+    ref = (ref_model, ref_tokenizer, ref_entry.model)
+
+    rows_by_label = {}
+    for entry in [ref_entry] + [e for e in entries if e is not ref_entry]:
+        rows_by_label[entry.label] = sample_entry(entry, prompts, ref, judge, args, out_dir, ref_key)
+    ref_rows = rows_by_label[ref_entry.label]
+
+    notes = [judge.note] if judge.note else []
+    report = {"ref": ref_entry.label, "ref_model": ref_entry.model, "reward_model": getattr(judge, "path", None),
+              "penalties": penalties,
+              "settings": {"prompts": args.prompts, "n_prompts": len(prompts),
+                           **{k: getattr(args, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature",
+                                                            "seed", "batch_size", "n_bootstrap", "checkpoints")}},
+              "runs": {}}
+    for entry in entries:
+        metrics = summarize(rows_by_label[entry.label], ref_rows, args.n_bootstrap, args.seed)
+        mismatch = next((r.get("kl_note") for r in rows_by_label[entry.label] if r.get("kl_note")), None)
+        if mismatch:
+            metrics["kl_note"] = mismatch
+            notes.append(f"{entry.label}: {mismatch}")
+        metrics.update(model=entry.model, step=entry.step)
+        if entry.step is None or entry.label == entry.run:
+            report["runs"][entry.label] = {**metrics, "checkpoints": []}
+        else:
+            report["runs"][entry.run]["checkpoints"].append({"label": entry.label, **metrics})
+    if ref_entry.label not in report["runs"]:
+        notes.append(f"the reference {ref_entry.label} is not among the runs; its gold mean is "
+                     f"{_fmt(summarize(ref_rows, None, 0, 0)['gold_mean'])}")
+    report["notes"] = notes
+
+    (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out_dir / "compare.md").write_text(
+        "# Comparison\n\n" + markdown_table(report) + "\n\n" + "\n".join(f"- {n}" for n in method_notes(report))
+        + "\n\nPlots: `frontier.png` (gold vs KL), `curves.png` (training curves); samples side by side in "
+        "`report.html`; every scored sample in `samples/`.\n")
+    plot_frontier(report, out_dir / "frontier.png")
+    plot_curves(training_curves(run_dirs), out_dir / "curves.png")
+    write_html(report, {label: rows_by_label[label] for label in report["runs"]}, out_dir, args.html_prompts)
+    print(markdown_table(report))
+    return out_dir
+
+
+def main(argv=None) -> Path:
+    args = build_parser().parse_args(argv)
+    try:
+        return run_compare(args)
+    except (CompareError, models.ModelNotFoundError, data.DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,188 @@
+"""Report writers for compare: compare.md's table and notes, the gold-vs-KL frontier and training-curve
+plots, and report.html with samples side by side."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+
+from rlhf_toy import runlog
+
+# Training-curve metrics overlaid across runs: (panel title, keys tried in order).
+CURVES = [
+    ("reward (RM score)", ("objective/scores", "score/rm")),
+    ("KL to reference", ("objective/kl",)),
+    ("gold (simulated human)", ("score/gold",)),
+]
+
+
+def _fmt(value, digits=3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+TABLE_COLUMNS = [("gold_mean", "gold"), ("rm_mean", "RM"), ("score_mean", "RM − penalties"), ("kl_to_ref", "KL to ref"),
+                 ("win_rate_vs_ref", "win rate vs ref (95% CI)"), ("length_mean", "length (tokens)"),
+                 ("eos_rate", "EOS rate"), ("distinct_2", "distinct-2")]
+
+
+def _cell(metrics: dict, key: str) -> str:
+    if key == "win_rate_vs_ref":
+        lo, hi = metrics.get("win_rate_vs_ref_ci95") or [None, None]
+        return f"{_fmt(metrics.get(key))} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+    if key == "kl_to_ref" and metrics.get("kl_to_ref_se") is not None:
+        return f"{_fmt(metrics[key])} ± {_fmt(metrics['kl_to_ref_se'], 2)}"
+    return _fmt(metrics.get(key))
+
+
+def markdown_table(report: dict) -> str:
+    head = "| run | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    for label, metrics in report["runs"].items():
+        lines.append(f"| {label} | " + " | ".join(_cell(metrics, k) for k, _ in TABLE_COLUMNS) + " |")
+    ckpt_lines = []
+    for label, metrics in report["runs"].items():
+        for ckpt in metrics.get("checkpoints", []):
+            ckpt_lines.append(f"| {ckpt['label']} | " + " | ".join(_cell(ckpt, k) for k, _ in TABLE_COLUMNS) + " |")
+    if ckpt_lines:
+        lines += ["", "Kept checkpoints:", "", head.replace("| run |", "| checkpoint |"),
+                  "|" + "---|" * (len(TABLE_COLUMNS) + 1), *ckpt_lines]
+    return "\n".join(lines)
+
+
+def method_notes(report: dict) -> list[str]:
+    s = report["settings"]
+    return [
+        f"Prompts: {s['prompts']} ({s['n_prompts']} prompts × {s['samples_per_prompt']} sample(s) each). Every model "
+        f"samples with temperature {s['temperature']}, at most {s['max_new_tokens']} new tokens, no top-k/top-p, and the "
+        "same per-batch seeds (common random numbers).",
+        f"Reference: {report['ref']} ({report['ref_model']}).",
+        "KL to ref: sequence KL(π‖π_ref) estimated on π's own samples as the mean over samples of "
+        "Σ_t [log π(y_t|x,y<t) − log π_ref(y_t|x,y<t)] over the response tokens (EOS included), both log-probs "
+        "taken at the sampling temperature (logits / T), so it is the KL between the distributions the samples come "
+        "from; ± is one standard error.",
+        f"Win rate vs ref: by gold, against the reference's answer to the same prompt with the same seed; ties count "
+        f"half; 95% percentile bootstrap over prompts ({s['n_bootstrap']} resamples).",
+        "distinct-2: distinct word bigrams / all word bigrams over the run's responses. length: response tokens "
+        "(EOS included). EOS rate: share of responses that ended with EOS within the token limit.",
+        "RM: " + (f"{report['reward_model']} (normalised: mean 0, std 1 on SFT samples); RM − penalties subtracts "
+                  f"{report['penalties']['length_coef']}·max(0, tokens − {report['penalties']['length_target']}) and "
+                  f"{report['penalties']['missing_eos_penalty']} for a missing EOS (PPO's training score)."
+                  if report.get("reward_model") else "none."),
+    ] + report.get("notes", [])
+
+
+def plot_frontier(report: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for i, (label, m) in enumerate(report["runs"].items()):
+        color = f"C{i % 10}"
+        points = [(c["step"], c["kl_to_ref"], c["gold_mean"]) for c in m.get("checkpoints", []) if c["kl_to_ref"] is not None]
+        if m["kl_to_ref"] is not None:
+            points.append((math.inf, m["kl_to_ref"], m["gold_mean"]))
+        if not points:
+            continue
+        points.sort()
+        ax.plot([p[1] for p in points], [p[2] for p in points], "-", color=color, alpha=0.4)
+        ax.plot([p[1] for p in points[:-1]], [p[2] for p in points[:-1]], "o", color=color, ms=4, alpha=0.6)
+        ax.plot([points[-1][1]], [points[-1][2]], "o", color=color, ms=9, label=label)
+        ax.annotate(label, (points[-1][1], points[-1][2]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xlabel("KL to reference (nats per sequence)")
+    ax.set_ylabel("gold mean")
+    ax.set_title("gold vs KL (small dots: kept checkpoints)")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(curves: dict, path: Path) -> None:
+    """Training curves of the runs overlaid: {run: {panel: [(step, value)]}}."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
+    for ax, (title, _) in zip(axes, CURVES):
+        for i, (run, panels) in enumerate(curves.items()):
+            points = panels.get(title)
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], "-o" if len(points) < 12 else "-",
+                        ms=3, color=f"C{i % 10}", label=run)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("training step (each run's own)")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+        else:
+            ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes, color="gray")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def training_curves(run_dirs: dict) -> dict:
+    curves = {}
+    for run, run_dir in run_dirs.items():
+        records = runlog.read_jsonl(run_dir / "metrics.jsonl")
+        panels = {}
+        for title, keys in CURVES:
+            for key in keys:
+                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+                if points:
+                    panels[title] = points
+                    break
+        if panels:
+            curves[run] = panels
+    return curves
+
+
+def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: int) -> Path:
+    def img(name):
+        encoded = base64.b64encode((out_dir / name).read_bytes()).decode()
+        return f'<img src="data:image/png;base64,{encoded}" alt="{name}">'
+
+    e = html.escape
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>rlhf_toy compare</title><style>",
+        "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
+        "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}"
+        ".resp{white-space:pre-wrap;max-width:360px}.s{color:#555;font-size:85%}img{max-width:100%}"
+        ".good{background:#eaf7ea}.bad{background:#fbeaea}",
+        "</style></head><body><h1>Comparison</h1>",
+        "<table><tr><th>run</th>" + "".join(f"<th>{e(t)}</th>" for _, t in TABLE_COLUMNS) + "</tr>",
+    ]
+    for label, m in report["runs"].items():
+        parts.append(f"<tr><td>{e(label)}</td>" + "".join(f"<td>{e(_cell(m, k))}</td>" for k, _ in TABLE_COLUMNS) + "</tr>")
+    parts.append("</table><ul>" + "".join(f"<li>{e(n)}</li>" for n in method_notes(report)) + "</ul>")
+    parts.append(f"<h2>Gold vs KL</h2>{img('frontier.png')}<h2>Training curves</h2>{img('curves.png')}")
+    labels = list(report["runs"])
+    by_prompt = {label: {(r["prompt_id"], r["sample"]): r for r in rows_by_label[label]} for label in labels}
+    keys = sorted(by_prompt[labels[0]])[:max_prompts]
+    parts.append(f"<h2>Samples ({len(keys)} shown)</h2><table><tr><th>prompt</th>"
+                 + "".join(f"<th>{e(l)}</th>" for l in labels) + "</tr>")
+    for key in keys:
+        prompt = by_prompt[labels[0]][key]["prompt"]
+        text = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
+        parts.append(f"<tr><td class='resp'>#{key[0]}" + (f" (sample {key[1]})" if key[1] else "") + f"<br>{e(text)}</td>")
+        for label in labels:
+            r = by_prompt[label].get(key)
+            if r is None:
+                parts.append("<td></td>")
+                continue
+            cls = "good" if r["gold"] > 0.3 else "bad" if r["gold"] < -0.3 else ""
+            scores = f"gold {_fmt(r['gold'], 2)} · RM {_fmt(r.get('rm'), 2)} · {r['n_tokens']} tok" + ("" if r["has_eos"] else " · no EOS")
+            parts.append(f"<td class='resp {cls}'>{e(r['response'])}<div class='s'>{e(scores)}</div></td>")
+        parts.append("</tr>")
+    parts.append("</table></body></html>")
+    path = out_dir / "report.html"
+    path.write_text("".join(parts), encoding="utf-8")
+    return path

@@ -1,0 +1,41 @@
+"""Sample prompts and score the answers: the one implementation every stage's before/after evaluation and
+compare use, with one row shape and one summary shape (`stats.summarize`: gold_mean, rm_mean, score_mean,
+kl_to_ref, length_mean, eos_rate, distinct_2, ...)."""
+
+from __future__ import annotations
+
+from rlhf_toy import sequences
+from rlhf_toy.evaluation.stats import summarize
+from rlhf_toy.scoring import Judge
+
+
+def sample_and_score(model, tokenizer, prompts, *, judge: Judge, max_new_tokens: int, temperature: float,
+                     batch_size: int, seed: int, max_prompt_length: int = 256, ref=None, ref_tokenizer=None,
+                     progress: str | None = None) -> tuple[dict, list[dict]]:
+    """Sample one answer per prompt (`sequences.generate`, seeded per batch), judge it (gold; RM and the
+    penalised score when the judge has a reward model) and, given a reference model, its sequence
+    KL(π‖π_ref) = Σ_t log π(y_t) − log π_ref(y_t) at the sampling temperature. Returns (summary, rows)."""
+    samples = sequences.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 batch_size=batch_size, seed=seed, max_prompt_length=max_prompt_length,
+                                 progress=progress)
+    n_tokens = [len(s.response_ids) for s in samples]
+    scores = judge.score([s.prompt for s in samples], [s.response for s in samples], n_tokens,
+                         [s.has_eos for s in samples])
+    logps = ref_logps = kls = [None] * len(samples)
+    if ref is not None:
+        ids = [s.response_ids or [tokenizer.eos_token_id] for s in samples]   # an empty answer is its EOS
+        settings = dict(temperature=temperature, max_prompt_length=max_prompt_length, batch_size=batch_size)
+        logps = sequences.sequence_logprobs(model, tokenizer, prompts, ids, **settings)
+        ref_logps = sequences.sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, ids, **settings)
+        kls = [a - b for a, b in zip(logps, ref_logps)]
+    rows = [{"prompt": s.prompt, "response": s.response, "n_tokens": n, "n_words": len(s.response.split()),
+             "has_eos": s.has_eos, **sc, "logp": lp, "ref_logp": rlp, "kl": kl}
+            for s, n, sc, lp, rlp, kl in zip(samples, n_tokens, scores, logps, ref_logps, kls)]
+    return summarize(rows), rows
+
+
+def as_training_metrics(summary: dict) -> dict:
+    """An evaluation summary under PPO's metric names, so compare can overlay it on training curves."""
+    names = {"gold_mean": "score/gold", "rm_mean": "score/rm", "kl_to_ref": "objective/kl",
+             "length_mean": "response/length_mean", "eos_rate": "val/eos_rate"}
+    return {name: summary[key] for key, name in names.items() if summary.get(key) is not None}

@@ -1,0 +1,86 @@
+"""PPO checkpoints: everything needed to continue as if never stopped (policy, critic, optimizer,
+scheduler, KL controller, every process's RNG state), written atomically as `checkpoints/step-N/`."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf_toy import runlog
+
+
+def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, optimizer, scheduler,
+                    kl_ctl, accelerator, save_total_limit: int) -> None:
+    checkpoints = run_dir / "checkpoints"
+    partial = checkpoints / f"step-{step}.partial"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # Every process has its own RNG stream (its own rollouts): each saves it.
+    partial.mkdir(parents=True, exist_ok=True)
+    torch.save({"torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               partial / f"rng-{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    policy.save_pretrained(partial / "policy", safe_serialization=True)
+    tokenizer.save_pretrained(partial / "policy")
+    save_critic(value_model, partial / "value")
+    torch.save({
+        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "kl_ctl": kl_ctl.state_dict(), "python_rng": random.getstate(),
+    }, partial / "trainer_state.pt")
+    partial.rename(checkpoints / f"step-{step}")   # atomic: a half-written checkpoint is never resumed
+    for _, old in runlog.checkpoints(checkpoints)[:-save_total_limit]:
+        shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+def save_critic(value_model, directory: Path) -> None:
+    if isinstance(value_model, torch.nn.Linear):   # the shared critic's head: two tensors
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in value_model.state_dict().items()}, directory / "value_head.safetensors")
+    else:
+        value_model.save_pretrained(directory, safe_serialization=True)
+
+
+def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ctl, device, process_index: int) -> int:
+    from safetensors.torch import load_file
+
+    def load_weights(model, directory):
+        if (directory / "value_head.safetensors").exists():
+            model.load_state_dict(load_file(directory / "value_head.safetensors", device=str(device)))
+        elif (directory / "adapter_model.safetensors").exists():
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors", device=str(device)))
+        else:
+            state = load_file(directory / "model.safetensors", device=str(device))
+            missing, _ = model.load_state_dict(state, strict=False)
+            # tied embeddings are saved once; anything else missing is a broken checkpoint
+            if [k for k in missing if "lm_head" not in k]:
+                raise RuntimeError(f"{directory}: checkpoint lacks {missing[:3]}")
+
+    load_weights(policy, path / "policy")
+    load_weights(value_model, path / "value")
+    state = torch.load(path / "trainer_state.pt", weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl_ctl.load_state_dict(state["kl_ctl"])
+    rng = torch.load(path / f"rng-{process_index}.pt", weights_only=True)
+    torch.set_rng_state(rng["torch_rng"])
+    if rng["cuda_rng"]:
+        torch.cuda.set_rng_state_all(rng["cuda_rng"])
+    random.setstate(_as_tuple(state["python_rng"]))
+    return state["step"]
+
+
+def _as_tuple(value):
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value

@@ -1,0 +1,426 @@
+"""Stage 3: hand-written PPO with a per-token KL penalty and a length-penalized reward.
+
+    python scripts/ppo.py --config configs/ppo.yaml [--field value ...]
+
+`train_ppo` is the loop, one screen, in the six steps of every PPO iteration; each step is a function
+below it, in the same order (CleanRL's ppo.py is the model). The math is in `core` (pure functions,
+unit-tested and cross-checked against TRL), the models in `models`, checkpoints in `checkpoint`.
+
+  1. sample     `batch_size` prompts, responses at temperature T (KV cache, stop at EOS); the policy's
+                log-probs from the sampling logits, the reference's and the critic's from forward passes
+  2. score      RM_norm − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
+  3. rewards    −β·KL per token, plus the score on the last token          (core.compute_ppo_targets)
+  4. advantages GAE(γ, λ), whitened                                        (core.compute_ppo_targets)
+  5. update     num_ppo_epochs × num_mini_batches clipped policy + value updates
+  6. log, save  metrics, samples, β update (adaptive controller); checkpoint
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from rlhf_toy import data, models, runlog, sequences, task
+from rlhf_toy.config import ConfigError
+from rlhf_toy.evaluation.sample_and_score import sample_and_score
+from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
+from rlhf_toy.stages.common import setup_run
+from rlhf_toy.stages.ppo import core
+from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
+from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf in a loss or a rollout quantity; the message names the quantity and the step."""
+
+
+@dataclass
+class PPOState:
+    """Everything one PPO run holds: its config, models, optimizer and the per-step timers."""
+    cfg: PPOStageConfig
+    accelerator: object
+    device: torch.device
+    tokenizer: object
+    scorer: RewardScorer
+    policy: torch.nn.Module
+    reference: object                  # a frozen copy, or with LoRA the policy with its adapter disabled
+    value_model: torch.nn.Module       # the critic: a value model, or the shared critic's head
+    optimizer: torch.optim.Optimizer
+    scheduler: object
+    kl_ctl: object
+    eval_prompts: list                 # sampled before and after training
+    local_batch: int                   # episodes per process per step
+    micro_batch: int                   # episodes per forward/backward
+    timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
+
+    @property
+    def parameters(self) -> list:
+        return [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
+
+    @property
+    def shared_critic(self) -> bool:
+        return self.cfg.critic == "shared"
+
+    @contextmanager
+    def timer(self, name: str):
+        """Adds the block's wall time to `timers[name]` (logged as `time/{name}_s`)."""
+        tick = time.perf_counter()
+        yield
+        self.timers[name] = self.timers.get(name, 0.0) + time.perf_counter() - tick
+
+
+@dataclass
+class Rollout:
+    """One batch of episodes (this process's share): everything the update needs."""
+    prompts: list
+    query_responses: torch.Tensor      # [B, context_length + T] prompt (left-padded) + response
+    attention_mask: torch.Tensor
+    context_length: int
+    responses: torch.Tensor            # [B, T], pad after each row's first EOS
+    mask: torch.Tensor                 # [B, T] True on real response tokens (EOS included)
+    logprobs: torch.Tensor             # log π_old(y_t) at temperature T, from the sampling pass
+    ref_logprobs: torch.Tensor         # log π_ref(y_t) at the same T
+    values: torch.Tensor               # V(s_t) before each response token
+    texts: list                        # decoded responses (what the reward model and gold judge read)
+
+
+def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
+    """Train, evaluate before and after, save `final/`. `on_step_end(step, metrics)` is called after each
+    step's metrics are logged and before its checkpoint (the benchmark reads peak memory and steps its
+    profiler there); `metrics["time/*_s"]` time the step's phases."""
+    state, run_dir, start_step = build(cfg)
+    logger, summary, prompts = start_logs(state, run_dir, start_step)
+    progress = tqdm(range(start_step, cfg.num_steps), initial=start_step, total=cfg.num_steps,
+                    desc="PPO", disable=not state.accelerator.is_local_main_process)
+    step = start_step
+    try:
+        for step in progress:
+            step_started, state.timers = time.time(), {}
+            batch = sample(state, local_share(state, data.prompt_batch(prompts, step, cfg.batch_size, cfg.seed)))  # 1
+            parts = score(state, batch)                                                                    # 2
+            with torch.no_grad():  # 3-4: −β·KL per token, score on the last token; GAE; whitened advantages
+                check_finite(step + 1, **{"rollout logprobs": core.masked_mean(batch.logprobs, batch.mask),
+                                          "reference logprobs": core.masked_mean(batch.ref_logprobs, batch.mask),
+                                          "values": core.masked_mean(batch.values, batch.mask),
+                                          "scores": parts["score"]})
+                targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                                   batch.mask, state.kl_ctl.value, cfg.gamma, cfg.lam,
+                                                   cfg.kl_estimator, cfg.whiten_rewards)
+            state.timers["rollout"] = time.time() - step_started
+            with state.timer("update"):
+                stats = ppo_update(state, batch, targets, step + 1)                                        # 5
+            metrics = log_step(state, run_dir, logger, step + 1, batch, parts, targets, stats, step_started)  # 6
+            progress.set_postfix(score=f"{metrics['objective/scores']:.3f}", kl=f"{metrics['objective/kl']:.2f}",
+                                 gold=f"{metrics['score/gold']:.3f}")
+            if on_step_end is not None:
+                on_step_end(step + 1, metrics)
+            save_step(state, run_dir, step + 1)
+    except NonFiniteError as error:
+        # Save what the last good step had (the weights never took the non-finite update).
+        target = run_dir / "checkpoints" / f"nonfinite-at-step-{step + 1}"
+        if state.accelerator.is_main_process:
+            state.policy.save_pretrained(target / "policy", safe_serialization=True)
+            save_critic(state.value_model, target / "value")
+            logger.close()
+        raise NonFiniteError(f"{error}; stopped, the last good weights are in {target}") from None
+    finish(state, run_dir, logger, summary, progress.format_dict["elapsed"])
+    return run_dir
+
+
+# ----------------------------------------------------------------------------------------------
+# set-up
+# ----------------------------------------------------------------------------------------------
+def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
+    """Processes, models, optimizer, scheduler, KL controller; resumed from the last checkpoint if any."""
+    from accelerate import Accelerator
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()   # one progress bar (PPO's), not one per checkpoint write
+    # accelerate only starts the processes and gathers metrics; gradients are averaged by hand below.
+    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    run_dir = setup_run(cfg, write_config=accelerator.is_main_process)
+    device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
+    dtype = models.pick_dtype(cfg.dtype, device)
+    if cfg.batch_size % accelerator.num_processes:
+        raise ConfigError(f"batch_size ({cfg.batch_size}) must divide among {accelerator.num_processes} processes")
+    local_batch = cfg.batch_size // accelerator.num_processes
+    micro_batch = local_batch // cfg.num_mini_batches // cfg.gradient_accumulation_steps
+
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)
+    policy, reference, value_model = load_models(cfg, tokenizer, device, dtype)
+    parameters = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    # One optimizer over policy and value parameters, as TRL's PolicyAndValueWrapper. The fused kernel
+    # (TRL's Trainer default, adamw_torch_fused): the same update, without torch's Python loop over tensors.
+    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, eps=cfg.adam_eps,
+                                  fused=True if device.type in ("cpu", "cuda") else None)
+    decay = (lambda s: max(0.0, 1.0 - s / cfg.num_steps)) if cfg.lr_scheduler_type == "linear" else (lambda s: 1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
+    kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+    state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
+                     scheduler, kl_ctl, eval_prompts, local_batch, micro_batch)
+
+    start_step = 0
+    last = runlog.last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    if last is not None:
+        start_step = load_checkpoint(last, policy, value_model, optimizer, scheduler, kl_ctl, device,
+                                     accelerator.process_index)
+        accelerator.print(f"resuming from {last} (step {start_step} of {cfg.num_steps})")
+    else:
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed + accelerator.process_index)
+    return state, run_dir, start_step
+
+
+def start_logs(state: PPOState, run_dir: Path, start_step: int):
+    """The metrics logger (cut back to the resumed step), the summary with its "before" evaluation,
+    and the training prompts."""
+    cfg, accelerator = state.cfg, state.accelerator
+    prompts = data.load_prompts(cfg.prompts)
+    logger = (runlog.MetricsLogger(run_dir, cfg.report_to == "tensorboard", resume_step=start_step)
+              if accelerator.is_main_process else None)
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if start_step and summary_path.exists() else {}
+    if state.eval_prompts and "before" not in summary and accelerator.is_main_process:
+        summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
+                                     state.eval_prompts, "before")
+        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    return logger, summary, prompts
+
+
+def local_share(state: PPOState, batch_prompts: list) -> list:
+    """This process's slice of the global batch (data parallelism: each process its own rollouts)."""
+    index = state.accelerator.process_index
+    return batch_prompts[index * state.local_batch:][:state.local_batch]
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. sample
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample(state: PPOState, batch_prompts: list) -> Rollout:
+    cfg, tokenizer = state.cfg, state.tokenizer
+    queries, query_mask, _ = sequences.encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length, state.device)
+    context_length = queries.shape[1]
+    state.policy.eval()
+    with state.timer("generation"):
+        generated = state.policy.generate(
+            input_ids=queries, attention_mask=query_mask, max_new_tokens=cfg.response_length,
+            do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+            return_dict_in_generate=True, output_logits=True, output_hidden_states=state.shared_critic,
+        )
+        # generate stops when every row has its EOS: no compute spent on all-pad columns.
+        responses, mask = sequences.truncate_at_eos(generated.sequences[:, context_length:],
+                                                    tokenizer.eos_token_id, tokenizer.pad_token_id)
+        # The sampling pass's own (raw, float32) logits at the same T as every forward pass: the old
+        # log-probs need no extra forward pass. Only temperature is applied (top_k=0, top_p=1).
+        logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
+    query_responses = torch.cat([queries, responses], 1)
+    attention_mask = torch.cat([query_mask, mask.long()], 1)
+    with state.timer("ref_forward"):
+        ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
+                                                   cfg.temperature)
+    with state.timer("value_forward"):
+        if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
+            values = values_from_generation(state.value_model, generated)
+        else:
+            values = forward_values(state.value_model, query_responses, attention_mask, context_length)
+    del generated   # its per-step logits (batch × length × vocab) are not needed past here
+    texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
+    return Rollout(batch_prompts, query_responses, attention_mask, context_length, responses, mask, logprobs,
+                   ref_logprobs, values, texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. score
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score(state: PPOState, batch: Rollout) -> dict[str, torch.Tensor]:
+    """The score of each episode and its parts (`scoring.sequence_score`), clipped to ±score_clip (OpenRLHF)."""
+    cfg = state.cfg
+    with state.timer("scoring"):
+        has_eos = (batch.responses == state.tokenizer.eos_token_id).any(1)
+        parts = sequence_score(state.scorer.score(batch.prompts, batch.texts).to(state.device), batch.mask.sum(1),
+                               has_eos, cfg.length_coef, cfg.length_target, cfg.missing_eos_penalty)
+    if cfg.score_clip:
+        parts["score"] = parts["score"].clamp(-cfg.score_clip, cfg.score_clip)
+    return {**parts, "has_eos": has_eos}
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. update
+# ----------------------------------------------------------------------------------------------
+def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int) -> dict[str, float]:
+    """`num_ppo_epochs` passes over the batch in shuffled minibatches; each minibatch is one optimizer
+    step over `gradient_accumulation_steps` micro-batches. Returns the mean of each statistic."""
+    cfg = state.cfg
+    state.policy.train()
+    state.value_model.train()
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "pg_clipfrac", "vf_clipfrac", "ratio", "entropy")}
+    local_minibatch = state.micro_batch * cfg.gradient_accumulation_steps
+    for _ in range(cfg.num_ppo_epochs):
+        order = torch.randperm(state.local_batch, device=state.device)
+        for mb_start in range(0, state.local_batch, local_minibatch):
+            state.optimizer.zero_grad(set_to_none=True)
+            for mc_start in range(mb_start, mb_start + local_minibatch, state.micro_batch):
+                idx = order[mc_start:mc_start + state.micro_batch]
+                mask = batch.mask[idx]
+                ids, attention = batch.query_responses[idx], batch.attention_mask[idx]
+                if state.shared_critic:   # one trunk, two heads: one forward and one backward
+                    logits, new_values = sequences.response_logits(state.policy, ids, attention, batch.context_length,
+                                                                   cfg.temperature, value_head=state.value_model)
+                else:
+                    logits = sequences.response_logits(state.policy, ids, attention, batch.context_length,
+                                                       cfg.temperature)
+                    new_values = forward_values(state.value_model, ids, attention, batch.context_length)
+                new_logprobs = sequences.logprobs_from_scaled(logits, batch.responses[idx])
+                pg_loss, pg_stats = core.policy_loss(new_logprobs, batch.logprobs[idx], targets["advantages"][idx],
+                                                     mask, cfg.cliprange)
+                vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx], targets["returns"][idx],
+                                                       mask, cfg.cliprange_value)
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                # Stop before a non-finite loss reaches the weights (they stay the last good ones).
+                check_finite(step, **{"loss/policy": pg_loss, "loss/value": vf_loss})
+                (loss / cfg.gradient_accumulation_steps).backward()
+                with torch.no_grad():
+                    for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approxkl", pg_stats["approxkl"]),
+                                        ("pg_clipfrac", pg_stats["clipfrac"]), ("ratio", pg_stats["ratio_mean"]),
+                                        ("vf_clipfrac", vf_clipfrac),
+                                        ("entropy", core.masked_mean(sequences.entropy_from_logits(logits), mask))):
+                        stats[name].append(value.item())
+            average_gradients(state.parameters, state.accelerator)   # data parallel: each process saw its own rollouts
+            grad_norm = torch.nn.utils.clip_grad_norm_(state.parameters, cfg.max_grad_norm)
+            check_finite(step, **{"gradient norm": grad_norm})
+            state.optimizer.step()
+    state.scheduler.step()
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def average_gradients(parameters, accelerator) -> None:
+    """Data parallelism by hand: one all-reduce of all gradients, flattened, divided by the world size."""
+    if accelerator.num_processes == 1:
+        return
+    grads = [p.grad for p in parameters]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    torch.distributed.all_reduce(flat)
+    flat /= accelerator.num_processes
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def check_finite(step: int, **quantities) -> None:
+    for name, value in quantities.items():
+        if not torch.isfinite(torch.as_tensor(value)).all():
+            raise NonFiniteError(f"{name} is NaN or Inf at step {step}")
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. log, save
+# ----------------------------------------------------------------------------------------------
+def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, parts: dict, targets: dict,
+             stats: dict, step_started: float) -> dict:
+    """Metrics under TRL's names (plus ours), the β update, samples every `sample_every` steps.
+    Returns the step's metrics."""
+    cfg, accelerator = state.cfg, state.accelerator
+    mask, scores = batch.mask, parts["score"]
+    with torch.no_grad():
+        kl_per_seq = core.masked_sum(targets["kl"], mask, dim=1)
+        non_score = targets["non_score_reward"].sum(1)
+        gold = torch.tensor([task.gold_score(t) for t in batch.texts], device=state.device)  # logged, never a reward
+        n_tokens = mask.sum(1)
+        gathered = accelerator.gather_for_metrics({
+            "kl": kl_per_seq, "entropy": core.masked_sum(-batch.logprobs, mask, dim=1), "non_score": non_score,
+            "scores": scores, "rm": parts["rm"], "length_penalty": parts["length_penalty"],
+            "gold": gold, "length": n_tokens.float(), "eos": parts["has_eos"].float(),
+            "ev": core.explained_variance(targets["values"], targets["returns"], mask).reshape(1),
+        })
+        update_stats = accelerator.gather_for_metrics({k: torch.tensor([v], device=state.device)
+                                                       for k, v in stats.items()})
+    mean_kl = gathered["kl"].mean().item()
+    step_s = time.time() - step_started
+    metrics = {
+        "objective/kl": mean_kl,
+        "objective/entropy": gathered["entropy"].mean().item(),
+        "objective/non_score_reward": gathered["non_score"].mean().item(),
+        "objective/rlhf_reward": (gathered["scores"] + gathered["non_score"]).mean().item(),
+        "objective/scores": gathered["scores"].mean().item(),
+        "objective/kl_coef": state.kl_ctl.value,
+        "policy/approxkl_avg": update_stats["approxkl"].mean().item(),
+        "policy/clipfrac_avg": update_stats["pg_clipfrac"].mean().item(),
+        "policy/entropy_avg": update_stats["entropy"].mean().item(),
+        "loss/policy_avg": update_stats["pg_loss"].mean().item(),
+        "loss/value_avg": update_stats["vf_loss"].mean().item(),
+        "val/clipfrac_avg": update_stats["vf_clipfrac"].mean().item(),
+        "val/ratio": update_stats["ratio"].mean().item(),
+        "val/num_eos_tokens": gathered["eos"].sum().item(),
+        "val/explained_variance": gathered["ev"].nanmean().item(),
+        "score/rm": gathered["rm"].mean().item(),
+        "score/gold": gathered["gold"].mean().item(),
+        "score/length_penalty": gathered["length_penalty"].mean().item(),
+        "response/length_mean": gathered["length"].mean().item(),
+        "lr": state.scheduler.get_last_lr()[0],
+        "episode": step * cfg.batch_size,
+        **{f"time/{name}_s": seconds for name, seconds in state.timers.items()},
+        "perf/episodes_per_s": cfg.batch_size / step_s,
+        "perf/tokens_per_s": gathered["length"].sum().item() / step_s,
+    }
+    state.kl_ctl.update(mean_kl, cfg.batch_size)
+    if accelerator.is_main_process:
+        logger.log(step, metrics)
+        if step % cfg.sample_every == 0 or step == cfg.num_steps:
+            runlog.append_jsonl(run_dir / "samples.jsonl", [
+                {"step": step, "prompt": p, "response": t, "score": s, "rm": r, "gold": g, "kl": k,
+                 "n_tokens": n, "has_eos": e}
+                for p, t, s, r, g, k, n, e in zip(
+                    batch.prompts, batch.texts, scores.tolist(), parts["rm"].tolist(), gold.tolist(),
+                    kl_per_seq.tolist(), n_tokens.tolist(), parts["has_eos"].tolist())])
+    return metrics
+
+
+def save_step(state: PPOState, run_dir: Path, step: int) -> None:
+    """A checkpoint every `save_steps` steps and at the last one."""
+    cfg = state.cfg
+    if step % cfg.save_steps == 0 or step == cfg.num_steps:
+        assert_in_sync(state.parameters, state.accelerator)
+        save_checkpoint(run_dir, step, state.policy, state.value_model, state.tokenizer, state.optimizer,
+                        state.scheduler, state.kl_ctl, state.accelerator, cfg.save_total_limit)
+
+
+def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: float) -> None:
+    """The "after" evaluation, `final/` (LoRA merged in), summary.json."""
+    cfg, accelerator = state.cfg, state.accelerator
+    if accelerator.is_main_process:
+        if state.eval_prompts:
+            summary["after"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
+                                        state.eval_prompts, "after")
+        model = state.policy.merge_and_unload() if cfg.use_lora else state.policy
+        model.save_pretrained(run_dir / "final", safe_serialization=True)
+        state.tokenizer.save_pretrained(run_dir / "final")
+        summary["wall_s_last_session"] = elapsed_s
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        logger.log(cfg.num_steps, {"summary": 1, **runlog.flatten(summary)})
+        logger.close()
+    accelerator.wait_for_everyone()
+
+
+def evaluate(cfg: PPOStageConfig, policy, reference, tokenizer, scorer: RewardScorer, eval_prompts: list,
+             when: str) -> dict:
+    """Gold, RM and sequence KL to the reference on the eval prompts (`sample_and_score`), sampled as
+    in training (T, response_length). The run-level TRL cross-check evaluates TRL's policy with it too."""
+    summary, _ = sample_and_score(policy, tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.response_length,
+                                  temperature=cfg.temperature, batch_size=32, seed=cfg.seed + 1,
+                                  max_prompt_length=cfg.max_prompt_length, ref=reference, progress=f"eval ({when})")
+    return summary
