@@ -6,8 +6,9 @@
 
 --numeric: run TRL's own PPOTrainer.train() for one iteration per setting on a tiny random GPT-2
 (built locally, no download), observe its tensors, feed the same inputs to our core functions
-and print max |ours - TRL| per quantity per setting, the weight agreement after one replayed
-update, and where our defaults differ from TRL by design.  Exit status 1 if a tolerance fails.
+and print max |ours - TRL| per quantity per setting, including one PPO step through our trainer itself
+(`trainer step:` line: every tensor and the updated weights), and where our defaults differ from TRL
+by design.  Exit status 1 if a tolerance fails.
 
 Run level (any other invocation; fields of rlhf_toy.verify.trl_run.CrosscheckRunConfig as flags):
 train our PPO and TRL's PPOTrainer with matched hyperparameters (length penalty off, same beta, batch,
