@@ -84,8 +84,10 @@ class MetricsCallback(TrainerCallback):
         self.logger = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        # state.global_step is the resumed checkpoint's step here (0 on a fresh run).
-        self.logger = MetricsLogger(self.run_dir, self.tensorboard, resume_step=state.global_step)
+        # state.global_step is the resumed checkpoint's step here (0 on a fresh run). Under several
+        # processes every one gets the callbacks; only the first writes.
+        if state.is_world_process_zero:
+            self.logger = MetricsLogger(self.run_dir, self.tensorboard, resume_step=state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.logger is not None and logs:

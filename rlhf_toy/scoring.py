@@ -45,8 +45,11 @@ def response_text(value, where: str = "response") -> str:
 def encode_for_reward(tokenizer, prompt, response: str, max_length: int) -> tuple[list[int], bool]:
     """Reward-model input ids for one (prompt, response), and whether the prompt was truncated.
 
-    The response is tokenized on its own (as the policy generated it, after the prompt) and always
-    ends in EOS. When the whole does not fit, the prompt loses its beginning, never the response."""
+    The response is stripped of surrounding whitespace (every consumer scores the same text: PPO's
+    decoded tokens, the stripped samples of calibration and evaluation, the data's answers), tokenized on
+    its own (as the policy generated it, after the prompt) and always ends in EOS. When the whole does
+    not fit, the prompt loses its beginning, never the response."""
+    response = response.strip()
     prompt_ids = tokenizer(sequences.prompt_text(tokenizer, data.as_messages(prompt, "user")),
                            add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []

@@ -124,17 +124,23 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 # ------------------------------------------------------------------------------------------------
 # log-probabilities from a forward pass
 # ------------------------------------------------------------------------------------------------
+def model_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
+    """A left-padded batch as the model sees it (lm-human-preferences / TRL's `forward`): position ids
+    count real tokens only, and masked positions hold token 0 (never attended; only their own outputs,
+    which no loss reads except TRL's one-past-the-end value, depend on it)."""
+    return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask,
+            "position_ids": attention_mask.cumsum(1) - attention_mask.long()}
+
+
 def response_logits(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
                     value_head=None):
     """Scaled float32 logits ``[B, T_resp, V]`` that predict each response token of ``input_ids``
     (prompt left-padded to ``context_length``, response after it). With a shared critic's
     ``value_head``, also the values V(s_t) from the same trunk: ``(logits, values)``."""
-    # left padding: position ids from the attention mask (lm-human-preferences), pad ids never attended
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # logits_to_keep: the LM head (hidden × vocab, the largest matmul) and its backward run only on the
     # positions that predict response tokens; with a chat template the prompt is most of the sequence.
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                logits_to_keep=input_ids.shape[1] - context_length + 1, output_hidden_states=value_head is not None)
+    out = model(**model_inputs(input_ids, attention_mask), logits_to_keep=input_ids.shape[1] - context_length + 1,
+                output_hidden_states=value_head is not None)
     logits = scale_logits(out.logits[:, :-1], temperature)
     if value_head is None:
         return logits
@@ -188,9 +194,9 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
             top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        responses, _ = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
-        for messages, row in zip(batch, responses.tolist()):
-            ids = [t for t in row if t != tokenizer.pad_token_id]
+        responses, mask = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        for messages, row, n in zip(batch, responses.tolist(), mask.sum(1).tolist()):
+            ids = row[:n]   # up to the first EOS; a sampled pad token is part of the answer, not its end
             samples.append(Sample(
                 prompt=messages, response=tokenizer.decode(ids, skip_special_tokens=True).strip(),
                 response_ids=ids, has_eos=tokenizer.eos_token_id in ids,

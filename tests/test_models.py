@@ -63,3 +63,17 @@ def test_generation_is_seeded():
     b = sequences.generate(model, tokenizer, prompts, max_new_tokens=8, seed=1)
     assert [s.response_ids for s in a] == [s.response_ids for s in b]
     assert all(len(s.response_ids) <= 8 for s in a)
+
+
+def test_a_sampled_pad_token_stays_in_the_response(monkeypatch):
+    """A response ends at its first EOS, not at a pad token the policy happened to sample (SmolLM2's pad is a
+    real token): the sample's ids, and so its KL, are exactly what was sampled."""
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    model = models.load_causal_lm(models.TINY_MODEL, tokenizer, device="cpu")
+    prompts = [[{"role": "user", "content": "Review the film"}]]
+    queries, _, _ = sequences.encode_prompts(tokenizer, prompts, 256)
+    good, pad, eos = tokenizer.convert_tokens_to_ids("good"), tokenizer.pad_token_id, tokenizer.eos_token_id
+    sampled = torch.cat([queries, torch.tensor([[good, pad, good, eos, pad, pad]])], 1)
+    monkeypatch.setattr(model, "generate", lambda **kwargs: sampled)
+    [sample] = sequences.generate(model, tokenizer, prompts, max_new_tokens=6)
+    assert sample.response_ids == [good, pad, good, eos] and sample.has_eos

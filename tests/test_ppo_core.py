@@ -53,6 +53,19 @@ def test_masked_mean_var_ignore_padding():
     assert core.masked_mean(x, m.float()).item() == pytest.approx(3.0)  # float masks work too
 
 
+def test_masked_whiten_of_a_single_real_token_is_zero_not_nan():
+    # a local batch of 1 whose response is an immediate EOS: one real token; TRL's unbiased variance is NaN
+    x = torch.tensor([[2.5, 7.0, -1.0]])
+    mask = torch.tensor([[True, False, False]])
+    assert core.masked_whiten(x, mask).tolist() == [[0.0, 0.0, 0.0]]
+    assert core.masked_whiten(x, mask, shift_mean=False).tolist() == [[2.5, 0.0, 0.0]]
+    # and through compute_ppo_targets, where the run used to stop with a non-finite error
+    targets = core.compute_ppo_targets(torch.tensor([1.0]), torch.tensor([[-0.5]]), torch.tensor([[-0.7]]),
+                                       torch.tensor([[0.2]]), torch.tensor([[True]]), 0.05, 1.0, 0.95,
+                                       whiten_rewards=True)
+    assert all(torch.isfinite(v).all() for v in targets.values())
+
+
 def test_masked_var_empty_mask_raises():
     with pytest.raises(ValueError):
         core.masked_var(torch.ones(1, 3), torch.zeros(1, 3, dtype=torch.bool))
@@ -209,19 +222,23 @@ def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
     assert adv[0].tolist() == pytest.approx([5.5, 4.5, 2.5])
 
 
-def test_gae_matches_trl_recursion():
+def test_gae_equals_the_explicit_sum_of_discounted_deltas():
+    """GAE's recursion against its closed form A_t = sum_k (gamma*lam)^k delta_{t+k}, computed term by term
+    (an independent formulation; TRL's own recursion is compared in test_crosscheck_numeric)."""
     g = torch.Generator().manual_seed(1)
-    B, T = 3, 6
+    B, T, gamma, lam = 3, 6, 0.95, 0.9
     rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
-    lastgaelam, rev = 0, []  # TRL's train(), step 6, verbatim
-    for step in reversed(range(T)):
-        nextvalues = values[:, step + 1] if step < T - 1 else 0.0
-        delta = rewards[:, step] + 0.95 * nextvalues - values[:, step]
-        lastgaelam = delta + 0.95 * 0.9 * lastgaelam
-        rev.append(lastgaelam)
-    trl_adv = torch.stack(rev[::-1], axis=1)
-    adv, ret = core.gae(rewards, values, torch.ones(B, T, dtype=torch.bool), 0.95, 0.9)
-    assert torch.equal(adv, trl_adv) and torch.equal(ret, trl_adv + values)
+    lengths = [6, 4, 1]
+    mask = torch.arange(T).expand(B, T) < torch.tensor(lengths)[:, None]
+    adv, ret = core.gae(rewards, values, mask, gamma, lam)
+    for b, n in enumerate(lengths):
+        v = values[b, :n].tolist() + [0.0]   # the state after the last real token is terminal
+        deltas = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
+        for t in range(n):
+            expect = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
+            assert adv[b, t].item() == pytest.approx(expect, abs=1e-5)
+            assert ret[b, t].item() == pytest.approx(expect + v[t], abs=1e-5)
+        assert adv[b, n:].abs().sum() == 0
 
 
 # --------------------------------------------------------------------------------------------

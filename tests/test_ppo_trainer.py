@@ -6,14 +6,14 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from conftest import ROOT, kill_after_checkpoint
-from rlhf_toy import runlog, task
-from rlhf_toy.config import parse_config
+from rlhf_toy import data, runlog, sequences, task
+from rlhf_toy.config import ConfigError, parse_config
 from rlhf_toy.stages.ppo import core, trainer
-from rlhf_toy.stages.ppo.config import PPOStageConfig
-from rlhf_toy.stages.ppo.models import values_from_generation
+from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
+from rlhf_toy.stages.ppo.models import disable_dropout, values_from_generation
 from rlhf_toy.scoring import NORMALIZATION_FILE
 from rlhf_toy.stages.reward import RewardStageConfig, train_reward
 from rlhf_toy.stages.sft import SFTStageConfig, run_sft
@@ -23,7 +23,7 @@ DESIGN_METRICS = [
     "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
     "val/ratio", "val/num_eos_tokens", "score/rm", "score/gold", "score/length_penalty", "objective/kl_coef",
     "response/length_mean", "val/explained_variance", "time/rollout_s", "time/update_s", "perf/episodes_per_s",
-    "perf/tokens_per_s",
+    "perf/tokens_per_s", "policy/approxkl_first_minibatch",
 ]
 
 
@@ -76,6 +76,8 @@ def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
     last = sum(r["score/rm"] for r in records[-4:]) / 4
     assert last > first + 0.3, (first, last)      # the policy learns to say "wonderful"
     assert abs(records[0]["objective/kl"]) < 1e-3           # the policy starts as the reference
+    # float32: the rollout's log-probs (from generate) and the update's first forward agree
+    assert all(r["policy/approxkl_first_minibatch"] < 1e-8 for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["after"]["rm_mean"] > summary["before"]["rm_mean"]
     assert summary["before"]["kl_to_ref"] == pytest.approx(0, abs=1e-3)
@@ -85,12 +87,143 @@ def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
 
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_lora_policy_uses_the_disabled_adapter_as_reference(pipeline, tmp_path, critic):
-    out = tmp_path / "ppo"
-    run_in_process(pipeline, out, total_episodes=16, use_lora="true", lora_r=4, num_eval_prompts=0, critic=critic)
-    records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/kl" in r]
-    assert abs(records[0]["objective/kl"]) < 1e-3
-    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, tmp_path / "ppo", total_episodes=16, use_lora="true",
+                                                  lora_r=4, num_eval_prompts=0, critic=critic))
+    state, _, _ = trainer.build(cfg)
+    prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:8]
+    for step in (1, 2):   # two PPO steps: the adapter moves away from zero
+        batch = trainer.sample(state, prompts)
+        parts = trainer.score(state, batch)
+        targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                           batch.mask, cfg.kl_coef, cfg.gamma, cfg.lam)
+        trainer.ppo_update(state, batch, targets, step)
+    sft = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").eval()
+    args = (batch.query_responses, batch.attention_mask, batch.context_length, cfg.temperature)
+    with torch.no_grad():
+        reference = sequences.response_logprobs(state.reference, *args)
+        initial = sequences.response_logprobs(sft, *args)
+        policy = sequences.response_logprobs(state.policy, *args)
+    real = batch.mask
+    # the reference is exactly the initial model (adapter off), while the trained policy has moved
+    assert torch.allclose(reference[real], initial[real], atol=1e-6)
+    assert (policy - initial)[real].abs().max() > 1e-3
+    trainer.finish(state, tmp_path / "ppo", runlog.MetricsLogger(tmp_path / "ppo", tensorboard=False), {}, 0.0)
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "ppo/final")
     assert not any("lora" in name for name, _ in final.named_parameters())
+
+
+def test_gradient_accumulation_2_equals_1_on_the_same_data(pipeline, tmp_path):
+    """Two micro-batches of 2 accumulated into one optimizer step give the same step as one micro-batch of 4
+    (every row has the same number of tokens, so the mean of micro-batch means is the minibatch mean). SGD:
+    its step is linear in the gradient, where AdamW would hide a wrongly scaled one."""
+    prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:8]
+    weights = {}
+    for accumulation in (1, 2):
+        cfg = parse_config(PPOStageConfig, tiny_flags(
+            pipeline, tmp_path / f"acc{accumulation}", batch_size=8, total_episodes=8, num_mini_batches=2,
+            gradient_accumulation_steps=accumulation, num_ppo_epochs=2, num_eval_prompts=0))
+        state, _, _ = trainer.build(cfg)
+        state.optimizer = torch.optim.SGD(state.parameters, lr=0.5)
+        torch.manual_seed(3)   # the same rollout for both
+        batch = trainer.sample(state, prompts)
+        batch.mask = torch.ones_like(batch.mask)   # every row the same length
+        batch.attention_mask[:, batch.context_length:] = 1
+        parts = trainer.score(state, batch)
+        targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                           batch.mask, cfg.kl_coef, cfg.gamma, cfg.lam)
+        initial = [p.detach().clone() for p in state.parameters]
+        stats = trainer.ppo_update(state, batch, targets, 1, permutation=lambda epoch: torch.arange(8).roll(epoch))
+        assert len(stats["pg_loss"]) == 2 * 2 * accumulation   # epochs x minibatches x micro-batches
+        weights[accumulation] = [p.detach().clone() for p in state.parameters]
+        assert max((a - b).abs().max().item() for a, b in zip(weights[accumulation], initial)) > 1e-3   # it moved
+    assert all(torch.allclose(a, b, atol=1e-6, rtol=1e-5) for a, b in zip(weights[1], weights[2]))
+
+
+def test_batch_split_per_process_is_exact_or_refused():
+    assert split_batch(16, 2, 2, 2) == (8, 2)
+    assert split_batch(8, 1, 2, 1) == (8, 4)
+    # 12 over 2 processes is 6 each, which 2 minibatches x 2 micro-batches cannot split (was: micro-batches of 1
+    # divided by 2, a gradient 1.5x too large); 8 over 2 processes into 8 minibatches was a minibatch of 0
+    with pytest.raises(ConfigError, match=r"batch_size \(12\) over 2 processes \(6 each\) must split into "
+                                          r"num_mini_batches \(2\) x gradient_accumulation_steps \(2\)"):
+        split_batch(12, 2, 2, 2)
+    with pytest.raises(ConfigError, match=r"batch_size \(8\) over 2 processes \(4 each\)"):
+        split_batch(8, 2, 8, 1)
+    with pytest.raises(ConfigError, match="num_mini_batches must be >= 1"):
+        split_batch(8, 1, 0, 1)
+
+
+def test_two_processes_refuse_a_batch_that_does_not_split(pipeline, tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(ROOT / "scripts/ppo.py"), *tiny_flags(pipeline, tmp_path / "x", batch_size=12, total_episodes=24,
+                                                     num_mini_batches=2, gradient_accumulation_steps=2)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "error: batch_size (12) over 2 processes (6 each) must split" in result.stderr
+    assert "Traceback" not in result.stderr.split("error: batch_size")[0][-2000:]
+
+
+def test_dropout_is_off_including_attention_dropout_read_from_the_config():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=2, num_key_value_heads=2, attention_dropout=0.5)).train()
+    ids = torch.randint(0, 40, (2, 12))
+    # Llama has no nn.Dropout module to zero: its attention reads the float at every call
+    assert not any(isinstance(m, torch.nn.Dropout) for m in model.modules())
+    assert not torch.equal(model(ids).logits, model(ids).logits)
+    disable_dropout(model)
+    assert torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_weight_decay_is_off_by_default_and_never_touches_biases_or_norms(pipeline, tmp_path):
+    assert PPOStageConfig().weight_decay == 0.0
+    cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, tmp_path / "wd", weight_decay=0.1, learning_rate=0.01))
+    model = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    optimizer = trainer.make_optimizer(cfg, list(model.parameters()), torch.device("cpu"))
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)   # no gradient: only weight decay can move a weight
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:    # matrices and embeddings: p <- p (1 - lr * wd)
+            assert torch.allclose(p, before[name] * (1 - 0.01 * 0.1)), name
+        else:              # biases and LayerNorm gains: untouched
+            assert torch.equal(p, before[name]), name
+    assert any(p.ndim < 2 for p in model.parameters()) and any(p.ndim >= 2 for p in model.parameters())
+
+
+def test_bf16_rollout_logprobs_match_the_update_at_realistic_logit_scale(pipeline, tmp_path):
+    """Pure bf16 weights, logits scaled to a language model's range: the approx-KL between the rollout's
+    log-probs and the update's first forward (before any weight changes) stays below 1e-3 with the
+    default (rollout log-probs from a forward pass outside float32)."""
+    scaled = tmp_path / "scaled"
+    model = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final")
+    with torch.no_grad():   # the final norm's gain and bias scale every logit
+        model.transformer.ln_f.weight.mul_(25.0)
+        model.transformer.ln_f.bias.mul_(25.0)
+    model.save_pretrained(scaled)
+    AutoTokenizer.from_pretrained(pipeline / "sft/final").save_pretrained(scaled)
+    prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:8]
+    drift = {}
+    for source in ("auto", "generate"):
+        cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, tmp_path / source, model_name_or_path=scaled,
+                                                      dtype="bfloat16", rollout_logprobs=source, num_eval_prompts=0))
+        state, _, _ = trainer.build(cfg)
+        assert next(state.policy.parameters()).dtype == torch.bfloat16
+        torch.manual_seed(0)
+        batch = trainer.sample(state, prompts)
+        parts = trainer.score(state, batch)
+        targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                           batch.mask, cfg.kl_coef, cfg.gamma, cfg.lam)
+        drift[source] = trainer.ppo_update(state, batch, targets, 1)["approxkl_first_minibatch"][0]
+    with torch.no_grad():
+        logits = sequences.response_logits(state.policy, batch.query_responses, batch.attention_mask,
+                                           batch.context_length, 1.0)
+    assert logits[batch.mask].std() > 3   # a realistic scale (near 0 before scaling)
+    assert drift["auto"] < 1e-3, drift
+    assert drift["auto"] < drift["generate"], drift   # generate's KV-cache path rounds differently in bf16
 
 
 def test_killed_run_resumes_with_no_step_lost_or_repeated(pipeline, tmp_path):
@@ -146,7 +279,7 @@ def test_bad_config_is_a_clear_error(run_script, pipeline, tmp_path):
 
 def test_two_processes_split_rollouts_and_stay_in_sync(pipeline, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            str(ROOT / "scripts/ppo.py"), *tiny_flags(pipeline, out, total_episodes=32, num_eval_prompts=0)]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -154,12 +287,17 @@ def test_two_processes_split_rollouts_and_stay_in_sync(pipeline, tmp_path):
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert all(r["episode"] == 8 * r["step"] for r in records)
     assert (out / "final/model.safetensors").exists()
+    # two processes really ran (accelerate's --cpu launcher would have started one), each with 4 of the 8
+    # episodes, and samples.jsonl holds all 8 of every sampled step
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    samples = runlog.read_jsonl(out / "samples.jsonl")
+    assert [sum(r["step"] == s for r in samples) for s in (2, 4)] == [8, 8]
 
 
 def test_shared_critic_values_from_sampling_equal_a_fresh_forward(pipeline):
     """lm-human-preferences' shortcut: the rollout values come out of generate(); they must be the values
     the update's forward pass computes for the same tokens, or the value loss's clipping is off."""
-    from rlhf_toy import data, models, sequences
+    from rlhf_toy import models
 
     tokenizer = models.load_tokenizer(str(pipeline / "sft/final"))
     policy = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").eval()
@@ -180,13 +318,21 @@ def test_shared_critic_values_from_sampling_equal_a_fresh_forward(pipeline):
     torch.testing.assert_close(rollout_values, forward_values, atol=1e-5, rtol=1e-4)
 
 
-def test_shared_critic_learns_and_resumes_from_its_checkpoint(pipeline, tmp_path):
+def test_shared_critic_learns_and_resumes_from_its_checkpoint(pipeline, tmp_path, monkeypatch):
+    calls = {"forward_values": 0}
+    real_forward_values = trainer.forward_values
+
+    def counting_forward_values(*args, **kwargs):
+        calls["forward_values"] += 1
+        return real_forward_values(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "forward_values", counting_forward_values)
     out = tmp_path / "ppo"
     run_in_process(pipeline, out, total_episodes=96, length_coef=0.0, missing_eos_penalty=0.0, critic="shared",
                    num_eval_prompts=0, save_steps=6)
     records = [r for r in runlog.read_jsonl(out / "metrics.jsonl") if "objective/scores" in r]
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert all(r["time/value_forward_s"] < 0.01 for r in records)   # no separate value forward pass
+    assert calls["forward_values"] == 0   # no separate value forward pass: values come from generate
     first = sum(r["score/rm"] for r in records[:2]) / 2
     last = sum(r["score/rm"] for r in records[-4:]) / 4
     assert last > first + 0.3, (first, last)

@@ -83,7 +83,12 @@ def test_tiny_reward_model_learns_the_marker(trained):
     assert (run / "rm_vs_gold.png").stat().st_size > 1000
     assert list((run / "tensorboard").iterdir()) and (run / "config.yaml").exists()
     assert "held-out accuracy" in stdout and "noise ceiling" in stdout
-    assert summary["spearman_rm_gold"] is None or -1 <= summary["spearman_rm_gold"] <= 1
+    # Spearman(RM, gold) is the rank correlation of the eval samples' logged scores
+    from scipy.stats import spearmanr
+
+    evals = [r for r in runlog.read_jsonl(run / "samples.jsonl") if r["stage"] == "eval"]
+    expected = spearmanr([r["rm"] for r in evals], [r["gold"] for r in evals]).statistic
+    assert summary["spearman_rm_gold"] == pytest.approx(expected, abs=1e-9)
     stages = [r["stage"] for r in runlog.read_jsonl(run / "samples.jsonl")]
     assert stages.count("calibration") == stages.count("eval") == 16
 
@@ -115,6 +120,26 @@ def test_scorer_matches_training_format_and_normaliser_is_standard(trained):
     logit = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0]
     assert torch.allclose(raw[0], logit, atol=1e-5)
     assert torch.allclose(RewardScorer(str(run)).score_raw([rows[0]["prompt"]], [rows[0]["response"]]), raw)
+
+
+def test_the_scorer_reads_the_stripped_answer_whoever_calls_it():
+    """One text for every consumer: PPO's decoded tokens keep surrounding whitespace, the evaluation samples
+    are stripped; the reward model's input is built from the stripped answer either way. (A character-level
+    stand-in tokenizer, since the tiny word-level one ignores whitespace.)"""
+    class Characters:
+        eos_token_id = 0
+
+        def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True):
+            return "Q:" + messages[-1]["content"]
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [ord(c) for c in text]}
+
+    prompt = [{"role": "user", "content": "film?"}]
+    stripped, _ = encode_for_reward(Characters(), prompt, "good .", 64)
+    for variant in (" good .", "good .\n", "\n good . \t"):
+        assert encode_for_reward(Characters(), prompt, variant, 64)[0] == stripped
+    assert stripped[-7:] == [ord(c) for c in "good ."] + [0]
 
 
 def test_normaliser_fit_gives_mean_zero_std_one():

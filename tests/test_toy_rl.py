@@ -11,7 +11,9 @@ def test_bandit_ppo_picks_action_2():
     assert r.solved and r.updates is not None
     assert r.final_eval["action2_rate"] >= 0.95  # greedy, the seed's evaluation
     assert r.final_eval["action2_rate_sampled"] >= 0.95  # sampled from the policy
-    # the trained policy also picks action 2 on states it was never evaluated on
+    # the trained policy also picks action 2 on states it was never trained or evaluated on
+    unseen = toy_rl.evaluate_bandit(r.policy, n=500, seed=2024)
+    assert unseen["action2_rate"] >= 0.95 and unseen["action2_rate_sampled"] >= 0.9
     assert toy_rl.train_ppo_bandit(seed=0).updates == r.updates  # deterministic
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -10,14 +11,44 @@ from rlhf_toy import models, runlog
 from rlhf_toy.config import save_config
 
 
-def setup_run(cfg, write_config: bool = True) -> Path:
+def is_main_process() -> bool:
+    """Rank 0 of a launched group (`accelerate launch` and torchrun set RANK), or the only process. Under
+    several processes the TRL trainers share the training; sampling, summaries and files are rank 0's."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone(cfg) -> None:
+    """A barrier across launched processes (a no-op alone). It starts accelerate's process group with the
+    same device choice the TRL trainers will make (`trainer_precision`), so they find it ready."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState(cpu=trainer_precision(cfg)["use_cpu"]).wait_for_everyone()
+
+
+def shared_dataset(records: list[dict], directory: Path, cfg):
+    """`records` as a `datasets.Dataset`; under several processes a file-backed one under `directory`,
+    written by rank 0 and read by every process: TRL caches derived columns (DPO's precomputed reference
+    log-probs) next to the dataset's files, and an in-memory dataset's cache would live in a temporary
+    directory of each process's own, where the others cannot find it."""
+    from datasets import Dataset, load_from_disk
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return Dataset.from_list(records)
+    if is_main_process():
+        Dataset.from_list(records).save_to_disk(str(directory))
+    wait_for_everyone(cfg)
+    return load_from_disk(str(directory))
+
+
+def setup_run(cfg, write_config: bool | None = None) -> Path:
     """Seed, threads and the run directory with its resolved config (shared by every stage)."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    if write_config:  # only one process of a multi-process run writes
+    if is_main_process() if write_config is None else write_config:  # one process of a group writes
         save_config(cfg, cfg.output_dir)
     return Path(cfg.output_dir)
 
@@ -56,11 +87,15 @@ def trainer_precision(cfg) -> dict:
 
 
 def save_final(trainer, tokenizer, run_dir: Path) -> Path:
-    """final/: a plain HF model (LoRA merged in) that any from_pretrained loads."""
-    model = trainer.model
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
+    """final/: a plain HF model (LoRA merged in) that any from_pretrained loads, written by rank 0 once
+    every process has finished training; no process goes on before it is complete."""
     final = run_dir / "final"
-    model.save_pretrained(final, safe_serialization=True)
-    tokenizer.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
+    if is_main_process():
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if hasattr(model, "merge_and_unload"):
+            model = model.merge_and_unload()
+        model.save_pretrained(final, safe_serialization=True)
+        tokenizer.save_pretrained(final)
+    trainer.accelerator.wait_for_everyone()
     return final

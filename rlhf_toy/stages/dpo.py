@@ -21,8 +21,8 @@ from rlhf_toy import data, models, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import (is_main_process, lora_config, resume_checkpoint, save_final, setup_run,
+                                    shared_dataset, trainer_fields, trainer_precision)
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -85,7 +85,6 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict]]:
 
 
 def run_dpo(cfg: DPOStageConfig) -> Path:
-    from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
     run_dir = setup_run(cfg)
@@ -109,7 +108,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             progress=f"sampling eval prompts ({when})")
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
 
-    if eval_prompts and "before" not in summary:
+    if eval_prompts and "before" not in summary and is_main_process():
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
         evaluate(model, "before")
         summary["before"]["kl_to_ref"] = 0.0   # the policy is the reference
@@ -136,19 +135,22 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     if not cfg.use_lora and not cfg.precompute_ref_log_probs:
         ref_model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
     trainer = DPOTrainer(
-        model=model, ref_model=ref_model, args=args, train_dataset=Dataset.from_list(train_pairs),
-        eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+        model=model, ref_model=ref_model, args=args,
+        train_dataset=shared_dataset(train_pairs, run_dir / "datasets/train", cfg),
+        eval_dataset=shared_dataset(eval_pairs, run_dir / "datasets/eval", cfg) if eval_pairs else None,
         processing_class=tokenizer, peft_config=lora_config(cfg),
         callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
     )
     if eval_pairs and "eval_before" not in summary:
         summary["eval_before"] = _eval_metrics(trainer)
-    summary_path.write_text(json.dumps(summary) + "\n")
+    if is_main_process():
+        summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
     summary["train_wall_s"] = time.time() - started
     summary["train_loss"] = result.training_loss
+    summary["num_processes"] = trainer.accelerator.num_processes
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
     margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
     if margins:
@@ -156,6 +158,8 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     if eval_pairs:
         summary["eval_after"] = _eval_metrics(trainer)
     final = save_final(trainer, tokenizer, run_dir)
+    if not is_main_process():   # the rest (sampling, summary) is rank 0's
+        return run_dir
 
     step = trainer.state.global_step
     logger = runlog.MetricsLogger(run_dir, tensorboard=cfg.report_to == "tensorboard")

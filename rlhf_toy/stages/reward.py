@@ -30,8 +30,8 @@ from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
-from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import (is_main_process, lora_config, resume_checkpoint, save_final, setup_run,
+                                    trainer_fields, trainer_precision)
 
 
 @dataclass
@@ -267,9 +267,11 @@ def train_reward(cfg: RewardStageConfig) -> Path:
                "train_prompts_truncated": train_stats["prompts_truncated"],
                "train_pairs_response_too_long_dropped": train_stats["pairs_response_too_long_dropped"],
                "train_loss": result.training_loss, "train_wall_s": time.time() - train_started,
-               "global_step": trainer.state.global_step}
+               "global_step": trainer.state.global_step, "num_processes": trainer.accelerator.num_processes}
     final = save_final(trainer, tokenizer, run_dir)
     del trainer, model
+    if not is_main_process():   # calibration and evaluation are rank 0's
+        return run_dir
 
     # Normalisation on the policy's own samples (the distribution PPO starts from).
     policy_name = cfg.policy_model or cfg.model_name_or_path

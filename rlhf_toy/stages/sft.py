@@ -15,8 +15,8 @@ from rlhf_toy import data, models, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import (is_main_process, lora_config, resume_checkpoint, save_final, setup_run,
+                                    trainer_fields, trainer_precision)
 
 
 @dataclass
@@ -63,7 +63,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
             progress=f"sampling eval prompts ({when})")
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
 
-    if eval_prompts and "before" not in summary:
+    if eval_prompts and "before" not in summary and is_main_process():
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
         evaluate(model, "before")
 
@@ -85,7 +85,8 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     )
     if eval_records and "eval_loss_before" not in summary:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
-    summary_path.write_text(json.dumps(summary) + "\n")
+    if is_main_process():
+        summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
     result = trainer.train(resume_from_checkpoint=resume_from)
@@ -95,9 +96,12 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     summary["train_tokens"] = logged_tokens[-1] if logged_tokens else 0
     summary["tokens_per_s"] = summary["train_tokens"] / max(result.metrics["train_runtime"], 1e-9)
     summary["train_loss"] = result.training_loss
+    summary["num_processes"] = trainer.accelerator.num_processes
     if eval_records:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     final = save_final(trainer, tokenizer, run_dir)
+    if not is_main_process():   # the rest (sampling, summary) is rank 0's
+        return run_dir
 
     if eval_prompts:
         evaluate(models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype), "after")

@@ -137,6 +137,7 @@ class ToyResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     optimizer_steps: int = 0
+    policy: nn.Module | None = field(default=None, repr=False, compare=False)   # the trained policy
 
 
 # ------------------------------------------------------------------------------------------
@@ -291,9 +292,10 @@ def train_ppo_bandit(
         )  # fmt: skip
         ev = evaluate_bandit(policy, success_rate=success_rate)
         if ev["solved"]:
-            return ToyResult("ppo", "bandit", seed, True, it, it * batch_size, ev, time.time() - t0, it * epochs)
+            return ToyResult("ppo", "bandit", seed, True, it, it * batch_size, ev, time.time() - t0, it * epochs, policy)
     return ToyResult(
-        "ppo", "bandit", seed, False, None, max_iterations * batch_size, ev, time.time() - t0, max_iterations * epochs
+        "ppo", "bandit", seed, False, None, max_iterations * batch_size, ev, time.time() - t0, max_iterations * epochs,
+        policy,
     )
 
 

@@ -27,6 +27,11 @@ class PPOStageConfig(LoraFields, CommonConfig):
     response_length: int = 48
     max_prompt_length: int = 128
     temperature: float = 0.7                        # TRL's default; logprobs are taken at the same T
+    # Where the rollout's log-probs come from: "generate" (the sampling pass's own logits, no extra
+    # forward), "forward" (one more forward pass, the very computation the update repeats), "auto" =
+    # generate in float32, forward otherwise: in bf16 generate's KV-cache path and a full forward round
+    # differently (approx-KL 1.9e-3 between them on SmolLM2-135M in pure bf16, 8e-12 in float32).
+    rollout_logprobs: str = "auto"
     # reward
     length_coef: float = 0.02
     length_target: int = 40
@@ -49,7 +54,11 @@ class PPOStageConfig(LoraFields, CommonConfig):
     learning_rate: float = 3e-6
     lr_scheduler_type: str = "linear"               # linear (decay to 0) or constant
     adam_eps: float = 1e-5                          # CleanRL's ppo.py; PyTorch's 1e-8 is too small for RL
+    weight_decay: float = 0.0                       # AdamW's, on weight matrices only (never biases or norms); TRL's 0
     max_grad_norm: float = 1.0
+    # TRL's choices where ours differ (score one past the last token, value loss over one more position,
+    # statistics over padding; docs/trl_differences.md): only for the equivalence checks against TRL.
+    trl_compat: bool = False
     # output
     sample_every: int = 5                           # write samples.jsonl every N steps
     save_steps: int = 5
@@ -61,15 +70,35 @@ class PPOStageConfig(LoraFields, CommonConfig):
             raise ConfigError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
         if self.lr_scheduler_type not in ("linear", "constant"):
             raise ConfigError(f"lr_scheduler_type must be linear or constant, got {self.lr_scheduler_type!r}")
-        per_minibatch = self.batch_size / self.num_mini_batches
-        if self.batch_size % self.num_mini_batches or per_minibatch % self.gradient_accumulation_steps:
-            raise ConfigError(
-                f"batch_size ({self.batch_size}) must split into num_mini_batches ({self.num_mini_batches}) "
-                f"x gradient_accumulation_steps ({self.gradient_accumulation_steps}) equal micro-batches"
-            )
+        split_batch(self.batch_size, 1, self.num_mini_batches, self.gradient_accumulation_steps)
+        if self.rollout_logprobs not in ("auto", "generate", "forward"):
+            raise ConfigError(f"rollout_logprobs must be auto, generate or forward, got {self.rollout_logprobs!r}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.total_episodes < self.batch_size:
             raise ConfigError(f"total_episodes ({self.total_episodes}) < batch_size ({self.batch_size})")
 
     @property
     def num_steps(self) -> int:
         return self.total_episodes // self.batch_size
+
+
+def split_batch(batch_size: int, num_processes: int, num_mini_batches: int,
+                gradient_accumulation_steps: int) -> tuple[int, int]:
+    """(episodes per process, episodes per micro-batch): each process takes an equal share of the batch,
+    cuts it into `num_mini_batches` minibatches (one optimizer step each) of `gradient_accumulation_steps`
+    equal micro-batches. Anything that does not divide exactly is an error, never a rounded-down size
+    (a micro-batch of 0, or gradients scaled for micro-batches that do not exist)."""
+    for name, value in (("batch_size", batch_size), ("num_mini_batches", num_mini_batches),
+                        ("gradient_accumulation_steps", gradient_accumulation_steps)):
+        if value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    per_step = num_mini_batches * gradient_accumulation_steps
+    if batch_size % num_processes or (batch_size // num_processes) % per_step:
+        where = f" over {num_processes} processes ({batch_size / num_processes:g} each)" if num_processes > 1 else ""
+        raise ConfigError(
+            f"batch_size ({batch_size}){where} must split into num_mini_batches ({num_mini_batches}) x "
+            f"gradient_accumulation_steps ({gradient_accumulation_steps}) equal micro-batches")
+    local_batch = batch_size // num_processes
+    return local_batch, local_batch // per_step
+

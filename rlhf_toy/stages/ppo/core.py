@@ -76,7 +76,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     """Variance of the real entries: ``mean_mask((x - mean_mask(x))^2) * n/(n-1)`` (if unbiased).
 
     ``n = sum(mask)``.  Raises when the mask is empty (as TRL does); with ``n == 1`` and
-    ``unbiased`` the result is inf (TRL behaves the same; whitening then returns 0).
+    ``unbiased`` the result is NaN (0 · n/(n-1); TRL behaves the same; ``masked_whiten`` handles it).
     """
     # TRL detail: masked_var with Bessel correction mask_sum / (mask_sum - 1)
     m = _bool(mask)
@@ -97,11 +97,16 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
 
     ``mu`` and ``var`` (unbiased) are taken over the mask only.  Padded positions come back as 0
     (TRL returns whitened garbage there and masks it afterwards; on real positions the two agree).
+    A single real entry has no spread: it comes back as 0 (``mu`` if not shift_mean), where TRL's
+    unbiased variance divides by zero and returns NaN.
     """
     # TRL detail: masked_whiten, rsqrt(var + 1e-8), unbiased variance; lm-human-preferences whitens advantages
     m = _bool(mask)
-    mean, var = masked_mean(x, m), masked_var(x, m)
-    whitened = (x - mean) * torch.rsqrt(var + 1e-8)
+    mean = masked_mean(x, m)
+    if m.sum() == 1:
+        whitened = torch.zeros_like(x)
+    else:
+        whitened = (x - mean) * torch.rsqrt(masked_var(x, m) + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))

@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import torch
 
-from rlhf_toy import models
+from rlhf_toy import models, sequences
 from rlhf_toy.stages.common import lora_config
 
 
 def forward_values(value_model, input_ids, attention_mask, context_length: int):
     """Per-token values V(s_t) for the state before each response token: the reward model's scalar
     head applied to every position's hidden state (TRL's get_reward), not only the last one."""
-    position_ids = (attention_mask.cumsum(1) - 1).clamp(min=0)
     # Through PEFT, getattr(peft_model, "model") is Llama's whole seq-cls model, not its backbone:
     # go through the base model (whose LoRA layers and trainable score copy are still in place).
     base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
     backbone = getattr(base, base.base_model_prefix)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).last_hidden_state
+    hidden = backbone(**sequences.model_inputs(input_ids, attention_mask)).last_hidden_state
     return base.score(hidden).squeeze(-1)[:, context_length - 1:-1].float()
 
 
@@ -60,12 +59,24 @@ def load_models(cfg, tokenizer, device, dtype):
         reference.requires_grad_(False)
         reference.eval().to(device)
     for model in (policy, value_model):
-        # TRL / lm-human-preferences: dropout off, so the logprobs of the update match the rollout's
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = 0.0
+        disable_dropout(model)
         model.to(device)
     return policy, reference, value_model
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """Dropout off everywhere, so the update's log-probs and values match the rollout's (TRL,
+    lm-human-preferences). Not only `nn.Dropout` modules: Llama-style attention reads a plain float
+    (`attention_dropout`, from the config) at every call, which zeroing modules never reaches."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
+        config = getattr(module, "config", None)
+        for key, value in (list(vars(config).items()) if config is not None else ()):
+            if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
+                setattr(config, key, 0.0)
 
 
 class AdapterDisabled:

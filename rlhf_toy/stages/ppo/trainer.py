@@ -26,16 +26,16 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from rlhf_toy import data, models, runlog, sequences, task
-from rlhf_toy.config import ConfigError
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
 from rlhf_toy.stages.common import setup_run
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
-from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
 from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
 
 
@@ -60,6 +60,7 @@ class PPOState:
     eval_prompts: list                 # sampled before and after training
     local_batch: int                   # episodes per process per step
     micro_batch: int                   # episodes per forward/backward
+    logprobs_from_forward: bool        # rollout log-probs from a forward pass rather than generate's logits
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
 
     @property
@@ -114,7 +115,7 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
                                           "scores": parts["score"]})
                 targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
                                                    batch.mask, state.kl_ctl.value, cfg.gamma, cfg.lam,
-                                                   cfg.kl_estimator, cfg.whiten_rewards)
+                                                   cfg.kl_estimator, cfg.whiten_rewards, cfg.trl_compat)
             state.timers["rollout"] = time.time() - step_started
             with state.timer("update"):
                 stats = ppo_update(state, batch, targets, step + 1)                                        # 5
@@ -146,29 +147,26 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
 
     hf_logging.disable_progress_bar()   # one progress bar (PPO's), not one per checkpoint write
     # accelerate only starts the processes and gathers metrics; gradients are averaged by hand below.
-    accelerator = Accelerator(cpu=cfg.device == "cpu")
+    # cpu=True whenever the run is on the CPU: only then do several launched processes form a (gloo) group.
+    accelerator = Accelerator(cpu=models.pick_device(cfg.device).type == "cpu")
     run_dir = setup_run(cfg, write_config=accelerator.is_main_process)
     device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
-    if cfg.batch_size % accelerator.num_processes:
-        raise ConfigError(f"batch_size ({cfg.batch_size}) must divide among {accelerator.num_processes} processes")
-    local_batch = cfg.batch_size // accelerator.num_processes
-    micro_batch = local_batch // cfg.num_mini_batches // cfg.gradient_accumulation_steps
+    local_batch, micro_batch = split_batch(cfg.batch_size, accelerator.num_processes, cfg.num_mini_batches,
+                                           cfg.gradient_accumulation_steps)
 
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)
     policy, reference, value_model = load_models(cfg, tokenizer, device, dtype)
-    parameters = [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
-    # One optimizer over policy and value parameters, as TRL's PolicyAndValueWrapper. The fused kernel
-    # (TRL's Trainer default, adamw_torch_fused): the same update, without torch's Python loop over tensors.
-    optimizer = torch.optim.AdamW(parameters, lr=cfg.learning_rate, eps=cfg.adam_eps,
-                                  fused=True if device.type in ("cpu", "cuda") else None)
+    optimizer = make_optimizer(cfg, [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
+                               device)
     decay = (lambda s: max(0.0, 1.0 - s / cfg.num_steps)) if cfg.lr_scheduler_type == "linear" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
+    logprobs_from_forward = cfg.rollout_logprobs == "forward" or (cfg.rollout_logprobs == "auto" and dtype != torch.float32)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
-                     scheduler, kl_ctl, eval_prompts, local_batch, micro_batch)
+                     scheduler, kl_ctl, eval_prompts, local_batch, micro_batch, logprobs_from_forward)
 
     start_step = 0
     last = runlog.last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
@@ -180,6 +178,16 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + accelerator.process_index)
     return state, run_dir, start_step
+
+
+def make_optimizer(cfg: PPOStageConfig, parameters: list, device: torch.device) -> torch.optim.Optimizer:
+    """One AdamW over policy and value parameters, as TRL's PolicyAndValueWrapper. Weight decay only on
+    weight matrices (HF Trainer's rule: never biases or norm gains). The fused kernel (TRL's Trainer default,
+    adamw_torch_fused): the same update, without torch's Python loop over tensors."""
+    groups = [{"params": [p for p in parameters if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, eps=cfg.adam_eps,
+                             fused=True if device.type in ("cpu", "cuda") else None)
 
 
 def start_logs(state: PPOState, run_dir: Path, start_step: int):
@@ -223,11 +231,14 @@ def sample(state: PPOState, batch_prompts: list) -> Rollout:
         # generate stops when every row has its EOS: no compute spent on all-pad columns.
         responses, mask = sequences.truncate_at_eos(generated.sequences[:, context_length:],
                                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
-        # The sampling pass's own (raw, float32) logits at the same T as every forward pass: the old
-        # log-probs need no extra forward pass. Only temperature is applied (top_k=0, top_p=1).
-        logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
     query_responses = torch.cat([queries, responses], 1)
     attention_mask = torch.cat([query_mask, mask.long()], 1)
+    with state.timer("policy_forward"):
+        if state.logprobs_from_forward:   # the same computation the update's first forward repeats
+            logprobs = sequences.response_logprobs(state.policy, query_responses, attention_mask, context_length,
+                                                   cfg.temperature)
+        else:   # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
+            logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
     with state.timer("ref_forward"):
         ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
                                                    cfg.temperature)
@@ -261,16 +272,21 @@ def score(state: PPOState, batch: Rollout) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 # 5. update
 # ----------------------------------------------------------------------------------------------
-def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int) -> dict[str, float]:
+def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
+               permutation: Callable[[int], torch.Tensor] | None = None) -> dict[str, list[float]]:
     """`num_ppo_epochs` passes over the batch in shuffled minibatches; each minibatch is one optimizer
-    step over `gradient_accumulation_steps` micro-batches. Returns the mean of each statistic."""
+    step over `gradient_accumulation_steps` micro-batches. Returns each statistic per micro-batch, in
+    order, and `approxkl_first_minibatch`: the approx-KL between the rollout's log-probs and the first
+    forward pass of the update, before any weight changed (0 up to precision drift).
+    `permutation(epoch)` replaces the random minibatch order (the TRL equivalence check feeds TRL's)."""
     cfg = state.cfg
     state.policy.train()
     state.value_model.train()
     stats = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "pg_clipfrac", "vf_clipfrac", "ratio", "entropy")}
     local_minibatch = state.micro_batch * cfg.gradient_accumulation_steps
-    for _ in range(cfg.num_ppo_epochs):
-        order = torch.randperm(state.local_batch, device=state.device)
+    value_mask = targets["value_mask"]   # the response mask; TRL's one-longer mask with trl_compat
+    for epoch in range(cfg.num_ppo_epochs):
+        order = permutation(epoch) if permutation else torch.randperm(state.local_batch, device=state.device)
         for mb_start in range(0, state.local_batch, local_minibatch):
             state.optimizer.zero_grad(set_to_none=True)
             for mc_start in range(mb_start, mb_start + local_minibatch, state.micro_batch):
@@ -286,9 +302,9 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int) -> dic
                     new_values = forward_values(state.value_model, ids, attention, batch.context_length)
                 new_logprobs = sequences.logprobs_from_scaled(logits, batch.responses[idx])
                 pg_loss, pg_stats = core.policy_loss(new_logprobs, batch.logprobs[idx], targets["advantages"][idx],
-                                                     mask, cfg.cliprange)
+                                                     mask, cfg.cliprange, stats_over_padding=cfg.trl_compat)
                 vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx], targets["returns"][idx],
-                                                       mask, cfg.cliprange_value)
+                                                       value_mask[idx], cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 # Stop before a non-finite loss reaches the weights (they stay the last good ones).
                 check_finite(step, **{"loss/policy": pg_loss, "loss/value": vf_loss})
@@ -304,7 +320,8 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int) -> dic
             check_finite(step, **{"gradient norm": grad_norm})
             state.optimizer.step()
     state.scheduler.step()
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
+    return stats
 
 
 def average_gradients(parameters, accelerator) -> None:
@@ -347,7 +364,7 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
             "gold": gold, "length": n_tokens.float(), "eos": parts["has_eos"].float(),
             "ev": core.explained_variance(targets["values"], targets["returns"], mask).reshape(1),
         })
-        update_stats = accelerator.gather_for_metrics({k: torch.tensor([v], device=state.device)
+        update_stats = accelerator.gather_for_metrics({k: torch.tensor([sum(v) / len(v)], device=state.device)
                                                        for k, v in stats.items()})
     mean_kl = gathered["kl"].mean().item()
     step_s = time.time() - step_started
@@ -359,6 +376,8 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         "objective/scores": gathered["scores"].mean().item(),
         "objective/kl_coef": state.kl_ctl.value,
         "policy/approxkl_avg": update_stats["approxkl"].mean().item(),
+        # rollout vs update log-probs before any update: precision drift only (0 in float32)
+        "policy/approxkl_first_minibatch": update_stats["approxkl_first_minibatch"].mean().item(),
         "policy/clipfrac_avg": update_stats["pg_clipfrac"].mean().item(),
         "policy/entropy_avg": update_stats["entropy"].mean().item(),
         "loss/policy_avg": update_stats["pg_loss"].mean().item(),
@@ -380,13 +399,15 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
     state.kl_ctl.update(mean_kl, cfg.batch_size)
     if accelerator.is_main_process:
         logger.log(step, metrics)
-        if step % cfg.sample_every == 0 or step == cfg.num_steps:
-            runlog.append_jsonl(run_dir / "samples.jsonl", [
-                {"step": step, "prompt": p, "response": t, "score": s, "rm": r, "gold": g, "kl": k,
-                 "n_tokens": n, "has_eos": e}
+    if step % cfg.sample_every == 0 or step == cfg.num_steps:
+        rows = [{"step": step, "prompt": p, "response": t, "score": s, "rm": r, "gold": g, "kl": k, "n_tokens": n,
+                 "has_eos": e}
                 for p, t, s, r, g, k, n, e in zip(
                     batch.prompts, batch.texts, scores.tolist(), parts["rm"].tolist(), gold.tolist(),
-                    kl_per_seq.tolist(), n_tokens.tolist(), parts["has_eos"].tolist())])
+                    kl_per_seq.tolist(), n_tokens.tolist(), parts["has_eos"].tolist())]
+        rows = gather_object(rows) if accelerator.num_processes > 1 else rows   # every process's episodes
+        if accelerator.is_main_process:
+            runlog.append_jsonl(run_dir / "samples.jsonl", rows)
     return metrics
 
 
@@ -410,6 +431,7 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
         model.save_pretrained(run_dir / "final", safe_serialization=True)
         state.tokenizer.save_pretrained(run_dir / "final")
         summary["wall_s_last_session"] = elapsed_s
+        summary["num_processes"] = accelerator.num_processes
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.log(cfg.num_steps, {"summary": 1, **runlog.flatten(summary)})
         logger.close()
