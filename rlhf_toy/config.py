@@ -110,9 +110,17 @@ def parse_config(cls, argv=None):
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            from rlhf_toy.data import not_utf8
+
+            raise ConfigError(not_utf8(path, error)) from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            # An empty file is a mistake, not "no config": every field would silently take its default,
+            # output_dir included, and an existing run there would be resumed.
+            raise ConfigError(f"{path}: the config file is empty (expected field: value lines)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
         for key, value in loaded.items():

@@ -53,3 +53,18 @@ def test_bool_flags_and_resolved_config_written(tmp_path):
 def test_validate_rejects_bad_eval_fraction():
     with pytest.raises(ConfigError, match="eval_fraction"):
         parse_config(SFTStageConfig, ["--eval_fraction", "1.5"])
+
+
+def test_empty_config_file_is_an_error_not_all_defaults(tmp_path):
+    # All defaults would mean output_dir: runs/sft, resuming into a run the user has there.
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match=r"c\.yaml: the config file is empty"):
+            parse_config(SFTStageConfig, ["--config", str(write(tmp_path, text))])
+
+
+def test_config_file_that_is_not_utf8_names_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"seed: 1\nlearning_rate: 1\xe9-4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        parse_config(SFTStageConfig, ["--config", str(path)])
+
