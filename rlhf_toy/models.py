@@ -63,10 +63,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """bf16 on a GPU that supports it, float32 elsewhere, unless the config names one."""
     if requested != "auto":
-        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if requested not in names:
-            raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {requested!r}")
-        return names[requested]
+        from rlhf_toy.config import DTYPES
+
+        if requested not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {requested!r}")
+        return getattr(torch, requested)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32

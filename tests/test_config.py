@@ -68,3 +68,29 @@ def test_config_file_that_is_not_utf8_names_line_and_column(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
         parse_config(SFTStageConfig, ["--config", str(path)])
 
+
+def test_dtype_device_and_trainer_numbers_are_checked_when_parsed():
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16, float16; got 'fp16'"):
+        parse_config(SFTStageConfig, ["--dtype", "fp16"])
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, cuda:N, mps; got 'gpu'"):
+        parse_config(SFTStageConfig, ["--device", "gpu"])
+    with pytest.raises(ConfigError, match="per_device_train_batch_size must be >= 1, got -4"):
+        parse_config(SFTStageConfig, ["--per_device_train_batch_size", "-4"])
+    with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+        parse_config(SFTStageConfig, ["--learning_rate", "0"])
+    with pytest.raises(ConfigError, match="max_steps must be"):
+        parse_config(SFTStageConfig, ["--max_steps", "0"])
+    from rlhf_toy.stages.ppo.config import PPOStageConfig
+
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
+        parse_config(PPOStageConfig, ["--batch_size", "0"])
+    assert parse_config(SFTStageConfig, ["--dtype", "float16", "--device", "cpu"]).dtype == "float16"
+
+
+def test_a_bad_value_is_one_line_on_the_command_line_and_writes_nothing(tmp_path, run_script):
+    out = tmp_path / "run"
+    result = run_script("sft", "--config", "configs/tiny/sft.yaml", "--output_dir", out,
+                        "--per_device_train_batch_size", "-1", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == "error: per_device_train_batch_size must be >= 1, got -1\n"
+    assert not out.exists()

@@ -37,6 +37,7 @@ def test_dtype_choice():
     assert models.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
         models.pick_dtype("float8", torch.device("cpu"))
+    assert models.pick_dtype("float16", torch.device("cpu")) == torch.float16
 
 
 def test_truncate_at_eos_keeps_eos_and_pads_after():

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
@@ -54,6 +54,9 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
     sample_batch_size: int = 32
 
     def validate(self):
+        super().validate()
+        at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
+        at_least(self, 0, "max_pairs", "num_eval_prompts", "eval_steps")
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown:
             import difflib

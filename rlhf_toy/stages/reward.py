@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import data, models, runlog, sequences, task
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
@@ -62,8 +62,11 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
     score_batch_size: int = 16
 
     def validate(self):
+        super().validate()
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        at_least(self, 1, "max_new_tokens", "sample_batch_size", "score_batch_size")
+        at_least(self, 0, "num_eval_prompts", "eval_steps", "max_train_pairs", "max_eval_pairs")
         if self.num_norm_samples < 2:
             raise ConfigError(f"num_norm_samples must be at least 2 (a standard deviation), got {self.num_norm_samples}")
         if self.use_lora and self.freeze_bottom_layers:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
@@ -33,8 +33,11 @@ class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
     sample_batch_size: int = 32
 
     def validate(self):
+        super().validate()
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
+        at_least(self, 0, "num_eval_prompts", "eval_steps")
 
 
 
