@@ -185,7 +185,8 @@ class CommonConfig:
     save_steps: int = 20            # checkpoint every N optimizer steps (resume restarts from the last one)
     save_total_limit: int = 2
     report_to: str = "tensorboard"  # or "none"
-    resume: bool = True             # continue from the last checkpoint in output_dir if there is one
+    resume: bool = True             # false: never continue a run (an existing one is refused; see rundir)
+    overwrite_output_dir: bool = False   # HF's name: delete the run in output_dir and start again
 
     def validate(self):
         if self.dtype not in DTYPES:

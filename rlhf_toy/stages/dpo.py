@@ -17,12 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_toy import data, models, runlog
+from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import lora_config, save_final, setup_run, train, trainer_fields, trainer_precision
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -91,19 +90,25 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if start.finished:
+        return start.run_dir
     run_dir = setup_run(cfg)
     train_pairs, eval_pairs = load_pairs(cfg)
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
-    checkpoints = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
     judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
     if judge is not None and judge.note:
         print(f"note: {judge.note}")
+    start.begin(cfg)   # the first write: the config and the inputs are valid
+    checkpoints = run_dir / "checkpoints"
+    resume_from = start.checkpoint
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
 
     def evaluate(policy, when: str, ref=None) -> None:   # gold, RM and (after) the KL to the reference
         summary[when], rows = sample_and_score(
@@ -149,9 +154,11 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    summary["train_wall_s"] = time.time() - started
-    summary["train_loss"] = result.training_loss
+    result = train(trainer, start)
+    if result is not None:
+        summary["train_wall_s"] = time.time() - started
+        summary["train_loss"] = result.training_loss
+        summary_path.write_text(json.dumps(summary) + "\n")   # kept for a resume that finds training done
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
     margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
     if margins:
@@ -173,6 +180,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     summary_path.write_text(json.dumps(summary) + "\n")
     logger.log(step, {"summary": 1, **runlog.flatten(summary)})
     logger.close()
+    rundir.mark_finished(run_dir, step)
     return run_dir
 
 

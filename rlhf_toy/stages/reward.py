@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import data, models, runlog, sequences, task
+from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
-from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import lora_config, save_final, setup_run, train, trainer_fields, trainer_precision
 
 
 @dataclass
@@ -225,6 +224,11 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     started = time.time()
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if start.finished:
+        return start.run_dir
     run_dir = setup_run(cfg)
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
     pairs, data_stats = clean_pairs(records, cfg.dataset)
@@ -244,9 +248,10 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     align_with_tokenizer(model, tokenizer)
     freeze_bottom(model, cfg.freeze_bottom_layers)
+    start.begin(cfg)   # the first write: the config and the inputs are valid
 
     checkpoints = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, run_dir)
+    summary_path = run_dir / "summary.json"
     args = RewardConfig(
         output_dir=str(checkpoints), **trainer_fields(cfg),
         max_length=None,                  # already fitted by encode_for_reward (TRL would drop, not truncate)
@@ -265,11 +270,15 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
     )
     train_started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train(trainer, start)
+    trained = json.loads(summary_path.read_text()) if result is None and summary_path.exists() else {}
+    if result is not None:
+        trained = {"train_loss": result.training_loss, "train_wall_s": time.time() - train_started}
+        summary_path.write_text(json.dumps(trained, indent=2) + "\n")   # kept for a resume that finds training done
     summary = {**data_stats, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
                "train_prompts_truncated": train_stats["prompts_truncated"],
                "train_pairs_response_too_long_dropped": train_stats["pairs_response_too_long_dropped"],
-               "train_loss": result.training_loss, "train_wall_s": time.time() - train_started,
+               "train_loss": trained.get("train_loss"), "train_wall_s": trained.get("train_wall_s"),
                "global_step": trainer.state.global_step}
     final = save_final(trainer, tokenizer, run_dir)
     del trainer, model
@@ -326,9 +335,10 @@ def train_reward(cfg: RewardStageConfig) -> Path:
 
     summary["wall_s"] = time.time() - started
     summary = {k: _finite(v) for k, v in summary.items()}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     runlog.MetricsLogger(run_dir, tensorboard=False).log(
         summary["global_step"], {"summary": 1, **runlog.flatten(summary)})
+    rundir.mark_finished(run_dir, summary["global_step"])
     print_summary(summary, run_dir)
     return run_dir
 
@@ -348,7 +358,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
           f"bias {summary['normalization']['bias']:.4f} ({summary['normalization']['n_samples']} samples)")
     print(f"  dropped/truncated       {summary['pairs_identical_dropped']} identical pairs dropped, "
           f"{summary['train_prompts_truncated']} training prompts truncated")
-    print(f"  wall time               {summary['wall_s']:.0f} s (training {summary['train_wall_s']:.0f} s)")
+    print(f"  wall time               {summary['wall_s']:.0f} s (training {fmt('train_wall_s', '.0f')} s)")
 
 
 def _normalize_main(argv=None) -> None:

@@ -11,12 +11,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_toy import data, models, runlog
+from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (lora_config, resume_checkpoint, save_final, setup_run, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import lora_config, save_final, setup_run, train, trainer_fields, trainer_precision
 
 
 @dataclass
@@ -45,6 +44,11 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
 
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if start.finished:
+        return start.run_dir
     run_dir = setup_run(cfg)
     records = data.load_records(cfg.dataset, data.SFT_FIELDS)
     records = [{"prompt": data.as_messages(r["prompt"], "user"),
@@ -54,8 +58,9 @@ def run_sft(cfg: SFTStageConfig) -> Path:
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    start.begin(cfg)   # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, run_dir)
+    resume_from = start.checkpoint
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
 
@@ -91,13 +96,15 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    summary["train_wall_s"] = time.time() - started
-    # TRL logs num_tokens, the tokens this process trained on (it restarts from 0 on resume).
-    logged_tokens = [r["num_tokens"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "num_tokens" in r]
-    summary["train_tokens"] = logged_tokens[-1] if logged_tokens else 0
-    summary["tokens_per_s"] = summary["train_tokens"] / max(result.metrics["train_runtime"], 1e-9)
-    summary["train_loss"] = result.training_loss
+    result = train(trainer, start)
+    if result is not None:
+        summary["train_wall_s"] = time.time() - started
+        # TRL logs num_tokens, the tokens this process trained on (it restarts from 0 on resume).
+        logged_tokens = [r["num_tokens"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "num_tokens" in r]
+        summary["train_tokens"] = logged_tokens[-1] if logged_tokens else 0
+        summary["tokens_per_s"] = summary["train_tokens"] / max(result.metrics["train_runtime"], 1e-9)
+        summary["train_loss"] = result.training_loss
+        summary_path.write_text(json.dumps(summary) + "\n")   # kept for a resume that finds training done
     if eval_records:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     final = save_final(trainer, tokenizer, run_dir)
@@ -106,4 +113,5 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         evaluate(models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype), "after")
     summary_path.write_text(json.dumps(summary) + "\n")
     runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step, {"summary": 1, **runlog.flatten(summary)})
+    rundir.mark_finished(run_dir, trainer.state.global_step)
     return run_dir

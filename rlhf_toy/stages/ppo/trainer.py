@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-from rlhf_toy import data, models, runlog, sequences, task
+from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.config import ConfigError
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
@@ -58,6 +58,7 @@ class PPOState:
     scheduler: object
     kl_ctl: object
     eval_prompts: list                 # sampled before and after training
+    prompts: list                      # the training prompts
     local_batch: int                   # episodes per process per step
     micro_batch: int                   # episodes per forward/backward
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
@@ -98,7 +99,10 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
     step's metrics are logged and before its checkpoint (the benchmark reads peak memory and steps its
     profiler there); `metrics["time/*_s"]` time the step's phases."""
     state, run_dir, start_step = build(cfg)
-    logger, summary, prompts = start_logs(state, run_dir, start_step)
+    if state is None:   # a finished run: nothing to do
+        return run_dir
+    logger, summary = start_logs(state, run_dir, start_step)
+    prompts = state.prompts
     progress = tqdm(range(start_step, cfg.num_steps), initial=start_step, total=cfg.num_steps,
                     desc="PPO", disable=not state.accelerator.is_local_main_process)
     step = start_step
@@ -139,15 +143,21 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
 # ----------------------------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------------------------
-def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
-    """Processes, models, optimizer, scheduler, KL controller; resumed from the last checkpoint if any."""
+def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
+    """Processes, models, optimizer, scheduler, KL controller; resumed from the last checkpoint if any
+    (`rundir`'s rule; no state for a finished run)."""
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # one progress bar (PPO's), not one per checkpoint write
     # accelerate only starts the processes and gathers metrics; gradients are averaged by hand below.
     accelerator = Accelerator(cpu=cfg.device == "cpu")
-    run_dir = setup_run(cfg, write_config=accelerator.is_main_process)
+    start = rundir.prepare_run_dir(cfg)   # every process reads the same directory and decides alike
+    if start.message:
+        accelerator.print(start.message)
+    if start.finished:
+        return None, start.run_dir, start.step
+    run_dir = setup_run(cfg)
     device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     if cfg.batch_size % accelerator.num_processes:
@@ -156,6 +166,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
     micro_batch = local_batch // cfg.num_mini_batches // cfg.gradient_accumulation_steps
 
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    prompts = data.load_prompts(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)
     policy, reference, value_model = load_models(cfg, tokenizer, device, dtype)
@@ -168,10 +179,15 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
-                     scheduler, kl_ctl, eval_prompts, local_batch, micro_batch)
+                     scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch)
+    # The first write, once the inputs are valid; every process waits for it (and has read the directory).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        start.begin(cfg)
+    accelerator.wait_for_everyone()
 
     start_step = 0
-    last = runlog.last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    last = start.checkpoint
     if last is not None:
         start_step = load_checkpoint(last, policy, value_model, optimizer, scheduler, kl_ctl, device,
                                      accelerator.process_index)
@@ -183,10 +199,8 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
 
 
 def start_logs(state: PPOState, run_dir: Path, start_step: int):
-    """The metrics logger (cut back to the resumed step), the summary with its "before" evaluation,
-    and the training prompts."""
+    """The metrics logger (cut back to the resumed step) and the summary with its "before" evaluation."""
     cfg, accelerator = state.cfg, state.accelerator
-    prompts = data.load_prompts(cfg.prompts)
     logger = (runlog.MetricsLogger(run_dir, cfg.report_to == "tensorboard", resume_step=start_step)
               if accelerator.is_main_process else None)
     summary_path = run_dir / "summary.json"
@@ -195,7 +209,7 @@ def start_logs(state: PPOState, run_dir: Path, start_step: int):
         summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
                                      state.eval_prompts, "before")
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    return logger, summary, prompts
+    return logger, summary
 
 
 def local_share(state: PPOState, batch_prompts: list) -> list:
@@ -413,6 +427,7 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.log(cfg.num_steps, {"summary": 1, **runlog.flatten(summary)})
         logger.close()
+        rundir.mark_finished(run_dir, cfg.num_steps)
     accelerator.wait_for_everyone()
 
 
