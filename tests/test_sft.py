@@ -3,12 +3,13 @@ import shutil
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoModelForCausalLM
 
 from conftest import ROOT, kill_after_checkpoint, snapshot
-from rlhf_toy import rundir, runlog, task
+from rlhf_toy import data, models, rundir, runlog, task
 from rlhf_toy.config import parse_config
-from rlhf_toy.stages.sft import SFTStageConfig, run_sft
+from rlhf_toy.stages.sft import SFTStageConfig, drop_prompts_too_long, run_sft
 
 
 def write_fixture(tmp_path, n=48):
@@ -104,3 +105,16 @@ def test_finished_run_is_not_trained_again_nor_past_its_last_step(tmp_path, caps
     assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
     assert json.loads((out / rundir.FINISHED_FILE).read_text()) == {"step": 6}
 
+
+def test_prompts_that_fill_max_length_are_dropped_and_counted(tmp_path):
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    long = [{"role": "user", "content": " ".join(["film"] * 40)}]
+    short = [{"role": "user", "content": "Review it ."}]
+    records = [{"prompt": p, "completion": [{"role": "assistant", "content": "good ."}]} for p in (short, long, short)]
+    kept, dropped, longest = drop_prompts_too_long(records, tokenizer, 32)
+    assert kept == [records[0], records[2]] and dropped == 1 and longest > 40
+    # None left: one line naming max_length, before anything is written.
+    out = tmp_path / "run"
+    with pytest.raises(data.DataError, match=r"every training example's prompt fills max_length=8 tokens"):
+        sft_in_process(tmp_path, out, max_length=8, num_eval_prompts=0)
+    assert not out.exists()

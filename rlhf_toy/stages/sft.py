@@ -39,6 +39,20 @@ class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
         at_least(self, 0, "num_eval_prompts", "eval_steps")
 
 
+def drop_prompts_too_long(records: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int, int]:
+    """The records whose prompt leaves room for a completion token within `max_length`, the number
+    dropped, and the longest prompt (tokens). TRL cuts every sequence to max_length and silently drops
+    those left with nothing to learn (a prompt that fills it), which then fails as `num_samples=0` or a
+    missing eval_loss; the prompt is tokenized as TRL does (chat template, generation prompt)."""
+    kept, longest = [], 0
+    for record in records:
+        n = len(tokenizer.apply_chat_template(record["prompt"], tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+        longest = max(longest, n)
+        if n < max_length:
+            kept.append(record)
+    return kept, len(records) - len(kept), longest
+
 
 def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
@@ -57,6 +71,15 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    train_records, too_long, longest = drop_prompts_too_long(train_records, tokenizer, cfg.max_length)
+    if not train_records:
+        raise data.DataError(f"{cfg.dataset}: every training example's prompt fills max_length={cfg.max_length} "
+                             f"tokens (the longest has {longest}), leaving no completion token to train on; "
+                             "raise max_length")
+    eval_records, eval_too_long, _ = drop_prompts_too_long(eval_records, tokenizer, cfg.max_length)
+    if too_long or eval_too_long:
+        print(f"note: {too_long + eval_too_long} examples dropped ({eval_too_long} of them held out): their prompt "
+              f"alone fills max_length={cfg.max_length} tokens, so no completion token would be trained on")
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
     start.begin(cfg)   # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
@@ -93,6 +116,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     )
     if eval_records and "eval_loss_before" not in summary:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    summary["examples_prompt_too_long_dropped"] = too_long + eval_too_long
     summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
