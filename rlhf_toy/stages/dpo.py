@@ -22,6 +22,7 @@ from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import lora_config, save_final, setup_run, train, trainer_fields, trainer_precision
+from rlhf_toy.stages.reward import clean_pairs
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -75,15 +76,17 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
         return [t.strip() for t in self.loss_type.split(",") if t.strip()]
 
 
-def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict]]:
-    """Preference pairs in TRL's conversational form, subsampled and split by prompt."""
+def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
+    """Preference pairs in TRL's conversational form, without the ones that carry no preference (the
+    reward stage's `clean_pairs`: chosen == rejected would train on a constant loss of log 2),
+    subsampled and split by prompt; and the counts."""
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
-    pairs = [{"prompt": data.as_messages(r["prompt"], "user"),
-              "chosen": data.as_messages(r["chosen"], "assistant"),
-              "rejected": data.as_messages(r["rejected"], "assistant")} for r in records]
+    cleaned, stats = clean_pairs(records, cfg.dataset)
+    pairs = [{"prompt": p["prompt"], "chosen": data.as_messages(p["chosen"], "assistant"),
+              "rejected": data.as_messages(p["rejected"], "assistant")} for p in cleaned]
     if cfg.max_pairs and cfg.max_pairs < len(pairs):
         pairs = random.Random(cfg.seed).sample(pairs, cfg.max_pairs)
-    return data.split_records(pairs, cfg.eval_fraction, cfg.seed)
+    return *data.split_records(pairs, cfg.eval_fraction, cfg.seed), stats
 
 
 def run_dpo(cfg: DPOStageConfig) -> Path:
@@ -96,7 +99,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     if start.finished:
         return start.run_dir
     run_dir = setup_run(cfg)
-    train_pairs, eval_pairs = load_pairs(cfg)
+    train_pairs, eval_pairs, pair_stats = load_pairs(cfg)
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
@@ -160,6 +163,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         summary["train_loss"] = result.training_loss
         summary_path.write_text(json.dumps(summary) + "\n")   # kept for a resume that finds training done
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
+    summary["pairs_identical_dropped"] = pair_stats["pairs_identical_dropped"]
     margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
     if margins:
         summary["train_margin_first"], summary["train_margin_last"] = margins[0], margins[-1]

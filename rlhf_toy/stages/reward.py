@@ -121,8 +121,9 @@ def gold_of(record: dict, which: str) -> float:
 
 def clean_pairs(records: list[dict], source: str) -> tuple[list[dict], dict]:
     """Normalise the pairs to (prompt messages, chosen text, rejected text) and drop the ones that
-    carry no preference (chosen == rejected). Empty responses are kept: "something beats nothing"
-    is a preference, and the policy can produce an empty response that the RM must then score."""
+    carry no preference (chosen == rejected; a DataError when none is left). Empty responses are kept:
+    "something beats nothing" is a preference, and the policy can produce an empty response that the RM
+    must then score. The reward and DPO stages both read their pairs through it."""
     pairs, identical = [], 0
     for index, record in enumerate(records):
         where = f"{source}:{index + 1}"
@@ -134,6 +135,10 @@ def clean_pairs(records: list[dict], source: str) -> tuple[list[dict], dict]:
         pairs.append({"prompt": data.as_messages(record["prompt"], "user"), "chosen": chosen, "rejected": rejected,
                       "gold_chosen": gold_of(record, "chosen"), "gold_rejected": gold_of(record, "rejected"),
                       **({"margin": float(record["margin"])} if record.get("margin") is not None else {})})
+    if not pairs:
+        raise data.DataError(f"{source}: no usable pairs (all {len(records)} have chosen == rejected)")
+    if identical:
+        print(f"note: {source}: {identical} of {len(records)} pairs dropped (chosen == rejected: no preference)")
     return pairs, {"pairs_read": len(records), "pairs_identical_dropped": identical}
 
 
@@ -232,8 +237,6 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     run_dir = setup_run(cfg)
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
     pairs, data_stats = clean_pairs(records, cfg.dataset)
-    if not pairs:
-        raise data.DataError(f"{cfg.dataset}: no usable pairs (all {len(records)} have chosen == rejected)")
     train_pairs, eval_pairs = data.split_records(pairs, cfg.eval_fraction, cfg.seed)
     if cfg.max_train_pairs and len(train_pairs) > cfg.max_train_pairs:
         train_pairs = random.Random(cfg.seed).sample(train_pairs, cfg.max_train_pairs)
