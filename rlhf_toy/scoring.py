@@ -100,6 +100,10 @@ def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidde
 
     torch_device = models.pick_device(device)
     resolved = models.resolve_model_path(str(path))
+    if models.is_adapter_dir(resolved):
+        raise models.ModelNotFoundError(
+            f"{path} is a LoRA adapter; a reward model (and its init) is a full model directory, such as a "
+            "run's final/ (where every stage saves its LoRA run merged)")
     overrides = {"num_labels": 1}
     if num_hidden_layers:
         n_blocks = AutoConfig.from_pretrained(resolved).num_hidden_layers

@@ -141,21 +141,13 @@ def load_model_and_tokenizer(entry_model: str, tokenizer_from: str | None, devic
     """A causal LM (a LoRA adapter directory is merged into its base) and its prepared tokenizer."""
     from transformers import AutoTokenizer
 
-    path = Path(entry_model)
     source = tokenizer_from or entry_model
     if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").exists():
         # A checkpoint directory may hold a tokenizer and a LoRA adapter but no config.json.
         tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     else:
         tokenizer = models.load_tokenizer(source)
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        from peft import PeftModel
-
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = models.load_causal_lm(base, tokenizer, device, dtype)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    else:
-        model = models.load_causal_lm(entry_model, tokenizer, device, dtype)
+    model = models.load_causal_lm(entry_model, tokenizer, device, dtype)   # an adapter is merged into its base
     model.eval()
     return model, tokenizer
 

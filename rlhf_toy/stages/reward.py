@@ -248,6 +248,12 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     eval_rows, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.margin)
     if not train_rows:
         raise data.DataError(f"{cfg.dataset}: no training pair fits max_length={cfg.max_length}")
+    # What normalisation and evaluation read after training, checked before it (a bad policy or prompts
+    # file would otherwise fail only after training, leaving a final/ without its normalisation).
+    policy_name = cfg.policy_model or cfg.model_name_or_path
+    policy_tokenizer = models.load_tokenizer(policy_name)
+    train_prompts = data.load_prompts(cfg.train_prompts)
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     align_with_tokenizer(model, tokenizer)
     freeze_bottom(model, cfg.freeze_bottom_layers)
@@ -287,13 +293,11 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     del trainer, model
 
     # Normalisation on the policy's own samples (the distribution PPO starts from).
-    policy_name = cfg.policy_model or cfg.model_name_or_path
-    policy_tokenizer = models.load_tokenizer(policy_name)
     policy = models.load_causal_lm(policy_name, policy_tokenizer, cfg.device, cfg.dtype)
     scorer = RewardScorer(str(final), cfg.device, cfg.dtype, cfg.score_batch_size, cfg.max_length,
                           require_normalization=False)
     normalization, calibration = calibrate(
-        scorer, policy, policy_tokenizer, data.load_prompts(cfg.train_prompts), num_samples=cfg.num_norm_samples,
+        scorer, policy, policy_tokenizer, train_prompts, num_samples=cfg.num_norm_samples,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
         sample_batch_size=cfg.sample_batch_size, policy_name=policy_name)
     summary["normalization"] = normalization
@@ -322,8 +326,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         summary["eval_accuracy_gap"] = summary["eval_accuracy_ceiling"] - summary["eval_accuracy"]
 
     # Rank correlation with gold on fresh samples of the eval prompts.
-    if cfg.num_eval_prompts:
-        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
+    if eval_prompts:
         summary["eval_samples"], scored = sample_and_score(
             policy, policy_tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
