@@ -207,6 +207,12 @@ def run_penalties(run_dir) -> dict | None:
     return {name: type(default)(config[name]) for name, default in PENALTIES_OFF.items()}
 
 
+def has_reward_model(path) -> bool:
+    """Whether `path` holds a model to score with: a model directory, or a run directory's final/."""
+    path = Path(path)
+    return (path / "config.json").exists() or (path / "final" / "config.json").exists()
+
+
 class Judge:
     """Gold always; the reward model (and PPO's length/EOS penalties) when one is given and exists.
     `reward_model`: a reward model directory, an already loaded `RewardScorer`, or None."""
@@ -223,7 +229,7 @@ class Judge:
             self.note = "no reward model given: rm_mean and score_mean are null"
             return
         path = Path(reward_model)
-        if not (path / "config.json").exists() and not (path / "final" / "config.json").exists():
+        if not has_reward_model(path):
             self.note = f"no reward model at {reward_model} (train one with scripts/train_reward.py): rm_mean and score_mean are null"
             return
         self.scorer = RewardScorer(str(path), device=device, dtype=dtype)
