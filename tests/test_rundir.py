@@ -1,6 +1,10 @@
 """The run-directory rule (`rlhf_toy.rundir`) on hand-made run directories: no training (the stages'
 own tests run it end to end)."""
 
+import re
+import shutil
+import subprocess
+
 import pytest
 import yaml
 
@@ -130,3 +134,33 @@ def test_tensorboard_is_cut_back_on_resume(tmp_path):
     assert [(e.step, e.value) for e in events.Scalars("x")] == [(1, 1), (2, 2), (3, 3), (4, 14), (5, 15), (6, 16)]
     assert [r["step"] for r in runlog.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_redoes_a_stage_whose_config_changed(tmp_path):
+    """`make -n`: with every stage done, an edited reward config redoes reward (clean) and what starts from it."""
+    import os
+    import time
+
+    configs, runs, report = tmp_path / "configs", tmp_path / "runs", tmp_path / "report"
+    shutil.copytree(ROOT / "configs/tiny", configs)
+    time.sleep(0.05)
+    for stage in ("sft", "reward", "ppo", "dpo"):
+        (runs / stage / "final").mkdir(parents=True)
+        (runs / stage / "final/config.json").write_text("{}")
+        time.sleep(0.02)
+    report.mkdir()
+    (report / "report.html").write_text("")
+    argv = ["make", "-n", "-C", str(ROOT), "demo", f"CONFIGS={configs}", f"RUNS={runs}", f"REPORT={report}",
+            "SETUP_STAMP=Makefile"]
+
+    def stages():   # the stages `make demo` would run, in order, and whether each starts clean
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+        return [re.search(r"' stage (\w+)", line).group(1) + (" overwrite" if "--overwrite_output_dir" in line else "")
+                for line in out.splitlines() if "' stage " in line]
+
+    assert stages() == []
+    later = time.time() + 2
+    os.utime(configs / "reward.yaml", (later, later))
+    assert stages() == ["reward overwrite", "ppo overwrite", "dpo overwrite", "compare"]
+    shutil.rmtree(runs / "sft/final")     # never finished (killed): redone without overwriting, to resume
+    assert stages()[0] == "sft"
