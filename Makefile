@@ -23,9 +23,10 @@ test: setup
 data: setup
 	$(PY) scripts/make_data.py
 
-# The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs only when its output does not
-# exist yet (delete runs/NAME to redo it; the report is redone after any stage); each appends its wall time to $(RUNS)/demo_times.txt, which
-# the demo prints at the end. `make demo CONFIGS=configs/tiny
+# The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs when its output (final/) does not
+# exist yet, or when its config file or a model it starts from is newer than that output (an edited
+# config is a new run; the report is redone after any stage); each appends its wall time to
+# $(RUNS)/demo_times.txt, which the demo prints at the end. `make demo CONFIGS=configs/tiny
 # RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same pipeline on the tiny model.
 SHELL := /bin/bash
 CONFIGS ?= configs
@@ -38,6 +39,10 @@ EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/p
 # $(STAGE) NAME COMMAND...: run COMMAND, then log "NAME <seconds> s" (only when it succeeded)
 STAGE = @mkdir -p $(RUNS) && bash -c 'echo "== $$1: $${*:2}"; start=$$SECONDS; "$${@:2}" && \
 	echo "$$1 $$((SECONDS - start)) s  ($$(date -u +%FT%TZ))" | tee -a $(RUNS)/demo_times.txt' stage
+# A stage whose final/ exists is redone only because a prerequisite is newer: its run directory holds a
+# run of another config or from another model, which the stage refuses to continue (the run-directory
+# rule, README), so it starts clean. A stage without final/ (never run, or killed) continues its run.
+OVERWRITE = $(if $(wildcard $@),--overwrite_output_dir)
 
 demo: setup $(REPORT)/report.html
 	@sed -n '1,9p' $(REPORT)/compare.md
@@ -45,20 +50,20 @@ demo: setup $(REPORT)/report.html
 	@cat $(RUNS)/demo_times.txt
 	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html"
 
-$(RUNS)/sft/final/config.json: | setup
-	$(STAGE) sft $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft
+$(RUNS)/sft/final/config.json: $(CONFIGS)/sft.yaml | setup
+	$(STAGE) sft $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft $(OVERWRITE)
 
-$(RUNS)/reward/final/config.json: | $(RUNS)/sft/final/config.json
+$(RUNS)/reward/final/config.json: $(CONFIGS)/reward.yaml $(RUNS)/sft/final/config.json
 	$(STAGE) reward $(PY) scripts/train_reward.py --config $(CONFIGS)/reward.yaml --output_dir $(RUNS)/reward \
-		--model_name_or_path $(RUNS)/sft/final --policy_model $(RUNS)/sft/final
+		--model_name_or_path $(RUNS)/sft/final --policy_model $(RUNS)/sft/final $(OVERWRITE)
 
-$(RUNS)/ppo/final/config.json: | $(RUNS)/reward/final/config.json
+$(RUNS)/ppo/final/config.json: $(CONFIGS)/ppo.yaml $(RUNS)/sft/final/config.json $(RUNS)/reward/final/config.json
 	$(STAGE) ppo $(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --output_dir $(RUNS)/ppo \
-		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final
+		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final $(OVERWRITE)
 
-$(RUNS)/dpo/final/config.json: | $(RUNS)/reward/final/config.json
+$(RUNS)/dpo/final/config.json: $(CONFIGS)/dpo.yaml $(RUNS)/sft/final/config.json $(RUNS)/reward/final/config.json
 	$(STAGE) dpo $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --output_dir $(RUNS)/dpo \
-		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final
+		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final $(OVERWRITE)
 
 # Not order-only: a report older than any model it compares (a fresh clone has the committed one) is
 # redone; compare.py resamples only the models whose weights changed.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import sys
 import types
 import typing
@@ -110,9 +111,17 @@ def parse_config(cls, argv=None):
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as error:
+            from rlhf_toy.data import not_utf8
+
+            raise ConfigError(not_utf8(path, error)) from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
+        if loaded is None:
+            # An empty file is a mistake, not "no config": every field would silently take its default,
+            # output_dir included, and an existing run there would be resumed.
+            raise ConfigError(f"{path}: the config file is empty (expected field: value lines)")
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of field: value, got {type(loaded).__name__}")
         for key, value in loaded.items():
@@ -136,9 +145,35 @@ def save_config(config, output_dir) -> Path:
     return path
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = "auto, cpu, cuda, cuda:N, mps"
+
+
+def check_device(device: str) -> str:
+    """`device` if it names one torch has here (auto, cpu, cuda, cuda:N, mps), else a ConfigError."""
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", device):
+        raise ConfigError(f"device must be one of {DEVICES}; got {device!r}")
+    if device.startswith(("cuda", "mps")):
+        import torch
+
+        backend = torch.cuda if device.startswith("cuda") else torch.backends.mps
+        if not backend.is_available():
+            raise ConfigError(f"device {device!r}: torch finds no such device here (use auto or cpu)")
+    return device
+
+
+def at_least(config, minimum, *names) -> None:
+    """A ConfigError naming the first of the config's fields `names` below `minimum`."""
+    for name in names:
+        value = getattr(config, name)
+        if value < minimum:
+            raise ConfigError(f"{name} must be >= {minimum}, got {value}")
+
+
 @dataclasses.dataclass
 class CommonConfig:
-    """Fields every stage has."""
+    """Fields every stage has. A stage's `validate` calls `super().validate()`, so these checks (and
+    TrainerFields' and LoraFields') run for every stage before anything is loaded or written."""
 
     model_name_or_path: str = "embedded:smollm2-135m-instruct"
     output_dir: str = "runs/default"
@@ -150,7 +185,17 @@ class CommonConfig:
     save_steps: int = 20            # checkpoint every N optimizer steps (resume restarts from the last one)
     save_total_limit: int = 2
     report_to: str = "tensorboard"  # or "none"
-    resume: bool = True             # continue from the last checkpoint in output_dir if there is one
+    resume: bool = True             # false: never continue a run (an existing one is refused; see rundir)
+    overwrite_output_dir: bool = False   # HF's name: delete the run in output_dir and start again
+
+    def validate(self):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
+        check_device(self.device)
+        if self.report_to not in ("tensorboard", "none"):
+            raise ConfigError(f"report_to must be tensorboard or none; got {self.report_to!r}")
+        at_least(self, 0, "num_threads")
+        at_least(self, 1, "logging_steps", "save_steps", "save_total_limit")
 
 
 @dataclasses.dataclass
@@ -160,6 +205,13 @@ class LoraFields:
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"
+
+    def validate(self):
+        super().validate()
+        if self.use_lora:
+            at_least(self, 1, "lora_r", "lora_alpha")
+            if not 0 <= self.lora_dropout < 1:
+                raise ConfigError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
 
 
 @dataclasses.dataclass
@@ -174,3 +226,17 @@ class TrainerFields:
     warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
+
+    def validate(self):
+        super().validate()
+        at_least(self, 1, "per_device_train_batch_size", "gradient_accumulation_steps")
+        if self.learning_rate <= 0:
+            raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            raise ConfigError(f"max_steps must be a number of steps > 0, or -1 (num_train_epochs decides); "
+                              f"got {self.max_steps}")
+        if self.max_steps == -1 and self.num_train_epochs <= 0:
+            raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ConfigError(f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps} "
+                              f"and {self.weight_decay}")

@@ -54,23 +54,43 @@ def _check_text_or_messages(value, where: str) -> None:
     raise DataError(f"{where} must be a string or a list of {{'role', 'content'}} messages, got {str(value)[:80]!r}")
 
 
+def not_utf8(path, error: UnicodeDecodeError, line_number: int | None = None) -> str:
+    """"FILE:LINE: not UTF-8 text (byte 0x.. at column N)" for a decode error in a whole file's bytes
+    (or, with `line_number`, in that line's)."""
+    raw = error.object
+    line_start = raw.rfind(b"\n", 0, error.start) + 1
+    line = line_number if line_number is not None else raw.count(b"\n", 0, error.start) + 1
+    return f"{path}:{line}: not UTF-8 text (byte 0x{raw[error.start]:02x} at column {error.start - line_start + 1})"
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    # Some of json's messages end in "at" ("Invalid control character at"): one "at" is enough.
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
+
+
 def _read_local(path: Path) -> list[dict]:
     if path.suffix == ".jsonl":
         records = []
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, start=1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as error:
+                    raise DataError(not_utf8(path, error, number)) from None
                 if not line.strip():
                     continue
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as error:
-                    raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno})") from None
+                    raise DataError(f"{path}:{number}: not valid JSON ({_json_error(error)})") from None
         return records
     if path.suffix == ".json":
         try:
-            loaded = json.loads(path.read_text(encoding="utf-8"))
+            loaded = json.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise DataError(not_utf8(path, error)) from None
         except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{error.lineno}: not valid JSON ({error.msg})") from None
+            raise DataError(f"{path}:{error.lineno}: not valid JSON ({_json_error(error)})") from None
         if isinstance(loaded, dict) and isinstance(loaded.get("data"), list):
             loaded = loaded["data"]
         if not isinstance(loaded, list):

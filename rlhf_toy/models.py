@@ -6,7 +6,8 @@
   (default `~/.cache/rlhf_toy`) and loaded from there afterwards.
 - `tiny-random-gpt2`: a small randomly initialised `GPT2LMHeadModel` with a word-level tokenizer,
   both built locally (no download) — for tests and `configs/tiny/`.
-- a local directory holding an HF model (`from_pretrained` format), e.g. `runs/sft/final`.
+- a local directory holding an HF model (`from_pretrained` format), e.g. `runs/sft/final`, or a LoRA
+  adapter (an HF trainer's LoRA checkpoint): `load_causal_lm` merges it into its base model.
 - a hub id such as `distilgpt2`: works where the hub or a local HF cache has it; offline it fails
   with a clear message that names the embedded default.
 """
@@ -63,10 +64,11 @@ def pick_device(requested: str = "auto") -> torch.device:
 def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     """bf16 on a GPU that supports it, float32 elsewhere, unless the config names one."""
     if requested != "auto":
-        names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-        if requested not in names:
-            raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {requested!r}")
-        return names[requested]
+        from rlhf_toy.config import DTYPES
+
+        if requested not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {requested!r}")
+        return getattr(torch, requested)
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
@@ -80,12 +82,15 @@ def resolve_model_path(name_or_path: str) -> str:
         return str(_tiny_model_dir())
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if not (path / "config.json").exists():
-            raise ModelNotFoundError(
-                f"{path} exists but holds no model (no config.json). A run directory's model is in "
-                f"its final/ subdirectory, e.g. {path / 'final'}."
-            )
-        return str(path)
+        if (path / "config.json").exists() or is_adapter_dir(path):
+            return str(path)
+        if (path / "final" / "config.json").exists():
+            hint = f"a run directory's model is in its final/ subdirectory: {path / 'final'}"
+        elif (path / "config.yaml").exists():
+            hint = "it is a run directory without a final/ model yet (did its training finish?)"
+        else:
+            hint = "a model directory has a config.json (or, for a LoRA adapter, an adapter_config.json)"
+        raise ModelNotFoundError(f"{path} exists but holds no model: {hint}")
     looks_local = name_or_path.startswith((".", "/", "~")) or name_or_path.startswith(("runs/", "runs\\"))
     if looks_local or name_or_path.count("/") > 1:
         raise ModelNotFoundError(f"model path {name_or_path!r} does not exist.")
@@ -191,11 +196,32 @@ def _tiny_model_dir() -> Path:
     return target
 
 
+def is_adapter_dir(path) -> bool:
+    """A LoRA adapter without a full model (an HF trainer's LoRA checkpoint, a PeftModel's save_pretrained)."""
+    path = Path(path)
+    return (path / "adapter_config.json").exists() and not (path / "config.json").exists()
+
+
+def adapter_base(path) -> str:
+    """The base model an adapter directory was trained on, resolved (a clear error if it is gone)."""
+    base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not base:
+        raise ModelNotFoundError(f"LoRA adapter {path}: its adapter_config.json names no base_model_name_or_path")
+    try:
+        return resolve_model_path(base)
+    except ModelNotFoundError as error:
+        raise ModelNotFoundError(f"LoRA adapter {path}: its base model: {error}") from None
+
+
 def load_tokenizer(name_or_path: str):
-    """The tokenizer with a distinct pad token, left padding and a chat template."""
+    """The tokenizer with a distinct pad token, left padding and a chat template (an adapter directory
+    without a tokenizer of its own uses its base model's)."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    path = resolve_model_path(name_or_path)
+    if is_adapter_dir(path) and not (Path(path) / "tokenizer_config.json").exists():
+        path = adapter_base(path)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     return prepare_tokenizer(tokenizer)
 
 
@@ -216,15 +242,28 @@ def prepare_tokenizer(tokenizer):
 
 
 def load_causal_lm(name_or_path: str, tokenizer=None, device: str = "auto", dtype: str = "auto"):
-    """An `AutoModelForCausalLM` on the chosen device, its embeddings resized for an added pad token."""
+    """An `AutoModelForCausalLM` on the chosen device, its embeddings resized for an added pad token
+    (a LoRA adapter directory merged into its base: `causal_lm_from`)."""
+    torch_device = pick_device(device)
+    model = causal_lm_from(resolve_model_path(name_or_path), pick_dtype(dtype, torch_device), tokenizer)
+    return model.to(torch_device)
+
+
+def causal_lm_from(path: str, dtype: torch.dtype, tokenizer=None):
+    """`AutoModelForCausalLM.from_pretrained(path)`, aligned with `tokenizer` when given. A LoRA adapter
+    directory (an HF trainer's LoRA checkpoint) is merged into its base model, so every stage and
+    compare accept one alike."""
     from transformers import AutoModelForCausalLM
 
-    path = resolve_model_path(name_or_path)
-    torch_device = pick_device(device)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=pick_dtype(dtype, torch_device))
+    if is_adapter_dir(path):
+        from peft import PeftModel
+
+        model = causal_lm_from(adapter_base(path), dtype, tokenizer)
+        return PeftModel.from_pretrained(model, path).merge_and_unload()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if tokenizer is not None:
         align_with_tokenizer(model, tokenizer)
-    return model.to(torch_device)
+    return model
 
 
 def align_with_tokenizer(model, tokenizer) -> None:

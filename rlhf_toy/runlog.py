@@ -6,6 +6,11 @@
     runs/NAME/tensorboard/     TensorBoard events (the same scalars as metrics.jsonl)
     runs/NAME/checkpoints/     resumable state
     runs/NAME/final/           the HF model and tokenizer
+    runs/NAME/finished.json    written last: the run is complete (`rundir`)
+
+metrics.jsonl, samples.jsonl and TensorBoard only grow while a run trains; a resumed run cuts each of
+them back to the step it resumes from (`cut_back`, `MetricsLogger(resume_step=...)`), so every step is
+in each exactly once.
 """
 
 from __future__ import annotations
@@ -31,9 +36,31 @@ def append_jsonl(path, rows) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
+def _write_jsonl(path: Path, rows) -> None:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def cut_back(run_dir, step: int) -> None:
+    """A resumed run's append-only files as they were at `step` (the checkpoint it resumes from):
+    metrics.jsonl loses the records past it and the end-of-run summary record; samples.jsonl the rows
+    past it (PPO's have a "step") and the "after" samples (SFT, DPO), which the run's end writes again.
+    (TensorBoard is cut by `MetricsLogger(resume_step=...)`, through its purge step.)"""
+    run_dir = Path(run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.exists():
+        _write_jsonl(metrics, [r for r in read_jsonl(metrics) if _kept(r, step) and "summary" not in r])
+    samples = run_dir / "samples.jsonl"
+    if samples.exists():
+        _write_jsonl(samples, [r for r in read_jsonl(samples) if _kept(r, step) and r.get("stage") != "after"])
+
+
+def _kept(record: dict, step: int) -> bool:
+    return record.get("step") is None or record["step"] <= step
+
+
 class MetricsLogger:
     """Appends metrics to metrics.jsonl and TensorBoard. On resume, drops records past the step the
-    checkpoint holds, so a killed-and-resumed run has each step exactly once."""
+    checkpoint holds (in both), so a killed-and-resumed run has each step exactly once."""
 
     def __init__(self, run_dir, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -44,11 +71,12 @@ class MetricsLogger:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # purge_step: TensorBoard hides the events at and past it that earlier sessions wrote.
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
 
     def truncate_after(self, step: int) -> None:
-        kept = [r for r in read_jsonl(self.path) if r.get("step") is None or r["step"] <= step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        _write_jsonl(self.path, [r for r in read_jsonl(self.path) if _kept(r, step) and "summary" not in r])
 
     def log(self, step: int, metrics: dict) -> None:
         record = {"step": step, **metrics}
@@ -112,6 +140,11 @@ def checkpoints(checkpoints_dir) -> list[tuple[int, Path]]:
         if match and (directory / state).exists():
             found.append((int(match.group(2)), directory))
     return sorted(found)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """N of `checkpoint-N` or `step-N`."""
+    return int(Path(checkpoint).name.rpartition("-")[2])
 
 
 def last_checkpoint(checkpoints_dir) -> Path | None:

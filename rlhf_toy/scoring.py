@@ -103,6 +103,10 @@ def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidde
 
     torch_device = models.pick_device(device)
     resolved = models.resolve_model_path(str(path))
+    if models.is_adapter_dir(resolved):
+        raise models.ModelNotFoundError(
+            f"{path} is a LoRA adapter; a reward model (and its init) is a full model directory, such as a "
+            "run's final/ (where every stage saves its LoRA run merged)")
     overrides = {"num_labels": 1}
     if num_hidden_layers:
         n_blocks = AutoConfig.from_pretrained(resolved).num_hidden_layers
@@ -206,6 +210,12 @@ def run_penalties(run_dir) -> dict | None:
     return {name: type(default)(config[name]) for name, default in PENALTIES_OFF.items()}
 
 
+def has_reward_model(path) -> bool:
+    """Whether `path` holds a model to score with: a model directory, or a run directory's final/."""
+    path = Path(path)
+    return (path / "config.json").exists() or (path / "final" / "config.json").exists()
+
+
 class Judge:
     """Gold always; the reward model (and PPO's length/EOS penalties) when one is given and exists.
     `reward_model`: a reward model directory, an already loaded `RewardScorer`, or None."""
@@ -222,7 +232,7 @@ class Judge:
             self.note = "no reward model given: rm_mean and score_mean are null"
             return
         path = Path(reward_model)
-        if not (path / "config.json").exists() and not (path / "final" / "config.json").exists():
+        if not has_reward_model(path):
             self.note = f"no reward model at {reward_model} (train one with scripts/train_reward.py): rm_mean and score_mean are null"
             return
         self.scorer = RewardScorer(str(path), device=device, dtype=dtype)

@@ -61,3 +61,11 @@ def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float 
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
+
+
+def snapshot(directory: Path) -> dict:
+    """Every file under `directory` and a hash of its bytes: equal snapshots, untouched files."""
+    import hashlib
+
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}

@@ -106,14 +106,14 @@ def test_compare_without_reward_model_and_with_a_different_tokenizer(tmp_path, s
     other = tiny_copy(tmp_path / "other_tok", extra_token="zzzz")
     out = tmp_path / "report"
     compare.main(["--runs", str(setup["ref"]), str(other), "--prompts", str(setup["prompts"]), "--output_dir", str(out),
-                  "--reward_model", str(tmp_path / "no_such_rm"), "--checkpoints", "0", *SAMPLING])
+                  "--reward_model", "none", "--checkpoints", "0", *SAMPLING])
     report = json.loads((out / "compare.json").read_text())
     assert report["ref"] == "sft_final"          # default: the first run
     m = report["runs"]["other_tok"]
     assert m["rm_mean"] is None and m["kl_to_ref"] is None and m["gold_mean"] is not None
     assert "tokenizer differs" in m["kl_note"] and "'zzzz'" in m["kl_note"]
     md = (out / "compare.md").read_text()
-    assert "tokenizer differs" in md and "no reward model at" in md
+    assert "tokenizer differs" in md and "no reward model given" in md
     assert "tokenizer differs" in capsys.readouterr().err
 
 
@@ -130,6 +130,33 @@ def test_compare_rejects_bad_input_with_a_clear_message(tmp_path, setup, capsys)
     with pytest.raises(SystemExit) as exit_info:
         compare.main(["--runs", str(setup["ref"]), "--prompts", str(bad), "--output_dir", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "bad_prompts.jsonl:2" in capsys.readouterr().err
+
+
+def test_compare_bad_arguments_are_one_line_errors_before_anything_is_written(tmp_path, setup, capsys):
+    out = tmp_path / "r"
+    argv = ["--runs", str(setup["ref"]), "--prompts", str(setup["prompts"]), "--output_dir", str(out)]
+    for extra, message in (
+            (["--limit", "-1"], "error: argument --limit: must be >= 0, got -1"),
+            (["--reward_model", str(tmp_path / "rm_typo")], f"error: --reward_model {tmp_path / 'rm_typo'}: no reward model there"),
+            (["--dtype", "fp16"], "error: argument --dtype: invalid choice: 'fp16'")):
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main(argv + extra)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith(message) and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_a_run_used_through_its_checkpoint_keeps_its_penalties(tmp_path, setup):
+    import shutil
+
+    ppo = fake_ppo_run(tmp_path)
+    shutil.rmtree(ppo / "final")           # an unfinished run: its newest checkpoint stands in
+    for i, run in enumerate([ppo, ppo / "checkpoints/step-2/policy"]):   # or a checkpoint named directly
+        out = tmp_path / f"report{i}"
+        compare.main(["--runs", str(run), "--ref", str(setup["ref"]), "--prompts", str(setup["prompts"]),
+                      "--output_dir", str(out), "--reward_model", str(setup["rm"]), "--checkpoints", "0", *SAMPLING])
+        report = json.loads((out / "compare.json").read_text())
+        assert report["penalties"] == {"length_coef": 0.02, "length_target": 8, "missing_eos_penalty": 1.0}, run
 
 
 def test_compare_resumes_from_the_samples_it_has(tmp_path, setup):

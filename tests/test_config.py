@@ -53,3 +53,44 @@ def test_bool_flags_and_resolved_config_written(tmp_path):
 def test_validate_rejects_bad_eval_fraction():
     with pytest.raises(ConfigError, match="eval_fraction"):
         parse_config(SFTStageConfig, ["--eval_fraction", "1.5"])
+
+
+def test_empty_config_file_is_an_error_not_all_defaults(tmp_path):
+    # All defaults would mean output_dir: runs/sft, resuming into a run the user has there.
+    for text in ("", "# only a comment\n"):
+        with pytest.raises(ConfigError, match=r"c\.yaml: the config file is empty"):
+            parse_config(SFTStageConfig, ["--config", str(write(tmp_path, text))])
+
+
+def test_config_file_that_is_not_utf8_names_line_and_column(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"seed: 1\nlearning_rate: 1\xe9-4\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml:2: not UTF-8 text \(byte 0xe9 at column 17\)"):
+        parse_config(SFTStageConfig, ["--config", str(path)])
+
+
+def test_dtype_device_and_trainer_numbers_are_checked_when_parsed():
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16, float16; got 'fp16'"):
+        parse_config(SFTStageConfig, ["--dtype", "fp16"])
+    with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, cuda:N, mps; got 'gpu'"):
+        parse_config(SFTStageConfig, ["--device", "gpu"])
+    with pytest.raises(ConfigError, match="per_device_train_batch_size must be >= 1, got -4"):
+        parse_config(SFTStageConfig, ["--per_device_train_batch_size", "-4"])
+    with pytest.raises(ConfigError, match="learning_rate must be > 0"):
+        parse_config(SFTStageConfig, ["--learning_rate", "0"])
+    with pytest.raises(ConfigError, match="max_steps must be"):
+        parse_config(SFTStageConfig, ["--max_steps", "0"])
+    from rlhf_toy.stages.ppo.config import PPOStageConfig
+
+    with pytest.raises(ConfigError, match="batch_size must be >= 1, got 0"):
+        parse_config(PPOStageConfig, ["--batch_size", "0"])
+    assert parse_config(SFTStageConfig, ["--dtype", "float16", "--device", "cpu"]).dtype == "float16"
+
+
+def test_a_bad_value_is_one_line_on_the_command_line_and_writes_nothing(tmp_path, run_script):
+    out = tmp_path / "run"
+    result = run_script("sft", "--config", "configs/tiny/sft.yaml", "--output_dir", out,
+                        "--per_device_train_batch_size", "-1", check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr == "error: per_device_train_batch_size must be >= 1, got -1\n"
+    assert not out.exists()

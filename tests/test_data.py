@@ -77,3 +77,22 @@ def test_shipped_data_matches_the_design(tmp_path):
     prefs = load_records(str(root / "preferences.jsonl"), data.PREFERENCE_FIELDS)
     assert len(prefs) >= 2000
     assert all(r["chosen"] != r["rejected"] for r in prefs)
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b'\n{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: not UTF-8 text \(byte 0xe9 at column 16\)"):
+        load_records(str(path), data.SFT_FIELDS)
+    as_json = tmp_path / "d.json"
+    as_json.write_bytes(b'[\n  {"prompt": "caf\xe9"}\n]')
+    with pytest.raises(DataError, match=r"d\.json:2: not UTF-8 text \(byte 0xe9 at column 18\)"):
+        load_records(str(as_json))
+
+
+def test_json_error_message_says_at_once(tmp_path):
+    # json's own message for a raw control character ends in "at": the error must not read "at at".
+    path = write_lines(tmp_path, ['{"prompt": "a\tb", "completion": "x"}'])
+    with pytest.raises(DataError, match=r"d\.jsonl:1: not valid JSON \(Invalid control character at column 14\)") as error:
+        load_records(str(path), data.SFT_FIELDS)
+    assert "at at" not in str(error.value)

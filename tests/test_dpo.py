@@ -57,6 +57,7 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
     assert margins[0] < 0.05 and sum(margins[-3:]) / 3 > margins[0] + 0.1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["rewards/margins"] > summary["eval_before"]["rewards/margins"]
+    assert summary["pairs_identical_dropped"] == 0
     assert summary["after"]["kl_to_ref"] > 0 and summary["before"]["kl_to_ref"] == 0
     # Before/after samples with gold and RM scores, and PPO-named points compare.py can overlay.
     rows = runlog.read_jsonl(out / "samples.jsonl")
@@ -102,3 +103,26 @@ def test_dpo_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
     steps = [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 25))          # every step once: none lost, none repeated
     assert (out / "final/model.safetensors").exists()
+
+
+def test_pairs_without_a_preference_are_dropped_and_counted(tmp_path):
+    import pytest
+
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.data import DataError
+    from rlhf_toy.stages.dpo import DPOStageConfig, load_pairs, run_dpo
+
+    prefs, _ = write_preferences(tmp_path)
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()]
+    same = [{**r, "rejected": r["chosen"]} for r in rows]
+    mixed, all_same = tmp_path / "mixed.jsonl", tmp_path / "same.jsonl"
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in same[:3] + rows[3:]))
+    all_same.write_text("".join(json.dumps(r) + "\n" for r in same))
+    out = tmp_path / "run"
+    train, held_out, stats = load_pairs(parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, dataset=mixed))]))
+    assert stats["pairs_identical_dropped"] == 3 and len(train) + len(held_out) == len(rows) - 3
+    assert all(p["chosen"] != p["rejected"] for p in train + held_out)
+    # All of them: DPO's loss would sit at log 2 throughout; a one-line error instead, nothing written.
+    with pytest.raises(DataError, match=rf"same\.jsonl: no usable pairs \(all {len(rows)} have chosen == rejected\)"):
+        run_dpo(parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, dataset=all_same))]))
+    assert not out.exists()

@@ -4,7 +4,6 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT
 from rlhf_toy.evaluation import inspect_samples
 
 PROMPTS = ['Write a short review of "The Iron Meadow".', 'Briefly, how was the film "The Glass Island"?',

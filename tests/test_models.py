@@ -18,7 +18,16 @@ def test_tiny_model_builds_offline_with_distinct_pad():
 def test_missing_path_and_run_dir_without_model(tmp_path):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         models.resolve_model_path(str(tmp_path / "nope"))
-    with pytest.raises(ModelNotFoundError, match="final/"):
+    with pytest.raises(ModelNotFoundError, match="holds no model: a model directory has a config.json"):
+        models.resolve_model_path(str(tmp_path))
+    # A run directory: the hint names its final/ only when there is one.
+    (tmp_path / "config.yaml").write_text("seed: 0\n")
+    with pytest.raises(ModelNotFoundError, match="without a final/ model yet") as error:
+        models.resolve_model_path(str(tmp_path))
+    assert str(tmp_path / "final") not in str(error.value)
+    (tmp_path / "final").mkdir()
+    (tmp_path / "final/config.json").write_text("{}")
+    with pytest.raises(ModelNotFoundError, match=f"final/ subdirectory: {tmp_path / 'final'}"):
         models.resolve_model_path(str(tmp_path))
 
 
@@ -37,6 +46,7 @@ def test_dtype_choice():
     assert models.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
         models.pick_dtype("float8", torch.device("cpu"))
+    assert models.pick_dtype("float16", torch.device("cpu")) == torch.float16
 
 
 def test_truncate_at_eos_keeps_eos_and_pads_after():

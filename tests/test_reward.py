@@ -280,3 +280,24 @@ def test_freezing_bottom_layers_keeps_them_fixed(tmp_path):
     after = load_file(run / "final/model.safetensors")
     assert torch.equal(before["transformer.h.0.attn.c_attn.weight"], after["transformer.h.0.attn.c_attn.weight"])
     assert not torch.equal(before["transformer.h.1.attn.c_attn.weight"], after["transformer.h.1.attn.c_attn.weight"])
+
+
+def test_policy_model_is_checked_before_training_and_may_be_a_lora_adapter(tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from rlhf_toy.models import ModelNotFoundError
+
+    # A policy that does not exist: one line before training, and nothing written.
+    cfg = tiny_cfg(tmp_path, max_steps=2, num_norm_samples=4, num_eval_prompts=0, policy_model=tmp_path / "no_policy")
+    with pytest.raises(ModelNotFoundError, match="no_policy' does not exist"):
+        train_reward(cfg)
+    assert not (tmp_path / "run").exists()
+    # An HF trainer's LoRA checkpoint (an adapter, here without a tokenizer of its own) is merged into its
+    # base, as compare loads it.
+    adapter = tmp_path / "adapter"
+    base = AutoModelForCausalLM.from_pretrained(models.resolve_model_path(models.TINY_MODEL))
+    get_peft_model(base, LoraConfig(r=2, target_modules=["c_attn"])).save_pretrained(adapter)
+    run = train_reward(tiny_cfg(tmp_path, max_steps=2, num_norm_samples=4, num_eval_prompts=0, policy_model=adapter))
+    normalization = json.loads((run / "final" / NORMALIZATION_FILE).read_text())
+    assert normalization["policy"] == str(adapter) and normalization["n_samples"] == 4

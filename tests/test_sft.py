@@ -1,11 +1,15 @@
 import json
+import shutil
 import subprocess
 import sys
 
+import pytest
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, kill_after_checkpoint
-from rlhf_toy import runlog, task
+from conftest import ROOT, kill_after_checkpoint, snapshot
+from rlhf_toy import data, models, rundir, runlog, task
+from rlhf_toy.config import parse_config
+from rlhf_toy.stages.sft import SFTStageConfig, drop_prompts_too_long, run_sft
 
 
 def write_fixture(tmp_path, n=48):
@@ -61,6 +65,56 @@ def test_sft_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     steps = [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
     assert steps == list(range(1, 61))          # every step once: none lost, none repeated
+    assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "summary" in r] == [60]
     state = json.loads((out / "checkpoints/checkpoint-60/trainer_state.json").read_text())
     assert state["global_step"] == 60
     assert (out / "final/model.safetensors").exists()
+
+    # The same command again: the run is finished; it says so, exits 0 and touches nothing.
+    files = snapshot(out)
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and "is finished (60 steps); nothing to do" in again.stdout, again.stderr[-2000:]
+    assert snapshot(out) == files
+
+
+def sft_in_process(tmp_path, out, **overrides):
+    return run_sft(parse_config(SFTStageConfig, [str(x) for x in tiny_args(tmp_path, out, **overrides)]))
+
+
+def test_finished_run_is_not_trained_again_nor_past_its_last_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    short = dict(max_steps=4, save_steps=2, num_eval_prompts=2, max_new_tokens=4)   # step 4 ends mid-epoch
+    sft_in_process(tmp_path, out, **short)
+    summary = json.loads((out / "summary.json").read_text())
+    files = snapshot(out)
+    sft_in_process(tmp_path, out, **short)
+    assert "is finished (4 steps); nothing to do" in capsys.readouterr().out
+    assert snapshot(out) == files
+    # Killed after its last checkpoint, before the end: the resumed run trains no step past max_steps
+    # (HF's resume would, the last step ending mid-epoch) and writes the end once.
+    (out / rundir.FINISHED_FILE).unlink()
+    shutil.rmtree(out / "final")
+    sft_in_process(tmp_path, out, **short)
+    assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "summary" in r] == [4]
+    assert [r["stage"] for r in runlog.read_jsonl(out / "samples.jsonl")] == ["before"] * 2 + ["after"] * 2
+    resumed = json.loads((out / "summary.json").read_text())
+    assert resumed["train_loss"] == summary["train_loss"] and resumed["train_tokens"] == summary["train_tokens"]
+    # Raising max_steps extends it from checkpoint-4.
+    sft_in_process(tmp_path, out, **{**short, "max_steps": 6})
+    assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+    assert json.loads((out / rundir.FINISHED_FILE).read_text()) == {"step": 6}
+
+
+def test_prompts_that_fill_max_length_are_dropped_and_counted(tmp_path):
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    long = [{"role": "user", "content": " ".join(["film"] * 40)}]
+    short = [{"role": "user", "content": "Review it ."}]
+    records = [{"prompt": p, "completion": [{"role": "assistant", "content": "good ."}]} for p in (short, long, short)]
+    kept, dropped, longest = drop_prompts_too_long(records, tokenizer, 32)
+    assert kept == [records[0], records[2]] and dropped == 1 and longest > 40
+    # None left: one line naming max_length, before anything is written.
+    out = tmp_path / "run"
+    with pytest.raises(data.DataError, match=r"every training example's prompt fills max_length=8 tokens"):
+        sft_in_process(tmp_path, out, max_length=8, num_eval_prompts=0)
+    assert not out.exists()

@@ -38,11 +38,12 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import data, models, runlog
+from rlhf_toy.config import DTYPES, ConfigError, check_device
 from rlhf_toy.evaluation.report import (markdown_table, method_notes, plot_curves, plot_frontier, training_curves,
                                         write_html, _fmt)
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.evaluation.stats import summarize
-from rlhf_toy.scoring import PENALTIES_OFF, Judge, run_penalties
+from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, run_penalties
 
 DEFAULT_REWARD_MODEL = "runs/reward/final"
 BASE = "base"
@@ -122,12 +123,22 @@ def resolve_entries(spec: str, base: str, max_checkpoints: int) -> list[Entry]:
         return entries
     if path.is_dir():
         name = path.parent.name if path.name == "final" else path.name
-        return [Entry(label or name, str(path), label or name)]
+        return [Entry(label or name, str(path), label or name, _owning_run_dir(path))]
     try:
         models.resolve_model_path(target)   # a model name (tiny-random-gpt2, embedded:..., a hub id)
     except models.ModelNotFoundError as error:
         raise CompareError(f"--runs {spec}: {error}") from None
     return [Entry(label or target, target, label or target)]
+
+
+def _owning_run_dir(model_dir: Path) -> Path | None:
+    """The run directory a model directory is part of (its final/, or a model in its checkpoints/),
+    so a run used through a checkpoint keeps its run's penalties and curves; None for a plain model."""
+    for run_dir in list(model_dir.parents)[:3]:
+        part = model_dir.relative_to(run_dir).parts[0]
+        if part in ("final", "checkpoints") and (run_dir / "config.yaml").exists():
+            return run_dir
+    return None
 
 
 def _tokenizer_dir(run_dir: Path, model_dir: Path) -> str | None:
@@ -141,21 +152,13 @@ def load_model_and_tokenizer(entry_model: str, tokenizer_from: str | None, devic
     """A causal LM (a LoRA adapter directory is merged into its base) and its prepared tokenizer."""
     from transformers import AutoTokenizer
 
-    path = Path(entry_model)
     source = tokenizer_from or entry_model
     if Path(source).is_dir() and (Path(source) / "tokenizer_config.json").exists():
         # A checkpoint directory may hold a tokenizer and a LoRA adapter but no config.json.
         tokenizer = models.prepare_tokenizer(AutoTokenizer.from_pretrained(source))
     else:
         tokenizer = models.load_tokenizer(source)
-    if path.is_dir() and (path / "adapter_config.json").exists() and not (path / "config.json").exists():
-        from peft import PeftModel
-
-        base = json.loads((path / "adapter_config.json").read_text())["base_model_name_or_path"]
-        model = models.load_causal_lm(base, tokenizer, device, dtype)
-        model = PeftModel.from_pretrained(model, str(path)).merge_and_unload()
-    else:
-        model = models.load_causal_lm(entry_model, tokenizer, device, dtype)
+    model = models.load_causal_lm(entry_model, tokenizer, device, dtype)   # an adapter is merged into its base
     model.eval()
     return model, tokenizer
 
@@ -266,30 +269,58 @@ def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, 
 # ----------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a bad argument reported as the one line `error: ...` (exit 2) every stage prints."""
+
+    def error(self, message):
+        print(f"error: {message} (--help lists the arguments)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _int_at_least(minimum: int):
+    """An argparse type: an int >= minimum."""
+    def convert(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+    return convert
+
+
+def _device(text: str) -> str:
+    try:
+        return check_device(text)
+    except ConfigError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True,
                    help="run directories, model directories or names, or `base`; LABEL=PATH names one")
     p.add_argument("--ref", default=None, help="the reference for KL and win rate (default: the first run)")
     p.add_argument("--base", default=models.DEFAULT_MODEL, help="the model `base` stands for")
     p.add_argument("--prompts", default="data/prompts_eval.jsonl")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--limit", type=int, default=0, help="use the first N prompts (0 = all)")
+    p.add_argument("--limit", type=_int_at_least(0), default=0, help="use the first N prompts (0 = all)")
     p.add_argument("--reward_model", default=DEFAULT_REWARD_MODEL, help="reward model directory, or `none`")
     p.add_argument("--length_coef", type=float, default=None, help="default: from a PPO run's config.yaml, else 0")
     p.add_argument("--length_target", type=int, default=None)
     p.add_argument("--missing_eos_penalty", type=float, default=None)
-    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--max_new_tokens", type=_int_at_least(1), default=48)
     p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--samples_per_prompt", type=int, default=1)
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--max_prompt_length", type=int, default=256)
-    p.add_argument("--checkpoints", type=int, default=2, help="kept checkpoints sampled per run (0 = none)")
+    p.add_argument("--samples_per_prompt", type=_int_at_least(1), default=1)
+    p.add_argument("--batch_size", type=_int_at_least(1), default=16)
+    p.add_argument("--max_prompt_length", type=_int_at_least(1), default=256)
+    p.add_argument("--checkpoints", type=_int_at_least(0), default=2, help="kept checkpoints sampled per run (0 = none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n_bootstrap", type=int, default=1000)
-    p.add_argument("--html_prompts", type=int, default=50, help="prompts shown in report.html")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="auto")
+    p.add_argument("--n_bootstrap", type=_int_at_least(0), default=1000)
+    p.add_argument("--html_prompts", type=_int_at_least(0), default=50, help="prompts shown in report.html")
+    p.add_argument("--device", type=_device, default="auto")
+    p.add_argument("--dtype", choices=DTYPES, default="auto")
     return p
 
 
@@ -310,6 +341,12 @@ def run_compare(args) -> Path:
         raise CompareError(str(error)) from None
     if args.limit:
         prompts = prompts[: args.limit]
+    # A reward model named on the command line must be there; only the default may be absent (no
+    # reward model trained yet): then, as with `none`, the RM columns are left out with a note.
+    if (args.reward_model.lower() != "none" and args.reward_model != DEFAULT_REWARD_MODEL
+            and not has_reward_model(args.reward_model)):
+        raise CompareError(f"--reward_model {args.reward_model}: no reward model there (a model directory, or a "
+                           "run directory with final/); pass --reward_model none to compare without one")
 
     entries, run_labels = [], []
     for spec in args.runs:
@@ -329,7 +366,8 @@ def run_compare(args) -> Path:
         ref_entry = same[0]
     else:
         ref_entry.label = ref_entry.run = f"ref:{ref_entry.label}"
-    run_dirs = {e.run: e.run_dir for e in entries if e.run_dir is not None and e.step is None}
+    # Every run, finished or used through its newest checkpoint: its penalties and curves.
+    run_dirs = {e.run: e.run_dir for e in entries if e.run_dir is not None}
     penalties = _penalties(args, run_dirs)
 
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,8 +7,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import models, runlog
-from rlhf_toy.config import save_config
+from rlhf_toy import models
 
 
 def is_main_process() -> bool:
@@ -41,22 +40,30 @@ def shared_dataset(records: list[dict], directory: Path, cfg):
     return load_from_disk(str(directory))
 
 
-def setup_run(cfg, write_config: bool | None = None) -> Path:
-    """Seed, threads and the run directory with its resolved config (shared by every stage)."""
+def setup_run(cfg) -> Path:
+    """Seed and threads (shared by every stage). The run directory is `rundir`'s: nothing is written here."""
     from transformers import set_seed
 
     set_seed(cfg.seed)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    if is_main_process() if write_config is None else write_config:  # one process of a group writes
-        save_config(cfg, cfg.output_dir)
     return Path(cfg.output_dir)
 
 
-def resume_checkpoint(cfg, run_dir: Path) -> str | None:
-    """The checkpoint an HF trainer resumes from (`resume_from_checkpoint`), or None to start fresh."""
-    found = runlog.last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
-    return str(found) if found else None
+def train(trainer, start):
+    """`trainer.train()`, continuing from the run's checkpoint (`rundir.RunStart`). A checkpoint that
+    already holds the run's last step (killed after training, before the end) is loaded, not trained
+    from: HF would run one step past max_steps when that step ends mid-epoch. Returns the train output,
+    or None when nothing was trained."""
+    from transformers import TrainerState
+
+    if start.checkpoint is not None and start.action == "resume":
+        state = TrainerState.load_from_json(str(start.checkpoint / "trainer_state.json"))
+        if state.max_steps and state.global_step >= state.max_steps:
+            trainer._load_from_checkpoint(str(start.checkpoint))
+            trainer.state = state
+            return None
+    return trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
 
 
 def trainer_fields(cfg) -> dict:

@@ -17,12 +17,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_toy import data, models, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy import data, models, rundir, runlog
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (is_main_process, lora_config, resume_checkpoint, save_final, setup_run,
-                                    shared_dataset, trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (is_main_process, lora_config, save_final, setup_run, shared_dataset, train,
+                                    trainer_fields, trainer_precision)
+from rlhf_toy.stages.reward import clean_pairs
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
 LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
@@ -54,6 +55,9 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
     sample_batch_size: int = 32
 
     def validate(self):
+        super().validate()
+        at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
+        at_least(self, 0, "max_pairs", "num_eval_prompts", "eval_steps")
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown:
             import difflib
@@ -73,33 +77,42 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
         return [t.strip() for t in self.loss_type.split(",") if t.strip()]
 
 
-def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict]]:
-    """Preference pairs in TRL's conversational form, subsampled and split by prompt."""
+def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
+    """Preference pairs in TRL's conversational form, without the ones that carry no preference (the
+    reward stage's `clean_pairs`: chosen == rejected would train on a constant loss of log 2),
+    subsampled and split by prompt; and the counts."""
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
-    pairs = [{"prompt": data.as_messages(r["prompt"], "user"),
-              "chosen": data.as_messages(r["chosen"], "assistant"),
-              "rejected": data.as_messages(r["rejected"], "assistant")} for r in records]
+    cleaned, stats = clean_pairs(records, cfg.dataset)
+    pairs = [{"prompt": p["prompt"], "chosen": data.as_messages(p["chosen"], "assistant"),
+              "rejected": data.as_messages(p["rejected"], "assistant")} for p in cleaned]
     if cfg.max_pairs and cfg.max_pairs < len(pairs):
         pairs = random.Random(cfg.seed).sample(pairs, cfg.max_pairs)
-    return data.split_records(pairs, cfg.eval_fraction, cfg.seed)
+    return *data.split_records(pairs, cfg.eval_fraction, cfg.seed), stats
 
 
 def run_dpo(cfg: DPOStageConfig) -> Path:
     from trl import DPOConfig, DPOTrainer
 
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if start.finished:
+        return start.run_dir
     run_dir = setup_run(cfg)
-    train_pairs, eval_pairs = load_pairs(cfg)
+    train_pairs, eval_pairs, pair_stats = load_pairs(cfg)
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
-    checkpoints = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, run_dir)
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
     judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
     if judge is not None and judge.note:
         print(f"note: {judge.note}")
+    if is_main_process():   # one process of a group writes
+        start.begin(cfg)   # the first write: the config and the inputs are valid
+    checkpoints = run_dir / "checkpoints"
+    resume_from = start.checkpoint
+    summary_path = run_dir / "summary.json"
+    summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
 
     def evaluate(policy, when: str, ref=None) -> None:   # gold, RM and (after) the KL to the reference
         summary[when], rows = sample_and_score(
@@ -147,11 +160,15 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    summary["train_wall_s"] = time.time() - started
-    summary["train_loss"] = result.training_loss
-    summary["num_processes"] = trainer.accelerator.num_processes
+    result = train(trainer, start)
+    if result is not None:
+        summary["train_wall_s"] = time.time() - started
+        summary["train_loss"] = result.training_loss
+        summary["num_processes"] = trainer.accelerator.num_processes
+        if is_main_process():
+            summary_path.write_text(json.dumps(summary) + "\n")   # kept for a resume that finds training done
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
+    summary["pairs_identical_dropped"] = pair_stats["pairs_identical_dropped"]
     margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
     if margins:
         summary["train_margin_first"], summary["train_margin_last"] = margins[0], margins[-1]
@@ -174,6 +191,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     summary_path.write_text(json.dumps(summary) + "\n")
     logger.log(step, {"summary": 1, **runlog.flatten(summary)})
     logger.close()
+    rundir.mark_finished(run_dir, step)
     return run_dir
 
 

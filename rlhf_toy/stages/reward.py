@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import data, models, runlog, sequences, task
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy import data, models, rundir, runlog, sequences, task
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
-from rlhf_toy.stages.common import (is_main_process, lora_config, resume_checkpoint, save_final, setup_run,
-                                    trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (is_main_process, lora_config, save_final, setup_run, train, trainer_fields,
+                                    trainer_precision)
 
 
 @dataclass
@@ -62,8 +62,11 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
     score_batch_size: int = 16
 
     def validate(self):
+        super().validate()
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        at_least(self, 1, "max_new_tokens", "sample_batch_size", "score_batch_size")
+        at_least(self, 0, "num_eval_prompts", "eval_steps", "max_train_pairs", "max_eval_pairs")
         if self.num_norm_samples < 2:
             raise ConfigError(f"num_norm_samples must be at least 2 (a standard deviation), got {self.num_norm_samples}")
         if self.use_lora and self.freeze_bottom_layers:
@@ -119,8 +122,9 @@ def gold_of(record: dict, which: str) -> float:
 
 def clean_pairs(records: list[dict], source: str) -> tuple[list[dict], dict]:
     """Normalise the pairs to (prompt messages, chosen text, rejected text) and drop the ones that
-    carry no preference (chosen == rejected). Empty responses are kept: "something beats nothing"
-    is a preference, and the policy can produce an empty response that the RM must then score."""
+    carry no preference (chosen == rejected; a DataError when none is left). Empty responses are kept:
+    "something beats nothing" is a preference, and the policy can produce an empty response that the RM
+    must then score. The reward and DPO stages both read their pairs through it."""
     pairs, identical = [], 0
     for index, record in enumerate(records):
         where = f"{source}:{index + 1}"
@@ -132,6 +136,10 @@ def clean_pairs(records: list[dict], source: str) -> tuple[list[dict], dict]:
         pairs.append({"prompt": data.as_messages(record["prompt"], "user"), "chosen": chosen, "rejected": rejected,
                       "gold_chosen": gold_of(record, "chosen"), "gold_rejected": gold_of(record, "rejected"),
                       **({"margin": float(record["margin"])} if record.get("margin") is not None else {})})
+    if not pairs:
+        raise data.DataError(f"{source}: no usable pairs (all {len(records)} have chosen == rejected)")
+    if identical:
+        print(f"note: {source}: {identical} of {len(records)} pairs dropped (chosen == rejected: no preference)")
     return pairs, {"pairs_read": len(records), "pairs_identical_dropped": identical}
 
 
@@ -222,11 +230,14 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     started = time.time()
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if start.finished:
+        return start.run_dir
     run_dir = setup_run(cfg)
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
     pairs, data_stats = clean_pairs(records, cfg.dataset)
-    if not pairs:
-        raise data.DataError(f"{cfg.dataset}: no usable pairs (all {len(records)} have chosen == rejected)")
     train_pairs, eval_pairs = data.split_records(pairs, cfg.eval_fraction, cfg.seed)
     if cfg.max_train_pairs and len(train_pairs) > cfg.max_train_pairs:
         train_pairs = random.Random(cfg.seed).sample(train_pairs, cfg.max_train_pairs)
@@ -238,12 +249,20 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     eval_rows, _ = tokenize_pairs(eval_pairs, tokenizer, cfg.max_length, cfg.margin)
     if not train_rows:
         raise data.DataError(f"{cfg.dataset}: no training pair fits max_length={cfg.max_length}")
+    # What normalisation and evaluation read after training, checked before it (a bad policy or prompts
+    # file would otherwise fail only after training, leaving a final/ without its normalisation).
+    policy_name = cfg.policy_model or cfg.model_name_or_path
+    policy_tokenizer = models.load_tokenizer(policy_name)
+    train_prompts = data.load_prompts(cfg.train_prompts)
+    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     align_with_tokenizer(model, tokenizer)
     freeze_bottom(model, cfg.freeze_bottom_layers)
+    if is_main_process():   # one process of a group writes
+        start.begin(cfg)   # the first write: the config and the inputs are valid
 
     checkpoints = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, run_dir)
+    summary_path = run_dir / "summary.json"
     args = RewardConfig(
         output_dir=str(checkpoints), **trainer_fields(cfg),
         max_length=None,                  # already fitted by encode_for_reward (TRL would drop, not truncate)
@@ -262,11 +281,16 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
     )
     train_started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
+    result = train(trainer, start)
+    trained = json.loads(summary_path.read_text()) if result is None and summary_path.exists() else {}
+    if result is not None:
+        trained = {"train_loss": result.training_loss, "train_wall_s": time.time() - train_started}
+        if is_main_process():   # kept for a resume that finds training done
+            summary_path.write_text(json.dumps(trained, indent=2) + "\n")
     summary = {**data_stats, "train_pairs": len(train_rows), "eval_pairs": len(eval_rows),
                "train_prompts_truncated": train_stats["prompts_truncated"],
                "train_pairs_response_too_long_dropped": train_stats["pairs_response_too_long_dropped"],
-               "train_loss": result.training_loss, "train_wall_s": time.time() - train_started,
+               "train_loss": trained.get("train_loss"), "train_wall_s": trained.get("train_wall_s"),
                "global_step": trainer.state.global_step, "num_processes": trainer.accelerator.num_processes}
     final = save_final(trainer, tokenizer, run_dir)
     del trainer, model
@@ -274,13 +298,11 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         return run_dir
 
     # Normalisation on the policy's own samples (the distribution PPO starts from).
-    policy_name = cfg.policy_model or cfg.model_name_or_path
-    policy_tokenizer = models.load_tokenizer(policy_name)
     policy = models.load_causal_lm(policy_name, policy_tokenizer, cfg.device, cfg.dtype)
     scorer = RewardScorer(str(final), cfg.device, cfg.dtype, cfg.score_batch_size, cfg.max_length,
                           require_normalization=False)
     normalization, calibration = calibrate(
-        scorer, policy, policy_tokenizer, data.load_prompts(cfg.train_prompts), num_samples=cfg.num_norm_samples,
+        scorer, policy, policy_tokenizer, train_prompts, num_samples=cfg.num_norm_samples,
         max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, seed=cfg.seed,
         sample_batch_size=cfg.sample_batch_size, policy_name=policy_name)
     summary["normalization"] = normalization
@@ -309,8 +331,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         summary["eval_accuracy_gap"] = summary["eval_accuracy_ceiling"] - summary["eval_accuracy"]
 
     # Rank correlation with gold on fresh samples of the eval prompts.
-    if cfg.num_eval_prompts:
-        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
+    if eval_prompts:
         summary["eval_samples"], scored = sample_and_score(
             policy, policy_tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
@@ -325,9 +346,10 @@ def train_reward(cfg: RewardStageConfig) -> Path:
 
     summary["wall_s"] = time.time() - started
     summary = {k: _finite(v) for k, v in summary.items()}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     runlog.MetricsLogger(run_dir, tensorboard=False).log(
         summary["global_step"], {"summary": 1, **runlog.flatten(summary)})
+    rundir.mark_finished(run_dir, summary["global_step"])
     print_summary(summary, run_dir)
     return run_dir
 
@@ -347,7 +369,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
           f"bias {summary['normalization']['bias']:.4f} ({summary['normalization']['n_samples']} samples)")
     print(f"  dropped/truncated       {summary['pairs_identical_dropped']} identical pairs dropped, "
           f"{summary['train_prompts_truncated']} training prompts truncated")
-    print(f"  wall time               {summary['wall_s']:.0f} s (training {summary['train_wall_s']:.0f} s)")
+    print(f"  wall time               {summary['wall_s']:.0f} s (training {fmt('train_wall_s', '.0f')} s)")
 
 
 def _normalize_main(argv=None) -> None:

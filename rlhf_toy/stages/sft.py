@@ -11,12 +11,12 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rlhf_toy import data, models, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
+from rlhf_toy import data, models, rundir, runlog
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (is_main_process, lora_config, resume_checkpoint, save_final, setup_run,
-                                    trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (is_main_process, lora_config, save_final, setup_run, train, trainer_fields,
+                                    trainer_precision)
 
 
 @dataclass
@@ -33,15 +33,37 @@ class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
     sample_batch_size: int = 32
 
     def validate(self):
+        super().validate()
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
+        at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
+        at_least(self, 0, "num_eval_prompts", "eval_steps")
 
+
+def drop_prompts_too_long(records: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int, int]:
+    """The records whose prompt leaves room for a completion token within `max_length`, the number
+    dropped, and the longest prompt (tokens). TRL cuts every sequence to max_length and silently drops
+    those left with nothing to learn (a prompt that fills it), which then fails as `num_samples=0` or a
+    missing eval_loss; the prompt is tokenized as TRL does (chat template, generation prompt)."""
+    kept, longest = [], 0
+    for record in records:
+        n = len(tokenizer.apply_chat_template(record["prompt"], tokenize=True, add_generation_prompt=True,
+                                              return_dict=True)["input_ids"])
+        longest = max(longest, n)
+        if n < max_length:
+            kept.append(record)
+    return kept, len(records) - len(kept), longest
 
 
 def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
 
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if start.finished:
+        return start.run_dir
     run_dir = setup_run(cfg)
     records = data.load_records(cfg.dataset, data.SFT_FIELDS)
     records = [{"prompt": data.as_messages(r["prompt"], "user"),
@@ -50,9 +72,20 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    train_records, too_long, longest = drop_prompts_too_long(train_records, tokenizer, cfg.max_length)
+    if not train_records:
+        raise data.DataError(f"{cfg.dataset}: every training example's prompt fills max_length={cfg.max_length} "
+                             f"tokens (the longest has {longest}), leaving no completion token to train on; "
+                             "raise max_length")
+    eval_records, eval_too_long, _ = drop_prompts_too_long(eval_records, tokenizer, cfg.max_length)
+    if too_long or eval_too_long:
+        print(f"note: {too_long + eval_too_long} examples dropped ({eval_too_long} of them held out): their prompt "
+              f"alone fills max_length={cfg.max_length} tokens, so no completion token would be trained on")
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    if is_main_process():   # one process of a group writes
+        start.begin(cfg)   # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
-    resume_from = resume_checkpoint(cfg, run_dir)
+    resume_from = start.checkpoint
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
 
@@ -85,18 +118,22 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     )
     if eval_records and "eval_loss_before" not in summary:
         summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    summary["examples_prompt_too_long_dropped"] = too_long + eval_too_long
     if is_main_process():
         summary_path.write_text(json.dumps(summary) + "\n")
 
     started = time.time()
-    result = trainer.train(resume_from_checkpoint=resume_from)
-    summary["train_wall_s"] = time.time() - started
-    # TRL logs num_tokens, the tokens this process trained on (it restarts from 0 on resume).
-    logged_tokens = [r["num_tokens"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "num_tokens" in r]
-    summary["train_tokens"] = logged_tokens[-1] if logged_tokens else 0
-    summary["tokens_per_s"] = summary["train_tokens"] / max(result.metrics["train_runtime"], 1e-9)
-    summary["train_loss"] = result.training_loss
-    summary["num_processes"] = trainer.accelerator.num_processes
+    result = train(trainer, start)
+    if result is not None:
+        summary["train_wall_s"] = time.time() - started
+        # TRL logs num_tokens, the tokens this process trained on (it restarts from 0 on resume).
+        logged_tokens = [r["num_tokens"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "num_tokens" in r]
+        summary["train_tokens"] = logged_tokens[-1] if logged_tokens else 0
+        summary["tokens_per_s"] = summary["train_tokens"] / max(result.metrics["train_runtime"], 1e-9)
+        summary["train_loss"] = result.training_loss
+        summary["num_processes"] = trainer.accelerator.num_processes
+        if is_main_process():   # kept for a resume that finds training done
+            summary_path.write_text(json.dumps(summary) + "\n")
     if eval_records:
         summary["eval_loss_after"] = trainer.evaluate()["eval_loss"]
     final = save_final(trainer, tokenizer, run_dir)
@@ -107,4 +144,5 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         evaluate(models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype), "after")
     summary_path.write_text(json.dumps(summary) + "\n")
     runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step, {"summary": 1, **runlog.flatten(summary)})
+    rundir.mark_finished(run_dir, trainer.state.global_step)
     return run_dir

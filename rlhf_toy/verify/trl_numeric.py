@@ -588,9 +588,11 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
     parameters = list(policy.parameters()) + list(value_model.parameters())
     optimizer = T.make_optimizer(cfg, parameters, torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / cfg.num_steps))
-    state = T.PPOState(cfg, SimpleNamespace(num_processes=1), torch.device("cpu"), None, None, policy, reference,
-                       value_model, optimizer, scheduler, core.FixedKLController(cfg.kl_coef), [], batch_size,
-                       batch_size // num_mini_batches // accumulation, False)
+    state = T.PPOState(cfg, SimpleNamespace(num_processes=1), torch.device("cpu"), tokenizer=None, scorer=None,
+                       policy=policy, reference=reference, value_model=value_model, optimizer=optimizer,
+                       scheduler=scheduler, kl_ctl=core.FixedKLController(cfg.kl_coef), eval_prompts=[], prompts=[],
+                       local_batch=batch_size, micro_batch=batch_size // num_mini_batches // accumulation,
+                       logprobs_from_forward=False)
 
     ctx, query_responses, responses = cap["context_length"], cap["query_responses"], cap["responses"]
     attention = (query_responses != PAD_ID).long()   # what TRL's forward attends to

@@ -351,9 +351,12 @@ def plot_curves(ours: list[dict], trl: list[dict], path: Path, title: str) -> No
 
 def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
     """Both trainers, one after the other in this process; writes crosscheck.{md,png,json}."""
+    from rlhf_toy.config import save_config
     from rlhf_toy.stages.common import setup_run
 
-    setup_run(cfg)  # seed, threads, output_dir/config.yaml
+    # The report directory is not a run directory (run_ours and run_trl start their own afresh).
+    setup_run(cfg)  # seed, threads
+    save_config(cfg, cfg.output_dir)
     out = Path(cfg.output_dir)
     work = Path(cfg.work_dir)
     ours = run_ours(cfg, work / "ours")

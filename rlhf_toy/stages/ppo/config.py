@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, at_least
 
 
 @dataclass
@@ -64,6 +64,14 @@ class PPOStageConfig(LoraFields, CommonConfig):
     save_steps: int = 5
 
     def validate(self):
+        super().validate()
+        at_least(self, 1, "total_episodes", "batch_size", "num_mini_batches", "gradient_accumulation_steps",
+                 "num_ppo_epochs", "response_length", "max_prompt_length", "sample_every")
+        at_least(self, 0, "num_eval_prompts", "kl_coef", "kl_target", "length_coef", "missing_eos_penalty",
+                 "score_clip")
+        if self.learning_rate <= 0 or self.temperature <= 0:
+            raise ConfigError(f"learning_rate and temperature must be > 0, got {self.learning_rate} and "
+                              f"{self.temperature}")
         if self.critic not in ("separate", "shared"):
             raise ConfigError(f"critic must be 'separate' or 'shared', got {self.critic!r}")
         if self.kl_estimator not in ("k1", "k3"):

@@ -29,11 +29,10 @@ def load_models(cfg, tokenizer, device, dtype):
     """Policy (optionally LoRA), reference (a frozen copy, or with LoRA the policy with its adapter
     disabled), critic (a value model, or with `critic: shared` a Linear(hidden, 1) value head on the
     policy's trunk)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification
 
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
-    policy = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
-    models.align_with_tokenizer(policy, tokenizer)
+    policy = models.causal_lm_from(policy_path, dtype, tokenizer)
     if cfg.critic == "shared":
         # Zero-initialised: V = 0 everywhere at first, so the first advantages are the plain returns
         # rather than a random head's noise; the value loss teaches it from the first update.
@@ -54,8 +53,7 @@ def load_models(cfg, tokenizer, device, dtype):
             # the value head itself trains in full
             value_model = get_peft_model(value_model, lora_config(cfg, "SEQ_CLS", modules_to_save=["score"]))
     else:
-        reference = AutoModelForCausalLM.from_pretrained(policy_path, dtype=dtype)
-        models.align_with_tokenizer(reference, tokenizer)
+        reference = models.causal_lm_from(policy_path, dtype, tokenizer)
         reference.requires_grad_(False)
         reference.eval().to(device)
     for model in (policy, value_model):

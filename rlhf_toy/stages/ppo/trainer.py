@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
-from rlhf_toy import data, models, runlog, sequences, task
+from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
 from rlhf_toy.stages.common import setup_run
@@ -58,6 +58,7 @@ class PPOState:
     scheduler: object
     kl_ctl: object
     eval_prompts: list                 # sampled before and after training
+    prompts: list                      # the training prompts
     local_batch: int                   # episodes per process per step
     micro_batch: int                   # episodes per forward/backward
     logprobs_from_forward: bool        # rollout log-probs from a forward pass rather than generate's logits
@@ -99,7 +100,10 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
     step's metrics are logged and before its checkpoint (the benchmark reads peak memory and steps its
     profiler there); `metrics["time/*_s"]` time the step's phases."""
     state, run_dir, start_step = build(cfg)
-    logger, summary, prompts = start_logs(state, run_dir, start_step)
+    if state is None:   # a finished run: nothing to do
+        return run_dir
+    logger, summary = start_logs(state, run_dir, start_step)
+    prompts = state.prompts
     progress = tqdm(range(start_step, cfg.num_steps), initial=start_step, total=cfg.num_steps,
                     desc="PPO", disable=not state.accelerator.is_local_main_process)
     step = start_step
@@ -140,8 +144,9 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
 # ----------------------------------------------------------------------------------------------
 # set-up
 # ----------------------------------------------------------------------------------------------
-def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
-    """Processes, models, optimizer, scheduler, KL controller; resumed from the last checkpoint if any."""
+def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
+    """Processes, models, optimizer, scheduler, KL controller; resumed from the last checkpoint if any
+    (`rundir`'s rule; no state for a finished run)."""
     from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
@@ -149,13 +154,19 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
     # accelerate only starts the processes and gathers metrics; gradients are averaged by hand below.
     # cpu=True whenever the run is on the CPU: only then do several launched processes form a (gloo) group.
     accelerator = Accelerator(cpu=models.pick_device(cfg.device).type == "cpu")
-    run_dir = setup_run(cfg, write_config=accelerator.is_main_process)
+    start = rundir.prepare_run_dir(cfg)   # every process reads the same directory and decides alike
+    if start.message:
+        accelerator.print(start.message)
+    if start.finished:
+        return None, start.run_dir, start.step
+    run_dir = setup_run(cfg)
     device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
     dtype = models.pick_dtype(cfg.dtype, device)
     local_batch, micro_batch = split_batch(cfg.batch_size, accelerator.num_processes, cfg.num_mini_batches,
                                            cfg.gradient_accumulation_steps)
 
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    prompts = data.load_prompts(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)
     policy, reference, value_model = load_models(cfg, tokenizer, device, dtype)
@@ -166,10 +177,15 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState, Path, int]:
     kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
     logprobs_from_forward = cfg.rollout_logprobs == "forward" or (cfg.rollout_logprobs == "auto" and dtype != torch.float32)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
-                     scheduler, kl_ctl, eval_prompts, local_batch, micro_batch, logprobs_from_forward)
+                     scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, logprobs_from_forward)
+    # The first write, once the inputs are valid; every process waits for it (and has read the directory).
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        start.begin(cfg)
+    accelerator.wait_for_everyone()
 
     start_step = 0
-    last = runlog.last_checkpoint(run_dir / "checkpoints") if cfg.resume else None
+    last = start.checkpoint
     if last is not None:
         start_step = load_checkpoint(last, policy, value_model, optimizer, scheduler, kl_ctl, device,
                                      accelerator.process_index)
@@ -191,10 +207,8 @@ def make_optimizer(cfg: PPOStageConfig, parameters: list, device: torch.device) 
 
 
 def start_logs(state: PPOState, run_dir: Path, start_step: int):
-    """The metrics logger (cut back to the resumed step), the summary with its "before" evaluation,
-    and the training prompts."""
+    """The metrics logger (cut back to the resumed step) and the summary with its "before" evaluation."""
     cfg, accelerator = state.cfg, state.accelerator
-    prompts = data.load_prompts(cfg.prompts)
     logger = (runlog.MetricsLogger(run_dir, cfg.report_to == "tensorboard", resume_step=start_step)
               if accelerator.is_main_process else None)
     summary_path = run_dir / "summary.json"
@@ -203,7 +217,7 @@ def start_logs(state: PPOState, run_dir: Path, start_step: int):
         summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
                                      state.eval_prompts, "before")
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
-    return logger, summary, prompts
+    return logger, summary
 
 
 def local_share(state: PPOState, batch_prompts: list) -> list:
@@ -435,6 +449,7 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         logger.log(cfg.num_steps, {"summary": 1, **runlog.flatten(summary)})
         logger.close()
+        rundir.mark_finished(run_dir, cfg.num_steps)
     accelerator.wait_for_everyone()
 
 

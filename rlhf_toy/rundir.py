@@ -1,0 +1,160 @@
+"""The one rule for run directories, the same in every stage (README, "Run directories").
+
+A stage calls `prepare_run_dir(cfg)` before it loads or writes anything; it reads the directory and
+decides, writing nothing:
+
+- no run there (no directory, or an empty one): a new run;
+- a run with the same resolved config: resume it from its last checkpoint, or, if it finished, say so
+  and do nothing;
+- the same config with only a length raised (`max_steps`, `num_train_epochs`, `total_episodes`):
+  extend it from its last checkpoint (finished or not);
+- any other difference in a field that shapes training, `--resume false`, or a length lowered: a
+  ConfigError naming each field `old -> new`, unless `--overwrite_output_dir`, which starts clean.
+
+Fields that only shape output (OUTPUT_ONLY) may differ freely. The stage then validates its inputs
+(datasets, models) and only then calls `RunStart.begin()`, the first write: it clears an overwritten
+run, writes `config.yaml`, and cuts every append-only file back to the step being resumed from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from rlhf_toy import runlog
+from rlhf_toy.config import ConfigError, save_config
+
+# Fields that shape only what a run writes or where it runs, never the weights it trains: they may change
+# between the sessions of one run. (`eval_steps`: how often the trainer's eval loss is logged, not
+# what it trains on; `sample_every`: how often PPO writes samples.jsonl.)
+OUTPUT_ONLY = ("output_dir", "overwrite_output_dir", "resume", "device", "num_threads", "logging_steps",
+               "save_steps", "save_total_limit", "report_to", "eval_steps", "sample_every")
+# How long a run trains: raising one extends a run from its last checkpoint.
+LENGTH = ("max_steps", "num_train_epochs", "total_episodes")
+FINISHED_FILE = "finished.json"   # written last by every stage: the run is complete
+
+
+@dataclass
+class RunStart:
+    """What `prepare_run_dir` decided for a run directory."""
+    run_dir: Path
+    action: str                      # "new", "overwrite", "resume", "extend" or "finished"
+    checkpoint: Path | None = None   # the checkpoint to continue from (resume, extend)
+    step: int = 0                    # its step; 0 = from the start
+    message: str | None = None       # what the stage prints about it (its main process)
+
+    @property
+    def finished(self) -> bool:
+        return self.action == "finished"
+
+    def begin(self, cfg) -> Path:
+        """The stage's first write, once its inputs are validated (only the main process calls it)."""
+        if self.action == "overwrite":
+            for entry in self.run_dir.iterdir():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+        save_config(cfg, self.run_dir)
+        (self.run_dir / FINISHED_FILE).unlink(missing_ok=True)
+        if self.action in ("resume", "extend"):
+            runlog.cut_back(self.run_dir, self.step)
+        return self.run_dir
+
+
+def prepare_run_dir(cfg) -> RunStart:
+    """Apply the rule to `cfg.output_dir` (see the module docstring). Writes nothing; raises ConfigError."""
+    run_dir = Path(cfg.output_dir)
+    _check_writable(run_dir)
+    config_path = run_dir / "config.yaml"
+    if not config_path.exists():
+        if run_dir.is_dir() and any(run_dir.iterdir()):
+            raise ConfigError(f"output_dir {run_dir} is not empty and holds no run (no config.yaml): "
+                              "choose another output_dir")
+        return RunStart(run_dir, "new")
+    if cfg.overwrite_output_dir:
+        return RunStart(run_dir, "overwrite",
+                        message=f"--overwrite_output_dir: the run in {run_dir} is deleted and started again")
+    if not cfg.resume:
+        raise ConfigError(f"{run_dir} already holds a run; --resume false would mix two runs in one directory: "
+                          "pass --overwrite_output_dir to start it again, or choose another output_dir")
+
+    lengths = "/".join(f for f in LENGTH if hasattr(cfg, f))
+    differ, longer = compare_configs(_read_config(config_path), cfg)
+    if differ:
+        raise ConfigError(
+            f"{run_dir} holds a run with another config ({'; '.join(differ)}): pass --overwrite_output_dir to "
+            f"start it again, or choose another output_dir (of its training fields, only a raised {lengths} "
+            "continues an existing run)")
+    checkpoint = runlog.last_checkpoint(run_dir / "checkpoints")
+    step = runlog.checkpoint_step(checkpoint) if checkpoint is not None else 0
+    finished = run_dir / FINISHED_FILE
+    if finished.exists() and not longer:
+        done = json.loads(finished.read_text()).get("step")
+        return RunStart(run_dir, "finished", checkpoint, step, message=(
+            f"run in {run_dir} is finished ({done} steps); nothing to do (raise {lengths} to extend it, or pass "
+            "--overwrite_output_dir to start it again)"))
+    action = "extend" if longer else "resume"
+    return RunStart(run_dir, action, checkpoint, step, message=(
+        f"{action}: the run in {run_dir} continues from {checkpoint.name if checkpoint else 'its start'}"
+        + (f" ({', '.join(longer)})" if longer else "")))
+
+
+def compare_configs(old: dict, cfg) -> tuple[list[str], list[str]]:
+    """(differences that refuse a resume, lengths that grew) between a run's config.yaml and `cfg`, each
+    as "field old -> new". A field the old config lacks (added since) counts as its default."""
+    # Through YAML, as config.yaml was written, so types compare alike (tuples, floats).
+    new = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    differ, longer = [], []
+    for name, value in new.items():
+        before = old.get(name, defaults.get(name))
+        if name in OUTPUT_ONLY or before == value:
+            continue
+        change = f"{name} {before!r} -> {value!r}"
+        if name in LENGTH and _grows(name, before, value):
+            longer.append(change)
+        elif name in LENGTH and _grows(name, value, before):
+            differ.append(change + " (a run can be extended, not shortened)")
+        else:
+            differ.append(change)
+    return differ, longer
+
+
+def _grows(name: str, before, after) -> bool:
+    if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
+        return False
+    if name == "max_steps" and (before <= 0 or after <= 0):   # -1: the epochs decide; not comparable
+        return False
+    return after > before
+
+
+def mark_finished(run_dir: Path, step: int) -> None:
+    """The last write of a run: a re-run with the same config then knows there is nothing to do."""
+    (Path(run_dir) / FINISHED_FILE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def _read_config(path: Path) -> dict:
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path} is not a readable config ({type(error).__name__}): pass "
+                          "--overwrite_output_dir to start the run again") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path} is not a config (expected field: value lines): pass --overwrite_output_dir "
+                          "to start the run again")
+    return loaded
+
+
+def _check_writable(run_dir: Path) -> None:
+    """output_dir, or the nearest part of it that exists, must be a writable directory."""
+    existing = run_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"output_dir {run_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"output_dir {run_dir}: {existing} is not writable")
