@@ -40,6 +40,25 @@ def shared_dataset(records: list[dict], directory: Path, cfg):
     return load_from_disk(str(directory))
 
 
+def open_run(cfg):
+    """The run-directory rule (`rundir.prepare_run_dir`: decided before anything is written, its verdict
+    printed), then seeds and threads. Returns the `RunStart`; a finished run has nothing left to do."""
+    from rlhf_toy import rundir
+
+    start = rundir.prepare_run_dir(cfg)
+    if start.message:
+        print(start.message)
+    if not start.finished:
+        setup_run(cfg)
+    return start
+
+
+def begin_run(start, cfg) -> None:
+    """The stage's first write, once its config and inputs are valid; one process of a group writes."""
+    if is_main_process():
+        start.begin(cfg)
+
+
 def setup_run(cfg) -> Path:
     """Seed and threads (shared by every stage). The run directory is `rundir`'s: nothing is written here."""
     from transformers import set_seed

@@ -21,8 +21,8 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (is_main_process, lora_config, save_final, setup_run, shared_dataset, train,
-                                    trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, save_final, shared_dataset,
+                                    train, trainer_fields, trainer_precision)
 from rlhf_toy.stages.reward import clean_pairs
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
@@ -93,12 +93,10 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
 def run_dpo(cfg: DPOStageConfig) -> Path:
     from trl import DPOConfig, DPOTrainer
 
-    start = rundir.prepare_run_dir(cfg)
-    if start.message:
-        print(start.message)
+    start = open_run(cfg)
     if start.finished:
         return start.run_dir
-    run_dir = setup_run(cfg)
+    run_dir = start.run_dir
     train_pairs, eval_pairs, pair_stats = load_pairs(cfg)
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
 
@@ -107,8 +105,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
     if judge is not None and judge.note:
         print(f"note: {judge.note}")
-    if is_main_process():   # one process of a group writes
-        start.begin(cfg)   # the first write: the config and the inputs are valid
+    begin_run(start, cfg)   # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
     resume_from = start.checkpoint
     summary_path = run_dir / "summary.json"

@@ -30,7 +30,7 @@ from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
-from rlhf_toy.stages.common import (is_main_process, lora_config, save_final, setup_run, train, trainer_fields,
+from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, save_final, train, trainer_fields,
                                     trainer_precision)
 
 
@@ -230,12 +230,10 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     started = time.time()
-    start = rundir.prepare_run_dir(cfg)
-    if start.message:
-        print(start.message)
+    start = open_run(cfg)
     if start.finished:
         return start.run_dir
-    run_dir = setup_run(cfg)
+    run_dir = start.run_dir
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
     pairs, data_stats = clean_pairs(records, cfg.dataset)
     train_pairs, eval_pairs = data.split_records(pairs, cfg.eval_fraction, cfg.seed)
@@ -258,8 +256,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     align_with_tokenizer(model, tokenizer)
     freeze_bottom(model, cfg.freeze_bottom_layers)
-    if is_main_process():   # one process of a group writes
-        start.begin(cfg)   # the first write: the config and the inputs are valid
+    begin_run(start, cfg)   # the first write: the config and the inputs are valid
 
     checkpoints = run_dir / "checkpoints"
     summary_path = run_dir / "summary.json"

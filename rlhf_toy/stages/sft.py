@@ -15,7 +15,7 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (is_main_process, lora_config, save_final, setup_run, train, trainer_fields,
+from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, save_final, train, trainer_fields,
                                     trainer_precision)
 
 
@@ -59,12 +59,10 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
 
-    start = rundir.prepare_run_dir(cfg)
-    if start.message:
-        print(start.message)
+    start = open_run(cfg)
     if start.finished:
         return start.run_dir
-    run_dir = setup_run(cfg)
+    run_dir = start.run_dir
     records = data.load_records(cfg.dataset, data.SFT_FIELDS)
     records = [{"prompt": data.as_messages(r["prompt"], "user"),
                 "completion": data.as_messages(r["completion"], "assistant")} for r in records]
@@ -82,8 +80,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         print(f"note: {too_long + eval_too_long} examples dropped ({eval_too_long} of them held out): their prompt "
               f"alone fills max_length={cfg.max_length} tokens, so no completion token would be trained on")
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
-    if is_main_process():   # one process of a group writes
-        start.begin(cfg)   # the first write: the config and the inputs are valid
+    begin_run(start, cfg)   # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
     resume_from = start.checkpoint
     summary_path = run_dir / "summary.json"
@@ -143,6 +140,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     if eval_prompts:
         evaluate(models.load_causal_lm(str(final), tokenizer, cfg.device, cfg.dtype), "after")
     summary_path.write_text(json.dumps(summary) + "\n")
-    runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step, {"summary": 1, **runlog.flatten(summary)})
+    runlog.MetricsLogger(run_dir, tensorboard=False).log(trainer.state.global_step,
+                                                         {"summary": 1, **runlog.flatten(summary)})
     rundir.mark_finished(run_dir, trainer.state.global_step)
     return run_dir
