@@ -26,7 +26,8 @@ data: setup
 # The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs when its output (final/) does not
 # exist yet, or when its config file or a model it starts from is newer than that output (an edited
 # config is a new run; the report is redone after any stage); each appends its wall time to
-# $(RUNS)/demo_times.txt, which the demo prints at the end. `make demo CONFIGS=configs/tiny
+# $(RUNS)/demo_times.txt, which the demo prints at the end and copies beside the report
+# ($(REPORT)/demo_times.txt, committed with it). `make demo CONFIGS=configs/tiny
 # RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same pipeline on the tiny model.
 SHELL := /bin/bash
 CONFIGS ?= configs
@@ -48,7 +49,8 @@ demo: setup $(REPORT)/report.html
 	@sed -n '1,9p' $(REPORT)/compare.md
 	@echo "stage wall times (seconds; one line per stage run, this and earlier invocations):"
 	@cat $(RUNS)/demo_times.txt
-	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html"
+	@cp $(RUNS)/demo_times.txt $(REPORT)/demo_times.txt
+	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html (stage times: $(REPORT)/demo_times.txt)"
 
 $(RUNS)/sft/final/config.json: $(CONFIGS)/sft.yaml | setup
 	$(STAGE) sft $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft $(OVERWRITE)

@@ -180,6 +180,14 @@ def test_compare_resumes_from_the_samples_it_has(tmp_path, setup):
     assert [r["response"] for r in rows[1:]] == [json.loads(line)["response"] for line in lines[1:]]
     again = json.loads((out / "compare.json").read_text())
     assert again["runs"]["run_final"]["kl_to_ref"] == first["runs"]["run_final"]["kl_to_ref"]
+    # A fresh clone has the committed samples but no stamps (*.meta.json are git-ignored): it resamples
+    # rather than trust samples it cannot tie to the weights on this machine.
+    for meta in (out / "samples").glob("*.meta.json"):
+        meta.unlink()
+    compare.main(argv)
+    rows = runlog.read_jsonl(samples)
+    assert len(rows) == 6 and not rows[0]["response"].endswith(" MARK")
+    assert [r["response"] for r in rows] == [json.loads(line)["response"] for line in lines]
 
 
 def test_compare_loads_lora_adapter_checkpoints(tmp_path, setup):
