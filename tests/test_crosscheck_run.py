@@ -57,3 +57,10 @@ def test_tiny_run_level_crosscheck(tiny_rm, tmp_path, run_script):
         assert report[side]["eval_after"]["gold_mean"] is not None
         assert report[side]["throughput"]["episodes_per_s"] > 0
     assert report["ours"]["eval_before"]["kl_to_ref"] == pytest.approx(0.0, abs=1e-5)
+    # Both trainers start from the same policy and reference: at step 1, before any update, both measure
+    # a KL of ~0 on the same prompts; and they update at the same (matched, linearly decaying) learning rate
+    for side in ("ours", "trl"):
+        assert abs(report[side]["history"][0]["objective/kl"]) < 1e-3, side
+    ours_lr = [h["lr"] for h in report["ours"]["history"]]
+    trl_lr = [h["learning_rate"] for h in report["trl"]["history"]]
+    assert ours_lr == pytest.approx(trl_lr, rel=1e-6) and ours_lr[0] > ours_lr[-1]

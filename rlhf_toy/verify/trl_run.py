@@ -66,7 +66,6 @@ class CrosscheckRunConfig(PPOStageConfig):
     response_length: int = 32
     max_prompt_length: int = 128
     learning_rate: float = 3e-6
-    weight_decay: float = 0.01      # torch AdamW's default, which ours uses; TRL gets the same
     device: str = "cpu"
     dtype: str = "float32"
     report_to: str = "none"

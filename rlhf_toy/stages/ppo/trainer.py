@@ -128,6 +128,7 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
                                  gold=f"{metrics['score/gold']:.3f}")
             if on_step_end is not None:
                 on_step_end(step + 1, metrics)
+            state.scheduler.step()   # after the step's metrics: `lr` is the rate this step's updates used (TRL's)
             save_step(state, run_dir, step + 1)
     except NonFiniteError as error:
         # Save what the last good step had (the weights never took the non-finite update).
@@ -289,7 +290,8 @@ def score(state: PPOState, batch: Rollout) -> dict[str, torch.Tensor]:
 def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                permutation: Callable[[int], torch.Tensor] | None = None) -> dict[str, list[float]]:
     """`num_ppo_epochs` passes over the batch in shuffled minibatches; each minibatch is one optimizer
-    step over `gradient_accumulation_steps` micro-batches. Returns each statistic per micro-batch, in
+    step over `gradient_accumulation_steps` micro-batches (the learning-rate schedule steps once per PPO
+    step, in the loop, after the step is logged). Returns each statistic per micro-batch, in
     order, and `approxkl_first_minibatch`: the approx-KL between the rollout's log-probs and the first
     forward pass of the update, before any weight changed (0 up to precision drift).
     `permutation(epoch)` replaces the random minibatch order (the TRL equivalence check feeds TRL's)."""
@@ -333,7 +335,6 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             grad_norm = torch.nn.utils.clip_grad_norm_(state.parameters, cfg.max_grad_norm)
             check_finite(step, **{"gradient norm": grad_norm})
             state.optimizer.step()
-    state.scheduler.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
     return stats
 
