@@ -62,5 +62,5 @@ def test_tiny_run_level_crosscheck(tiny_rm, tmp_path, run_script):
     for side in ("ours", "trl"):
         assert abs(report[side]["history"][0]["objective/kl"]) < 1e-3, side
     ours_lr = [h["lr"] for h in report["ours"]["history"]]
-    trl_lr = [h["learning_rate"] for h in report["trl"]["history"]]
+    trl_lr = [h["lr"] for h in report["trl"]["history"]]
     assert ours_lr == pytest.approx(trl_lr, rel=1e-6) and ours_lr[0] > ours_lr[-1]
