@@ -276,11 +276,6 @@ def align_with_tokenizer(model, tokenizer) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def model_summary(model) -> dict:
-    params = sum(p.numel() for p in model.parameters())
-    return {"class": type(model).__name__, "parameters": params, "dtype": str(next(model.parameters()).dtype)}
-
-
 if __name__ == "__main__":  # `python -m rlhf_toy.models NAME` resolves (and builds) a model
     import sys
 

@@ -66,7 +66,7 @@ class PPOState:
 
     @property
     def parameters(self) -> list:
-        return [p for m in (self.policy, self.value_model) for p in m.parameters() if p.requires_grad]
+        return trainable_parameters(self.policy, self.value_model)
 
     @property
     def shared_critic(self) -> bool:
@@ -171,8 +171,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)
     policy, reference, value_model = load_models(cfg, tokenizer, device, dtype)
-    optimizer = make_optimizer(cfg, [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad],
-                               device)
+    optimizer = make_optimizer(cfg, trainable_parameters(policy, value_model), device)
     decay = (lambda s: max(0.0, 1.0 - s / cfg.num_steps)) if cfg.lr_scheduler_type == "linear" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
@@ -195,6 +194,11 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + accelerator.process_index)
     return state, run_dir, start_step
+
+
+def trainable_parameters(policy, value_model) -> list:
+    """What the optimizer updates, policy first: with LoRA only the adapters (and the value head)."""
+    return [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg: PPOStageConfig, parameters: list, device: torch.device) -> torch.optim.Optimizer:
@@ -420,7 +424,7 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
                 for p, t, s, r, g, k, n, e in zip(
                     batch.prompts, batch.texts, scores.tolist(), parts["rm"].tolist(), gold.tolist(),
                     kl_per_seq.tolist(), n_tokens.tolist(), parts["has_eos"].tolist())]
-        rows = gather_object(rows) if accelerator.num_processes > 1 else rows   # every process's episodes
+        rows = gather_object(rows)   # every process's episodes (one process: its own)
         if accelerator.is_main_process:
             runlog.append_jsonl(run_dir / "samples.jsonl", rows)
     return metrics
