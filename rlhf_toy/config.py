@@ -145,7 +145,9 @@ def save_config(config, output_dir) -> Path:
     return path
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+# What `dtype` may name. `auto` resolves (models.resolve_precision) to bfloat16-mixed where the device has
+# native bf16, float32 elsewhere; the run's config.yaml records what ran, never `auto`.
+DTYPES = ("auto", "float32", "bfloat16-mixed", "bfloat16", "float16")
 DEVICES = "auto, cpu, cuda, cuda:N, mps"
 
 
@@ -179,7 +181,7 @@ class CommonConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     device: str = "auto"            # auto = cuda, then mps, then cpu
-    dtype: str = "auto"             # auto = bf16 on a GPU that supports it, float32 elsewhere
+    dtype: str = "auto"             # auto = bfloat16-mixed where the device has native bf16, else float32
     num_threads: int = 0            # torch CPU threads; 0 = torch's default
     logging_steps: int = 1
     save_steps: int = 20            # checkpoint every N optimizer steps (resume restarts from the last one)

@@ -14,9 +14,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -61,17 +63,58 @@ def pick_device(requested: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """bf16 on a GPU that supports it, float32 elsewhere, unless the config names one."""
-    if requested != "auto":
-        from rlhf_toy.config import DTYPES
+@dataclass(frozen=True)
+class Precision:
+    """What a run computes in. Mixed precision (HF Trainer's `bf16=True`, TRL, OpenRLHF): float32 master
+    weights and optimizer state, bf16 matmuls under autocast, so an update smaller than bf16's resolution
+    of a weight (~0.4% of it) is not rounded away. `bfloat16`/`float16` are pure: the weights themselves."""
+    name: str                 # float32 | bfloat16-mixed | bfloat16 | float16
+    weights: torch.dtype      # parameters and optimizer state
+    compute: torch.dtype      # matmuls
+    device_type: str          # for torch.autocast
 
-        if requested not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {requested!r}")
-        return getattr(torch, requested)
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
+    @property
+    def mixed(self) -> bool:
+        return self.weights != self.compute
+
+    def autocast(self):
+        """The context a forward pass (and `generate`) runs in: bf16 autocast when mixed, else nothing."""
+        if not self.mixed:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.compute)
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware: a CUDA GPU that supports it (Ampere on), a CPU with AVX512-BF16 or
+    AMX (torch's own cpuinfo probe). Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_has_native_bf16()
+    return False   # MPS: float32 (bf16 on Apple GPUs depends on the macOS version; not measured here)
+
+
+def cpu_has_native_bf16() -> bool:
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(probe is None for probe in probes):   # an older torch: read the kernel's CPU flags
+        try:
+            return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
+        except OSError:
+            return False
+    return any(probe() for probe in probes if probe is not None)
+
+
+def resolve_precision(requested: str, device: torch.device) -> Precision:
+    """`auto`: bf16-mixed where the device has native bf16, float32 elsewhere; any other name as given."""
+    from rlhf_toy.config import DTYPES
+
+    if requested not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {requested!r}")
+    if requested == "auto":
+        requested = "bfloat16-mixed" if has_native_bf16(device) else "float32"
+    weights = torch.float32 if requested in ("float32", "bfloat16-mixed") else getattr(torch, requested)
+    compute = torch.bfloat16 if requested == "bfloat16-mixed" else weights
+    return Precision(requested, weights, compute, device.type)
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -245,7 +288,8 @@ def load_causal_lm(name_or_path: str, tokenizer=None, device: str = "auto", dtyp
     """An `AutoModelForCausalLM` on the chosen device, its embeddings resized for an added pad token
     (a LoRA adapter directory merged into its base: `causal_lm_from`)."""
     torch_device = pick_device(device)
-    model = causal_lm_from(resolve_model_path(name_or_path), pick_dtype(dtype, torch_device), tokenizer)
+    weights = resolve_precision(dtype, torch_device).weights
+    model = causal_lm_from(resolve_model_path(name_or_path), weights, tokenizer)
     return model.to(torch_device)
 
 

@@ -151,3 +151,52 @@ def last_checkpoint(checkpoints_dir) -> Path | None:
     """The newest complete checkpoint directory, or None."""
     found = checkpoints(checkpoints_dir)
     return found[-1][1] if found else None
+
+
+def environment(precision) -> dict:
+    """What a report's numbers depend on besides the code and the config: the hardware (bf16 numerics
+    differ between CPUs with and without native bf16, so results reproduce per kind of machine), the
+    resolved precision, the library versions and the project's commit."""
+    import platform
+    import subprocess
+
+    import torch
+    import transformers
+    import trl
+
+    from rlhf_toy import models
+
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return ""
+
+    commit = git("rev-parse", "--short=12", "HEAD")
+    if commit and git("status", "--porcelain", "--untracked-files=no"):
+        commit += " (with uncommitted changes)"
+    cpu = next((line.split(":", 1)[1].strip() for line in _read_text("/proc/cpuinfo").splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {
+        "dtype": precision.name,
+        "device": precision.device_type + (f" ({torch.cuda.get_device_name()})" if precision.device_type == "cuda" else ""),
+        "cpu": cpu, "cpu_native_bf16": models.cpu_has_native_bf16(), "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+        "python": platform.python_version(), "commit": commit or "unknown",
+    }
+
+
+def environment_line(env: dict) -> str:
+    """`environment()` as one line for a report's notes."""
+    return (f"Environment: dtype {env['dtype']} on {env['device']}; CPU {env['cpu']} (native bf16: "
+            f"{'yes' if env['cpu_native_bf16'] else 'no'}, {env['cpu_threads']} threads); torch {env['torch']}, "
+            f"transformers {env['transformers']}, trl {env['trl']}; commit {env['commit']}.")
+
+
+def _read_text(path: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError:
+        return ""

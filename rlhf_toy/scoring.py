@@ -119,7 +119,7 @@ def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidde
     hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, dtype=models.pick_dtype(dtype, torch_device), **overrides)
+            resolved, dtype=models.resolve_precision(dtype, torch_device).weights, **overrides)
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.to(torch_device)
@@ -149,6 +149,7 @@ class RewardScorer:
         self.bias = float(self.normalization["bias"])
         self.tokenizer = models.load_tokenizer(str(self.path))
         self.model = load_reward_model(self.path, device, dtype).eval()
+        self.precision = models.resolve_precision(dtype, self.model.device)
         if self.model.config.num_labels != 1:
             raise models.ModelNotFoundError(f"{self.path} is not a reward model (num_labels="
                                             f"{self.model.config.num_labels}, expected 1)")
@@ -172,7 +173,8 @@ class RewardScorer:
         for start in range(0, len(order), self.batch_size):
             index = order[start:start + self.batch_size]
             ids, mask = pad_right([encoded[i][0] for i in index], self.tokenizer.pad_token_id)
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
+            with self.precision.autocast():
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
             scores[index] = logits[:, 0].float().cpu()
         return scores
 

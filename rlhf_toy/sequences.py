@@ -14,6 +14,7 @@ to float32 first) go through the same arithmetic.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -156,17 +157,24 @@ def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, context_
 
 @torch.no_grad()
 def sequence_logprobs(model, tokenizer, prompts, response_ids, *, temperature: float,
-                      max_prompt_length: int = 256, batch_size: int = 16) -> list[float]:
-    """Σ_t log π(y_t | x, y_<t) of each response (token ids) under ``model`` at temperature T."""
+                      max_prompt_length: int = 256, batch_size: int = 16, precision=None) -> list[float]:
+    """Σ_t log π(y_t | x, y_<t) of each response (token ids) under ``model`` at temperature T
+    (``precision``: a ``models.Precision`` whose autocast the forward passes run in; none: as loaded)."""
     device = next(model.parameters()).device
     totals = []
     for start in range(0, len(prompts), batch_size):
         queries, query_mask, _ = encode_prompts(tokenizer, prompts[start:start + batch_size], max_prompt_length, device)
         responses, mask = pad_responses(response_ids[start:start + batch_size], tokenizer.pad_token_id, device)
         ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
-        logprobs = response_logprobs(model, ids, attention, queries.shape[1], temperature)
+        with autocast(precision):
+            logprobs = response_logprobs(model, ids, attention, queries.shape[1], temperature)
         totals += torch.where(mask, logprobs, torch.zeros((), device=device)).sum(1).tolist()
     return totals
+
+
+def autocast(precision):
+    """``precision.autocast()`` (bf16 compute under mixed precision), or nothing without a precision."""
+    return precision.autocast() if precision is not None else contextlib.nullcontext()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -175,8 +183,9 @@ def sequence_logprobs(model, tokenizer, prompts, response_ids, *, temperature: f
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 0.7,
              top_k: int = 0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-             max_prompt_length: int = 256, progress: str | None = None) -> list[Sample]:
-    """Sample one response per prompt. Same prompts, settings and seed give the same samples."""
+             max_prompt_length: int = 256, progress: str | None = None, precision=None) -> list[Sample]:
+    """Sample one response per prompt. Same prompts, settings and seed give the same samples (on one kind
+    of CPU or GPU: bf16 numerics differ between hardware). ``precision``: as in ``sequence_logprobs``."""
     device = next(model.parameters()).device
     generator_seed = torch.Generator().manual_seed(seed)
     samples = []
@@ -188,12 +197,13 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
         input_ids, attention_mask, _ = encode_prompts(tokenizer, batch, max_prompt_length, device)
         # One seed per batch drawn from the run seed: a batch's samples do not depend on what ran before.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
-        out = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-            do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-            top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        with autocast(precision):
+            out = model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
+                top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
         responses, mask = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
         for messages, row, n in zip(batch, responses.tolist(), mask.sum(1).tolist()):
             ids = row[:n]   # up to the first EOS; a sampled pad token is part of the answer, not its end

@@ -70,7 +70,7 @@ def test_config_file_that_is_not_utf8_names_line_and_column(tmp_path):
 
 
 def test_dtype_device_and_trainer_numbers_are_checked_when_parsed():
-    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16, float16; got 'fp16'"):
+    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16-mixed, bfloat16, float16; got 'fp16'"):
         parse_config(SFTStageConfig, ["--dtype", "fp16"])
     with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, cuda:N, mps; got 'gpu'"):
         parse_config(SFTStageConfig, ["--device", "gpu"])

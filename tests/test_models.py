@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -41,12 +43,38 @@ def test_unknown_embedded_model():
         models.resolve_model_path("embedded:nothing")
 
 
-def test_dtype_choice():
-    assert models.pick_dtype("auto", torch.device("cpu")) == torch.float32
-    assert models.pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
-    with pytest.raises(ValueError, match="dtype must be one of"):
-        models.pick_dtype("float8", torch.device("cpu"))
-    assert models.pick_dtype("float16", torch.device("cpu")) == torch.float16
+def test_auto_precision_is_bf16_mixed_only_where_the_cpu_has_native_bf16(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)   # e.g. an AVX2-only laptop
+    assert models.resolve_precision("auto", cpu) == models.Precision("float32", torch.float32, torch.float32, "cpu")
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)    # AVX512-BF16 or AMX
+    mixed = models.resolve_precision("auto", cpu)
+    assert (mixed.name, mixed.weights, mixed.compute, mixed.mixed) == ("bfloat16-mixed", torch.float32, torch.bfloat16, True)
+    with mixed.autocast():   # float32 weights, bf16 matmuls
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
+    # named precisions are taken as given, whatever the hardware
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
+    assert models.resolve_precision("bfloat16-mixed", cpu).compute == torch.bfloat16
+    pure = models.resolve_precision("bfloat16", cpu)
+    assert (pure.weights, pure.compute, pure.mixed) == (torch.bfloat16, torch.bfloat16, False)
+    assert models.resolve_precision("float16", cpu).weights == torch.float16
+    with models.resolve_precision("float32", cpu).autocast():   # no autocast: float32 stays float32
+        assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16-mixed, bfloat16, float16"):
+        models.resolve_precision("float8", cpu)
+
+
+def test_cpu_bf16_detection_reads_the_cpu_not_the_model(monkeypatch):
+    """torch's cpuinfo probes decide; without them (an older torch) the kernel's CPU flags do."""
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    assert models.cpu_has_native_bf16()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert not models.cpu_has_native_bf16()
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    flags = Path("/proc/cpuinfo").read_text().split() if Path("/proc/cpuinfo").exists() else []
+    assert models.cpu_has_native_bf16() == bool({"avx512_bf16", "amx_bf16"} & set(flags))
 
 
 def test_truncate_at_eos_keeps_eos_and_pads_after():

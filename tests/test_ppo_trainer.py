@@ -228,6 +228,35 @@ def test_bf16_rollout_logprobs_match_the_update_at_realistic_logit_scale(pipelin
     assert drift["auto"] < 1e-3 and drift["generate"] < 1e-3, drift
 
 
+def test_mixed_precision_ppo_keeps_float32_master_weights_and_computes_in_bf16(pipeline, tmp_path):
+    """bfloat16-mixed: the rollout's and the update's matmuls in bf16 (autocast), weights and AdamW state
+    float32; the value loss falls over the update's epochs on one batch; the rollout's log-probs (from a
+    forward pass, the default outside float32) agree with the update's first forward; config.yaml records it."""
+    import yaml
+
+    cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, tmp_path / "mixed", dtype="bfloat16-mixed",
+                                                  num_ppo_epochs=4, num_mini_batches=1, num_eval_prompts=0))
+    state, run_dir, _ = trainer.build(cfg)
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["dtype"] == "bfloat16-mixed"
+    assert state.logprobs_from_forward
+    matmuls = []
+    hook = state.policy.transformer.h[0].mlp.c_fc.register_forward_hook(lambda m, i, out: matmuls.append(out.dtype))
+    before = [p.detach().clone() for p in state.parameters]
+    torch.manual_seed(0)
+    batch = trainer.sample(state, data.load_prompts(str(pipeline / "prompts.jsonl"))[:8])
+    parts = trainer.score(state, batch)
+    targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                       batch.mask, cfg.kl_coef, cfg.gamma, cfg.lam)
+    stats = trainer.ppo_update(state, batch, targets, 1)
+    hook.remove()
+    assert matmuls and set(matmuls) == {torch.bfloat16}
+    assert {p.dtype for p in state.parameters} == {torch.float32}
+    assert {s["exp_avg"].dtype for s in state.optimizer.state.values()} == {torch.float32}
+    assert any(not torch.equal(a, b) for a, b in zip(before, state.parameters))
+    assert stats["vf_loss"][-1] < stats["vf_loss"][0]
+    assert stats["approxkl_first_minibatch"][0] < 1e-3
+
+
 def test_logits_are_cast_to_float32_before_the_temperature_divides_them():
     z = (torch.randn(4, 6, 500, generator=torch.Generator().manual_seed(0)) * 20).bfloat16()
     scaled = sequences.scale_logits(z, 0.7)

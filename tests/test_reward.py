@@ -103,7 +103,7 @@ def test_final_is_a_plain_sequence_classifier_with_pad_set(trained):
 
 def test_scorer_matches_training_format_and_normaliser_is_standard(trained):
     run, _ = trained
-    scorer = RewardScorer(str(run / "final"), batch_size=3)
+    scorer = RewardScorer(str(run / "final"), batch_size=3, dtype="float32")
     rows = [r for r in runlog.read_jsonl(run / "samples.jsonl") if r["stage"] == "calibration"]
     # The calibration samples, re-scored in a different batching, are mean 0 / std 1.
     scores = scorer.score([r["prompt"] for r in rows], [r["response"] for r in rows])
@@ -119,7 +119,7 @@ def test_scorer_matches_training_format_and_normaliser_is_standard(trained):
     assert ids[-1] == scorer.tokenizer.eos_token_id
     logit = scorer.model(input_ids=torch.tensor([ids])).logits[0, 0]
     assert torch.allclose(raw[0], logit, atol=1e-5)
-    assert torch.allclose(RewardScorer(str(run)).score_raw([rows[0]["prompt"]], [rows[0]["response"]]), raw)
+    assert torch.allclose(RewardScorer(str(run), dtype="float32").score_raw([rows[0]["prompt"]], [rows[0]["response"]]), raw)
 
 
 def test_the_scorer_reads_the_stripped_answer_whoever_calls_it():

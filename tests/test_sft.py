@@ -118,3 +118,39 @@ def test_prompts_that_fill_max_length_are_dropped_and_counted(tmp_path):
     with pytest.raises(data.DataError, match=r"every training example's prompt fills max_length=8 tokens"):
         sft_in_process(tmp_path, out, max_length=8, num_eval_prompts=0)
     assert not out.exists()
+
+
+def test_mixed_precision_sft_trains_float32_master_weights_in_bf16_and_records_what_ran(tmp_path, monkeypatch):
+    """`dtype: auto` on a CPU with native bf16 is bfloat16-mixed: the HF Trainer's bf16 autocast over float32
+    weights (AdamW state float32 too); the loss falls; config.yaml says what ran, not `auto`."""
+    import torch
+    import yaml
+    from transformers import Trainer
+
+    from rlhf_toy.stages import common
+
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)
+    seen = {}
+    original_step = Trainer.training_step
+
+    def training_step(self, model, inputs, *args, **kwargs):   # the precision the Trainer really trains in
+        block = self.accelerator.unwrap_model(model).transformer.h[0].mlp.c_fc   # GPT-2's first MLP matmul
+        hook = block.register_forward_hook(lambda m, i, out: seen.update(matmul=out.dtype))
+        try:
+            return original_step(self, model, inputs, *args, **kwargs)
+        finally:
+            hook.remove()
+            seen["weights"] = block.weight.dtype
+            seen["adam"] = {s["exp_avg"].dtype for s in self.optimizer.state.values() if "exp_avg" in s}
+
+    monkeypatch.setattr(Trainer, "training_step", training_step)
+    out = tmp_path / "run"
+    cfg = parse_config(SFTStageConfig, list(map(str, tiny_args(tmp_path, out, dtype="auto", max_steps=20,
+                                                               learning_rate=1e-2, num_eval_prompts=2))))
+    assert common.trainer_precision(cfg)["bf16"]
+    run_sft(cfg)
+    assert yaml.safe_load((out / "config.yaml").read_text())["dtype"] == "bfloat16-mixed"
+    assert seen["matmul"] == torch.bfloat16 and seen["weights"] == torch.float32 and seen["adam"] <= {torch.float32}
+    losses = [r["loss"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
+    assert len(losses) == 20 and losses[-1] < 0.5 * losses[0]
+    assert AutoModelForCausalLM.from_pretrained(out / "final").lm_head.weight.dtype == torch.float32

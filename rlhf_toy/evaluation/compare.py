@@ -217,7 +217,8 @@ def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, 
     samples_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = samples_dir / f"{entry.key}.jsonl", samples_dir / f"{entry.key}.meta.json"
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size",
-                                              "samples_per_prompt", "max_prompt_length")}
+                                              "samples_per_prompt", "max_prompt_length", "dtype")}
+    precision = models.resolve_precision(args.dtype, models.pick_device(args.device))
     meta = {"label": entry.label, "model": entry.model, "run": entry.run, "step": entry.step,
             "fingerprint": _fingerprint([_model_stamp(entry.model), settings, prompts, ref_key,
                                          judge.penalties, getattr(judge, "path", None)])}
@@ -255,7 +256,8 @@ def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, 
         _, scored = sample_and_score(model, tokenizer, batch, judge=judge, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, batch_size=len(batch), seed=seed,
                                      max_prompt_length=args.max_prompt_length,
-                                     ref=None if is_ref or mismatch else ref_model, ref_tokenizer=ref_tokenizer)
+                                     ref=None if is_ref or mismatch else ref_model, ref_tokenizer=ref_tokenizer,
+                                     precision=precision)
         new = [{"prompt_id": start + i, "sample": j, "label": entry.label, **row,
                 **({"kl": 0.0} if is_ref else {}), **({"kl_note": mismatch} if mismatch else {})}
                for i, row in enumerate(scored)]
@@ -371,6 +373,8 @@ def run_compare(args) -> Path:
     penalties = _penalties(args, run_dirs)
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    # `auto` -> what this machine runs; part of each model's sample stamp, and recorded in the report.
+    args.dtype = models.resolve_precision(args.dtype, models.pick_device(args.device)).name
     torch.manual_seed(args.seed)
     ref_model, ref_tokenizer = load_model_and_tokenizer(ref_entry.model, ref_entry.tokenizer_from, args.device, args.dtype)
     judge = Judge(args.reward_model, args.device, args.dtype, **penalties)
@@ -390,6 +394,7 @@ def run_compare(args) -> Path:
               "settings": {"prompts": args.prompts, "n_prompts": len(prompts),
                            **{k: getattr(args, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature",
                                                             "seed", "batch_size", "n_bootstrap", "checkpoints")}},
+              "environment": runlog.environment(models.resolve_precision(args.dtype, models.pick_device(args.device))),
               "runs": {}}
     for entry in entries:
         metrics = summarize(rows_by_label[entry.label], ref_rows, args.n_bootstrap, args.seed)

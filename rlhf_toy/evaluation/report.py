@@ -72,7 +72,7 @@ def method_notes(report: dict) -> list[str]:
                   f"{report['penalties']['length_coef']}·max(0, tokens − {report['penalties']['length_target']}) and "
                   f"{report['penalties']['missing_eos_penalty']} for a missing EOS (PPO's training score)."
                   if report.get("reward_model") else "none."),
-    ] + report.get("notes", [])
+    ] + report.get("notes", []) + ([runlog.environment_line(report["environment"])] if "environment" in report else [])
 
 
 def plot_frontier(report: dict, path: Path) -> None:

@@ -45,6 +45,7 @@ def open_run(cfg):
     printed), then seeds and threads. Returns the `RunStart`; a finished run has nothing left to do."""
     from rlhf_toy import rundir
 
+    resolve_precision(cfg)
     start = rundir.prepare_run_dir(cfg)
     if start.message:
         print(start.message)
@@ -105,11 +106,21 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):
                       target_modules=cfg.lora_target_modules, task_type=task_type, **extra)
 
 
+def resolve_precision(cfg) -> models.Precision:
+    """The run's precision; `cfg.dtype` becomes its name in place (`auto` -> `bfloat16-mixed` or `float32`),
+    so the run's config.yaml records what ran and a resume on a machine that resolves differently is refused."""
+    precision = models.resolve_precision(cfg.dtype, models.pick_device(cfg.device))
+    cfg.dtype = precision.name
+    return precision
+
+
 def trainer_precision(cfg) -> dict:
-    """TrainingArguments fields for the device and dtype the config resolves to."""
+    """TrainingArguments fields for the device and precision the config resolves to. HF's `bf16=True` is
+    autocast: with float32 weights (bfloat16-mixed) the Trainer keeps float32 master weights and AdamW
+    state, as our PPO does; with bf16 weights (pure bfloat16) everything is bf16."""
     device = models.pick_device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
-    return {"use_cpu": device.type == "cpu", "bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
+    compute = models.resolve_precision(cfg.dtype, device).compute
+    return {"use_cpu": device.type == "cpu", "bf16": compute == torch.bfloat16, "fp16": compute == torch.float16}
 
 
 def save_final(trainer, tokenizer, run_dir: Path) -> Path:

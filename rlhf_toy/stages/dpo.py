@@ -21,8 +21,8 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, save_final, shared_dataset,
-                                    train, trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, resolve_precision, save_final,
+                                    shared_dataset, train, trainer_fields, trainer_precision)
 from rlhf_toy.stages.reward import clean_pairs
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
@@ -93,6 +93,7 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
 def run_dpo(cfg: DPOStageConfig) -> Path:
     from trl import DPOConfig, DPOTrainer
 
+    precision = resolve_precision(cfg)   # `auto` -> what this machine runs (recorded in config.yaml)
     start = open_run(cfg)
     if start.finished:
         return start.run_dir
@@ -115,7 +116,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         summary[when], rows = sample_and_score(
             policy, tokenizer, eval_prompts, judge=judge, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed, ref=ref,
-            progress=f"sampling eval prompts ({when})")
+            progress=f"sampling eval prompts ({when})", precision=precision)
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
 
     if eval_prompts and "before" not in summary and is_main_process():

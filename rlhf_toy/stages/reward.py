@@ -30,8 +30,8 @@ from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
-from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, save_final, train, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, resolve_precision, save_final,
+                                    train, trainer_fields, trainer_precision)
 
 
 @dataclass
@@ -100,7 +100,8 @@ def calibrate(scorer: "RewardScorer", policy, tokenizer, prompts, *, num_samples
     chosen = [prompts[i % len(prompts)] for i in range(num_samples)]
     rng.shuffle(chosen)
     samples = sequences.generate(policy, tokenizer, chosen, max_new_tokens=max_new_tokens, temperature=temperature,
-                                batch_size=sample_batch_size, seed=seed, progress="sampling calibration responses")
+                                batch_size=sample_batch_size, seed=seed, progress="sampling calibration responses",
+                                precision=scorer.precision)   # the policy runs as the reward model does
     truncated_before = scorer.n_truncated
     raw = scorer.score_raw([s.prompt for s in samples], [s.response for s in samples])
     record = {**fit_normalization(raw), "policy": policy_name, "temperature": temperature,
@@ -230,6 +231,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     started = time.time()
+    resolve_precision(cfg)   # `auto` -> what this machine runs (recorded in config.yaml)
     start = open_run(cfg)
     if start.finished:
         return start.run_dir
@@ -332,7 +334,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         summary["eval_samples"], scored = sample_and_score(
             policy, policy_tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
-            progress="sampling eval responses")
+            progress="sampling eval responses", precision=scorer.precision)
         rm, gold = [r["rm"] for r in scored], [r["gold"] for r in scored]
         summary["spearman_rm_gold"] = spearman(rm, gold)
         rows += [{"stage": "eval", **row} for row in scored]

@@ -15,8 +15,8 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, save_final, train, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, resolve_precision, save_final,
+                                    train, trainer_fields, trainer_precision)
 
 
 @dataclass
@@ -59,6 +59,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset
 
+    precision = resolve_precision(cfg)   # `auto` -> what this machine runs (recorded in config.yaml)
     start = open_run(cfg)
     if start.finished:
         return start.run_dir
@@ -90,7 +91,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         summary[when], rows = sample_and_score(
             policy, tokenizer, eval_prompts, judge=Judge(None), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed,
-            progress=f"sampling eval prompts ({when})")
+            progress=f"sampling eval prompts ({when})", precision=precision)
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
 
     if eval_prompts and "before" not in summary and is_main_process():

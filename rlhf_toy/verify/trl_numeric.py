@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from rlhf_toy import sequences
+from rlhf_toy import models, sequences
 from rlhf_toy.stages.ppo import core
 
 TOLERANCE = 1e-5  # max abs diff, float32: every tensor, and the weights after one PPO step
@@ -592,7 +592,7 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
                        policy=policy, reference=reference, value_model=value_model, optimizer=optimizer,
                        scheduler=scheduler, kl_ctl=core.FixedKLController(cfg.kl_coef), eval_prompts=[], prompts=[],
                        local_batch=batch_size, micro_batch=batch_size // num_mini_batches // accumulation,
-                       logprobs_from_forward=False)
+                       precision=models.resolve_precision("float32", torch.device("cpu")), logprobs_from_forward=False)
 
     ctx, query_responses, responses = cap["context_length"], cap["query_responses"], cap["responses"]
     attention = (query_responses != PAD_ID).long()   # what TRL's forward attends to

@@ -128,7 +128,7 @@ def normalised_reward_model_for_trl(rm_path, dtype, gain: float, bias: float):
     (Llama's / GPT-2's score head has no bias, so it is replaced by a Linear with one.)"""
     from rlhf_toy.scoring import load_reward_model
 
-    rm = load_reward_model(rm_path, device="cpu", dtype="float32" if dtype == torch.float32 else "auto").to(dtype)
+    rm = load_reward_model(rm_path, device="cpu", dtype="float32").to(dtype)
     old = rm.score
     new = torch.nn.Linear(old.in_features, old.out_features, bias=True, dtype=old.weight.dtype)
     with torch.no_grad():
@@ -194,7 +194,10 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
 
     from rlhf_toy.scoring import read_normalization, reward_model_dir
 
-    dtype = models.pick_dtype(cfg.dtype, torch.device(cfg.device))
+    # TRL's bf16=True is accelerate's autocast around the prepared model's forward (the update; its
+    # rollout's generate and reference/reward forwards run outside it): float32 weights stay when mixed.
+    precision = models.resolve_precision(cfg.dtype, torch.device(cfg.device))
+    dtype = precision.weights
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
     rm_dir = reward_model_dir(cfg.reward_model_path)
@@ -232,7 +235,7 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
         whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
         learning_rate=cfg.learning_rate, lr_scheduler_type="linear", adam_epsilon=cfg.adam_eps,
         weight_decay=cfg.weight_decay, num_sample_generations=0, save_strategy="no", logging_steps=1,
-        use_cpu=cfg.device == "cpu", disable_tqdm=True, bf16=dtype == torch.bfloat16,
+        use_cpu=cfg.device == "cpu", disable_tqdm=True, bf16=precision.compute == torch.bfloat16,
     )
     trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
                          reward_model=reward_model, train_dataset=ds, value_model=value_model,
@@ -304,7 +307,8 @@ def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True
         scorer = RewardScorer(cfg.reward_model_path, device=cfg.device, dtype=cfg.dtype)
         eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
         reference = AdapterDisabled(policy) if cfg.use_lora else trainer.ref_model   # as ours
-        result["after"] = evaluate(cfg, policy, reference, tokenizer, scorer, eval_prompts, "after (TRL)")
+        result["after"] = evaluate(cfg, policy, reference, tokenizer, scorer, eval_prompts, "after (TRL)",
+                                   scorer.precision)
         (run_dir / "summary.json").write_text(json.dumps({"after": result["after"]}, indent=2) + "\n")
     del trainer
     return result

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
-from rlhf_toy.stages.common import setup_run
+from rlhf_toy.stages.common import resolve_precision, setup_run
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
@@ -61,6 +61,7 @@ class PPOState:
     prompts: list                      # the training prompts
     local_batch: int                   # episodes per process per step
     micro_batch: int                   # episodes per forward/backward
+    precision: models.Precision        # float32 weights and AdamW state; bf16 matmuls under autocast when mixed
     logprobs_from_forward: bool        # rollout log-probs from a forward pass rather than generate's logits
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
 
@@ -155,6 +156,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     # accelerate only starts the processes and gathers metrics; gradients are averaged by hand below.
     # cpu=True whenever the run is on the CPU: only then do several launched processes form a (gloo) group.
     accelerator = Accelerator(cpu=models.pick_device(cfg.device).type == "cpu")
+    precision = resolve_precision(cfg)    # `auto` -> what this machine runs (recorded in config.yaml)
     start = rundir.prepare_run_dir(cfg)   # every process reads the same directory and decides alike
     if start.message:
         accelerator.print(start.message)
@@ -162,22 +164,25 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
         return None, start.run_dir, start.step
     run_dir = setup_run(cfg)
     device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
-    dtype = models.pick_dtype(cfg.dtype, device)
     local_batch, micro_batch = split_batch(cfg.batch_size, accelerator.num_processes, cfg.num_mini_batches,
                                            cfg.gradient_accumulation_steps)
 
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
     prompts = data.load_prompts(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
-    scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)
-    policy, reference, value_model = load_models(cfg, tokenizer, device, dtype)
+    scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
+    policy, reference, value_model = load_models(cfg, tokenizer, device, precision.weights)
     optimizer = make_optimizer(cfg, trainable_parameters(policy, value_model), device)
     decay = (lambda s: max(0.0, 1.0 - s / cfg.num_steps)) if cfg.lr_scheduler_type == "linear" else (lambda s: 1.0)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-    logprobs_from_forward = cfg.rollout_logprobs == "forward" or (cfg.rollout_logprobs == "auto" and dtype != torch.float32)
+    # Outside float32, generate's logits (KV cache, one token at a time) drift from a full forward pass by
+    # more than the update can tell from learning: take the rollout's log-probs from the same forward.
+    logprobs_from_forward = cfg.rollout_logprobs == "forward" or (cfg.rollout_logprobs == "auto" and
+                                                                  precision.compute != torch.float32)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
-                     scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, logprobs_from_forward)
+                     scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, precision,
+                     logprobs_from_forward)
     # The first write, once the inputs are valid; every process waits for it (and has read the directory).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -220,7 +225,7 @@ def start_logs(state: PPOState, run_dir: Path, start_step: int):
     summary = json.loads(summary_path.read_text()) if start_step and summary_path.exists() else {}
     if state.eval_prompts and "before" not in summary and accelerator.is_main_process:
         summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                     state.eval_prompts, "before")
+                                     state.eval_prompts, "before", state.precision)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return logger, summary
 
@@ -240,7 +245,7 @@ def sample(state: PPOState, batch_prompts: list) -> Rollout:
     queries, query_mask, _ = sequences.encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length, state.device)
     context_length = queries.shape[1]
     state.policy.eval()
-    with state.timer("generation"):
+    with state.timer("generation"), state.precision.autocast():
         generated = state.policy.generate(
             input_ids=queries, attention_mask=query_mask, max_new_tokens=cfg.response_length,
             do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
@@ -252,16 +257,16 @@ def sample(state: PPOState, batch_prompts: list) -> Rollout:
                                                     tokenizer.eos_token_id, tokenizer.pad_token_id)
     query_responses = torch.cat([queries, responses], 1)
     attention_mask = torch.cat([query_mask, mask.long()], 1)
-    with state.timer("policy_forward"):
+    with state.timer("policy_forward"), state.precision.autocast():
         if state.logprobs_from_forward:   # the same computation the update's first forward repeats
             logprobs = sequences.response_logprobs(state.policy, query_responses, attention_mask, context_length,
                                                    cfg.temperature)
         else:   # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
             logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
-    with state.timer("ref_forward"):
+    with state.timer("ref_forward"), state.precision.autocast():
         ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
                                                    cfg.temperature)
-    with state.timer("value_forward"):
+    with state.timer("value_forward"), state.precision.autocast():
         if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
             values = values_from_generation(state.value_model, generated)
         else:
@@ -313,13 +318,14 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                 idx = order[mc_start:mc_start + state.micro_batch]
                 mask = batch.mask[idx]
                 ids, attention = batch.query_responses[idx], batch.attention_mask[idx]
-                if state.shared_critic:   # one trunk, two heads: one forward and one backward
-                    logits, new_values = sequences.response_logits(state.policy, ids, attention, batch.context_length,
-                                                                   cfg.temperature, value_head=state.value_model)
-                else:
-                    logits = sequences.response_logits(state.policy, ids, attention, batch.context_length,
-                                                       cfg.temperature)
-                    new_values = forward_values(state.value_model, ids, attention, batch.context_length)
+                with state.precision.autocast():   # the forward in bf16 when mixed; log-probs and losses float32
+                    if state.shared_critic:   # one trunk, two heads: one forward and one backward
+                        logits, new_values = sequences.response_logits(state.policy, ids, attention, batch.context_length,
+                                                                       cfg.temperature, value_head=state.value_model)
+                    else:
+                        logits = sequences.response_logits(state.policy, ids, attention, batch.context_length,
+                                                           cfg.temperature)
+                        new_values = forward_values(state.value_model, ids, attention, batch.context_length)
                 new_logprobs = sequences.logprobs_from_scaled(logits, batch.responses[idx])
                 pg_loss, pg_stats = core.policy_loss(new_logprobs, batch.logprobs[idx], targets["advantages"][idx],
                                                      mask, cfg.cliprange, stats_over_padding=cfg.trl_compat)
@@ -445,7 +451,7 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
     if accelerator.is_main_process:
         if state.eval_prompts:
             summary["after"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                        state.eval_prompts, "after")
+                                        state.eval_prompts, "after", state.precision)
         model = state.policy.merge_and_unload() if cfg.use_lora else state.policy
         model.save_pretrained(run_dir / "final", safe_serialization=True)
         state.tokenizer.save_pretrained(run_dir / "final")
@@ -459,10 +465,11 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
 
 
 def evaluate(cfg: PPOStageConfig, policy, reference, tokenizer, scorer: RewardScorer, eval_prompts: list,
-             when: str) -> dict:
+             when: str, precision: models.Precision) -> dict:
     """Gold, RM and sequence KL to the reference on the eval prompts (`sample_and_score`), sampled as
     in training (T, response_length). The run-level TRL cross-check evaluates TRL's policy with it too."""
     summary, _ = sample_and_score(policy, tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.response_length,
                                   temperature=cfg.temperature, batch_size=32, seed=cfg.seed + 1,
-                                  max_prompt_length=cfg.max_prompt_length, ref=reference, progress=f"eval ({when})")
+                                  max_prompt_length=cfg.max_prompt_length, ref=reference, progress=f"eval ({when})",
+                                  precision=precision)
     return summary
