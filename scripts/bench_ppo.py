@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark our PPO against TRL 1.12's PPOTrainer at matched settings, in one run.
 
-    python scripts/bench_ppo.py --config configs/crosscheck.yaml [--total_episodes 24] [--repeats 2] [--lora]
-                                [--shared_critic] [--profile] [--bench_dir reports/bench] [--field value ...]
+    python scripts/bench_ppo.py --config configs/crosscheck.yaml [--total_episodes 24] [--repeats 2]
+                                [--dtypes float32,bfloat16-mixed] [--speedups] [--lora] [--shared_critic]
+                                [--profile] [--bench_dir reports/bench] [--field value ...]
 
 Settings are `rlhf_toy.verify.trl_run.CrosscheckRunConfig` (the PPO config plus the cross-check's output, so both
 trainers are matched exactly as there). Each trainer phase runs in a fresh subprocess (peak RSS only
@@ -15,6 +16,12 @@ weights with the adapter disabled) and reports the memory saved. `--shared_criti
 repeat, a phase of ours with `critic: shared` (value head on the policy's trunk, lm-human-preferences'
 architecture: NOT matched to TRL's separate critic, reported as its own row). `--profile` adds one torch-profiler
 run of our PPO (step 2 of 2) and writes the top operators to `profile_ours.txt`.
+`--dtypes`: every repeat runs both trainers in each precision (TRL's mixed precision is its `bf16=True`
+with float32 weights). `--speedups` adds, in the last precision, phases of ours with one speed-up changed at a
+time: `trim_padding: false` (each gain reported alone) and `compile: true` (torch.compile of the update's
+forward and backward; its first steps pay the compilation, so those phases time the steps after the second).
+Model FLOPs utilisation of our update: 6 x non-embedding parameters (policy + critic) x the token positions the
+update ran on, per second of update, against a large matmul of the same dtype measured on the same cores.
 Writes bench.md and bench.json to --bench_dir and prints the table.
 """
 
@@ -94,11 +101,15 @@ def child(kind: str, cfg_json: str, out_json: str, profile_dir: str | None) -> N
                 rss_per_step.append(peak_rss_mb())
 
         res = X.run_trl(cfg, work, evaluate_after=False, callbacks=[RSS()])
+    warmup = 2 if cfg.compile else 1   # compile: the first steps compile (new shapes); time the rest
+    res["steps"] = res["steps"][warmup - 1:]
     tp = X.throughput(res, cfg.batch_size)
     steps = res["steps"][1:] or res["steps"]
     split = {k: statistics.median(s.get(f"time/{k}_s") or 0.0 for s in steps) for k in SPLIT}
+    update = {"update_tokens": sum(s.get("perf/update_tokens") or 0 for s in steps),
+              "update_s": sum(s.get("time/update_s") or 0.0 for s in steps)}
     Path(out_json).write_text(json.dumps({
-        "kind": kind, "lora": cfg.use_lora, **tp, "split_median_s": split,
+        "kind": kind, "lora": cfg.use_lora, "dtype": cfg.dtype, **tp, "split_median_s": split, **update,
         "peak_rss_mb": max(rss_per_step) if rss_per_step else peak_rss_mb(),
         "step_s": [s["step_s"] for s in res["steps"]],
         "num_threads": torch.get_num_threads(),
@@ -122,7 +133,8 @@ def run_phase(kind: str, cfg, tmp: Path, profile_dir: str | None = None) -> dict
         return None
     res = json.loads(out.read_text())
     res["phase_wall_s"] = time.time() - started
-    print(f"  {kind:4s} lora={cfg.use_lora!s:5s} critic={cfg.critic:8s} {res['episodes_per_s']:.3f} episodes/s, "
+    print(f"  {kind:4s} {cfg.dtype:14s} lora={cfg.use_lora!s:5s} critic={cfg.critic:8s} trim={cfg.trim_padding!s:5s} "
+          f"compile={cfg.compile!s:5s} {res['episodes_per_s']:.3f} episodes/s, "
           f"{res['tokens_per_s']:.1f} tokens/s, peak RSS {res['peak_rss_mb']:.0f} MB "
           f"({res['phase_wall_s']:.0f} s)", flush=True)
     return res
@@ -136,7 +148,42 @@ def summarise(rows: list[dict]) -> dict:
     return {"episodes_per_s": med(rows, "episodes_per_s"), "tokens_per_s": med(rows, "tokens_per_s"),
             "step_s_median": med(rows, "step_s_median"), "peak_rss_mb": med(rows, "peak_rss_mb"),
             "split_median_s": {k: statistics.median(r["split_median_s"][k] for r in rows) for k in SPLIT},
+            "update_tokens_per_s": sum(r.get("update_tokens", 0) for r in rows) / max(sum(r.get("update_s", 0) for r in rows), 1e-9),
             "runs": len(rows)}
+
+
+def nonembedding_parameters(path: str, head: str) -> int:
+    """Parameters a token's forward pass multiplies by, embeddings and LM head excluded (Kaplan et al.'s N)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from rlhf_toy import models
+
+    config = AutoConfig.from_pretrained(models.resolve_model_path(path), num_labels=1)
+    with torch.device("meta"):
+        model = (AutoModelForCausalLM if head == "causal" else AutoModelForSequenceClassification).from_config(config)
+    embeddings = {id(p) for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+    if head == "causal":
+        embeddings |= {id(p) for p in model.get_output_embeddings().parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
+
+
+def matmul_peak_flops(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matmul in the compute dtype of `dtype_name` (median of `repeats`), this process's
+    torch threads: the machine's practical limit for the update's matmuls."""
+    import torch
+
+    from rlhf_toy import models
+
+    dtype = models.resolve_precision(dtype_name, torch.device("cpu")).compute
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    times = []
+    for _ in range(repeats):
+        tick = time.perf_counter()
+        a @ b
+        times.append(time.perf_counter() - tick)
+    return 2 * n ** 3 / statistics.median(times)
 
 
 def format_table(summary: dict) -> str:
@@ -153,6 +200,10 @@ def format_table(summary: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=2, help="phases per trainer (alternating)")
+    ap.add_argument("--dtypes", default=None, help="comma-separated precisions to run both trainers in "
+                    "(default: the config's dtype), e.g. float32,bfloat16-mixed")
+    ap.add_argument("--speedups", action="store_true", help="also ours without trimming, and ours compiled "
+                    "(in the last precision)")
     ap.add_argument("--lora", action="store_true", help="also one LoRA phase per trainer")
     ap.add_argument("--shared_critic", action="store_true",
                     help="also a phase of ours with critic=shared in every repeat (not matched to TRL)")
@@ -178,59 +229,106 @@ def main(argv=None) -> int:
           f"{args.repeats} alternating phases per trainer", flush=True)
     from dataclasses import replace
 
-    phases: dict[str, list] = {"ours": [], "TRL": []}
-    if args.shared_critic:
-        phases["ours shared critic"] = []
+    dtypes = args.dtypes.split(",") if args.dtypes else [cfg.dtype]
+    last = dtypes[-1]
+    phases: dict[str, list] = {}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for _ in range(args.repeats):
-            phases["ours"].append(run_phase("ours", cfg, tmp))
-            phases["TRL"].append(run_phase("trl", cfg, tmp))
-            if args.shared_critic:
-                phases["ours shared critic"].append(run_phase("ours", replace(cfg, critic="shared"), tmp))
+            for dtype in dtypes:
+                dcfg = replace(cfg, dtype=dtype)
+                phases.setdefault(f"ours {dtype}", []).append(run_phase("ours", dcfg, tmp))
+                phases.setdefault(f"TRL {dtype}", []).append(run_phase("trl", dcfg, tmp))
+                if args.shared_critic:
+                    phases.setdefault(f"ours {dtype} shared critic", []).append(
+                        run_phase("ours", replace(dcfg, critic="shared"), tmp))
+            if args.speedups:
+                phases.setdefault(f"ours {last} no trimming", []).append(
+                    run_phase("ours", replace(cfg, dtype=last, trim_padding=False), tmp))
+                phases.setdefault(f"ours {last} compiled", []).append(
+                    run_phase("ours", replace(cfg, dtype=last, compile=True), tmp))
         if args.lora:
-            lcfg = replace(cfg, use_lora=True)
-            phases["ours LoRA"] = [run_phase("ours", lcfg, tmp)]
-            phases["TRL LoRA"] = [run_phase("trl", lcfg, tmp)]
+            lcfg = replace(cfg, dtype=last, use_lora=True)
+            phases[f"ours {last} LoRA"] = [run_phase("ours", lcfg, tmp)]
+            phases[f"TRL {last} LoRA"] = [run_phase("trl", lcfg, tmp)]
         if args.profile:
-            run_phase("ours", replace(cfg, total_episodes=2 * cfg.batch_size), tmp, profile_dir=str(bench_dir))
+            run_phase("ours", replace(cfg, dtype=last, total_episodes=2 * cfg.batch_size), tmp,
+                      profile_dir=str(bench_dir))
+        import torch
+
+        if cfg.num_threads > 0:
+            torch.set_num_threads(cfg.num_threads)
+        peaks = {dtype: matmul_peak_flops(dtype) for dtype in dtypes}   # after the phases: the machine alone
     phases = {k: [r for r in v if r is not None] for k, v in phases.items()}
-    if not phases["ours"] or not phases["TRL"]:  # e.g. --repeats 0 --profile: the profile only
+    summary = {k: summarise(v) for k, v in phases.items() if v}
+    if not any(k.startswith("ours") for k in summary) or not any(k.startswith("TRL") for k in summary):
         print(f"no complete ours/TRL pair of phases; profile (if asked) in {bench_dir / 'profile_ours.txt'}")
         return 0
-    summary = {k: summarise(v) for k, v in phases.items() if v}
-    o, t = summary["ours"], summary["TRL"]
-    ratios = {"episodes_per_s ours/TRL": o["episodes_per_s"] / t["episodes_per_s"],
-              "tokens_per_s ours/TRL": o["tokens_per_s"] / t["tokens_per_s"],
-              "peak_rss ours/TRL": o["peak_rss_mb"] / t["peak_rss_mb"]}
-    if "ours shared critic" in summary:
-        shared = summary["ours shared critic"]
-        ratios["episodes_per_s ours shared critic/TRL (not matched)"] = shared["episodes_per_s"] / t["episodes_per_s"]
-        ratios["peak_rss ours shared critic/TRL (not matched)"] = shared["peak_rss_mb"] / t["peak_rss_mb"]
-    if "ours LoRA" in summary:
-        ratios["peak_rss saved by LoRA, ours (MB)"] = o["peak_rss_mb"] - summary["ours LoRA"]["peak_rss_mb"]
-        ratios["peak_rss saved by LoRA, TRL (MB)"] = t["peak_rss_mb"] - summary["TRL LoRA"]["peak_rss_mb"]
-        ratios["episodes_per_s ours LoRA/TRL LoRA"] = (summary["ours LoRA"]["episodes_per_s"]
-                                                       / summary["TRL LoRA"]["episodes_per_s"])
+    eps = {k: v["episodes_per_s"] for k, v in summary.items()}
+    ratios = {}
+    for dtype in dtypes:
+        if f"ours {dtype}" in eps and f"TRL {dtype}" in eps:
+            ratios[f"episodes/s ours/TRL, {dtype}"] = eps[f"ours {dtype}"] / eps[f"TRL {dtype}"]
+            ratios[f"peak RSS ours/TRL, {dtype}"] = (summary[f"ours {dtype}"]["peak_rss_mb"]
+                                                     / summary[f"TRL {dtype}"]["peak_rss_mb"])
+    if len(dtypes) > 1:
+        for who in ("ours", "TRL"):
+            if f"{who} {dtypes[0]}" in eps and f"{who} {last}" in eps:
+                ratios[f"episodes/s {who}, {last}/{dtypes[0]}"] = eps[f"{who} {last}"] / eps[f"{who} {dtypes[0]}"]
+    for name, label in ((f"ours {last} no trimming", "trimming padding"), (f"ours {last} compiled", "torch.compile")):
+        if name in eps and f"ours {last}" in eps:
+            with_it, without = ((eps[f"ours {last}"], eps[name]) if label == "trimming padding"
+                                else (eps[name], eps[f"ours {last}"]))
+            ratios[f"episodes/s gained by {label} alone, {last}"] = with_it / without
+            update_with, update_without = (summary[f"ours {last}"], summary[name]) if label == "trimming padding" \
+                else (summary[name], summary[f"ours {last}"])
+            ratios[f"update s/step with/without {label}, {last}"] = (update_with["split_median_s"]["update"]
+                                                                     / update_without["split_median_s"]["update"])
+    if f"ours {last} shared critic" in eps:
+        ratios[f"episodes/s ours shared critic/TRL (not matched), {last}"] = (eps[f"ours {last} shared critic"]
+                                                                            / eps[f"TRL {last}"])
+    if f"ours {last} LoRA" in summary and f"TRL {last} LoRA" in summary:
+        ratios[f"peak RSS saved by LoRA, ours (MB), {last}"] = (summary[f"ours {last}"]["peak_rss_mb"]
+                                                               - summary[f"ours {last} LoRA"]["peak_rss_mb"])
+        ratios[f"peak RSS saved by LoRA, TRL (MB), {last}"] = (summary[f"TRL {last}"]["peak_rss_mb"]
+                                                              - summary[f"TRL {last} LoRA"]["peak_rss_mb"])
+    n_params = (nonembedding_parameters(cfg.model_name_or_path, "causal")
+                + (0 if cfg.critic == "shared" else nonembedding_parameters(cfg.reward_model_path, "value")))
+    mfu = {}
+    for name, s_ in summary.items():
+        dtype = next(d for d in dtypes if f" {d}" in f" {name} ")
+        if name.startswith("ours") and "shared" not in name and "LoRA" not in name and s_["update_tokens_per_s"]:
+            achieved = 6 * n_params * s_["update_tokens_per_s"]
+            mfu[name] = {"update_gflops": achieved / 1e9, "peak_gflops": peaks[dtype] / 1e9,
+                         "mfu": achieved / peaks[dtype]}
     table = format_table(summary)
-    import torch
+    from rlhf_toy import models, runlog
 
+    environment = runlog.environment(models.resolve_precision(last, models.pick_device(cfg.device)))
+    mfu_lines = [f"- {name}: update at **{m['update_gflops']:.1f} GFLOP/s** of model FLOPs vs a {m['peak_gflops']:.0f} "
+                 f"GFLOP/s matmul peak in its compute dtype: **MFU {100 * m['mfu']:.0f}%**" for name, m in mfu.items()]
     md = "\n".join([
         "# PPO benchmark: ours vs TRL `PPOTrainer`, matched settings", "",
         f"Command: `python scripts/bench_ppo.py {' '.join(sys.argv[1:] if argv is None else argv)}`", "",
-        f"Policy/ref `{cfg.model_name_or_path}`, RM/value init `{cfg.reward_model_path}`, {cfg.dtype} on {cfg.device}, "
-        f"torch threads {phases['ours'][0]['num_threads']}, torch {torch.__version__}. {cfg.num_steps} PPO steps of "
+        f"Policy/ref `{cfg.model_name_or_path}`, RM/value init `{cfg.reward_model_path}`, on {cfg.device}, "
+        f"torch threads {next(iter(phases.values()))[0]['num_threads']}. {cfg.num_steps} PPO steps of "
         f"{cfg.batch_size} episodes per phase ({cfg.num_ppo_epochs} epochs x {cfg.num_mini_batches} minibatches, "
         f"up to {cfg.response_length} new tokens, T={cfg.temperature}); the first step of each phase is warm-up and "
-        "not timed. Each phase is a fresh process; phases alternate ours/TRL. Medians over phases. Time split: median "
-        "seconds per step; 'update+rest' is the step time minus the four rollout parts (PPO epochs, GAE, logging). "
-        "Peak RSS: VmHWM at the end of the last step (model loading included, checkpoint writing not).", "",
+        "not timed (the first two with compile). Each phase is a fresh process; phases alternate. Medians over "
+        "phases. Time split: median seconds per step; 'update+rest' is the step time minus the four rollout parts "
+        "(PPO epochs, GAE, logging). Peak RSS: VmHWM at the end of the last step (model loading included, checkpoint "
+        "writing not).", "",
         table, "",
         *[f"- {k}: **{v:.2f}**" + ("" if "MB" in k else "x") for k, v in ratios.items()], "",
+        "Model FLOPs utilisation of our update (6 x N x positions; N = non-embedding parameters of policy + critic = "
+        f"{n_params / 1e6:.1f} M; the LM head and attention scores are not counted, so this is a lower bound):", "",
+        *mfu_lines, "",
+        runlog.environment_line(environment), "",
     ])
     (bench_dir / "bench.md").write_text(md)
     (bench_dir / "bench.json").write_text(json.dumps({"config": asdict(cfg), "summary": summary, "ratios": ratios,
-                                                      "phases": phases}, indent=2) + "\n")
+                                                      "mfu": mfu, "environment": environment, "phases": phases},
+                                                     indent=2) + "\n")
     print(md)
     return 0
 

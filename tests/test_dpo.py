@@ -126,3 +126,21 @@ def test_pairs_without_a_preference_are_dropped_and_counted(tmp_path):
     with pytest.raises(DataError, match=rf"same\.jsonl: no usable pairs \(all {len(rows)} have chosen == rejected\)"):
         run_dpo(parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, dataset=all_same))]))
     assert not out.exists()
+
+
+def test_dpo_with_frozen_bottom_layers_trains_only_the_blocks_above(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from rlhf_toy import models
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.stages.dpo import DPOStageConfig, run_dpo
+
+    out = tmp_path / "run"
+    run_dpo(parse_config(DPOStageConfig, list(map(str, tiny_args(tmp_path, out, max_steps=2, num_eval_prompts=0,
+                                                                  freeze_bottom_layers=1)))))
+    before = load_file(f"{models.resolve_model_path('tiny-random-gpt2')}/model.safetensors")
+    after = load_file(out / "final/model.safetensors")
+    for frozen in ("transformer.h.0.attn.c_attn.weight", "transformer.wpe.weight"):
+        assert torch.equal(before[frozen], after[frozen])
+    assert not torch.equal(before["transformer.h.1.attn.c_attn.weight"], after["transformer.h.1.attn.c_attn.weight"])

@@ -257,6 +257,30 @@ def test_mixed_precision_ppo_keeps_float32_master_weights_and_computes_in_bf16(p
     assert stats["approxkl_first_minibatch"][0] < 1e-3
 
 
+def test_frozen_bottom_layers_stay_fixed_while_the_blocks_above_and_the_critic_learn(pipeline, tmp_path):
+    cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, tmp_path / "frozen", freeze_bottom_layers=1,
+                                                  num_eval_prompts=0))
+    state, _, _ = trainer.build(cfg)
+    blocks = state.policy.transformer.h
+    before = {name: p.detach().clone() for name, p in [("h0", blocks[0].attn.c_attn.weight),
+                                                       ("h1", blocks[1].attn.c_attn.weight),
+                                                       ("embeddings", state.policy.transformer.wte.weight),
+                                                       ("critic", next(state.value_model.parameters()))]}
+    assert not any(p is blocks[0].attn.c_attn.weight for p in state.parameters)   # not in the optimizer
+    torch.manual_seed(0)
+    batch = trainer.sample(state, data.load_prompts(str(pipeline / "prompts.jsonl"))[:8])
+    parts = trainer.score(state, batch)
+    targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                       batch.mask, cfg.kl_coef, cfg.gamma, cfg.lam)
+    trainer.ppo_update(state, batch, targets, 1)
+    assert torch.equal(before["h0"], blocks[0].attn.c_attn.weight)
+    assert torch.equal(before["embeddings"], state.policy.transformer.wte.weight)
+    assert not torch.equal(before["h1"], blocks[1].attn.c_attn.weight)
+    assert not torch.equal(before["critic"], next(state.value_model.parameters()))
+    with pytest.raises(ConfigError, match="use_lora and freeze_bottom_layers are alternatives"):
+        parse_config(PPOStageConfig, tiny_flags(pipeline, tmp_path / "both", freeze_bottom_layers=1, use_lora="true"))
+
+
 def test_logits_are_cast_to_float32_before_the_temperature_divides_them():
     z = (torch.randn(4, 6, 500, generator=torch.Generator().manual_seed(0)) * 20).bfloat16()
     scaled = sequences.scale_logits(z, 0.7)

@@ -136,3 +136,25 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
         tokenizer.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def freeze_bottom(model, n_layers: int) -> None:
+    """Freeze the input embeddings and the `n_layers` lowest transformer blocks: backward then stops
+    early (it is most of a step's time on a CPU) and AdamW updates fewer weights; the upper blocks and the
+    head still learn (with tied embeddings, as SmolLM2's, the LM head is frozen too). The reward model
+    and DPO use it to fit the CPU budget."""
+    if n_layers <= 0:
+        return
+    n_blocks = model.config.num_hidden_layers
+    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None)
+    if blocks is None or n_layers > n_blocks:
+        from rlhf_toy.config import ConfigError
+
+        raise ConfigError(f"freeze_bottom_layers={n_layers}: the model has {n_blocks} blocks")
+    model.get_input_embeddings().requires_grad_(False)
+    for name in ("wpe", "embed_positions"):  # learned position embeddings (GPT-2) sit below block 0 too
+        module = getattr(model.base_model, name, None)
+        if module is not None:
+            module.requires_grad_(False)
+    for block in blocks[:n_layers]:
+        block.requires_grad_(False)

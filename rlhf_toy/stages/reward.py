@@ -30,8 +30,8 @@ from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
-from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, resolve_precision, save_final,
-                                    train, trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (begin_run, freeze_bottom, is_main_process, lora_config, open_run,
+                                    resolve_precision, save_final, train, trainer_fields, trainer_precision)
 
 
 @dataclass
@@ -48,7 +48,6 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
     center_rewards_coefficient: float | None = None   # TRL's name; 0.01 is the paper's value
     num_hidden_layers: int = 0          # keep only the N lowest blocks of the init model (0 = all): a
                                         # shallower RM is faster to train and to score, for every consumer
-    freeze_bottom_layers: int = 0       # freeze embeddings + the N lowest blocks (backward stops early)
     eval_steps: int = 0                 # TRL's eval loss/accuracy every N steps (0 = only at the end)
     # normalisation and evaluation
     policy_model: str = ""              # the model whose samples calibrate the RM ("" = model_name_or_path)
@@ -69,10 +68,8 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
         at_least(self, 0, "num_eval_prompts", "eval_steps", "max_train_pairs", "max_eval_pairs")
         if self.num_norm_samples < 2:
             raise ConfigError(f"num_norm_samples must be at least 2 (a standard deviation), got {self.num_norm_samples}")
-        if self.use_lora and self.freeze_bottom_layers:
-            raise ConfigError("use_lora and freeze_bottom_layers are alternatives; set one of them")
-        if self.num_hidden_layers < 0 or self.freeze_bottom_layers < 0:
-            raise ConfigError("num_hidden_layers and freeze_bottom_layers must be >= 0")
+        if self.num_hidden_layers < 0:
+            raise ConfigError(f"num_hidden_layers must be >= 0, got {self.num_hidden_layers}")
         if self.num_hidden_layers and self.freeze_bottom_layers >= self.num_hidden_layers:
             raise ConfigError(f"freeze_bottom_layers={self.freeze_bottom_layers} leaves nothing to train in "
                               f"num_hidden_layers={self.num_hidden_layers}")
@@ -162,24 +159,6 @@ def tokenize_pairs(pairs: list[dict], tokenizer, max_length: int, margin: float 
             row["margin"] = margin if margin is not None else pair.get("margin", 0.0)
         rows.append(row)
     return rows, {"prompts_truncated": truncated, "pairs_response_too_long_dropped": too_long}
-
-
-def freeze_bottom(model, n_layers: int) -> None:
-    """Freeze the input embeddings and the `n_layers` lowest transformer blocks: backward then stops
-    early, which is most of the saving on a CPU; the upper blocks and the score head still learn."""
-    if n_layers <= 0:
-        return
-    n_blocks = model.config.num_hidden_layers
-    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None)
-    if blocks is None or n_layers > n_blocks:
-        raise ConfigError(f"freeze_bottom_layers={n_layers}: the model has {n_blocks} blocks")
-    model.get_input_embeddings().requires_grad_(False)
-    for name in ("wpe", "embed_positions"):  # learned position embeddings (GPT-2) sit below block 0 too
-        module = getattr(model.base_model, name, None)
-        if module is not None:
-            module.requires_grad_(False)
-    for block in blocks[:n_layers]:
-        block.requires_grad_(False)
 
 
 # --------------------------------------------------------------------------------------------------

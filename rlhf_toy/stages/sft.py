@@ -15,8 +15,8 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (begin_run, is_main_process, lora_config, open_run, resolve_precision, save_final,
-                                    train, trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (begin_run, freeze_bottom, is_main_process, lora_config, open_run,
+                                    resolve_precision, save_final, train, trainer_fields, trainer_precision)
 
 
 @dataclass
@@ -81,6 +81,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         print(f"note: {too_long + eval_too_long} examples dropped ({eval_too_long} of them held out): their prompt "
               f"alone fills max_length={cfg.max_length} tokens, so no completion token would be trained on")
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    freeze_bottom(model, cfg.freeze_bottom_layers)
     begin_run(start, cfg)   # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
     resume_from = start.checkpoint

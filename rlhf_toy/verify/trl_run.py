@@ -108,7 +108,8 @@ def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | No
     steps = [{"step": r["step"], "step_s": r["time/rollout_s"] + r["time/update_s"],
               "tokens": r["response/length_mean"] * cfg.batch_size,
               **{k: r.get(k) for k in ("time/generation_s", "time/ref_forward_s", "time/value_forward_s",
-                                       "time/scoring_s", "time/rollout_s", "time/update_s")}} for r in history]
+                                       "time/scoring_s", "time/rollout_s", "time/update_s", "perf/update_tokens")}}
+             for r in history]
     batches = [[s["prompt"] for s in runlog.read_jsonl(run_dir / "samples.jsonl") if s["step"] == r["step"]]
                for r in history]
     return {"history": history, "steps": steps, "summary": summary, "wall_s": wall, "batches": batches}

@@ -56,6 +56,14 @@ class PPOStageConfig(LoraFields, CommonConfig):
     adam_eps: float = 1e-5                          # CleanRL's ppo.py; PyTorch's 1e-8 is too small for RL
     weight_decay: float = 0.0                       # AdamW's, on weight matrices only (never biases or norms); TRL's 0
     max_grad_norm: float = 1.0
+    # speed, not math
+    # Each micro-batch without the columns that are padding in all its rows (shared left padding of the
+    # prompts, everything past the longest response): the same losses on fewer tokens (off with trl_compat,
+    # whose statistics average over padding).
+    trim_padding: bool = True
+    # torch.compile the update's forward (policy and critic, log-probs, entropy) and its backward: fuses the
+    # element-wise work on the [batch, tokens, vocab] logits. Costs compile time in the first steps.
+    compile: bool = False
     # TRL's choices where ours differ (score one past the last token, value loss over one more position,
     # statistics over padding; docs/trl_differences.md): only for the equivalence checks against TRL.
     trl_compat: bool = False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from rlhf_toy import models, sequences
-from rlhf_toy.stages.common import lora_config
+from rlhf_toy.stages.common import freeze_bottom, lora_config
 
 
 def forward_values(value_model, input_ids, attention_mask, context_length: int):
@@ -33,6 +33,7 @@ def load_models(cfg, tokenizer, device, dtype):
 
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
     policy = models.causal_lm_from(policy_path, dtype, tokenizer)
+    freeze_bottom(policy, cfg.freeze_bottom_layers)   # the reference stays a full frozen copy
     if cfg.critic == "shared":
         # Zero-initialised: V = 0 everywhere at first, so the first advantages are the plain returns
         # rather than a random head's noise; the value loss teaches it from the first update.

@@ -64,6 +64,12 @@ class PPOState:
     precision: models.Precision        # float32 weights and AdamW state; bf16 matmuls under autocast when mixed
     logprobs_from_forward: bool        # rollout log-probs from a forward pass rather than generate's logits
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
+    update_forward: Callable = None    # `update_forward`, or its torch.compile'd version (`compile: true`)
+
+    def __post_init__(self):
+        if self.update_forward is None:
+            self.update_forward = (torch.compile(update_forward, dynamic=True) if self.cfg.compile
+                                   else update_forward)
 
     @property
     def parameters(self) -> list:
@@ -307,7 +313,8 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
     cfg = state.cfg
     state.policy.train()
     state.value_model.train()
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "pg_clipfrac", "vf_clipfrac", "ratio", "entropy")}
+    stats = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "pg_clipfrac", "vf_clipfrac", "ratio", "entropy",
+                             "tokens")}
     local_minibatch = state.micro_batch * cfg.gradient_accumulation_steps
     value_mask = targets["value_mask"]   # the response mask; TRL's one-longer mask with trl_compat
     for epoch in range(cfg.num_ppo_epochs):
@@ -316,21 +323,19 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             state.optimizer.zero_grad(set_to_none=True)
             for mc_start in range(mb_start, mb_start + local_minibatch, state.micro_batch):
                 idx = order[mc_start:mc_start + state.micro_batch]
-                mask = batch.mask[idx]
-                ids, attention = batch.query_responses[idx], batch.attention_mask[idx]
+                ids, attention, context_length, width = micro_batch_columns(batch, idx, value_mask[idx],
+                                                                            cfg.trim_padding and not cfg.trl_compat)
+                mask = batch.mask[idx, :width]
                 with state.precision.autocast():   # the forward in bf16 when mixed; log-probs and losses float32
-                    if state.shared_critic:   # one trunk, two heads: one forward and one backward
-                        logits, new_values = sequences.response_logits(state.policy, ids, attention, batch.context_length,
-                                                                       cfg.temperature, value_head=state.value_model)
-                    else:
-                        logits = sequences.response_logits(state.policy, ids, attention, batch.context_length,
-                                                           cfg.temperature)
-                        new_values = forward_values(state.value_model, ids, attention, batch.context_length)
-                new_logprobs = sequences.logprobs_from_scaled(logits, batch.responses[idx])
-                pg_loss, pg_stats = core.policy_loss(new_logprobs, batch.logprobs[idx], targets["advantages"][idx],
-                                                     mask, cfg.cliprange, stats_over_padding=cfg.trl_compat)
-                vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx], targets["returns"][idx],
-                                                       value_mask[idx], cfg.cliprange_value)
+                    new_logprobs, entropy, new_values = state.update_forward(
+                        state.policy, state.value_model, ids, attention, context_length, cfg.temperature,
+                        state.shared_critic)
+                pg_loss, pg_stats = core.policy_loss(new_logprobs, batch.logprobs[idx, :width],
+                                                     targets["advantages"][idx, :width], mask, cfg.cliprange,
+                                                     stats_over_padding=cfg.trl_compat)
+                vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx, :width],
+                                                       targets["returns"][idx, :width], value_mask[idx, :width],
+                                                       cfg.cliprange_value)
                 loss = pg_loss + cfg.vf_coef * vf_loss
                 # Stop before a non-finite loss reaches the weights (they stay the last good ones).
                 check_finite(step, **{"loss/policy": pg_loss, "loss/value": vf_loss})
@@ -338,15 +343,42 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                 with torch.no_grad():
                     for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approxkl", pg_stats["approxkl"]),
                                         ("pg_clipfrac", pg_stats["clipfrac"]), ("ratio", pg_stats["ratio_mean"]),
-                                        ("vf_clipfrac", vf_clipfrac),
-                                        ("entropy", core.masked_mean(sequences.entropy_from_logits(logits), mask))):
+                                        ("vf_clipfrac", vf_clipfrac), ("entropy", core.masked_mean(entropy, mask))):
                         stats[name].append(value.item())
+                stats["tokens"].append(ids.numel())   # positions through the policy (prompt included)
             average_gradients(state.parameters, state.accelerator)   # data parallel: each process saw its own rollouts
             grad_norm = torch.nn.utils.clip_grad_norm_(state.parameters, cfg.max_grad_norm)
             check_finite(step, **{"gradient norm": grad_norm})
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
     return stats
+
+
+def micro_batch_columns(batch: Rollout, idx: torch.Tensor, value_mask: torch.Tensor, trim: bool):
+    """The micro-batch's rows of the rollout: (ids, attention mask, context length, response width). Trimmed,
+    without the columns that are padding in every one of its rows: the prompts' shared left padding (positions
+    count real tokens only, so none moves) and every column past the longest response (past the last position
+    the value loss reads). No loss changes; the forward and backward see fewer tokens."""
+    ids, attention = batch.query_responses[idx], batch.attention_mask[idx]
+    if not trim:
+        return ids, attention, batch.context_length, batch.responses.shape[1]
+    left = int(attention[:, :batch.context_length].argmax(1).min())   # the first real prompt token of any row
+    width = max(1, int(value_mask.sum(1).max()))
+    end = batch.context_length + width
+    return ids[:, left:end], attention[:, left:end], batch.context_length - left, width
+
+
+def update_forward(policy, value_model, ids, attention, context_length: int, temperature: float, shared_critic: bool):
+    """The update's forward pass: the response tokens' log-probs and entropies at temperature T (float32) and
+    the values. One function, so `compile: true` can hand all of it (and its backward) to torch.compile."""
+    if shared_critic:   # one trunk, two heads: one forward and one backward
+        logits, values = sequences.response_logits(policy, ids, attention, context_length, temperature,
+                                                   value_head=value_model)
+    else:
+        logits = sequences.response_logits(policy, ids, attention, context_length, temperature)
+        values = forward_values(value_model, ids, attention, context_length)
+    logprobs = sequences.logprobs_from_scaled(logits, ids[:, context_length:])
+    return logprobs, sequences.entropy_from_logits(logits), values
 
 
 def average_gradients(parameters, accelerator) -> None:
@@ -420,6 +452,8 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         **{f"time/{name}_s": seconds for name, seconds in state.timers.items()},
         "perf/episodes_per_s": cfg.batch_size / step_s,
         "perf/tokens_per_s": gathered["length"].sum().item() / step_s,
+        # token positions the update's forward and backward passes ran on (prompts included, all processes)
+        "perf/update_tokens": update_stats["tokens"].sum().item() * len(stats["tokens"]),
     }
     state.kl_ctl.update(mean_kl, cfg.batch_size)
     if accelerator.is_main_process:
