@@ -39,7 +39,8 @@ RUNS ?= runs
 REPORT ?= reports/demo
 BASE ?= embedded:smollm2-135m-instruct
 COMPARE_PROMPTS ?= 64
-COMPARE_BATCH ?= 32           # sampling batch: on a CPU, decoding 32 rows costs little more than 16
+COMPARE_CHECKPOINTS ?= 0      # kept checkpoints per run as extra points (each costs ~25 s here)
+COMPARE_BATCH ?= 64           # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
 # $(STAGE) NAME COMMAND...: run COMMAND, then log "NAME <seconds> s" (only when it succeeded)
 STAGE = @mkdir -p $(RUNS) && bash -c 'echo "== $$1: $${*:2}"; start=$$SECONDS; "$${@:2}" && \
@@ -76,7 +77,7 @@ $(RUNS)/dpo/final/config.json: $(CONFIGS)/dpo.yaml $(RUNS)/sft/final/config.json
 $(REPORT)/report.html: $(RUNS)/sft/final/config.json $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 	$(STAGE) compare $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
 		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts data/prompts_eval.jsonl \
-		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --output_dir $(REPORT)
+		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints $(COMPARE_CHECKPOINTS) --output_dir $(REPORT)
 
 clean-runs:
 	rm -rf runs reports

@@ -32,9 +32,11 @@ from rlhf_toy.config import ConfigError, save_config
 
 # Fields that shape only what a run writes or where it runs, never the weights it trains: they may change
 # between the sessions of one run. (`eval_steps`: how often the trainer's eval loss is logged, not
-# what it trains on; `sample_every`: how often PPO writes samples.jsonl.)
+# what it trains on; `sample_every`: how often PPO writes samples.jsonl; `trim_padding` and `compile`:
+# how fast PPO's update runs, not what it computes.)
 OUTPUT_ONLY = ("output_dir", "overwrite_output_dir", "resume", "device", "num_threads", "logging_steps",
-               "save_steps", "save_total_limit", "report_to", "eval_steps", "sample_every")
+               "save_steps", "save_total_limit", "report_to", "eval_steps", "sample_every", "trim_padding",
+               "compile")
 # How long a run trains: raising one extends a run from its last checkpoint.
 LENGTH = ("max_steps", "num_train_epochs", "total_episodes")
 FINISHED_FILE = "finished.json"   # written last by every stage: the run is complete

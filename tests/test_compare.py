@@ -97,6 +97,12 @@ def test_compare_writes_every_file_and_metric_and_self_comparison_is_exact(tmp_p
 
     md = (out / "compare.md").read_text()
     assert "| ppo |" in md and "| ppo@2 |" in md and "temperature" in md and "bootstrap" in md
+    # What the numbers depend on besides the code: the resolved precision, the hardware, versions, commit.
+    environment = report["environment"]
+    assert environment["dtype"] == models.resolve_precision("auto", torch.device("cpu")).name
+    assert environment["cpu_native_bf16"] == models.cpu_has_native_bf16()
+    assert {"torch", "transformers", "trl", "commit"} <= set(environment)
+    assert f"Environment: dtype {environment['dtype']}" in md
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 2 and "<th>twin</th>" in page
     assert json.loads(setup["prompts"].read_text().splitlines()[0])["prompt"][0]["content"].split('"')[0] in page
