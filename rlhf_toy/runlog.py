@@ -175,7 +175,8 @@ def environment(precision) -> dict:
             return ""
 
     commit = git("rev-parse", "--short=12", "HEAD")
-    if commit and git("status", "--porcelain", "--untracked-files=no"):
+    # Changed tracked files, reports excluded: a report rewrites its own committed files before it is done.
+    if commit and git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"):
         commit += " (with uncommitted changes)"
     cpu = next((line.split(":", 1)[1].strip() for line in _read_text("/proc/cpuinfo").splitlines()
                 if line.startswith("model name")), platform.processor())

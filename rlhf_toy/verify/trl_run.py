@@ -199,6 +199,11 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
     # rollout's generate and reference/reward forwards run outside it): float32 weights stay when mixed.
     precision = models.resolve_precision(cfg.dtype, torch.device(cfg.device))
     dtype = precision.weights
+    if precision.mixed:
+        # TRL's PPOTrainer builds its Accelerator without `mixed_precision`, so `bf16=True` alone changes
+        # nothing; accelerate reads this variable instead (what `accelerate launch --mixed_precision bf16` sets).
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
     rm_dir = reward_model_dir(cfg.reward_model_path)
