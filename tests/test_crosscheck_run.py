@@ -46,6 +46,7 @@ def test_tiny_run_level_crosscheck(tiny_rm, tmp_path, run_script):
     assert "Run-level cross-check" in result.stdout
     md = (out / "crosscheck.md").read_text()
     assert "TRL after" in md and "ours after" in md and "episodes/s" in md
+    assert "Environment: dtype float32 on cpu" in md   # the tiny config pins float32, whatever the CPU
     assert (out / "crosscheck.png").stat().st_size > 10_000
     report = json.loads((out / "crosscheck.json").read_text())
     assert report["same_prompt_batches"] is True

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from rlhf_toy import data, models, sequences
+from rlhf_toy import data, models, runlog, sequences
 from rlhf_toy.stages.ppo.config import PPOStageConfig
 
 # The curves overlaid in the PNG: (metric, title). TRL logs these names itself; ours uses the same.
@@ -92,7 +92,6 @@ def ours_config(cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int
 
 def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | None = None,
              on_step_end=None) -> dict[str, Any]:
-    from rlhf_toy import runlog
     from rlhf_toy.stages.ppo.trainer import train_ppo
 
     import shutil
@@ -376,6 +375,7 @@ def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
         "config": {**asdict(cfg), "num_steps": cfg.num_steps},
         "trl_version": _version("trl"), "transformers_version": _version("transformers"),
         "torch_version": torch.__version__,
+        "environment": runlog.environment(models.resolve_precision(cfg.dtype, torch.device(cfg.device))),
         "same_prompt_batches": all(same_batches) and len(same_batches) == cfg.num_steps,
         "ours": {"history": ours["history"], "eval_before": ours["summary"].get("before"),
                  "eval_after": ours["summary"].get("after"), "throughput": throughput(ours, cfg.batch_size),
@@ -499,6 +499,8 @@ def format_markdown(r: dict, model_name: str) -> str:
     ratio = ot["episodes_per_s"] / tt["episodes_per_s"] if tt["episodes_per_s"] else float("nan")
     lines += ["", f"ours / TRL episodes/s: **{ratio:.2f}×** (time split: median seconds per step). For a careful "
               "benchmark (alternating fresh processes, peak memory) see `scripts/bench_ppo.py` / `reports/bench/`.", ""]
+    if "environment" in r:
+        lines += [runlog.environment_line(r["environment"]), ""]
     return "\n".join(lines)
 
 
