@@ -168,24 +168,6 @@ def nonembedding_parameters(path: str, head: str) -> int:
     return sum(p.numel() for p in model.parameters() if id(p) not in embeddings)
 
 
-def matmul_peak_flops(dtype_name: str, n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of an n x n x n matmul in the compute dtype of `dtype_name` (median of `repeats`), this process's
-    torch threads: the machine's practical limit for the update's matmuls."""
-    import torch
-
-    from rlhf_toy import models
-
-    dtype = models.resolve_precision(dtype_name, torch.device("cpu")).compute
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        tick = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - tick)
-    return 2 * n ** 3 / statistics.median(times)
-
-
 def format_table(summary: dict) -> str:
     head = ("| phase | episodes/s | tokens/s | s/step | generation | scoring | ref fwd | value fwd | update+rest "
             "| peak RSS MB | runs |")
@@ -259,7 +241,12 @@ def main(argv=None) -> int:
 
         if cfg.num_threads > 0:
             torch.set_num_threads(cfg.num_threads)
-        peaks = {dtype: matmul_peak_flops(dtype) for dtype in dtypes}   # after the phases: the machine alone
+        from check_device import matmul_flops   # the sibling script's: one matmul-peak measurement
+
+        from rlhf_toy import models
+
+        cpu = torch.device("cpu")   # after the phases: the machine alone
+        peaks = {dtype: matmul_flops(cpu, models.resolve_precision(dtype, cpu).compute) for dtype in dtypes}
     phases = {k: [r for r in v if r is not None] for k, v in phases.items()}
     summary = {k: summarise(v) for k, v in phases.items() if v}
     if not any(k.startswith("ours") for k in summary) or not any(k.startswith("TRL") for k in summary):

@@ -114,6 +114,8 @@ def update_speed(device: torch.device, dtype_name: str, steps: int, batch: int =
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in `dtype` on `device` (median of 5 after a warm-up, this process's torch
+    threads): the practical limit the update's model FLOP/s are measured against (here and in bench_ppo)."""
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)

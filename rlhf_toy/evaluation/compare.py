@@ -211,14 +211,14 @@ def _read_done(path: Path, batch_sizes: list[int]) -> list[dict]:
     return rows[:total]
 
 
-def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, ref_key: str) -> list[dict]:
+def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, ref_key: str,
+                 precision: models.Precision) -> list[dict]:
     """Sample and score one model on every prompt (each `samples_per_prompt` times), resuming."""
     samples_dir = out_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = samples_dir / f"{entry.key}.jsonl", samples_dir / f"{entry.key}.meta.json"
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size",
                                               "samples_per_prompt", "max_prompt_length", "dtype")}
-    precision = models.resolve_precision(args.dtype, models.pick_device(args.device))
     meta = {"label": entry.label, "model": entry.model, "run": entry.run, "step": entry.step,
             "fingerprint": _fingerprint([_model_stamp(entry.model), settings, prompts, ref_key,
                                          judge.penalties, getattr(judge, "path", None)])}
@@ -374,7 +374,8 @@ def run_compare(args) -> Path:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     # `auto` -> what this machine runs; part of each model's sample stamp, and recorded in the report.
-    args.dtype = models.resolve_precision(args.dtype, models.pick_device(args.device)).name
+    precision = models.resolve_precision(args.dtype, models.pick_device(args.device))
+    args.dtype = precision.name
     torch.manual_seed(args.seed)
     ref_model, ref_tokenizer = load_model_and_tokenizer(ref_entry.model, ref_entry.tokenizer_from, args.device, args.dtype)
     judge = Judge(args.reward_model, args.device, args.dtype, **penalties)
@@ -385,7 +386,7 @@ def run_compare(args) -> Path:
 
     rows_by_label = {}
     for entry in [ref_entry] + [e for e in entries if e is not ref_entry]:
-        rows_by_label[entry.label] = sample_entry(entry, prompts, ref, judge, args, out_dir, ref_key)
+        rows_by_label[entry.label] = sample_entry(entry, prompts, ref, judge, args, out_dir, ref_key, precision)
     ref_rows = rows_by_label[ref_entry.label]
 
     notes = [judge.note] if judge.note else []
@@ -394,7 +395,7 @@ def run_compare(args) -> Path:
               "settings": {"prompts": args.prompts, "n_prompts": len(prompts),
                            **{k: getattr(args, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature",
                                                             "seed", "batch_size", "n_bootstrap", "checkpoints")}},
-              "environment": runlog.environment(models.resolve_precision(args.dtype, models.pick_device(args.device))),
+              "environment": runlog.environment(precision),
               "runs": {}}
     for entry in entries:
         metrics = summarize(rows_by_label[entry.label], ref_rows, args.n_bootstrap, args.seed)

@@ -45,7 +45,6 @@ def open_run(cfg):
     printed), then seeds and threads. Returns the `RunStart`; a finished run has nothing left to do."""
     from rlhf_toy import rundir
 
-    resolve_precision(cfg)
     start = rundir.prepare_run_dir(cfg)
     if start.message:
         print(start.message)
@@ -108,7 +107,8 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):
 
 def resolve_precision(cfg) -> models.Precision:
     """The run's precision; `cfg.dtype` becomes its name in place (`auto` -> `bfloat16-mixed` or `float32`),
-    so the run's config.yaml records what ran and a resume on a machine that resolves differently is refused."""
+    so the run's config.yaml records what ran and a resume on a machine that resolves differently is refused.
+    Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config."""
     precision = models.resolve_precision(cfg.dtype, models.pick_device(cfg.device))
     cfg.dtype = precision.name
     return precision
@@ -141,8 +141,8 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
 def freeze_bottom(model, n_layers: int) -> None:
     """Freeze the input embeddings and the `n_layers` lowest transformer blocks: backward then stops
     early (it is most of a step's time on a CPU) and AdamW updates fewer weights; the upper blocks and the
-    head still learn (with tied embeddings, as SmolLM2's, the LM head is frozen too). The reward model
-    and DPO use it to fit the CPU budget."""
+    head still learn (with tied embeddings, as SmolLM2's, the LM head is frozen too). Every stage offers
+    it (`freeze_bottom_layers`); the demo's reward model, PPO and DPO use it to fit the CPU budget."""
     if n_layers <= 0:
         return
     n_blocks = model.config.num_hidden_layers
