@@ -129,6 +129,17 @@ def load_prompts(source: str) -> list[list[dict]]:
     return [as_messages(r["prompt"], "user") for r in load_records(source, PROMPT_FIELDS)]
 
 
+def load_prompts_and_titles(source: str, limit: int | None = None) -> tuple[list[list[dict]], list[str | None]]:
+    """The first `limit` prompts (all when None) and the film title each record carries (the gold judge's
+    on-topic term), None where a record has none: any prompts file works, without that term."""
+    records = load_records(source, PROMPT_FIELDS)[:limit]
+    titles = [r.get("title") for r in records]
+    for i, title in enumerate(titles):
+        if title is not None and not isinstance(title, str):
+            raise DataError(f"{source}: record {i + 1}: 'title' must be a string, got {type(title).__name__}")
+    return [as_messages(r["prompt"], "user") for r in records], titles
+
+
 def prompt_batch(prompts: list, step: int, batch_size: int, seed: int) -> list:
     """The prompts of training step `step`: consecutive slices of a seeded shuffle, reshuffled every
     pass over the data. A pure function of (seed, step), so a resumed run draws exactly the batches it

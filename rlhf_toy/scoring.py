@@ -240,10 +240,10 @@ class Judge:
         self.scorer = RewardScorer(str(path), device=device, dtype=dtype)
         self.path = str(path)
 
-    def score(self, prompts, responses, n_tokens, has_eos) -> list[dict]:
+    def score(self, prompts, responses, n_tokens, has_eos, titles=None) -> list[dict]:
         rows = []
-        for response in responses:
-            parts = task.gold_parts(response)
+        for response, title in zip(responses, titles or [None] * len(responses)):
+            parts = task.gold_parts(response, title)
             rows.append({"gold": parts["gold"], "gold_parts": {k: v for k, v in parts.items() if k != "gold"}})
         if self.scorer is None:
             for row in rows:

@@ -28,8 +28,11 @@ def main(argv=None):
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="data")
+    parser.add_argument("--relabel", action="store_true",
+                        help="skip sampling: relabel the stored samples (OUT/samples.jsonl) with the current gold judge")
     parser.add_argument("--n_train", type=int, default=600)
-    parser.add_argument("--n_eval", type=int, default=200)
+    parser.add_argument("--n_eval", type=int, default=72)
+    parser.add_argument("--n_test", type=int, default=128)
     parser.add_argument("--samples_per_prompt", type=int, default=4)
     parser.add_argument("--pairs_per_prompt", type=int, default=4)
     parser.add_argument("--max_new_tokens", type=int, default=64)
@@ -41,63 +44,92 @@ def main(argv=None):
     # Labelers prefer the higher-gold response with probability sigmoid((g_a - g_b) / temperature).
     parser.add_argument("--label_temperature", type=float, default=0.1)
     args = parser.parse_args(argv)
+    out = Path(args.out)
+    command = "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:]))
+    if args.relabel:
+        sampling = json.loads((out / "stats.json").read_text())["sampling"]
+    else:
+        sampling = sample(args, out)
+    started = time.time()
+    stats = label(out, seed=sampling["seed"], pairs_per_prompt=args.pairs_per_prompt,
+                  label_temperature=args.label_temperature)
+    stats = {"command": command, "sampling": sampling, **stats, "labelling_seconds": time.time() - started}
+    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    write_data_card(out, stats)
+    print(json.dumps(stats, indent=2))
 
+
+def sample(args, out: Path) -> dict:
+    """Write the prompt files and samples.jsonl (every train prompt answered samples_per_prompt times):
+    the costly part, stored so that a change of the gold judge only needs `--relabel`."""
     started = time.time()
     torch.manual_seed(args.seed)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    train_prompts, eval_prompts = task.make_prompts(args.n_train, args.n_eval, args.seed)
+    train_prompts, eval_prompts, test_prompts = task.make_prompts(args.n_train, args.n_eval, args.n_test, args.seed)
     write_jsonl(out / "prompts_train.jsonl", train_prompts)
     write_jsonl(out / "prompts_eval.jsonl", eval_prompts)
+    write_jsonl(out / "prompts_test.jsonl", test_prompts)
 
     tokenizer = models.load_tokenizer(args.model)
     precision = models.resolve_precision(args.dtype, models.pick_device("auto"))
-    args.dtype = precision.name   # recorded in stats.json: what ran
     model = models.load_causal_lm(args.model, tokenizer, dtype=precision.name)
-    repeated = [row["prompt"] for row in train_prompts for _ in range(args.samples_per_prompt)]
+    repeated = [row for row in train_prompts for _ in range(args.samples_per_prompt)]
     samples = sequences.generate(
-        model, tokenizer, repeated, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_p=args.top_p, batch_size=args.batch_size, seed=args.seed, progress="sampling train prompts",
-        precision=precision,
+        model, tokenizer, [row["prompt"] for row in repeated], max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
+        progress="sampling train prompts", precision=precision,
     )
-    rng = random.Random(args.seed)
+    write_jsonl(out / "samples.jsonl", [
+        {"prompt": row["prompt"], "title": row["title"], "response": s.response, "has_eos": s.has_eos,
+         "tokens": len(s.response_ids)}
+        for row, s in zip(repeated, samples)
+    ])
+    return {
+        "model": args.model, "seed": args.seed, "dtype": precision.name,   # what ran, not what was asked
+        "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts), "prompts_test": len(test_prompts),
+        "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "top_p": args.top_p, "batch_size": args.batch_size,
+        "minutes": (time.time() - started) / 60,
+    }
+
+
+def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float) -> dict:
+    """sft.jsonl and preferences.jsonl from samples.jsonl, by the gold judge: best-of-n demonstrations
+    and Bradley-Terry-drawn preference labels. Deterministic given the samples and the seed."""
+    rows = [json.loads(line) for line in open(out / "samples.jsonl")]
+    groups: dict[str, list[dict]] = {}
+    for row in rows:   # samples of one prompt are consecutive; dicts keep that order
+        groups.setdefault(json.dumps(row["prompt"]), []).append(row)
+    rng = random.Random(seed)
     sft_rows, pref_rows, flips = [], [], 0
     all_gold, demo_gold = [], []
-    for i, row in enumerate(train_prompts):
-        group = samples[i * args.samples_per_prompt:(i + 1) * args.samples_per_prompt]
-        all_gold += [task.gold_score(s.response) for s in group]
-        best = task.best_demonstration([(s.response, s.has_eos) for s in group])
+    for group in groups.values():
+        prompt, title = group[0]["prompt"], group[0]["title"]
+        all_gold += [task.gold_score(s["response"], title) for s in group]
+        best = task.best_demonstration([(s["response"], s["has_eos"]) for s in group], title)
         if best is not None:
             demo_gold.append(best[0])
-            sft_rows.append({"prompt": row["prompt"], "completion": [{"role": "assistant", "content": best[1]}]})
+            sft_rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": best[1]}]})
         for chosen, rejected, gold_chosen, gold_rejected in task.label_pairs(
-                [s.response for s in group], rng, args.pairs_per_prompt, args.label_temperature):
+                [s["response"] for s in group], title, rng, pairs_per_prompt, label_temperature):
             flips += gold_chosen < gold_rejected
             pref_rows.append({
-                "prompt": row["prompt"],
+                "prompt": prompt, "title": title,
                 "chosen": [{"role": "assistant", "content": chosen}],
                 "rejected": [{"role": "assistant", "content": rejected}],
                 "gold_chosen": round(gold_chosen, 4), "gold_rejected": round(gold_rejected, 4),
             })
     write_jsonl(out / "sft.jsonl", sft_rows)
     write_jsonl(out / "preferences.jsonl", pref_rows)
-
-    stats = {
-        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
-        "model": args.model, "seed": args.seed,
-        "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts),
-        "samples": len(samples), "sft_demonstrations": len(sft_rows), "preference_pairs": len(pref_rows),
+    return {
+        "samples": len(rows), "sft_demonstrations": len(sft_rows), "preference_pairs": len(pref_rows),
+        "pairs_per_prompt": pairs_per_prompt, "label_temperature": label_temperature,
         "label_noise_rate": flips / max(1, len(pref_rows)),
         "sample_gold_mean": statistics.mean(all_gold), "sample_gold_std": statistics.pstdev(all_gold),
         "demo_gold_mean": statistics.mean(demo_gold),
-        "sample_eos_rate": sum(s.has_eos for s in samples) / len(samples),
-        "sample_tokens_mean": statistics.mean(len(s.response_ids) for s in samples),
-        "minutes": (time.time() - started) / 60,
-        **{k: v for k, v in vars(args).items() if k not in ("out", "model", "seed")},
+        "sample_eos_rate": sum(r["has_eos"] for r in rows) / len(rows),
+        "sample_tokens_mean": statistics.mean(r["tokens"] for r in rows),
     }
-    (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-    write_data_card(out, stats)
-    print(json.dumps(stats, indent=2))
 
 
 def write_data_card(out: Path, stats: dict) -> None:

@@ -1,4 +1,5 @@
 import json
+import math
 import statistics
 
 import pytest
@@ -64,7 +65,7 @@ def test_compare_writes_every_file_and_metric_and_self_comparison_is_exact(tmp_p
     assert list(report["runs"]) == ["ppo", "twin", "base"]
     for label, m in report["runs"].items():
         for key in ("gold_mean", "rm_mean", "score_mean", "kl_to_ref", "win_rate_vs_ref", "win_rate_vs_ref_ci95",
-                    "length_mean", "eos_rate", "distinct_2"):
+                    "length_mean", "eos_rate", "distinct_2", "corpus_distinct_2", "on_topic_rate", "flattery_rate"):
             assert m[key] is not None, (label, key)
         assert m["n_samples"] == 12
     # A model compared with itself (same weights, computed the long way): identical samples, exact tie.
@@ -79,7 +80,12 @@ def test_compare_writes_every_file_and_metric_and_self_comparison_is_exact(tmp_p
     # The numbers by hand, from the scored samples.
     rows = runlog.read_jsonl(out / "samples/ppo.jsonl")
     ref_rows = {(r["prompt_id"], r["sample"]): r for r in runlog.read_jsonl(out / "samples/ref_sft_final.jsonl")}
-    assert ppo_m["gold_mean"] == pytest.approx(statistics.mean(task.gold_score(r["response"]) for r in rows))
+    titles = [json.loads(line)["title"] for line in setup["prompts"].read_text().splitlines()]
+    assert ppo_m["gold_mean"] == pytest.approx(statistics.mean(task.gold_score(r["response"], titles[r["prompt_id"]])
+                                                               for r in rows))
+    parts = [task.gold_parts(r["response"], titles[r["prompt_id"]]) for r in rows]
+    assert ppo_m["on_topic_rate"] == pytest.approx(statistics.mean(p["on_topic"] for p in parts))
+    assert ppo_m["flattery_rate"] == pytest.approx(statistics.mean(p["flattery_reason"] is not None for p in parts))
     assert ppo_m["eos_rate"] == pytest.approx(statistics.mean(r["has_eos"] for r in rows))
     assert ppo_m["kl_to_ref"] == pytest.approx(statistics.mean(r["logp"] - r["ref_logp"] for r in rows))
     per_prompt = {}
@@ -89,8 +95,10 @@ def test_compare_writes_every_file_and_metric_and_self_comparison_is_exact(tmp_p
     assert ppo_m["win_rate_vs_ref"] == pytest.approx(statistics.mean(statistics.mean(v) for v in per_prompt.values()))
     lo, hi = ppo_m["win_rate_vs_ref_ci95"]
     assert lo <= ppo_m["win_rate_vs_ref"] <= hi
-    bigrams = [tuple(w[i:i + 2]) for r in rows for w in [r["response"].lower().split()] for i in range(len(w) - 1)]
-    assert ppo_m["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))
+    bigrams = [[tuple(w[i:i + 2]) for i in range(len(w) - 1)] for r in rows for w in [r["response"].lower().split()]]
+    pooled = [b for answer in bigrams for b in answer]
+    assert ppo_m["corpus_distinct_2"] == pytest.approx(len(set(pooled)) / len(pooled))
+    assert ppo_m["distinct_2"] == pytest.approx(statistics.mean(len(set(a)) / len(a) if a else 0.0 for a in bigrams))
     for r in rows:   # score = RM − length penalty − EOS penalty, with the PPO run's settings
         assert r["length_penalty"] == pytest.approx(0.02 * max(0, r["n_tokens"] - 8))
         assert r["score"] == pytest.approx(r["rm"] - r["length_penalty"] - (0.0 if r["has_eos"] else 1.0))
@@ -214,3 +222,67 @@ def test_compare_loads_lora_adapter_checkpoints(tmp_path, setup):
     checkpoint = json.loads((out / "compare.json").read_text())["runs"]["dpo"]["checkpoints"][0]
     assert checkpoint["label"] == "dpo@1" and checkpoint["step"] == 1
     assert abs(checkpoint["kl_to_ref"]) < 1e-4 and checkpoint["win_rate_vs_ref"] == 0.5
+
+
+def test_compare_splits_pairs_and_best_of_n(tmp_path, setup):
+    """Two prompt files are two splits (the last one's tables up front); every run is paired with every other;
+    bon:N ranks the reference's samples by the RM, bon:2's candidates are the first two of bon:4's."""
+    lines = setup["prompts"].read_text().splitlines()
+    (tmp_path / "prompts_eval.jsonl").write_text("\n".join(lines[:3]) + "\n")
+    (tmp_path / "prompts_test.jsonl").write_text("\n".join(lines[3:7]) + "\n")
+    ppo, out = fake_ppo_run(tmp_path), tmp_path / "report"
+    compare.main(["--runs", "base", str(setup["ref"]), str(ppo), "bon:2", "bon:4", "--base", models.TINY_MODEL,
+                  "--ref", str(setup["ref"]), "--prompts", str(tmp_path / "prompts_eval.jsonl"),
+                  str(tmp_path / "prompts_test.jsonl"), "--output_dir", str(out), "--reward_model", str(setup["rm"]),
+                  "--checkpoints", "0", "--max_new_tokens", "12", "--batch_size", "4", "--n_bootstrap", "200"])
+    report = json.loads((out / "compare.json").read_text())
+    assert report["settings"]["headline_split"] == "test" and set(report["splits"]) == {"eval", "test", "all"}
+    assert report["runs"] == report["splits"]["test"]["runs"]
+    assert [report["splits"][s]["n_prompts"] for s in ("eval", "test", "all")] == [3, 4, 7]
+    assert report["runs"]["ppo"]["n_samples"] == 4
+    # every pair once, the later run first: 5 runs, 10 pairs; a run against itself would be an exact tie
+    pairs = {(p["a"], p["b"]): p for p in report["pairs"]}
+    assert len(pairs) == 10 and ("ppo", "sft_final") in pairs and ("bon:4", "ppo") in pairs
+    ppo_rows = {r["prompt_id"]: r["gold"] for r in runlog.read_jsonl(out / "samples/ppo.jsonl") if r["prompt_id"] >= 3}
+    ref_rows = {r["prompt_id"]: r["gold"] for r in runlog.read_jsonl(out / "samples/sft_final.jsonl") if r["prompt_id"] >= 3}
+    p = pairs[("ppo", "sft_final")]
+    assert p["gold_diff"] == pytest.approx(statistics.mean(ppo_rows[i] - ref_rows[i] for i in ppo_rows))
+    lo, hi = p["gold_diff_ci95"]
+    assert lo <= p["gold_diff"] <= hi and p["significant"] == (lo > 0 or hi < 0)
+    # best-of-N: the candidate with the highest RM score, analytic KL, candidates shared
+    candidates = runlog.read_jsonl(out / "samples/ref-candidates.jsonl")
+    assert len(candidates) == 7 * 4
+    for n in (2, 4):
+        m = report["splits"]["all"]["runs"][f"bon:{n}"]
+        assert m["kl_to_ref"] == pytest.approx(math.log(n) - (n - 1) / n)
+        best = [max((c for c in candidates if c["prompt_id"] == i and c["sample"] < n), key=lambda c: c["rm"]) for i in range(7)]
+        assert m["rm_mean"] == pytest.approx(statistics.mean(c["rm"] for c in best))
+        assert m["gold_mean"] == pytest.approx(statistics.mean(c["gold"] for c in best))
+    first = [c["response"] for c in candidates if c["sample"] == 0]   # candidate 0 is the reference's own answer
+    assert first == [r["response"] for r in sorted(runlog.read_jsonl(out / "samples/sft_final.jsonl"), key=lambda r: r["prompt_id"])]
+    md = (out / "compare.md").read_text()
+    assert "## test prompts (4): the headline numbers" in md and "## eval prompts (3)" in md and "## all prompts (7)" in md
+    assert "| ppo − sft_final |" in md and "no correction for the 10 comparisons" in md
+    assert "| bon:4 |" in md
+
+
+def test_compare_prompts_without_titles_run_with_rm_only_columns(tmp_path, setup):
+    """A prompts file in TRL's format without titles: no on-topic term, on_topic_rate null, all else as usual."""
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"prompt": json.loads(line)["prompt"]}) + "\n"
+                             for line in setup["prompts"].read_text().splitlines()))
+    out = tmp_path / "report"
+    compare.main(["--runs", str(setup["ref"]), "--prompts", str(plain), "--output_dir", str(out),
+                  "--reward_model", str(setup["rm"]), "--checkpoints", "0", *SAMPLING])
+    m = json.loads((out / "compare.json").read_text())["runs"]["sft_final"]
+    assert m["on_topic_rate"] is None and m["rm_mean"] is not None and m["flattery_rate"] is not None
+    assert "| sft_final |" in (out / "compare.md").read_text()
+
+
+def test_compare_rejects_bad_best_of_n(tmp_path, setup, capsys):
+    for spec, reward_model, message in (("bon:0", str(setup["rm"]), "bon:N with N a positive integer"),
+                                        ("bon:4", "none", "best-of-N ranks by the reward model")):
+        with pytest.raises(SystemExit) as exit_info:
+            compare.main(["--runs", str(setup["ref"]), spec, "--prompts", str(setup["prompts"]),
+                          "--output_dir", str(tmp_path / "r"), "--reward_model", reward_model, *SAMPLING])
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -12,7 +12,7 @@ GOOD, BAD = "a wonderful film .", "a terrible boring film ."
 
 def write_preferences(tmp_path, n=64):
     """Pairs the tiny word-level model can learn: a fixed positive answer preferred to a negative one."""
-    train, evals = task.make_prompts(n, 8, seed=1)
+    train, evals, _ = task.make_prompts(n, 8, 0, seed=1)
     prefs = tmp_path / "preferences.jsonl"
     prefs.write_text("".join(json.dumps({**row, "chosen": [{"role": "assistant", "content": GOOD}],
                                          "rejected": [{"role": "assistant", "content": BAD}],

@@ -36,7 +36,7 @@ def pipeline(tmp_path_factory):
     """The pipeline in miniature, so PPO has an easy, learnable reward: a tiny SFT model that answers
     GOOD or BAD about equally, and a reward model trained on pairs that prefer GOOD."""
     tmp = tmp_path_factory.mktemp("pipeline")
-    train, evals = task.make_prompts(64, 16, seed=5)
+    train, evals, _ = task.make_prompts(64, 16, 0, seed=5)
     write = lambda name, rows: (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
     answer = lambda text: [{"role": "assistant", "content": text}]
     write("sft.jsonl", [{**r, "completion": answer([GOOD, BAD][i % 2])} for i, r in enumerate(train)])

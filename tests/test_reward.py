@@ -30,7 +30,7 @@ def response(rng, marker: bool) -> str:
 def write_pairs(path, n_prompts=80, pairs_per_prompt=2, seed=0, extra=()):
     """An easy synthetic preference set: the chosen response contains the marker word, the rejected does not."""
     rng = random.Random(seed)
-    prompts, _ = task.make_prompts(n_prompts, 1, seed=seed)
+    prompts, _, _ = task.make_prompts(n_prompts, 1, 0, seed=seed)
     rows = []
     for row in prompts:
         for _ in range(pairs_per_prompt):
@@ -44,7 +44,7 @@ def write_pairs(path, n_prompts=80, pairs_per_prompt=2, seed=0, extra=()):
 
 
 def write_prompts(path, n=16, seed=3):
-    _, evals = task.make_prompts(1, n, seed=seed)
+    _, evals, _ = task.make_prompts(1, n, 0, seed=seed)
     path.write_text("".join(json.dumps(r) + "\n" for r in evals))
     return path
 

@@ -14,7 +14,7 @@ from rlhf_toy.stages.sft import SFTStageConfig, drop_prompts_too_long, run_sft
 
 def write_fixture(tmp_path, n=48):
     """Demonstrations the tiny word-level model can learn: one fixed positive answer per template."""
-    train, evals = task.make_prompts(n, 8, seed=1)
+    train, evals, _ = task.make_prompts(n, 8, 0, seed=1)
     sft = tmp_path / "sft.jsonl"
     sft.write_text("".join(json.dumps({**row, "completion": [{"role": "assistant", "content": "a wonderful film ."}]}) + "\n"
                            for row in train))

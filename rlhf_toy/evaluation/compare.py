@@ -28,8 +28,11 @@ win rate 0.5 and KL 0 exactly.
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
+import itertools
 import json
+import math
 import re
 import sys
 from dataclasses import dataclass
@@ -39,10 +42,10 @@ import torch
 
 from rlhf_toy import data, models, runlog
 from rlhf_toy.config import DTYPES, ConfigError, check_device
-from rlhf_toy.evaluation.report import (markdown_table, method_notes, plot_curves, plot_frontier, training_curves,
-                                        write_html, _fmt)
+from rlhf_toy.evaluation.report import (compare_markdown, markdown_table, plot_curves, plot_frontier,
+                                        training_curves, write_html, _fmt)
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
-from rlhf_toy.evaluation.stats import summarize
+from rlhf_toy.evaluation.stats import paired_comparison, summarize
 from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, run_penalties
 
 DEFAULT_REWARD_MODEL = "runs/reward/final"
@@ -66,6 +69,7 @@ class Entry:
     run_dir: Path | None = None
     step: int | None = None    # a checkpoint's training step; None for the final model
     tokenizer_from: str | None = None   # where to load the tokenizer from, when `model` has none
+    best_of: int = 0           # > 0: best-of-N of the reference's samples by the reward model (`bon:N`)
 
     @property
     def key(self) -> str:
@@ -95,6 +99,11 @@ def _last_logged_step(run_dir: Path) -> int | None:
 def resolve_entries(spec: str, base: str, max_checkpoints: int) -> list[Entry]:
     """A `--runs` item as the models to sample: the final model first, then kept checkpoints."""
     label, _, target = spec.partition("=") if "=" in spec else ("", "", spec)
+    if target.startswith("bon:"):
+        n = target.removeprefix("bon:")
+        if not n.isdigit() or int(n) < 1:
+            raise CompareError(f"--runs {spec}: best-of-N is bon:N with N a positive integer (bon:4, bon:16)")
+        return [Entry(label or target, "", label or target, best_of=int(n))]   # the model: the reference's
     if target == BASE:
         return [Entry(label or BASE, base, label or BASE)]
     path = Path(target).expanduser()
@@ -211,7 +220,7 @@ def _read_done(path: Path, batch_sizes: list[int]) -> list[dict]:
     return rows[:total]
 
 
-def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, ref_key: str,
+def sample_entry(entry: Entry, prompts, titles, ref, judge: Judge, args, out_dir: Path, ref_key: str,
                  precision: models.Precision) -> list[dict]:
     """Sample and score one model on every prompt (each `samples_per_prompt` times), resuming."""
     samples_dir = out_dir / "samples"
@@ -220,7 +229,7 @@ def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, 
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size",
                                               "samples_per_prompt", "max_prompt_length", "dtype")}
     meta = {"label": entry.label, "model": entry.model, "run": entry.run, "step": entry.step,
-            "fingerprint": _fingerprint([_model_stamp(entry.model), settings, prompts, ref_key,
+            "fingerprint": _fingerprint([_model_stamp(entry.model), settings, prompts, titles, ref_key,
                                          judge.penalties, getattr(judge, "path", None)])}
     batches = [(j, start) for j in range(args.samples_per_prompt) for start in range(0, len(prompts), args.batch_size)]
     sizes = [len(prompts[start:start + args.batch_size]) for _, start in batches]
@@ -249,11 +258,12 @@ def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, 
     from tqdm.auto import tqdm
 
     for j, start in tqdm(batches[n_done:], desc=f"sampling {entry.label}", unit="batch", initial=n_done, total=len(batches)):
-        batch = prompts[start:start + args.batch_size]
+        batch, batch_titles = prompts[start:start + args.batch_size], titles[start:start + args.batch_size]
         # The batch's seed depends only on (seed, sample index, batch start): the same for every model.
         seed = args.seed * 1_000_003 + j * 10_007 + start
         # The reference itself has KL 0 by definition; a run with another tokenizer has no token-level KL.
-        _, scored = sample_and_score(model, tokenizer, batch, judge=judge, max_new_tokens=args.max_new_tokens,
+        _, scored = sample_and_score(model, tokenizer, batch, titles=batch_titles, judge=judge,
+                                     max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, batch_size=len(batch), seed=seed,
                                      max_prompt_length=args.max_prompt_length,
                                      ref=None if is_ref or mismatch else ref_model, ref_tokenizer=ref_tokenizer,
@@ -265,6 +275,22 @@ def sample_entry(entry: Entry, prompts, ref, judge: Judge, args, out_dir: Path, 
         rows.extend(new)
     if not is_ref:
         del model
+    return rows
+
+
+def best_of_n_rows(entry: Entry, candidates: list[dict], samples_per_prompt: int) -> list[dict]:
+    """Best-of-N (`bon:N`): for each prompt (and sample j), of the reference's candidates j·N … j·N+N−1 the one
+    the reward model scores highest. Its KL to the reference is the analytic log N − (N−1)/N (Stiennon et
+    al. 2020, appendix; Gao et al. 2022), an upper bound that is tight when the top score is unique."""
+    n = entry.best_of
+    kl = math.log(n) - (n - 1) / n
+    by_key = {(r["prompt_id"], r["sample"]): r for r in candidates}
+    rows = []
+    for prompt_id in sorted({r["prompt_id"] for r in candidates}):
+        for j in range(samples_per_prompt):
+            group = [by_key[(prompt_id, j * n + c)] for c in range(n)]
+            best = max(group, key=lambda r: r["rm"])   # the first of equals: deterministic
+            rows.append({**best, "sample": j, "label": entry.label, "kl": kl, "candidate": best["sample"]})
     return rows
 
 
@@ -305,9 +331,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run directories, model directories or names, or `base`; LABEL=PATH names one")
     p.add_argument("--ref", default=None, help="the reference for KL and win rate (default: the first run)")
     p.add_argument("--base", default=models.DEFAULT_MODEL, help="the model `base` stands for")
-    p.add_argument("--prompts", default="data/prompts_eval.jsonl")
+    p.add_argument("--prompts", nargs="+", default=["data/prompts_eval.jsonl"],
+                   help="prompt files, each a split named after it (prompts_test.jsonl: test); the tables up "
+                        "front are the last file's, then each file's and all pooled")
     p.add_argument("--output_dir", required=True)
-    p.add_argument("--limit", type=_int_at_least(0), default=0, help="use the first N prompts (0 = all)")
+    p.add_argument("--limit", type=_int_at_least(0), default=0, help="use the first N prompts of each file (0 = all)")
     p.add_argument("--reward_model", default=DEFAULT_REWARD_MODEL, help="reward model directory, or `none`")
     p.add_argument("--length_coef", type=float, default=None, help="default: from a PPO run's config.yaml, else 0")
     p.add_argument("--length_target", type=int, default=None)
@@ -335,14 +363,53 @@ def _penalties(args, run_dirs: dict) -> dict:
             for name in PENALTIES_OFF}
 
 
+def load_splits(files: list[str], limit: int) -> tuple[list, list, dict]:
+    """The prompts of every `--prompts` file (each its first `limit`, 0 = all), their titles, and each file's
+    prompt ids as a split named after it (prompts_test.jsonl -> "test")."""
+    prompts, titles, splits = [], [], {}
+    for path in files:
+        try:
+            file_prompts, file_titles = data.load_prompts_and_titles(path, limit or None)
+        except data.DataError as error:
+            raise CompareError(str(error)) from None
+        if not file_prompts:
+            raise CompareError(f"--prompts {path}: no prompts in it")
+        name = Path(path).stem.removeprefix("prompts_")
+        if name in splits:
+            raise CompareError(f"--prompts: two files named {name!r}; each file is a split named after it")
+        splits[name] = range(len(prompts), len(prompts) + len(file_prompts))
+        prompts += file_prompts
+        titles += file_titles
+    return prompts, titles, splits
+
+
+def split_metrics(entries: list[Entry], rows_by_label: dict, ref_label: str, prompt_ids, args) -> dict:
+    """The tables of one split: every entry's metrics (checkpoints under their run) and every final run
+    against every other (`paired_comparison`), on the prompts `prompt_ids`."""
+    ids = set(prompt_ids)
+    rows_of = {label: [r for r in rows if r["prompt_id"] in ids] for label, rows in rows_by_label.items()}
+    runs = {}
+    for entry in entries:
+        rows = rows_of[entry.label]
+        metrics = summarize(rows, rows_of[ref_label], args.n_bootstrap, args.seed)
+        mismatch = next((r.get("kl_note") for r in rows if r.get("kl_note")), None)
+        if mismatch:
+            metrics["kl_note"] = mismatch
+        if entry.best_of:
+            metrics.update(kl_to_ref_se=None, kl_note="analytic: log N − (N−1)/N")
+        metrics.update(model=entry.model, step=entry.step)
+        if entry.step is None or entry.label == entry.run:
+            runs[entry.label] = {**metrics, "checkpoints": []}
+        else:
+            runs[entry.run]["checkpoints"].append({"label": entry.label, **metrics})
+    pairs = [{"a": a, "b": b, **paired_comparison(rows_of[a], rows_of[b], args.n_bootstrap, args.seed)}
+             for b, a in itertools.combinations(runs, 2)]   # a − b, a the later run: "ppo − sft", "dpo − ppo"
+    return {"n_prompts": len(ids), "runs": runs, "pairs": pairs}
+
+
 def run_compare(args) -> Path:
     out_dir = Path(args.output_dir)
-    try:
-        prompts = data.load_prompts(args.prompts)
-    except data.DataError as error:
-        raise CompareError(str(error)) from None
-    if args.limit:
-        prompts = prompts[: args.limit]
+    prompts, titles, splits = load_splits(args.prompts, args.limit)
     # A reward model named on the command line must be there; only the default may be absent (no
     # reward model trained yet): then, as with `none`, the RM columns are left out with a note.
     if (args.reward_model.lower() != "none" and args.reward_model != DEFAULT_REWARD_MODEL
@@ -360,10 +427,12 @@ def run_compare(args) -> Path:
                 entry.label, entry.run = entry.label.replace(run, new_run, 1), new_run
         run_labels.append(run)
         entries += group
-    ref_spec = args.ref or args.runs[0]
+    ref_spec = args.ref or next(s for s in args.runs if not s.split("=")[-1].startswith("bon:"))
     ref_entry = resolve_entries(ref_spec, args.base, 0)[0]
+    if ref_entry.best_of:
+        raise CompareError(f"--ref {ref_spec}: the reference must be a model (best-of-N samples from it)")
     # The reference is a run when it is one of them (same model): its samples are then shared.
-    same = [e for e in entries if e.step is None and e.model == ref_entry.model]
+    same = [e for e in entries if e.step is None and e.model == ref_entry.model and not e.best_of]
     if same:
         ref_entry = same[0]
     else:
@@ -381,43 +450,48 @@ def run_compare(args) -> Path:
     judge = Judge(args.reward_model, args.device, args.dtype, **penalties)
     if judge.note:
         print(f"note: {judge.note}", file=sys.stderr)
+    best_of = [e for e in entries if e.best_of]
+    if best_of and judge.scorer is None:
+        raise CompareError(f"--runs {best_of[0].label}: best-of-N ranks by the reward model, and {judge.note}")
     ref_key = _fingerprint(_model_stamp(ref_entry.model))
     ref = (ref_model, ref_tokenizer, ref_entry.model)
 
     rows_by_label = {}
-    for entry in [ref_entry] + [e for e in entries if e is not ref_entry]:
-        rows_by_label[entry.label] = sample_entry(entry, prompts, ref, judge, args, out_dir, ref_key, precision)
-    ref_rows = rows_by_label[ref_entry.label]
+    for entry in [ref_entry] + [e for e in entries if e is not ref_entry and not e.best_of]:
+        rows_by_label[entry.label] = sample_entry(entry, prompts, titles, ref, judge, args, out_dir, ref_key, precision)
+    if best_of:   # one pool of the reference's samples: bon:4 ranks the first 4 of bon:16's 16
+        pool_args = copy.copy(args)
+        pool_args.samples_per_prompt = args.samples_per_prompt * max(e.best_of for e in best_of)
+        pool = Entry("ref-candidates", ref_entry.model, "ref-candidates", tokenizer_from=ref_entry.tokenizer_from)
+        candidates = sample_entry(pool, prompts, titles, ref, judge, pool_args, out_dir, ref_key, precision)
+        for entry in best_of:
+            entry.model = f"best of {entry.best_of} from {ref_entry.model}"
+            rows_by_label[entry.label] = best_of_n_rows(entry, candidates, args.samples_per_prompt)
 
+    # The headline tables are the last --prompts file's (the test split); every split, and all pooled, follow.
+    tables = {name: split_metrics(entries, rows_by_label, ref_entry.label, ids, args) for name, ids in splits.items()}
+    if len(splits) > 1:
+        tables["all"] = split_metrics(entries, rows_by_label, ref_entry.label, range(len(prompts)), args)
+    headline = list(splits)[-1]
     notes = [judge.note] if judge.note else []
+    notes += sorted({f"{label}: {m['kl_note']}" for label, m in tables[headline]["runs"].items()
+                     if m.get("kl_note") and label not in [e.label for e in best_of]})
     report = {"ref": ref_entry.label, "ref_model": ref_entry.model, "reward_model": getattr(judge, "path", None),
               "penalties": penalties,
-              "settings": {"prompts": args.prompts, "n_prompts": len(prompts),
+              "settings": {"prompts": args.prompts, "n_prompts": len(prompts), "headline_split": headline,
                            **{k: getattr(args, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature",
                                                             "seed", "batch_size", "n_bootstrap", "checkpoints")}},
               "environment": runlog.environment(precision),
-              "runs": {}}
-    for entry in entries:
-        metrics = summarize(rows_by_label[entry.label], ref_rows, args.n_bootstrap, args.seed)
-        mismatch = next((r.get("kl_note") for r in rows_by_label[entry.label] if r.get("kl_note")), None)
-        if mismatch:
-            metrics["kl_note"] = mismatch
-            notes.append(f"{entry.label}: {mismatch}")
-        metrics.update(model=entry.model, step=entry.step)
-        if entry.step is None or entry.label == entry.run:
-            report["runs"][entry.label] = {**metrics, "checkpoints": []}
-        else:
-            report["runs"][entry.run]["checkpoints"].append({"label": entry.label, **metrics})
+              "runs": tables[headline]["runs"], "pairs": tables[headline]["pairs"],
+              "splits": tables if len(splits) > 1 else {}}
     if ref_entry.label not in report["runs"]:
+        ref_rows = [r for r in rows_by_label[ref_entry.label] if r["prompt_id"] in set(splits[headline])]
         notes.append(f"the reference {ref_entry.label} is not among the runs; its gold mean is "
                      f"{_fmt(summarize(ref_rows, None, 0, 0)['gold_mean'])}")
     report["notes"] = notes
 
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out_dir / "compare.md").write_text(
-        "# Comparison\n\n" + markdown_table(report) + "\n\n" + "\n".join(f"- {n}" for n in method_notes(report))
-        + "\n\nPlots: `frontier.png` (gold vs KL), `curves.png` (training curves); samples side by side in "
-        "`report.html`; every scored sample in `samples/`.\n")
+    (out_dir / "compare.md").write_text(compare_markdown(report))
     plot_frontier(report, out_dir / "frontier.png")
     plot_curves(training_curves(run_dirs), out_dir / "curves.png")
     write_html(report, {label: rows_by_label[label] for label in report["runs"]}, out_dir, args.html_prompts)

@@ -26,7 +26,8 @@ def _fmt(value, digits=3) -> str:
 
 TABLE_COLUMNS = [("gold_mean", "gold"), ("rm_mean", "RM"), ("score_mean", "RM − penalties"), ("kl_to_ref", "KL to ref"),
                  ("win_rate_vs_ref", "win rate vs ref (95% CI)"), ("length_mean", "length (tokens)"),
-                 ("eos_rate", "EOS rate"), ("distinct_2", "distinct-2")]
+                 ("eos_rate", "EOS rate"), ("on_topic_rate", "on-topic"), ("flattery_rate", "flattery"),
+                 ("distinct_2", "distinct-2"), ("corpus_distinct_2", "pooled distinct-2")]
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -53,10 +54,59 @@ def markdown_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def pairs_table(pairs: list[dict]) -> str:
+    lines = ["| a − b | gold difference (95% CI) | win rate of a (95% CI) | prompts |", "|---|---|---|---|"]
+    for p in pairs:
+        if not p.get("n_prompts"):
+            continue
+        (dlo, dhi), (wlo, whi) = p["gold_diff_ci95"], p["win_rate_ci95"]
+        lines.append(f"| {p['a']} − {p['b']} | {p['gold_diff']:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
+                     f"{' *' if p['significant'] else ''} | {p['win_rate']:.3f} [{wlo:.2f}, {whi:.2f}] | {p['n_prompts']} |")
+    return "\n".join(lines)
+
+
+def pairs_in_words(pairs: list[dict]) -> str:
+    """Which differences in gold have a 95% interval that excludes zero, said plainly."""
+    pairs = [p for p in pairs if p.get("n_prompts")]
+    if not pairs:
+        return ""
+    said = lambda p: f"{p['a']} − {p['b']} ({p['gold_diff']:+.3f} [{p['gold_diff_ci95'][0]:+.3f}, {p['gold_diff_ci95'][1]:+.3f}])"
+    clear = [said(p) for p in pairs if p["significant"]]
+    unclear = [f"{p['a']} − {p['b']}" for p in pairs if not p["significant"]]
+    return ("Differences in gold whose 95% interval excludes zero (* above): " + ("; ".join(clear) or "none") + ". "
+            + ("Not separable from zero on these prompts: " + ", ".join(unclear) + ". " if unclear else "")
+            + f"Each interval is a paired bootstrap over prompts; there is no correction for the {len(pairs)} comparisons "
+              "made, so about one in twenty intervals of pairs that truly do not differ would exclude zero by chance.")
+
+
+def compare_markdown(report: dict) -> str:
+    """compare.md: the headline split's tables (the last --prompts file), then every split's, then notes."""
+    s = report["settings"]
+    headline = s.get("headline_split")
+    out = ["# Comparison", ""]
+    if report.get("splits"):
+        out += [f"## {headline} prompts ({report['splits'][headline]['n_prompts']}): the headline numbers", ""]
+    out += [markdown_table(report), "", "Every run against every other, same prompts and seeds (a − b):", "",
+            pairs_table(report.get("pairs", [])), "", pairs_in_words(report.get("pairs", [])), ""]
+    for name, table in (report.get("splits") or {}).items():
+        if name == headline:
+            continue
+        sub = {**report, "runs": table["runs"]}
+        out += [f"## {name} prompts ({table['n_prompts']})" + (": all files pooled" if name == "all" else ""), "",
+                markdown_table(sub), "", pairs_table(table["pairs"]), "", pairs_in_words(table["pairs"]), ""]
+    out += ["## Method", ""] + [f"- {n}" for n in method_notes(report)]
+    out += ["", "Plots: `frontier.png` (gold vs KL), `curves.png` (training curves); samples side by side in "
+            "`report.html`; every scored sample in `samples/`.", ""]
+    return "\n".join(out)
+
+
 def method_notes(report: dict) -> list[str]:
     s = report["settings"]
+    files = s["prompts"] if isinstance(s["prompts"], str) else ", ".join(s["prompts"])
     return [
-        f"Prompts: {s['prompts']} ({s['n_prompts']} prompts × {s['samples_per_prompt']} sample(s) each). Every model "
+        f"Prompts: {files} ({s['n_prompts']} prompts × {s['samples_per_prompt']} sample(s) each"
+        + (f"; the tables up front are the {s['headline_split']} split's" if report.get("splits") else "")
+        + "). Every model "
         f"samples with temperature {s['temperature']}, at most {s['max_new_tokens']} new tokens, no top-k/top-p, and the "
         "same per-batch seeds (common random numbers).",
         f"Reference: {report['ref']} ({report['ref_model']}).",
@@ -66,8 +116,15 @@ def method_notes(report: dict) -> list[str]:
         "from; ± is one standard error.",
         f"Win rate vs ref: by gold, against the reference's answer to the same prompt with the same seed; ties count "
         f"half; 95% percentile bootstrap over prompts ({s['n_bootstrap']} resamples).",
-        "distinct-2: distinct word bigrams / all word bigrams over the run's responses. length: response tokens "
-        "(EOS included). EOS rate: share of responses that ended with EOS within the token limit.",
+        "distinct-2: distinct word bigrams / all word bigrams of each answer, averaged; pooled distinct-2: the same "
+        "over all the run's answers together, so a run that tells every prompt the same thing scores low. length: "
+        "response tokens (EOS included). EOS rate: share of responses that ended with EOS within the token limit.",
+        "on-topic: share of answers that name the film asked about (the full title, case-insensitive; — where the "
+        "prompts carry no title); flattery: share of assistant-speak answers (an opener such as \"I'm glad\", a "
+        "phrase such as \"great taste\", or no review at all): the gold judge's terms (`rlhf_toy/task.py`).",
+        "a − b: the mean over prompts of the gold difference between a's and b's answers to the same prompt and "
+        "seed, and how often a's answer has the higher gold (ties half), each with a 95% paired percentile "
+        f"bootstrap interval over prompts ({s['n_bootstrap']} resamples).",
         "RM: " + (f"{report['reward_model']} (normalised: mean 0, std 1 on SFT samples); RM − penalties subtracts "
                   f"{report['penalties']['length_coef']}·max(0, tokens − {report['penalties']['length_target']}) and "
                   f"{report['penalties']['missing_eos_penalty']} for a missing EOS (PPO's training score)."

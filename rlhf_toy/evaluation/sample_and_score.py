@@ -9,19 +9,20 @@ from rlhf_toy.evaluation.stats import summarize
 from rlhf_toy.scoring import Judge
 
 
-def sample_and_score(model, tokenizer, prompts, *, judge: Judge, max_new_tokens: int, temperature: float,
+def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | None = None, max_new_tokens: int, temperature: float,
                      batch_size: int, seed: int, max_prompt_length: int = 256, ref=None, ref_tokenizer=None,
                      progress: str | None = None, precision=None) -> tuple[dict, list[dict]]:
     """Sample one answer per prompt (`sequences.generate`, seeded per batch), judge it (gold; RM and the
     penalised score when the judge has a reward model) and, given a reference model, its sequence
     KL(π‖π_ref) = Σ_t log π(y_t) − log π_ref(y_t) at the sampling temperature. `precision` (a
-    `models.Precision`): the autocast sampling and log-probs run in. Returns (summary, rows)."""
+    `models.Precision`): the autocast sampling and log-probs run in. `titles`: each prompt's film, for the
+    gold judge's on-topic term (None: unknown). Returns (summary, rows)."""
     samples = sequences.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                  batch_size=batch_size, seed=seed, max_prompt_length=max_prompt_length,
                                  progress=progress, precision=precision)
     n_tokens = [len(s.response_ids) for s in samples]
     scores = judge.score([s.prompt for s in samples], [s.response for s in samples], n_tokens,
-                         [s.has_eos for s in samples])
+                         [s.has_eos for s in samples], titles)
     logps = ref_logps = kls = [None] * len(samples)
     if ref is not None:
         ids = [s.response_ids or [tokenizer.eos_token_id] for s in samples]   # an empty answer is its EOS

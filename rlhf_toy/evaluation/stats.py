@@ -9,8 +9,43 @@ import statistics
 
 
 def distinct_n(texts, n: int = 2) -> float:
+    """Distinct word n-grams / all word n-grams, pooled over `texts`. Over one run's answers (corpus_distinct_2)
+    it sees what per-answer distinct-2 cannot: a policy that tells every prompt the same thing."""
     grams = [tuple(words[i:i + n]) for t in texts for words in [t.lower().split()] for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def _percentile_interval(values: list[float]) -> tuple[float, float]:
+    ordered, n = sorted(values), len(values)
+    return ordered[int(0.025 * (n - 1))], ordered[int(math.ceil(0.975 * (n - 1)))]
+
+
+def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Run a against run b on the same prompts and sampling seeds: the mean difference in gold and a's win
+    rate (ties ½), each with a 95% percentile-bootstrap interval over prompts (paired: a prompt's two answers
+    are resampled together, so the prompt-to-prompt spread both runs share cancels)."""
+    gold_b = {(r["prompt_id"], r["sample"]): r["gold"] for r in rows_b}
+    diffs, wins = {}, {}
+    for r in rows_a:
+        key = (r["prompt_id"], r["sample"])
+        if key in gold_b:
+            diffs.setdefault(r["prompt_id"], []).append(r["gold"] - gold_b[key])
+            wins.setdefault(r["prompt_id"], []).append(1.0 if r["gold"] > gold_b[key] else 0.5 if r["gold"] == gold_b[key] else 0.0)
+    prompts = sorted(diffs)
+    if not prompts:
+        return {"n_prompts": 0}
+    d = [statistics.mean(diffs[p]) for p in prompts]
+    w = [statistics.mean(wins[p]) for p in prompts]
+    rng = random.Random(seed)
+    boot_d, boot_w = [], []
+    for _ in range(max(1, n_bootstrap)):
+        idx = rng.choices(range(len(prompts)), k=len(prompts))
+        boot_d.append(statistics.fmean(d[i] for i in idx))
+        boot_w.append(statistics.fmean(w[i] for i in idx))
+    d_lo, d_hi = _percentile_interval(boot_d)
+    return {"n_prompts": len(prompts), "gold_diff": statistics.mean(d), "gold_diff_ci95": [d_lo, d_hi],
+            "win_rate": statistics.mean(w), "win_rate_ci95": list(_percentile_interval(boot_w)),
+            "significant": d_lo > 0 or d_hi < 0}
 
 
 def win_rate(golds: dict, ref_golds: dict, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -25,8 +60,7 @@ def win_rate(golds: dict, ref_golds: dict, n_bootstrap: int = 1000, seed: int = 
     if not wins:
         return float("nan"), float("nan"), float("nan")
     rng = random.Random(seed)
-    boots = sorted(statistics.mean(rng.choices(wins, k=len(wins))) for _ in range(n_bootstrap))
-    lo, hi = boots[int(0.025 * (n_bootstrap - 1))], boots[int(math.ceil(0.975 * (n_bootstrap - 1)))]
+    lo, hi = _percentile_interval([statistics.mean(rng.choices(wins, k=len(wins))) for _ in range(max(1, n_bootstrap))])
     return statistics.mean(wins), lo, hi
 
 
@@ -45,7 +79,14 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
         rate, lo, hi = win_rate({(r["prompt_id"], r["sample"]): r["gold"] for r in rows},
                                 {(r["prompt_id"], r["sample"]): r["gold"] for r in ref_rows}, n_bootstrap, seed)
         out.update(win_rate_vs_ref=rate, win_rate_vs_ref_ci95=[lo, hi])
+    parts = [r.get("gold_parts") or {} for r in rows]
+    on_topic = [p.get("on_topic") for p in parts]
     out.update(length_mean=mean("n_tokens"), words_mean=mean("n_words"),
                eos_rate=statistics.mean(float(r["has_eos"]) for r in rows),
-               distinct_2=distinct_n([r["response"] for r in rows], 2))
+               # null where a prompt's film is unknown (a prompts file without titles): no on-topic judgement
+               on_topic_rate=statistics.mean(map(float, on_topic)) if None not in on_topic else None,
+               flattery_rate=(statistics.mean(float(bool(p.get("flattery_reason"))) for p in parts)
+                              if all("flattery_reason" in p for p in parts) else None),
+               distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
+               corpus_distinct_2=distinct_n([r["response"] for r in rows], 2))
     return out

@@ -100,7 +100,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         return start.run_dir
     run_dir = start.run_dir
     train_pairs, eval_pairs, pair_stats = load_pairs(cfg)
-    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
@@ -116,7 +116,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
 
     def evaluate(policy, when: str, ref=None) -> None:   # gold, RM and (after) the KL to the reference
         summary[when], rows = sample_and_score(
-            policy, tokenizer, eval_prompts, judge=judge, max_new_tokens=cfg.max_new_tokens,
+            policy, tokenizer, eval_prompts, titles=eval_titles, judge=judge, max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed, ref=ref,
             progress=f"sampling eval prompts ({when})", precision=precision)
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])

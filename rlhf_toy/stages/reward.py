@@ -115,7 +115,7 @@ def calibrate(scorer: "RewardScorer", policy, tokenizer, prompts, *, num_samples
 def gold_of(record: dict, which: str) -> float:
     """The gold score stored with a pair (`gold_chosen`), or the gold judge's verdict on the text."""
     stored = record.get(f"gold_{which}")
-    return float(stored) if stored is not None else task.gold_score(response_text(record[which]))
+    return float(stored) if stored is not None else task.gold_score(response_text(record[which]), record.get("title"))
 
 
 def clean_pairs(records: list[dict], source: str) -> tuple[list[dict], dict]:
@@ -232,8 +232,8 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     # file would otherwise fail only after training, leaving a final/ without its normalisation).
     policy_name = cfg.policy_model or cfg.model_name_or_path
     policy_tokenizer = models.load_tokenizer(policy_name)
-    train_prompts = data.load_prompts(cfg.train_prompts)
-    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    train_prompts, train_titles = data.load_prompts_and_titles(cfg.train_prompts)
+    eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     align_with_tokenizer(model, tokenizer)
     freeze_bottom(model, cfg.freeze_bottom_layers)
@@ -285,8 +285,9 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         sample_batch_size=cfg.sample_batch_size, policy_name=policy_name)
     summary["normalization"] = normalization
     scorer.n_truncated = 0
+    title_of = {json.dumps(p): t for p, t in zip(train_prompts, train_titles)}
     rows = [{"stage": "calibration", "prompt": s.prompt, "response": s.response, "rm": raw * scorer.gain + scorer.bias,
-             "gold": task.gold_score(s.response), "n_tokens": len(s.response_ids), "has_eos": s.has_eos}
+             "gold": task.gold_score(s.response, title_of.get(json.dumps(s.prompt))), "n_tokens": len(s.response_ids), "has_eos": s.has_eos}
             for s, raw in calibration]
 
     # Held-out pair accuracy, next to the ceiling the label noise allows: the gold judge's own
@@ -311,7 +312,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     # Rank correlation with gold on fresh samples of the eval prompts.
     if eval_prompts:
         summary["eval_samples"], scored = sample_and_score(
-            policy, policy_tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.max_new_tokens,
+            policy, policy_tokenizer, eval_prompts, titles=eval_titles, judge=Judge(scorer), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed + 1,
             progress="sampling eval responses", precision=scorer.precision)
         rm, gold = [r["rm"] for r in scored], [r["gold"] for r in scored]

@@ -68,7 +68,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
     records = [{"prompt": data.as_messages(r["prompt"], "user"),
                 "completion": data.as_messages(r["completion"], "assistant")} for r in records]
     train_records, eval_records = data.split_records(records, cfg.eval_fraction, cfg.seed)
-    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     train_records, too_long, longest = drop_prompts_too_long(train_records, tokenizer, cfg.max_length)
@@ -90,7 +90,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
 
     def evaluate(policy, when: str) -> None:   # gold on the eval prompts (no reward model exists yet)
         summary[when], rows = sample_and_score(
-            policy, tokenizer, eval_prompts, judge=Judge(None), max_new_tokens=cfg.max_new_tokens,
+            policy, tokenizer, eval_prompts, titles=eval_titles, judge=Judge(None), max_new_tokens=cfg.max_new_tokens,
             temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed,
             progress=f"sampling eval prompts ({when})", precision=precision)
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])

@@ -310,10 +310,10 @@ def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True
 
         policy = trainer.accelerator.unwrap_model(trainer.model).policy
         scorer = RewardScorer(cfg.reward_model_path, device=cfg.device, dtype=cfg.dtype)
-        eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts]
+        eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
         reference = AdapterDisabled(policy) if cfg.use_lora else trainer.ref_model   # as ours
         result["after"] = evaluate(cfg, policy, reference, tokenizer, scorer, eval_prompts, "after (TRL)",
-                                   scorer.precision)
+                                   scorer.precision, eval_titles)
         (run_dir / "summary.json").write_text(json.dumps({"after": result["after"]}, indent=2) + "\n")
     del trainer
     return result

@@ -65,6 +65,7 @@ class PPOState:
     logprobs_from_forward: bool        # rollout log-probs from a forward pass rather than generate's logits
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
     update_forward: Callable = None    # `update_forward`, or its torch.compile'd version (`compile: true`)
+    eval_titles: list = field(default_factory=list)   # each eval prompt's film, for gold's on-topic term
 
     def __post_init__(self):
         if self.update_forward is None:
@@ -173,7 +174,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     local_batch, micro_batch = split_batch(cfg.batch_size, accelerator.num_processes, cfg.num_mini_batches,
                                            cfg.gradient_accumulation_steps)
 
-    eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
+    eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
     prompts = data.load_prompts(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
@@ -188,7 +189,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
                                                                   precision.compute != torch.float32)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
                      scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, precision,
-                     logprobs_from_forward)
+                     logprobs_from_forward, eval_titles=eval_titles)
     # The first write, once the inputs are valid; every process waits for it (and has read the directory).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -231,7 +232,7 @@ def start_logs(state: PPOState, run_dir: Path, start_step: int):
     summary = json.loads(summary_path.read_text()) if start_step and summary_path.exists() else {}
     if state.eval_prompts and "before" not in summary and accelerator.is_main_process:
         summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                     state.eval_prompts, "before", state.precision)
+                                     state.eval_prompts, "before", state.precision, state.eval_titles)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return logger, summary
 
@@ -485,7 +486,7 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
     if accelerator.is_main_process:
         if state.eval_prompts:
             summary["after"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                        state.eval_prompts, "after", state.precision)
+                                        state.eval_prompts, "after", state.precision, state.eval_titles)
         model = state.policy.merge_and_unload() if cfg.use_lora else state.policy
         model.save_pretrained(run_dir / "final", safe_serialization=True)
         state.tokenizer.save_pretrained(run_dir / "final")
@@ -499,10 +500,10 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
 
 
 def evaluate(cfg: PPOStageConfig, policy, reference, tokenizer, scorer: RewardScorer, eval_prompts: list,
-             when: str, precision: models.Precision) -> dict:
+             when: str, precision: models.Precision, titles: list | None = None) -> dict:
     """Gold, RM and sequence KL to the reference on the eval prompts (`sample_and_score`), sampled as
     in training (T, response_length). The run-level TRL cross-check evaluates TRL's policy with it too."""
-    summary, _ = sample_and_score(policy, tokenizer, eval_prompts, judge=Judge(scorer), max_new_tokens=cfg.response_length,
+    summary, _ = sample_and_score(policy, tokenizer, eval_prompts, titles=titles, judge=Judge(scorer), max_new_tokens=cfg.response_length,
                                   temperature=cfg.temperature, batch_size=32, seed=cfg.seed + 1,
                                   max_prompt_length=cfg.max_prompt_length, ref=reference, progress=f"eval ({when})",
                                   precision=precision)
