@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data clean-runs
+.PHONY: setup test demo data study clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -27,6 +27,7 @@ test: setup
 data: setup
 	$(PY) scripts/make_data.py
 
+
 # The demo: SFT -> reward model -> PPO -> DPO -> compare. A stage runs when its output (final/) does not
 # exist yet, or when its config file or a model it starts from is newer than that output (an edited
 # config is a new run; the report is redone after any stage); each appends its wall time to
@@ -38,7 +39,8 @@ CONFIGS ?= configs
 RUNS ?= runs
 REPORT ?= reports/demo
 BASE ?= embedded:smollm2-135m-instruct
-COMPARE_PROMPTS ?= 64
+COMPARE_PROMPTS ?= 0          # the first N prompts of each file (0 = all: 72 eval + 128 test)
+COMPARE_FILES ?= data/prompts_eval.jsonl data/prompts_test.jsonl   # the last file's tables come first (test)
 COMPARE_CHECKPOINTS ?= 0      # kept checkpoints per run as extra points (each costs ~25 s here)
 COMPARE_BATCH ?= 64           # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
@@ -76,8 +78,42 @@ $(RUNS)/dpo/final/config.json: $(CONFIGS)/dpo.yaml $(RUNS)/sft/final/config.json
 # redone; compare.py resamples only the models whose weights changed.
 $(REPORT)/report.html: $(RUNS)/sft/final/config.json $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 	$(STAGE) compare $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
-		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts data/prompts_eval.jsonl \
+		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts $(COMPARE_FILES) \
 		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints $(COMPARE_CHECKPOINTS) --output_dir $(REPORT)
+
+# The seed study (not part of the demo): PPO and DPO at the demo's configs with more training seeds (the
+# demo's own runs are seed 0), from the demo's SFT and reward models, in one compare with best-of-N on the
+# same prompts and sampling seeds; then mean ± sd over seeds (study.md). Stage times: $(STUDY_REPORT)/study_times.txt.
+STUDY_SEEDS ?= 1 2
+STUDY_RUNS ?= $(RUNS)/study
+STUDY_REPORT ?= reports/study
+STUDY_BON ?= bon:4 bon:16
+study: setup $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
+	@mkdir -p $(STUDY_RUNS)
+	@for seed in $(STUDY_SEEDS); do \
+		$(MAKE) --no-print-directory study-run RUNS=$(STUDY_RUNS) SEED=$$seed MODELS=$(RUNS) || exit 1; done
+	$(MAKE) --no-print-directory study-compare
+	@cp $(STUDY_RUNS)/demo_times.txt $(STUDY_REPORT)/study_times.txt
+	@cat $(STUDY_REPORT)/study_times.txt
+
+# One seed's PPO and DPO (each skipped when its final/ exists: a killed study continues).
+study-run:
+	$(if $(wildcard $(RUNS)/ppo_seed$(SEED)/final/config.json),,$(STAGE) ppo_seed$(SEED) $(PY) scripts/ppo.py \
+		--config $(CONFIGS)/ppo.yaml --seed $(SEED) --output_dir $(RUNS)/ppo_seed$(SEED) \
+		--model_name_or_path $(MODELS)/sft/final --reward_model_path $(MODELS)/reward/final)
+	$(if $(wildcard $(RUNS)/dpo_seed$(SEED)/final/config.json),,$(STAGE) dpo_seed$(SEED) $(PY) scripts/dpo.py \
+		--config $(CONFIGS)/dpo.yaml --seed $(SEED) --output_dir $(RUNS)/dpo_seed$(SEED) \
+		--model_name_or_path $(MODELS)/sft/final --reward_model $(MODELS)/reward/final)
+
+study-compare:
+	$(MAKE) --no-print-directory study-compare-run RUNS=$(STUDY_RUNS) MODELS=$(RUNS)
+
+study-compare-run:
+	$(STAGE) compare $(PY) scripts/compare.py --runs base $(MODELS)/sft ppo_seed0=$(MODELS)/ppo \
+		$(foreach s,$(STUDY_SEEDS),$(RUNS)/ppo_seed$(s)) dpo_seed0=$(MODELS)/dpo $(foreach s,$(STUDY_SEEDS),$(RUNS)/dpo_seed$(s)) \
+		$(STUDY_BON) --ref $(MODELS)/sft --base $(BASE) --reward_model $(MODELS)/reward/final --prompts $(COMPARE_FILES) \
+		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints 0 --output_dir $(STUDY_REPORT)
+	$(PY) scripts/study_summary.py $(STUDY_REPORT)
 
 clean-runs:
 	rm -rf runs reports

@@ -69,14 +69,25 @@ def test_shipped_data_matches_the_design(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "data"
-    train = load_records(str(root / "prompts_train.jsonl"), data.PROMPT_FIELDS)
-    evals = load_records(str(root / "prompts_eval.jsonl"), data.PROMPT_FIELDS)
-    assert len(train) >= 600 and len(evals) >= 200
-    assert not {json.dumps(r["prompt"]) for r in train} & {json.dumps(r["prompt"]) for r in evals}
+    splits = {name: load_records(str(root / f"prompts_{name}.jsonl"), data.PROMPT_FIELDS) for name in ("train", "eval", "test")}
+    assert len(splits["train"]) >= 600 and len(splits["eval"]) + len(splits["test"]) >= 200 and len(splits["test"]) >= 128
+    titles = {name: {r["title"] for r in rows} for name, rows in splits.items()}
+    assert not titles["train"] & titles["eval"] and not titles["train"] & titles["test"] and not titles["eval"] & titles["test"]
     assert len(load_records(str(root / "sft.jsonl"), data.SFT_FIELDS)) >= 600
     prefs = load_records(str(root / "preferences.jsonl"), data.PREFERENCE_FIELDS)
     assert len(prefs) >= 2000
     assert all(r["chosen"] != r["rejected"] for r in prefs)
+    # labelled by the gold judge in the code: relabelling the stored samples reproduces the shipped files
+    import shutil
+    import subprocess
+    import sys
+
+    for name in ("samples.jsonl", "stats.json"):
+        shutil.copy(root / name, tmp_path / name)
+    subprocess.run([sys.executable, str(root.parent / "scripts/make_data.py"), "--relabel", "--out", str(tmp_path)],
+                   check=True, capture_output=True, cwd=root.parent)
+    for name in ("sft.jsonl", "preferences.jsonl"):
+        assert (tmp_path / name).read_text() == (root / name).read_text(), f"{name} is not what the judge labels"
 
 
 def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):

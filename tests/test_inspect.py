@@ -1,6 +1,5 @@
 import io
 import json
-from types import SimpleNamespace
 
 import pytest
 
@@ -28,8 +27,7 @@ def write_report(root):
 
 
 def show(*sources, stream=None, **options):
-    args = SimpleNamespace(sources=[str(s) for s in sources], grep=None, id=None, runs=None, sort="id", limit=0,
-                           checkpoints=False, width=80, color="auto")
+    args = inspect_samples.build_parser().parse_args([str(s) for s in sources] + ["--width", "80"])
     args.__dict__.update(options)
     return inspect_samples.run_inspect(args, stream=stream or io.StringIO())
 
@@ -74,3 +72,26 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, run_script):
     assert result.returncode == 2 and result.stderr.strip().startswith("error:") and "no samples here" in result.stderr
     result = run_script("inspect_samples", write_report(tmp_path / "report"), "--sort", "disagreement", "--limit", "1")
     assert "Glass Island" in result.stdout and "Iron Meadow" not in result.stdout
+
+
+def test_prompt_samples_each_run_on_a_typed_prompt(tmp_path, capsys):
+    from test_compare import tiny_copy
+    from test_dpo import make_tiny_reward_model
+
+    from rlhf_toy import models, task
+
+    run = tiny_copy(tmp_path / "ppo" / "final", noise=0.05)
+    rm = make_tiny_reward_model(tmp_path / "rm")
+    prompt = 'Review the film "The Iron Meadow" in one line.'
+    text = show("base", str(run), prompt=prompt, max_new_tokens=10, reward_model=str(rm), base=models.TINY_MODEL,
+                dtype="float32", width=100)
+    assert text.count(prompt) == 1                       # one prompt, every run's answers under it
+    lines = [line for line in text.splitlines() if line.strip().startswith(("base", "ppo"))]
+    assert len(lines) == 4 and all("gold " in line and "RM " in line for line in lines)   # 2 runs x 2 samples
+    assert sum(line.strip().startswith("ppo#1") for line in lines) == 1
+    # the title comes from the prompt's quotes: gold is the judge's, on-topic term included
+    assert inspect_samples.quoted_title(prompt) == "The Iron Meadow"
+    assert task.gold_parts("x", "The Iron Meadow")["off_topic"] == task.OFF_TOPIC_PENALTY
+    with pytest.raises(SystemExit) as exit_info:
+        inspect_samples.main(["--prompt", prompt, str(tmp_path / "no_such_run"), "--reward_model", "none"])
+    assert exit_info.value.code == 2 and "no_such_run" in capsys.readouterr().err

@@ -2,6 +2,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -244,15 +245,22 @@ def test_directory_without_normalisation_names_the_command(trained, tmp_path):
     assert RewardScorer(str(rm)).normalization["n_samples"] == 8
 
 
-def test_margin_centering_and_a_shallower_model(tmp_path):
+def test_margin_centering_a_shallower_model_and_plain_trl_pairs(tmp_path):
     rows, _ = tokenize_pairs(clean_pairs([{"prompt": "p", "chosen": "good .", "rejected": "bad ."}], "x")[0],
                              models.load_tokenizer("tiny-random-gpt2"), 64, 0.5)
     assert rows[0]["margin"] == 0.5
+    # Plain TRL-format files: pairs without titles or gold scores, prompts without titles. Gold is computed
+    # without its on-topic term (no title to check), so the stage runs end to end.
+    strip = lambda path, keep: path.write_text("".join(
+        json.dumps({k: v for k, v in json.loads(line).items() if k in keep}) + "\n" for line in path.read_text().splitlines()))
     cfg = tiny_cfg(tmp_path, max_steps=2, margin=1.0, center_rewards_coefficient=0.01, num_norm_samples=4,
-                   num_eval_prompts=0, save_steps=100, num_hidden_layers=1)
+                   num_eval_prompts=4, save_steps=100, num_hidden_layers=1)
+    strip(Path(cfg.dataset), {"prompt", "chosen", "rejected"})
+    strip(Path(cfg.eval_prompts), {"prompt"})
     run = train_reward(cfg)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["global_step"] == 2 and summary["eval_accuracy"] is not None
+    assert summary["eval_samples"]["on_topic_rate"] is None and summary["eval_samples"]["gold_mean"] is not None
     assert AutoModelForSequenceClassification.from_pretrained(run / "final").config.num_hidden_layers == 1
     assert RewardScorer(str(run)).score([[{"role": "user", "content": "hi"}]], ["good ."]).shape == (1,)
 

@@ -1,7 +1,7 @@
 """Evaluation: every run answers the same prompts with the same sampling seeds, judged the same way.
 
     python scripts/compare.py --runs runs/sft runs/ppo runs/dpo base --ref runs/sft \
-        --prompts data/prompts_eval.jsonl --output_dir reports/NAME [--limit N]
+        --prompts data/prompts_eval.jsonl data/prompts_test.jsonl --output_dir reports/NAME [--limit N]
 
 A run is a run directory (its `final/` model, and its kept checkpoints as extra points on the
 gold-vs-KL plot), a model directory, a model name (`tiny-random-gpt2`, `embedded:...`), or `base`

@@ -4,6 +4,7 @@
     python scripts/inspect_samples.py runs/ppo runs/dpo             # runs' own samples.jsonl (latest step)
     python scripts/inspect_samples.py reports/NAME --sort disagreement --limit 10
     python scripts/inspect_samples.py reports/NAME --grep "Iron Meadow" --id 3 7
+    python scripts/inspect_samples.py --prompt 'Review "Jaws" in one sentence.' base runs/sft runs/ppo runs/dpo
 
 Sorting by reward-gold disagreement finds reward hacking: a response the reward model scores far
 above what the gold judge (the simulated human) thinks of it. Both are z-scored over the samples
@@ -24,6 +25,7 @@ import textwrap
 from pathlib import Path
 
 from rlhf_toy import runlog
+from rlhf_toy.config import DTYPES
 
 
 class InspectError(ValueError):
@@ -90,6 +92,44 @@ def load_samples(sources: list[str], include_checkpoints: bool = False) -> list[
                                "directory with samples.jsonl, or a .jsonl file)")
     if not rows:
         raise InspectError("no samples in " + ", ".join(sources))
+    return rows
+
+
+def quoted_title(prompt: str) -> str | None:
+    """The film a typed prompt asks about: its first "quoted" part, as the task's templates write it."""
+    import re
+
+    match = re.search(r'"([^"]+)"', prompt)
+    return match.group(1) if match else None
+
+
+def sample_prompt(args) -> list[dict]:
+    """Each run (compare's `--runs` forms: a run or model directory, a model name, `base`) answers the typed
+    prompt `--samples` times, scored by the gold judge and, when there is one, the reward model."""
+    from rlhf_toy import models
+    from rlhf_toy.evaluation.compare import CompareError, load_model_and_tokenizer, resolve_entries
+    from rlhf_toy.evaluation.sample_and_score import sample_and_score
+    from rlhf_toy.scoring import Judge
+
+    title = args.title or quoted_title(args.prompt)
+    precision = models.resolve_precision(args.dtype, models.pick_device("auto"))
+    judge = Judge(args.reward_model, dtype=precision.name)
+    if judge.note:
+        print(f"note: {judge.note}", file=sys.stderr)
+    rows = []
+    for spec in args.sources:
+        try:
+            entry = resolve_entries(spec, args.base or models.DEFAULT_MODEL, 0)[0]
+            if entry.best_of:
+                raise InspectError(f"{spec}: --prompt samples models; best-of-N lives in compare")
+            model, tokenizer = load_model_and_tokenizer(entry.model, entry.tokenizer_from, "auto", precision.name)
+        except (CompareError, models.ModelNotFoundError) as error:
+            raise InspectError(str(error)) from None
+        _, scored = sample_and_score(model, tokenizer, [[{"role": "user", "content": args.prompt}]] * args.samples,
+                                     titles=[title] * args.samples, judge=judge, max_new_tokens=args.max_new_tokens,
+                                     temperature=args.temperature, batch_size=args.samples, seed=args.seed,
+                                     precision=precision)
+        rows += [_normalise({**row, "prompt_id": 0, "sample": j}, entry.label) for j, row in enumerate(scored)]
     return rows
 
 
@@ -181,7 +221,19 @@ def render(groups: list[dict], width: int, style: Style) -> str:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("sources", nargs="+", help="compare reports, run directories or samples .jsonl files")
+    p.add_argument("sources", nargs="+", help="compare reports, run directories or samples .jsonl files; with "
+                   "--prompt: the runs to sample (run or model directories, model names, `base`)")
+    p.add_argument("--prompt", help="sample each run on this prompt now, instead of reading stored samples")
+    p.add_argument("--title", help="with --prompt: the film, for gold's on-topic term (default: the prompt's "
+                   "first \"quoted\" part; none: no on-topic term)")
+    p.add_argument("--samples", type=int, default=2, help="with --prompt: answers per run")
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--max_new_tokens", type=int, default=48)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reward_model", default="runs/reward/final", help="with --prompt: the RM that scores "
+                   "(`none`: gold only)")
+    p.add_argument("--base", default=None, help="with --prompt: the model `base` stands for (default: the embedded one)")
+    p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--grep", help="only prompts whose text contains this (case-insensitive)")
     p.add_argument("--id", type=int, nargs="+", help="only these prompt ids")
     p.add_argument("--runs", nargs="+", help="only these run labels")
@@ -196,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_inspect(args, stream=None) -> str:
     stream = stream or sys.stdout
-    rows = load_samples(args.sources, args.checkpoints)
+    if args.prompt is not None:
+        if not args.prompt.strip() or args.samples < 1:
+            raise InspectError("--prompt needs some text and --samples at least 1")
+        rows = sample_prompt(args)
+    else:
+        rows = load_samples(args.sources, args.checkpoints)
     if args.runs:
         rows = [r for r in rows if r["label"] in args.runs]
     groups = group_by_prompt(rows)
@@ -231,6 +288,7 @@ def main(argv=None) -> str:
         return run_inspect(args)
     except InspectError as error:
         print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
         raise SystemExit(2) from None
     except BrokenPipeError:   # `| head`
         sys.stderr.close()
