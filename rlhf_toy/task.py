@@ -120,8 +120,8 @@ def gold_parts(text: str) -> dict:
     return {"gold": gold, "sentiment": sentiment, "repetition": repetition, "rambling": rambling, "non_text": False}
 
 
-def gold_score(text: str) -> float:
-    return gold_parts(text)["gold"]
+def gold_score(text: str, title: str | None = None) -> float:
+    return gold_parts(text)["gold"]   # `title`: the film asked about (the on-topic term comes with the gold-judge work)
 
 
 # ------------------------------------------------------------------------------------------------
