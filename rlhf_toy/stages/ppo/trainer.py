@@ -282,11 +282,12 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
         ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
                                                    cfg.temperature)
     values = None   # critic-free: no value model, no value forward
-    with state.timer("value_forward"), state.precision.autocast():
-        if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
-            values = values_from_generation(state.value_model, generated)
-        elif state.value_model is not None:
-            values = forward_values(state.value_model, query_responses, attention_mask, context_length)
+    if state.value_model is not None:
+        with state.timer("value_forward"), state.precision.autocast():
+            if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
+                values = values_from_generation(state.value_model, generated)
+            else:
+                values = forward_values(state.value_model, query_responses, attention_mask, context_length)
     del generated   # its per-step logits (batch × length × vocab) are not needed past here
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
     return Rollout(batch_prompts, query_responses, attention_mask, context_length, responses, mask, logprobs,
