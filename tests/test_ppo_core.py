@@ -457,3 +457,11 @@ def test_sequence_policy_loss_and_kl_loss_by_hand():
     assert kl.item() == pytest.approx(k3 / 5, abs=1e-6)
     kl.backward()
     assert logp.grad[1, 0] > 0 and logp.grad[0].abs().sum() == 0   # lower log pi where pi > pi_ref; none where equal
+    # d k3 / d log pi = 1 - pi_ref/pi = 1 - e^-1 on that token; weighted by the ratio pi/pi_old (1 in value here),
+    # the gradient gains k3 * d log(ratio) = e^-1: 1 in all, the reverse KL's gradient (TRL's use_bias_correction_kl)
+    assert logp.grad[1, 0].item() == pytest.approx((1 - math.exp(-1)) / 5, abs=1e-6)
+    logp.grad = None
+    corrected = core.kl_loss(logp, ref, mask, old_logprobs=old)
+    assert corrected.item() == pytest.approx(kl.item(), abs=1e-7)
+    corrected.backward()
+    assert logp.grad[1, 0].item() == pytest.approx(1 / 5, abs=1e-6)

@@ -60,6 +60,9 @@ class PPOStageConfig(LoraFields, CommonConfig):
     # "reward": -beta*KL on every token's reward (Ziegler et al., TRL PPOTrainer). "loss": beta times the k3
     # estimator of the current policy added to the loss (GRPO, TRL GRPOTrainer); needs kl_estimator: k3.
     kl_in: str = "reward"
+    # kl_in: loss: weight each token's k3 by the importance ratio pi/pi_old, which makes its gradient that of the
+    # reverse KL (DeepSeek-V3.2; TRL GRPOTrainer's default); false: the GRPO paper's plain k3 term.
+    use_bias_correction_kl: bool = True
     # PPO
     num_ppo_epochs: int = 4
     num_mini_batches: int = 1

@@ -462,14 +462,21 @@ def sequence_policy_loss(
 
 
 def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type: str = "bnpo",
-            max_len: int | None = None) -> Tensor:
+            max_len: int | None = None, old_logprobs: Tensor | None = None) -> Tensor:
     """The KL penalty as a loss term (``kl_in: loss``; multiply by beta): the k3 estimator
-    ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` of the *current* policy's log-probs, so its gradient
-    pulls toward the reference, averaged as the policy loss is (``aggregate_loss``). k1 would not do: its
-    gradient on tokens sampled from pi is ``grad log pi``, zero in expectation, so it would not regularise.
-    GRPO (Shao et al. 2024, eq. 4) and TRL GRPOTrainer (``per_token_loss + beta * per_token_kl``)."""
-    # TRL grpo_trainer.py: per_token_kl = exp(ref - logp) - (ref - logp) - 1; per_token_loss += beta * per_token_kl
-    return aggregate_loss(kl_penalty(new_logprobs, ref_logprobs, "k3"), mask, loss_type, max_len)
+    ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` of the *current* policy's log-probs, averaged as
+    the policy loss is (``aggregate_loss``). GRPO (Shao et al. 2024, eq. 4).
+
+    Its gradient alone, on tokens sampled from pi, is ``(1 - pi_ref/pi) grad log pi``: in expectation the
+    gradient of the *forward* KL(pi_ref || pi). Given ``old_logprobs`` (the sampling policy's), each token's k3
+    is weighted by the importance ratio ``pi/pi_old`` (1 in value on-policy, not in gradient), which makes the
+    gradient that of the reverse KL(pi || pi_ref) the penalty means (DeepSeek-V3.2; TRL 1.12 GRPOTrainer's
+    ``use_bias_correction_kl``, its default). k1 would not do at all: its gradient is zero in expectation."""
+    # TRL grpo_trainer.py: per_token_kl = exp(ref - logp) - (ref - logp) - 1; if use_bias_correction_kl: *= coef_1
+    per_token = kl_penalty(new_logprobs, ref_logprobs, "k3")
+    if old_logprobs is not None:
+        per_token = per_token * torch.exp(new_logprobs - old_logprobs)
+    return aggregate_loss(per_token, mask, loss_type, max_len)
 
 
 def value_loss(

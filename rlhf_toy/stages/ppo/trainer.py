@@ -419,7 +419,8 @@ def update_losses(state: PPOState, batch: Rollout, targets: dict, idx, width: in
                                                cfg.cliprange_value)
         out.update(loss=out["loss"] + cfg.vf_coef * vf_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
     if cfg.kl_in == "loss":   # GRPO: β·k3 of the current policy against the reference, in the loss
-        kl_loss = core.kl_loss(new_logprobs, batch.ref_logprobs[idx, :width], mask, cfg.loss_type, cfg.response_length)
+        kl_loss = core.kl_loss(new_logprobs, batch.ref_logprobs[idx, :width], mask, cfg.loss_type, cfg.response_length,
+                               old_logprobs if cfg.use_bias_correction_kl else None)
         out.update(loss=out["loss"] + state.kl_ctl.value * kl_loss, kl_loss=kl_loss)
     return out
 
