@@ -101,7 +101,6 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
     """TRL's scoring and loss on the crafted batch, ours on the same inputs: max |ours − TRL| per quantity."""
     os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
     from datasets import Dataset
-    from transformers import AutoModelForCausalLM
 
     s = {**BASE, **setting}
     tok, policy, ref, _, _ = build_tiny_models(s)
