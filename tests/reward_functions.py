@@ -13,6 +13,11 @@ def short_and_on_title(prompts, completions, title, completion_ids, trainer_stat
     return rewards
 
 
+def fewer_words(completions, **kwargs):
+    """The length rule alone: -0.1 per word."""
+    return [-0.1 * len(c[0]["content"].split()) for c in completions]
+
+
 def wrong_length(prompts, completions, **kwargs):
     return [0.0] * (len(completions) - 1)
 

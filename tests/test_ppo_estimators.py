@@ -97,12 +97,21 @@ def test_critic_free_run_learns(critic_free_runs):
     assert last > first + 0.3, (first, last)
 
 
-def test_critic_free_build_loads_no_value_model_and_no_reward_model(pipeline, tmp_path):
-    cfg = config(pipeline, tmp_path, advantage_estimator="rloo", num_generations=2, reward_model_path=tmp_path / "none",
-                 rewards="reward_functions:none_for_odd")
-    state, _, _ = trainer.build(cfg)
+def test_critic_free_run_with_a_function_reward_needs_no_reward_model(pipeline, tmp_path):
+    """No value model and, with only a reward function, no reward model: none is loaded (its path does not
+    exist), the optimizer holds the policy alone, and the before/after evaluation runs without an RM."""
+    flags = dict(advantage_estimator="rloo", num_generations=2, reward_model_path=tmp_path / "none",
+                 rewards="reward_functions:fewer_words", total_episodes=16, num_eval_prompts=4)
+    state, _, _ = trainer.build(config(pipeline, tmp_path, **flags))
     assert state.value_model is None and state.scorer is None
     assert sum(p.numel() for p in state.parameters) == sum(p.numel() for p in state.policy.parameters())
+    out = tmp_path / "ppo"
+    run_in_process(pipeline, out, **flags)
+    records = steps(out)
+    assert [r["step"] for r in records] == [1, 2] and "score/rm" not in records[0]
+    assert all(r["rewards/fewer_words/mean"] < 0 for r in records)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["after"]["rm_mean"] is None and summary["after"]["gold_mean"] is not None
 
 
 def test_killed_critic_free_run_resumes_with_no_step_lost_or_repeated(pipeline, critic_free_runs, tmp_path):
@@ -181,3 +190,11 @@ def test_bad_reward_functions_stop_with_the_entry_named(pipeline, tmp_path):
     with pytest.raises(RewardFunctionError, match="'reward_functions:wrong_length' returned 7 rewards for 8"):
         run_in_process(pipeline, tmp_path / "b", total_episodes=8, num_eval_prompts=0,
                        rewards="reward_functions:wrong_length")
+
+
+def test_a_missing_reward_module_is_one_line_on_the_command_line(run_script, pipeline, tmp_path):
+    result = run_script("ppo", *tiny_flags(pipeline, tmp_path / "x", rewards="rm,no_such_module:f"), check=False)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "error: rewards entry 'rm,no_such_module:f'" not in result.stderr   # the entry, not the whole list
+    assert "error: rewards entry 'no_such_module:f': cannot import module 'no_such_module'" in result.stderr
+    assert "Traceback" not in result.stderr
