@@ -115,7 +115,8 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
         policy.save_pretrained(f"{tmp}/policy")
         tok.save_pretrained(f"{tmp}/policy")
         texts = [" ".join(f"w{i - 3}" for i in p) for p in prompts]
-        dataset = Dataset.from_dict({"prompt": texts[::s["num_generations"]], "target": rewards[::s["num_generations"]]})
+        group = s["num_generations"]
+        dataset = Dataset.from_dict({"prompt": texts[::group], "target": rewards[::group]})
         trainer = _trainer(s, f"{tmp}/policy", f"{tmp}/out", dataset, target_reward)
         trainer.ref_model = ref.eval()   # a reference that differs from the policy, so the KL is not ~0
         trainer.model.train()
@@ -243,8 +244,8 @@ def format_report(report: dict[str, Any]) -> str:
                        ("clipped_fraction", "ratios outside the clip range"),
                        ("kl_effect", "advantages moved by the KL in the reward"), ("rows_with_eos", "rows with EOS"),
                        ("rows_truncated", "rows truncated"), ("passed", "passed")):
-        lines.append(label.ljust(w0) + "".join(
-            (f"{v:.3g}" if isinstance(v, float) else str(v)).rjust(w) for v in (report["results"][n][key] for n in names)))
+        values = [report["results"][n][key] for n in names]
+        lines.append(label.ljust(w0) + "".join((f"{v:.3g}" if isinstance(v, float) else str(v)).rjust(w) for v in values))
     lines.append("overall: " + ("PASSED" if report["passed"] else "FAILED"))
     return "\n".join(lines)
 

@@ -315,13 +315,14 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
     ``lam = 1`` and no value function."""
     # REINFORCE++ (Hu 2025), OpenRLHF's get_cumulative_returns
     m = _bool(mask)
-    rewards = torch.where(m, rewards, torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    rewards = torch.where(m, rewards, zero)
     running = torch.zeros_like(rewards[:, 0])
     returns = []
     for t in reversed(range(rewards.shape[1])):
         running = rewards[:, t] + gamma * running
         returns.append(running)
-    return torch.where(m, torch.stack(returns[::-1], dim=1), torch.zeros((), dtype=rewards.dtype, device=rewards.device))
+    return torch.where(m, torch.stack(returns[::-1], dim=1), zero)
 
 
 CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
@@ -447,7 +448,8 @@ def sequence_policy_loss(
     """The clipped surrogate with one importance ratio per sequence, ``rho = exp(sum_t log pi_new - log pi_old)``
     (the whole response is one action, as in RLOO's REINFORCE), ``L = mean_seq max(-A*rho, -A*clip(rho))``.
     ``advantages``: ``[B]``. TRL RLOOTrainer's loss (there ``epsilon``); stats as ``policy_loss``'s, per sequence."""
-    # TRL rloo_trainer.py _compute_loss: logps = (per_token_logps * completion_mask).sum(1); coef_1 = exp(logps - old_logps)
+    # TRL rloo_trainer.py _compute_loss: logps = (per_token_logps * completion_mask).sum(1);
+    # coef_1 = exp(logps - old_logps); per_sequence_loss = -min(coef_1 * A, clamp(coef_1) * A); loss = mean
     m = _bool(mask)
     log_ratio = masked_sum(new_logprobs - old_logprobs, m, dim=1)
     ratio = torch.exp(log_ratio)

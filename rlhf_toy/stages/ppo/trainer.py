@@ -304,7 +304,10 @@ def score(state: PPOState, batch: Rollout, step: int = 1) -> dict:
     returned None); `logged`: what reward functions passed to `log_metric`."""
     cfg = state.cfg
     components, logged = {}, {}
-    log_metric = lambda name, value: logged.setdefault(name, []).append(float(value))  # noqa: E731
+
+    def log_metric(name: str, value: float) -> None:   # TRL's reward-function hook: logged with the step
+        logged.setdefault(name, []).append(float(value))
+
     with state.timer("scoring"):
         has_eos = (batch.responses == state.tokenizer.eos_token_id).any(1)
         completion_ids = [r[m].tolist() for r, m in zip(batch.responses, batch.mask)]
@@ -441,7 +444,8 @@ def micro_batch_columns(batch: Rollout, idx: torch.Tensor, value_mask: torch.Ten
 
 def update_forward(policy, value_model, ids, attention, context_length: int, temperature: float, shared_critic: bool):
     """The update's forward pass: the response tokens' log-probs and entropies at temperature T (float32) and
-    the values (None without a critic). One function, so `compile: true` can hand all of it (and its backward) to torch.compile."""
+    the values (None without a critic). One function, so `compile: true` can hand all of it (and its backward)
+    to torch.compile."""
     if shared_critic:   # one trunk, two heads: one forward and one backward
         logits, values = sequences.response_logits(policy, ids, attention, context_length, temperature,
                                                    value_head=value_model)
@@ -545,9 +549,9 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
     if step % cfg.sample_every == 0 or step == cfg.num_steps:
         components = {name: [None if v != v else v for v in values.tolist()]   # None: the function's own None
                       for name, values in parts["components"].items()}
-        rows = [{"step": step, "prompt": p, "response": t, "score": s, "rm": components["rm"][i] if "rm" in components else None,
-                 "gold": g, "kl": k, "n_tokens": n, "has_eos": e,
-                 "rewards": {name: values[i] for name, values in components.items()}}
+        rows = [{"step": step, "prompt": p, "response": t, "score": s,
+                 "rm": components["rm"][i] if "rm" in components else None, "gold": g, "kl": k, "n_tokens": n,
+                 "has_eos": e, "rewards": {name: values[i] for name, values in components.items()}}
                 for i, (p, t, s, g, k, n, e) in enumerate(zip(
                     batch.prompts, batch.texts, scores.tolist(), gold.tolist(), kl_per_seq.tolist(), n_tokens.tolist(),
                     parts["has_eos"].tolist()))]
