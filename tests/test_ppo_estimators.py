@@ -57,6 +57,11 @@ def test_config_refuses_what_does_not_combine(pipeline, tmp_path):
     for overrides, message in refused:
         with pytest.raises(ConfigError, match=message):
             config(pipeline, tmp_path, **overrides)
+    # the run-level cross-check trains TRL's PPOTrainer beside ours: PPO with GAE only
+    from rlhf_toy.verify.trl_run import CrosscheckRunConfig
+
+    with pytest.raises(ConfigError, match="advantage_estimator: 'grpo': the run-level cross-check trains TRL's"):
+        parse_config(CrosscheckRunConfig, ["--advantage_estimator", "grpo", "--num_generations", "2"])
 
 
 @pytest.fixture(scope="module")
