@@ -13,7 +13,7 @@ from conftest import ROOT, kill_after_checkpoint, run_in_process, tiny_flags
 from rlhf_toy import runlog, task
 from rlhf_toy.config import ConfigError, parse_config
 from rlhf_toy.stages.ppo import trainer
-from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
 from rlhf_toy.stages.ppo.rewards import RewardFunctionError, call_reward_function, combine, load_reward_functions
 
 # 6 steps of 2 prompts x 4 samples, a checkpoint every 2nd
@@ -203,3 +203,23 @@ def test_a_missing_reward_module_is_one_line_on_the_command_line(run_script, pip
     assert "error: rewards entry 'rm,no_such_module:f'" not in result.stderr   # the entry, not the whole list
     assert "error: rewards entry 'no_such_module:f': cannot import module 'no_such_module'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+
+def test_two_processes_keep_each_group_on_one_process(pipeline, tmp_path):
+    """Data parallel: each process samples, scores and compares whole groups (its 4 episodes are one prompt's
+    4 samples here); a share that is not whole groups is refused."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           str(ROOT / "scripts/ppo.py"), *tiny_flags(pipeline, out, total_episodes=16, num_eval_prompts=0,
+                                                     **CRITIC_FREE["grpo"])]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["step"] for r in steps(out)] == [1, 2] and all("loss/kl_avg" in r for r in steps(out))
+    assert json.loads((out / "summary.json").read_text())["num_processes"] == 2
+    prompts = [json.dumps(r["prompt"]) for r in runlog.read_jsonl(out / "samples.jsonl") if r["step"] == 2]
+    assert prompts == [prompts[0]] * 4 + [prompts[4]] * 4 and prompts[0] != prompts[4]
+    assert split_batch(8, 2, 1, 1, num_generations=4) == (4, 4)
+    with pytest.raises(ConfigError, match=r"batch_size \(8\) over 2 processes \(4 each\) must be a multiple of "
+                                          r"num_generations \(8\)"):
+        split_batch(8, 2, 1, 1, num_generations=8)

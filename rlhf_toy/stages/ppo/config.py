@@ -186,11 +186,12 @@ class PPOStageConfig(LoraFields, CommonConfig):
 
 
 def split_batch(batch_size: int, num_processes: int, num_mini_batches: int,
-                gradient_accumulation_steps: int) -> tuple[int, int]:
+                gradient_accumulation_steps: int, num_generations: int = 1) -> tuple[int, int]:
     """(episodes per process, episodes per micro-batch): each process takes an equal share of the batch,
     cuts it into `num_mini_batches` minibatches (one optimizer step each) of `gradient_accumulation_steps`
     equal micro-batches. Anything that does not divide exactly is an error, never a rounded-down size
-    (a micro-batch of 0, or gradients scaled for micro-batches that do not exist)."""
+    (a micro-batch of 0, or gradients scaled for micro-batches that do not exist). Each process's share holds
+    whole groups of `num_generations` samples of a prompt (a group is scored and compared on one process)."""
     for name, value in (("batch_size", batch_size), ("num_mini_batches", num_mini_batches),
                         ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if value < 1:
@@ -202,5 +203,8 @@ def split_batch(batch_size: int, num_processes: int, num_mini_batches: int,
             f"batch_size ({batch_size}){where} must split into num_mini_batches ({num_mini_batches}) x "
             f"gradient_accumulation_steps ({gradient_accumulation_steps}) equal micro-batches")
     local_batch = batch_size // num_processes
+    if local_batch % num_generations:
+        raise ConfigError(f"batch_size ({batch_size}) over {num_processes} processes ({local_batch} each) must be a "
+                          f"multiple of num_generations ({num_generations})")
     return local_batch, local_batch // per_step
 

@@ -33,7 +33,6 @@ from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from rlhf_toy import data, models, rundir, runlog, sequences, task
-from rlhf_toy.config import ConfigError
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
 from rlhf_toy.stages.common import resolve_precision, setup_run
@@ -173,11 +172,8 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     run_dir = setup_run(cfg)
     device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
     local_batch, micro_batch = split_batch(cfg.batch_size, accelerator.num_processes, cfg.num_mini_batches,
-                                           cfg.gradient_accumulation_steps)
+                                           cfg.gradient_accumulation_steps, cfg.num_generations)
 
-    if local_batch % cfg.num_generations:   # a group is scored and compared on one process
-        raise ConfigError(f"batch_size ({cfg.batch_size}) over {accelerator.num_processes} processes "
-                          f"({local_batch} each) must be a multiple of num_generations ({cfg.num_generations})")
     reward_functions = load_reward_functions(cfg.rewards)   # a missing module or function stops here
     eval_prompts = data.load_prompts(cfg.eval_prompts)[: cfg.num_eval_prompts] if cfg.num_eval_prompts else []
     prompts = data.load_prompt_records(cfg.prompts)
