@@ -50,6 +50,7 @@ def test_config_refuses_what_does_not_combine(pipeline, tmp_path):
         (dict(advantage_estimator="rloo", num_generations=2, loss_type="sequence", kl_in="loss", kl_estimator="k3"),
          "loss_type: sequence has no per-token loss"),
         (dict(advantage_estimator="reinforce_pp", trl_compat="true"), "trl_compat reproduces TRL's PPOTrainer"),
+        (dict(advantage_estimator="grpo", num_generations=2, whiten_rewards="true"), "whiten_rewards whitens per-token"),
         (dict(rewards="rm,reward_functions"), "rewards entry 'reward_functions': expected rm or module:function"),
         (dict(rewards="rm,reward_functions:wrong_length", reward_weights="1"), "reward_weights has 1 weights for 2"),
         (dict(rewards="rm,rm"), "rewards lists an entry twice"),

@@ -67,8 +67,8 @@ class PPOStageConfig(LoraFields, CommonConfig):
     num_ppo_epochs: int = 4
     num_mini_batches: int = 1
     gradient_accumulation_steps: int = 1
-    gamma: float = 1.0
-    lam: float = 0.95
+    gamma: float = 1.0                              # GAE's and reinforce_pp's discount (grpo, rloo: whole responses)
+    lam: float = 0.95                               # GAE's
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -155,6 +155,9 @@ class PPOStageConfig(LoraFields, CommonConfig):
         if self.loss_type == "sequence" and self.kl_in == "loss":
             raise ConfigError("loss_type: sequence has no per-token loss to add the KL to: use kl_in: reward "
                               "(TRL RLOOTrainer's place for it)")
+        if self.whiten_rewards and self.advantage_estimator in ("grpo", "rloo"):
+            raise ConfigError(f"whiten_rewards whitens per-token rewards (gae, reinforce_pp); "
+                              f"{self.advantage_estimator} compares whole-response rewards within each group")
         if self.trl_compat and critic_free:
             raise ConfigError("trl_compat reproduces TRL's PPOTrainer: only with advantage_estimator: gae")
 
