@@ -190,6 +190,9 @@ def test_bad_reward_functions_stop_with_the_entry_named(pipeline, tmp_path):
     assert combine({"rm": torch.tensor([0.5, 0.5, 0.5]), "f": some}, [1.0, 2.0]).tolist() == [2.5, 0.5, 2.5]
     with pytest.raises(RewardFunctionError, match=r"every rewards entry \(f\) returned None for completion 1"):
         combine({"f": some}, [1.0])
+    # the reward model has no None: its NaN is not left out (it stops the run as a non-finite score)
+    assert combine({"rm": torch.tensor([float("nan"), 0.5, 0.5]), "f": some}, [1.0, 1.0]).isnan().tolist() == [
+        True, False, False]
     # in a run: a missing module before any model loads, a wrong length at the first step
     with pytest.raises(RewardFunctionError, match="cannot import module 'no_such_module'"):
         run_in_process(pipeline, tmp_path / "a", total_episodes=8, num_eval_prompts=0, rewards="rm,no_such_module:f")

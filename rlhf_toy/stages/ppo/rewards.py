@@ -104,11 +104,14 @@ def call_reward_function(entry: str, function: Callable, records: list[dict], te
 
 
 def combine(components: dict[str, torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """``sum_k w_k r_k`` per episode, a None (NaN) component left out (TRL: nansum); an episode that no
-    component scored is an error."""
+    """``sum_k w_k r_k`` per episode, a function's None (NaN) left out (TRL: nansum); an episode that no
+    component scored is an error. The reward model (`rm`) has no None: a NaN of its stays in the sum, and
+    stops the run as a non-finite score."""
     stacked = torch.stack(list(components.values()), dim=1)
-    unscored = torch.isnan(stacked).all(dim=1)
+    left_out = torch.isnan(stacked) & torch.tensor([name != "rm" for name in components])
+    unscored = left_out.all(dim=1)
     if unscored.any():
         raise RewardFunctionError(f"every rewards entry ({', '.join(components)}) returned None for completion "
                                   f"{int(unscored.nonzero()[0])}: at least one must score each completion")
-    return (stacked * torch.tensor(weights, dtype=stacked.dtype)).nansum(dim=1)
+    weighted = stacked * torch.tensor(weights, dtype=stacked.dtype)
+    return torch.where(left_out, torch.zeros((), dtype=stacked.dtype), weighted).sum(dim=1)
