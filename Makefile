@@ -42,7 +42,7 @@ BASE ?= embedded:smollm2-135m-instruct
 COMPARE_PROMPTS ?= 0          # the first N prompts of each file (0 = all: 72 eval + 128 test)
 COMPARE_FILES ?= data/prompts_eval.jsonl data/prompts_test.jsonl   # the last file's tables come first (test)
 COMPARE_CHECKPOINTS ?= 0      # kept checkpoints per run as extra points (each costs ~25 s here)
-COMPARE_BATCH ?= 64           # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32
+COMPARE_BATCH ?= 100          # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32; 200 prompts = 2 batches
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
 # $(STAGE) NAME COMMAND...: run COMMAND, then log "NAME <seconds> s" (only when it succeeded)
 STAGE = @mkdir -p $(RUNS) && bash -c 'echo "== $$1: $${*:2}"; start=$$SECONDS; "$${@:2}" && \

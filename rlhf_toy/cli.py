@@ -8,8 +8,9 @@ import sys
 from rlhf_toy.config import ConfigError, parse_config
 from rlhf_toy.data import DataError
 from rlhf_toy.models import ModelNotFoundError
+from rlhf_toy.stages.ppo.rewards import RewardFunctionError
 
-USER_ERRORS = (ConfigError, DataError, ModelNotFoundError)
+USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, RewardFunctionError)
 
 
 def run_stage(config_class, stage, argv=None):

@@ -126,7 +126,7 @@ def as_messages(value, role: str) -> list[dict]:
 
 
 def load_prompts(source: str) -> list[list[dict]]:
-    return [as_messages(r["prompt"], "user") for r in load_records(source, PROMPT_FIELDS)]
+    return [as_messages(r["prompt"], "user") for r in load_prompt_records(source)]
 
 
 def load_prompts_and_titles(source: str, limit: int | None = None) -> tuple[list[list[dict]], list[str | None]]:
@@ -140,14 +140,23 @@ def load_prompts_and_titles(source: str, limit: int | None = None) -> tuple[list
     return [as_messages(r["prompt"], "user") for r in records], titles
 
 
-def prompt_batch(prompts: list, step: int, batch_size: int, seed: int) -> list:
+def load_prompt_records(source: str) -> list[dict]:
+    """The prompt records whole: "prompt" as the file has it (text or messages) and every other column (a
+    title, an answer key), which PPO passes to reward functions by name, as TRL's GRPOTrainer does."""
+    return load_records(source, PROMPT_FIELDS)
+
+
+def prompt_batch(prompts: list, step: int, batch_size: int, seed: int, num_generations: int = 1) -> list:
     """The prompts of training step `step`: consecutive slices of a seeded shuffle, reshuffled every
     pass over the data. A pure function of (seed, step), so a resumed run draws exactly the batches it
-    would have, and the TRL cross-check can feed TRL the same ones."""
-    epoch, offset = divmod(step * batch_size, len(prompts))
+    would have, and the TRL cross-check can feed TRL the same ones. With `num_generations` > 1 the step
+    draws batch_size / num_generations prompts and repeats each that many times, next to each other (the
+    groups of GRPO and RLOO; TRL's RepeatSampler)."""
+    n_prompts = batch_size // num_generations
+    epoch, offset = divmod(step * n_prompts, len(prompts))
     order = list(range(len(prompts)))
     random.Random(seed * 100003 + epoch).shuffle(order)
-    return [prompts[order[(offset + i) % len(order)]] for i in range(batch_size)]
+    return [prompts[order[(offset + i) % len(order)]] for i in range(n_prompts) for _ in range(num_generations)]
 
 
 def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:

@@ -110,7 +110,9 @@ def compare_configs(old: dict, cfg) -> tuple[list[str], list[str]]:
     as "field old -> new". A field the old config lacks (added since) counts as its default."""
     # Through YAML, as config.yaml was written, so types compare alike (tuples, floats).
     new = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.default is not dataclasses.MISSING}
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(cfg)
+                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
     differ, longer = [], []
     for name, value in new.items():
         before = old.get(name, defaults.get(name))

@@ -8,7 +8,9 @@
 (built locally, no download), observe its tensors, feed the same inputs to our core functions
 and print max |ours - TRL| per quantity per setting, including one PPO step through our trainer itself
 (`trainer step:` line: every tensor and the updated weights), and where our defaults differ from TRL
-by design.  Exit status 1 if a tolerance fails.
+by design. Then the critic-free estimators against TRL's GRPOTrainer (loss_type grpo, dr_grpo, bnpo) and
+RLOOTrainer (rlhf_toy.verify.trl_critic_free): advantages, loss and its gradient from the same rewards and
+log-probs. Exit status 1 if a tolerance fails.
 
 Run level (any other invocation; fields of rlhf_toy.verify.trl_run.CrosscheckRunConfig as flags):
 train our PPO and TRL's PPOTrainer with matched hyperparameters (length penalty off, same beta, batch,
@@ -44,27 +46,33 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from rlhf_toy.verify import trl_numeric as crosscheck
+    from rlhf_toy.verify import trl_critic_free, trl_numeric
 
     if args.list:
-        for s in crosscheck.DEFAULT_SETTINGS:
+        for s in trl_numeric.DEFAULT_SETTINGS + trl_critic_free.SETTINGS:
             print(s["name"], {k: v for k, v in s.items() if k != "name"})
         return 0
-    settings = crosscheck.DEFAULT_SETTINGS
+    ppo_settings, critic_free_settings = trl_numeric.DEFAULT_SETTINGS, trl_critic_free.SETTINGS
     if args.settings:
-        by_name = {s["name"]: s for s in settings}
         names = [n.strip() for n in args.settings.split(",") if n.strip()]
-        unknown = [n for n in names if n not in by_name]
+        known = {s["name"] for s in ppo_settings + critic_free_settings}
+        unknown = [n for n in names if n not in known]
         if unknown:
-            ap.error(f"unknown setting(s) {unknown}; known: {sorted(by_name)}")
-        settings = [by_name[n] for n in names]
+            ap.error(f"unknown setting(s) {unknown}; known: {sorted(known)}")
+        ppo_settings = [s for s in ppo_settings if s["name"] in names]
+        critic_free_settings = [s for s in critic_free_settings if s["name"] in names]
 
-    report = crosscheck.numeric_crosscheck(settings)
-    print(crosscheck.format_report(report))
+    reports = {}
+    if ppo_settings:
+        reports["ppo"] = trl_numeric.numeric_crosscheck(ppo_settings)
+        print(trl_numeric.format_report(reports["ppo"]))
+    if critic_free_settings:
+        reports["critic_free"] = trl_critic_free.crosscheck(critic_free_settings)
+        print(("\n" if ppo_settings else "") + trl_critic_free.format_report(reports["critic_free"]))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(report, f, indent=2, default=str)
-    return 0 if report["passed"] else 1
+            json.dump(reports, f, indent=2, default=str)
+    return 0 if all(r["passed"] for r in reports.values()) else 1
 
 
 def run_level(argv: list[str]) -> int:

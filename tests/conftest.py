@@ -69,3 +69,54 @@ def snapshot(directory: Path) -> dict:
 
     return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO on the pipeline in miniature (tests/test_ppo_trainer.py, tests/test_ppo_estimators.py)
+GOOD, BAD = "a wonderful film .", "a terrible film ."
+
+
+@pytest.fixture(scope="session")
+def pipeline(tmp_path_factory):
+    """The pipeline in miniature, so PPO has an easy, learnable reward: a tiny SFT model that answers
+    GOOD or BAD about equally, and a reward model trained on pairs that prefer GOOD."""
+    import json
+
+    from rlhf_toy import task
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.stages.reward import RewardStageConfig, train_reward
+    from rlhf_toy.stages.sft import SFTStageConfig, run_sft
+
+    tmp = tmp_path_factory.mktemp("pipeline")
+    train, evals, _ = task.make_prompts(64, 16, 0, seed=5)
+    write = lambda name, rows: (tmp / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    answer = lambda text: [{"role": "assistant", "content": text}]
+    write("sft.jsonl", [{**r, "completion": answer([GOOD, BAD][i % 2])} for i, r in enumerate(train)])
+    write("prompts.jsonl", evals)
+    write("pairs.jsonl", [{**r, "chosen": answer(GOOD), "rejected": answer(BAD)} for r in train])
+    run_sft(parse_config(SFTStageConfig, [
+        "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dataset", str(tmp / "sft.jsonl"), "--output_dir",
+        str(tmp / "sft"), "--num_eval_prompts", "0", "--eval_fraction", "0", "--max_steps", "30",
+        "--learning_rate", "1e-2"]))
+    train_reward(parse_config(RewardStageConfig, [
+        "--config", str(ROOT / "configs/tiny/reward.yaml"), "--model_name_or_path", str(tmp / "sft/final"),
+        "--policy_model", str(tmp / "sft/final"), "--dataset", str(tmp / "pairs.jsonl"), "--train_prompts",
+        str(tmp / "prompts.jsonl"), "--eval_prompts", str(tmp / "prompts.jsonl"), "--output_dir", str(tmp / "rm"),
+        "--num_eval_prompts", "0", "--max_steps", "20"]))
+    return tmp
+
+
+def tiny_flags(pipeline, out, **overrides):
+    flags = {"config": ROOT / "configs/tiny/ppo.yaml", "model_name_or_path": pipeline / "sft/final",
+             "reward_model_path": pipeline / "rm/final", "output_dir": out, "prompts": pipeline / "prompts.jsonl",
+             "eval_prompts": pipeline / "prompts.jsonl"}
+    flags.update(overrides)
+    return [str(x) for key, value in flags.items() for x in (f"--{key}", value)]
+
+
+def run_in_process(pipeline, out, **overrides):
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.stages.ppo import trainer
+    from rlhf_toy.stages.ppo.config import PPOStageConfig
+
+    return trainer.train_ppo(parse_config(PPOStageConfig, tiny_flags(pipeline, out, **overrides)))

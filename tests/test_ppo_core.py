@@ -358,3 +358,110 @@ def test_padding_garbage_changes_nothing(trl_compat, whiten_rewards):
         assert torch.equal(got[4], clean[4])
         assert torch.equal(got[5], clean[5])  # gradients equal ...
         assert (got[5][pad] == 0).all()  # ... and zero on padding
+
+
+# --------------------------------------------------------------------------------------------
+# critic-free estimators: a group of 4 rewards by hand
+# --------------------------------------------------------------------------------------------
+GROUP = [1.0, 2.0, 3.0, 6.0]   # mean 3, deviations -2 -1 0 3, unbiased variance 14/3
+
+
+def test_grpo_advantages_of_a_group_of_four_by_hand():
+    std = math.sqrt(14 / 3)
+    expect = [d / (std + 1e-4) for d in (-2, -1, 0, 3)]
+    assert core.grpo_advantages(t(GROUP), 4).tolist() == pytest.approx(expect, abs=1e-6)
+    # Dr. GRPO: no division by the std
+    assert core.grpo_advantages(t(GROUP), 4, scale_rewards=False).tolist() == pytest.approx([-2, -1, 0, 3], abs=1e-6)
+    # two groups of two are normalised each on its own: (r - mean) / (std + eps), std of a pair = |a - b| / sqrt 2
+    two = core.grpo_advantages(t(GROUP), 2).tolist()
+    s1, s2 = 1 / math.sqrt(2), 3 / math.sqrt(2)
+    assert two == pytest.approx([-0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4), -1.5 / (s2 + 1e-4), 1.5 / (s2 + 1e-4)], abs=1e-6)
+    # a group whose samples all scored the same has nothing to learn: advantage 0, not NaN
+    assert core.grpo_advantages(t([2.0, 2.0, 2.0, 2.0]), 4).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="do not split into groups of num_generations=3"):
+        core.grpo_advantages(t(GROUP), 3)
+
+
+def test_rloo_advantages_of_a_group_of_four_by_hand():
+    # each reward minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2
+    assert core.rloo_advantages(t(GROUP), 4).tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0], abs=1e-6)
+    # = G/(G-1) (r - mean)
+    assert core.rloo_advantages(t(GROUP), 4).tolist() == pytest.approx([4 / 3 * d for d in (-2, -1, 0, 3)], abs=1e-6)
+    assert core.rloo_advantages(t(GROUP), 2).tolist() == pytest.approx([-1.0, 1.0, -3.0, 3.0], abs=1e-6)
+
+
+def test_discounted_returns_and_reinforce_pp_by_hand():
+    rewards = t([[0.0, 0.0, 1.0, 99.0], [1.0, 1.0, 1.0, 1.0]])   # 99 is padding
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
+    returns = core.discounted_returns(rewards, mask, 0.5)
+    torch.testing.assert_close(returns, t([[0.25, 0.5, 1.0, 0.0], [1.875, 1.75, 1.5, 1.0]]))
+    # reinforce_pp: per-token rewards (-beta*kl, the score on the last token), their reward-to-go, whitened over
+    # the batch's real tokens
+    logprobs, ref = t([[-1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]), t([[-1.5, -1.0, -1.0, 0.0], [-1.0] * 4])
+    out = core.compute_critic_free_targets("reinforce_pp", t([1.0, 4.0]), logprobs, ref, mask, kl_coef=0.2, gamma=0.5)
+    by_hand = t([[-0.1, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 4.0]])   # kl 0.5 on row 0 token 0
+    torch.testing.assert_close(out["rewards"], by_hand)
+    g = [[-0.1 + 0.5 * 0.5, 0.5, 1.0], [0.5, 1.0, 2.0, 4.0]]
+    flat = t(g[0] + g[1])
+    whitened = (flat - flat.mean()) / torch.sqrt(flat.var() + 1e-8)
+    assert out["returns"][mask].tolist() == pytest.approx(flat.tolist(), abs=1e-6)
+    assert out["advantages"][mask].tolist() == pytest.approx(whitened.tolist(), abs=1e-5)
+    assert out["advantages"][0, 3] == 0 and "sequence_advantages" not in out
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "rloo"])
+def test_group_estimators_compare_sequence_returns_kl_included(estimator):
+    """R = score - beta * sum_t kl_t per sequence (TRL RLOOTrainer's sequence-level KL), one advantage per
+    sequence, the same on each of its tokens, 0 on padding."""
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]).bool()
+    logprobs = t([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, 0.0, 0.0], [-1.0, -1.0, -1.0]])
+    ref = logprobs - t([[0.5, 0.5, 7.0], [0.0, 1.0, 0.0], [2.0, 7.0, 7.0], [0.0, 0.0, 0.0]])   # k1 = logp - ref
+    scores = t(GROUP)
+    out = core.compute_critic_free_targets(estimator, scores, logprobs, ref, mask, kl_coef=0.5, num_generations=4)
+    sequence_kl = [1.0, 1.0, 2.0, 0.0]
+    returns = t([s - 0.5 * k for s, k in zip(GROUP, sequence_kl)])   # 0.5, 1.5, 2.0, 6.0
+    assert core.sequence_rewards(out["rewards"], mask).tolist() == pytest.approx(returns.tolist(), abs=1e-6)
+    expect = core.grpo_advantages(returns, 4) if estimator == "grpo" else core.rloo_advantages(returns, 4)
+    assert out["sequence_advantages"].tolist() == pytest.approx(expect.tolist(), abs=1e-6)
+    assert torch.equal(out["advantages"], torch.where(mask, expect.unsqueeze(1), torch.zeros(())))
+
+
+def test_loss_aggregation_by_hand():
+    per_token = t([[1.0, 3.0, 50.0], [2.0, 2.0, 2.0]])   # 50 is padding
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    assert core.aggregate_loss(per_token, mask, "bnpo").item() == pytest.approx(10 / 5)        # token mean
+    assert core.aggregate_loss(per_token, mask, "grpo").item() == pytest.approx((2 + 2) / 2)   # sequence means
+    per_token = t([[1.0, 5.0, 50.0], [2.0, 2.0, 2.0]])
+    assert core.aggregate_loss(per_token, mask, "grpo").item() == pytest.approx((3 + 2) / 2)
+    assert core.aggregate_loss(per_token, mask, "dr_grpo", max_len=4).item() == pytest.approx(12 / (2 * 4))
+    with pytest.raises(ValueError, match="dr_grpo needs max_len"):
+        core.aggregate_loss(per_token, mask, "dr_grpo")
+
+
+def test_sequence_policy_loss_and_kl_loss_by_hand():
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
+    old = t([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])
+    new = old + t([[0.1, 0.2, 9.0], [0.0, -0.05, 0.0]])   # sequence log-ratios 0.3 and -0.05 (padding ignored)
+    adv = t([1.0, -2.0])
+    loss, stats = core.sequence_policy_loss(new, old, adv, mask, cliprange=0.2)
+    r0, r1 = math.exp(0.3), math.exp(-0.05)
+    # row 0: A > 0, ratio 1.35 > 1.2: clipped at 1.2; row 1: A < 0, ratio 0.95 inside the range
+    assert loss.item() == pytest.approx((-1.0 * 1.2 + 2.0 * r1) / 2, abs=1e-6)
+    assert stats["clipfrac"].item() == pytest.approx(0.5)
+    assert stats["ratio_mean"].item() == pytest.approx((r0 + r1) / 2, abs=1e-6)
+    # the KL term: k3 of the current policy, its gradient pulls toward the reference
+    ref = t([[-1.0, -1.0, 0.0], [-2.0, -1.0, -1.0]])
+    logp = old.clone().requires_grad_(True)
+    kl = core.kl_loss(logp, ref, mask)
+    k3 = math.exp(-1.0) + 1.0 - 1.0   # row 1 token 0: logr = -1
+    assert kl.item() == pytest.approx(k3 / 5, abs=1e-6)
+    kl.backward()
+    assert logp.grad[1, 0] > 0 and logp.grad[0].abs().sum() == 0   # lower log pi where pi > pi_ref; none where equal
+    # d k3 / d log pi = 1 - pi_ref/pi = 1 - e^-1 on that token; weighted by the ratio pi/pi_old (1 in value here),
+    # the gradient gains k3 * d log(ratio) = e^-1: 1 in all, the reverse KL's gradient (TRL's use_bias_correction_kl)
+    assert logp.grad[1, 0].item() == pytest.approx((1 - math.exp(-1)) / 5, abs=1e-6)
+    logp.grad = None
+    corrected = core.kl_loss(logp, ref, mask, old_logprobs=old)
+    assert corrected.item() == pytest.approx(kl.item(), abs=1e-7)
+    corrected.backward()
+    assert logp.grad[1, 0].item() == pytest.approx(1 / 5, abs=1e-6)

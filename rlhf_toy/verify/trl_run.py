@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from rlhf_toy import data, models, runlog, sequences
+from rlhf_toy.config import ConfigError
 from rlhf_toy.stages.ppo.config import PPOStageConfig
 
 # The curves overlaid in the PNG: (metric, title). TRL logs these names itself; ours uses the same.
@@ -70,6 +71,17 @@ class CrosscheckRunConfig(PPOStageConfig):
     dtype: str = "float32"
     report_to: str = "none"
     resume: bool = False
+
+    def validate(self):
+        super().validate()
+        # TRL's PPOTrainer has GAE, the KL in the reward, one reward model, the token-mean loss, one sample a prompt
+        for name, trl_value in (("advantage_estimator", "gae"), ("kl_in", "reward"), ("rewards", ["rm"]),
+                                ("loss_type", "bnpo"), ("num_generations", 1)):
+            if getattr(self, name) != trl_value:
+                raise ConfigError(f"{name}: {getattr(self, name)!r}: the run-level cross-check trains TRL's "
+                                  f"PPOTrainer beside ours, which has only {name}: {trl_value!r} "
+                                  "(scripts/crosscheck_trl.py --numeric checks the critic-free estimators against "
+                                  "TRL's GRPOTrainer and RLOOTrainer)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
-"""PPO checkpoints: everything needed to continue as if never stopped (policy, critic, optimizer,
-scheduler, KL controller, every process's RNG state), written atomically as `checkpoints/step-N/`."""
+"""PPO checkpoints: everything needed to continue as if never stopped (policy, critic when there is one,
+optimizer, scheduler, KL controller, every process's RNG state), written atomically as `checkpoints/step-N/`."""
 
 from __future__ import annotations
 
@@ -30,7 +30,8 @@ def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, op
         return
     policy.save_pretrained(partial / "policy", safe_serialization=True)
     tokenizer.save_pretrained(partial / "policy")
-    save_critic(value_model, partial / "value")
+    if value_model is not None:
+        save_critic(value_model, partial / "value")
     torch.save({
         "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
         "kl_ctl": kl_ctl.state_dict(), "python_rng": random.getstate(),
@@ -69,7 +70,8 @@ def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ct
                 raise RuntimeError(f"{directory}: checkpoint lacks {missing[:3]}")
 
     load_weights(policy, path / "policy")
-    load_weights(value_model, path / "value")
+    if value_model is not None:
+        load_weights(value_model, path / "value")
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])

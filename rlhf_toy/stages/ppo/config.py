@@ -3,9 +3,12 @@ quantity is the same)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, at_least
+
+ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 
 
 @dataclass
@@ -17,7 +20,16 @@ class PPOStageConfig(LoraFields, CommonConfig):
     # "shared": a zero-initialised scalar head on the policy's trunk (lm-human-preferences' policy.py,
     #   Model(scalar_heads=['value'])): one forward/backward per minibatch instead of two, values
     #   from the sampling pass, one model less in memory; the value loss also shapes the trunk.
-    critic: str = "separate"
+    #   "none": no value model (what a critic-free estimator runs with); "auto" = separate for gae, none otherwise.
+    critic: str = "auto"
+    # How the advantages are estimated. "gae": GAE over the critic's values (TRL PPOTrainer). Critic-free (no value
+    # model loaded or trained): "grpo" (Shao et al. 2024: (R - group mean) / group std), "rloo" (Ahmadian et al.
+    # 2024: R - mean of the group's other samples), "reinforce_pp" (Hu 2025: the reward-to-go whitened over the batch).
+    advantage_estimator: str = "gae"
+    # Samples per prompt in each step's batch (each prompt repeated, next to each other): the group grpo and rloo
+    # compare within; batch_size must be a multiple of it.
+    num_generations: int = 1
+    scale_rewards: bool = True                      # grpo: divide by the group std; false = Dr. GRPO (Liu et al. 2025)
     prompts: str = "data/prompts_train.jsonl"
     eval_prompts: str = "data/prompts_eval.jsonl"
     num_eval_prompts: int = 64                      # sampled before and after training (0 = skip)
@@ -32,7 +44,11 @@ class PPOStageConfig(LoraFields, CommonConfig):
     # generate in float32, forward otherwise: in bf16 generate's KV-cache path and a full forward round
     # differently (approx-KL 1.9e-3 between them on SmolLM2-135M in pure bf16, 8e-12 in float32).
     rollout_logprobs: str = "auto"
-    # reward
+    # reward: "rm" (the reward model, normalised) and/or "module:function" with TRL's reward-function signature,
+    # f(prompts, completions, **columns) -> one float (or None) per completion; summed with reward_weights
+    # (default all 1), then the length and missing-EOS penalties. Each is logged as rewards/<name>/mean.
+    rewards: list[str] = field(default_factory=lambda: ["rm"])
+    reward_weights: list[float] = field(default_factory=list)
     length_coef: float = 0.02
     length_target: int = 40
     missing_eos_penalty: float = 1.0
@@ -41,15 +57,25 @@ class PPOStageConfig(LoraFields, CommonConfig):
     kl_target: float = 0.0                          # > 0: adaptive β (Ziegler et al.), else fixed
     kl_horizon: float = 10000.0
     kl_estimator: str = "k1"
+    # "reward": -beta*KL on every token's reward (Ziegler et al., TRL PPOTrainer). "loss": beta times the k3
+    # estimator of the current policy added to the loss (GRPO, TRL GRPOTrainer); needs kl_estimator: k3.
+    kl_in: str = "reward"
+    # kl_in: loss: weight each token's k3 by the importance ratio pi/pi_old, which makes its gradient that of the
+    # reverse KL (DeepSeek-V3.2; TRL GRPOTrainer's default); false: the GRPO paper's plain k3 term.
+    use_bias_correction_kl: bool = True
     # PPO
     num_ppo_epochs: int = 4
     num_mini_batches: int = 1
     gradient_accumulation_steps: int = 1
-    gamma: float = 1.0
-    lam: float = 0.95
+    gamma: float = 1.0                              # GAE's and reinforce_pp's discount (grpo, rloo: whole responses)
+    lam: float = 0.95                               # GAE's
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
+    # How the per-token policy loss is averaged (TRL GRPOTrainer's names): "bnpo" over all the minibatch's response
+    # tokens (TRL PPOTrainer's), "grpo" per sequence then over sequences, "dr_grpo" sum / (sequences x
+    # response_length); "sequence": one clipped ratio per sequence (TRL RLOOTrainer's; grpo and rloo only).
+    loss_type: str = "bnpo"
     whiten_rewards: bool = False
     learning_rate: float = 3e-6
     lr_scheduler_type: str = "linear"               # linear (decay to 0) or constant
@@ -80,10 +106,15 @@ class PPOStageConfig(LoraFields, CommonConfig):
         if self.learning_rate <= 0 or self.temperature <= 0:
             raise ConfigError(f"learning_rate and temperature must be > 0, got {self.learning_rate} and "
                               f"{self.temperature}")
-        if self.critic not in ("separate", "shared"):
-            raise ConfigError(f"critic must be 'separate' or 'shared', got {self.critic!r}")
+        self.validate_estimator()
+        self.validate_rewards()
         if self.kl_estimator not in ("k1", "k3"):
             raise ConfigError(f"kl_estimator must be 'k1' or 'k3', got {self.kl_estimator!r}")
+        if self.kl_in not in ("reward", "loss"):
+            raise ConfigError(f"kl_in must be 'reward' or 'loss', got {self.kl_in!r}")
+        if self.kl_in == "loss" and self.kl_estimator != "k3":
+            raise ConfigError("kl_in: loss adds the k3 estimator to the loss (k1's gradient is zero in expectation): "
+                              "set kl_estimator: k3")
         if self.lr_scheduler_type not in ("linear", "constant"):
             raise ConfigError(f"lr_scheduler_type must be linear or constant, got {self.lr_scheduler_type!r}")
         split_batch(self.batch_size, 1, self.num_mini_batches, self.gradient_accumulation_steps)
@@ -94,17 +125,76 @@ class PPOStageConfig(LoraFields, CommonConfig):
         if self.total_episodes < self.batch_size:
             raise ConfigError(f"total_episodes ({self.total_episodes}) < batch_size ({self.batch_size})")
 
+    def validate_estimator(self):
+        if self.advantage_estimator not in ESTIMATORS:
+            raise ConfigError(f"advantage_estimator must be one of {', '.join(ESTIMATORS)}, "
+                              f"got {self.advantage_estimator!r}")
+        critic_free = self.advantage_estimator != "gae"
+        if self.critic == "auto":   # resolved here, so config.yaml records what ran
+            self.critic = "none" if critic_free else "separate"
+        if self.critic not in ("separate", "shared", "none"):
+            raise ConfigError(f"critic must be 'separate', 'shared', 'none' or 'auto', got {self.critic!r}")
+        if critic_free and self.critic != "none":
+            raise ConfigError(f"critic: {self.critic} needs a value model, which advantage_estimator: "
+                              f"{self.advantage_estimator} does not use (it has no critic): remove critic or set "
+                              "critic: none, or use advantage_estimator: gae")
+        if not critic_free and self.critic == "none":
+            raise ConfigError("advantage_estimator: gae needs a critic (critic: separate or shared); the critic-free "
+                              "estimators are grpo, rloo and reinforce_pp")
+        at_least(self, 1, "num_generations")
+        if self.advantage_estimator in ("grpo", "rloo") and self.num_generations < 2:
+            raise ConfigError(f"advantage_estimator: {self.advantage_estimator} compares the samples of a prompt: "
+                              f"num_generations must be >= 2, got {self.num_generations}")
+        if self.batch_size % self.num_generations:
+            raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
+                              f"({self.num_generations}): each prompt is sampled num_generations times in a step")
+        if self.loss_type not in ("bnpo", "grpo", "dr_grpo", "sequence"):
+            raise ConfigError(f"loss_type must be bnpo, grpo, dr_grpo or sequence, got {self.loss_type!r}")
+        if self.loss_type == "sequence" and self.advantage_estimator not in ("grpo", "rloo"):
+            raise ConfigError("loss_type: sequence needs one advantage per sequence: advantage_estimator grpo or rloo")
+        if self.loss_type == "sequence" and self.kl_in == "loss":
+            raise ConfigError("loss_type: sequence has no per-token loss to add the KL to: use kl_in: reward "
+                              "(TRL RLOOTrainer's place for it)")
+        if self.whiten_rewards and self.advantage_estimator in ("grpo", "rloo"):
+            raise ConfigError(f"whiten_rewards whitens per-token rewards (gae, reinforce_pp); "
+                              f"{self.advantage_estimator} compares whole-response rewards within each group")
+        if self.trl_compat and critic_free:
+            raise ConfigError("trl_compat reproduces TRL's PPOTrainer: only with advantage_estimator: gae")
+
+    def validate_rewards(self):
+        if not self.rewards:
+            raise ConfigError("rewards is empty: list rm and/or module:function entries")
+        for entry in self.rewards:
+            if entry != "rm" and not re.fullmatch(r"[\w.]+:\w+", entry):
+                raise ConfigError(f"rewards entry {entry!r}: expected rm or module:function "
+                                  "(e.g. my_rewards:length_reward)")
+        if len(set(self.rewards)) != len(self.rewards):
+            raise ConfigError(f"rewards lists an entry twice: {self.rewards}")
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(f"reward_weights has {len(self.reward_weights)} weights for {len(self.rewards)} "
+                              f"rewards ({', '.join(self.rewards)}): one each, or none for all 1")
+
+    @property
+    def critic_free(self) -> bool:
+        return self.advantage_estimator != "gae"
+
+    @property
+    def weights(self) -> list[float]:
+        """One weight per entry of `rewards` (all 1 when reward_weights is empty)."""
+        return list(self.reward_weights) or [1.0] * len(self.rewards)
+
     @property
     def num_steps(self) -> int:
         return self.total_episodes // self.batch_size
 
 
 def split_batch(batch_size: int, num_processes: int, num_mini_batches: int,
-                gradient_accumulation_steps: int) -> tuple[int, int]:
+                gradient_accumulation_steps: int, num_generations: int = 1) -> tuple[int, int]:
     """(episodes per process, episodes per micro-batch): each process takes an equal share of the batch,
     cuts it into `num_mini_batches` minibatches (one optimizer step each) of `gradient_accumulation_steps`
     equal micro-batches. Anything that does not divide exactly is an error, never a rounded-down size
-    (a micro-batch of 0, or gradients scaled for micro-batches that do not exist)."""
+    (a micro-batch of 0, or gradients scaled for micro-batches that do not exist). Each process's share holds
+    whole groups of `num_generations` samples of a prompt (a group is scored and compared on one process)."""
     for name, value in (("batch_size", batch_size), ("num_mini_batches", num_mini_batches),
                         ("gradient_accumulation_steps", gradient_accumulation_steps)):
         if value < 1:
@@ -116,5 +206,8 @@ def split_batch(batch_size: int, num_processes: int, num_mini_batches: int,
             f"batch_size ({batch_size}){where} must split into num_mini_batches ({num_mini_batches}) x "
             f"gradient_accumulation_steps ({gradient_accumulation_steps}) equal micro-batches")
     local_batch = batch_size // num_processes
+    if local_batch % num_generations:
+        raise ConfigError(f"batch_size ({batch_size}) over {num_processes} processes ({local_batch} each) must be a "
+                          f"multiple of num_generations ({num_generations})")
     return local_batch, local_batch // per_step
 

@@ -12,6 +12,13 @@ multiplying by the mask, and returns 0 at padded positions. One PPO iteration::
     pg_loss, st   = policy_loss(new_logprobs, logprobs, adv, mask, cliprange)
     vf_loss, vclip = value_loss(new_values, values, returns, mask, cliprange_value)
 
+The critic-free estimators replace GAE and the value loss (``compute_critic_free_targets``): ``grpo`` and
+``rloo`` give each sequence one advantage from its group of ``num_generations`` samples of the same prompt
+(``grpo_advantages``, ``rloo_advantages``), ``reinforce_pp`` whitens the reward-to-go over the batch
+(``discounted_returns``). ``kl_in: loss`` moves the KL from the reward into the loss (``kl_loss``);
+``aggregate_loss`` is how a per-token loss becomes one number (TRL's ``loss_type``), and
+``sequence_policy_loss`` is TRL RLOOTrainer's one-ratio-per-sequence surrogate.
+
 Where and why ours differs from TRL 1.12's ``PPOTrainer`` (score position, value mask, statistics over
 padding, end-of-response detection), and the ``trl_compat`` switch that reproduces TRL exactly:
 ``docs/trl_differences.md``. Log-probs and EOS truncation are in ``rlhf_toy.sequences``.
@@ -34,7 +41,15 @@ __all__ = [
     "compute_rewards",
     "gae",
     "compute_ppo_targets",
+    "sequence_rewards",
+    "grpo_advantages",
+    "rloo_advantages",
+    "discounted_returns",
+    "compute_critic_free_targets",
+    "aggregate_loss",
     "policy_loss",
+    "sequence_policy_loss",
+    "kl_loss",
     "value_loss",
     "explained_variance",
     "AdaptiveKLController",
@@ -253,8 +268,137 @@ def compute_ppo_targets(
 
 
 # --------------------------------------------------------------------------------------------
+# critic-free advantages
+# --------------------------------------------------------------------------------------------
+def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
+    """One reward per sequence, ``R = sum_t r_t = score - beta * sum_t kl_t`` (``[B]``): the return of the
+    whole response with gamma = 1, what the group estimators compare between samples."""
+    # TRL RLOOTrainer: rewards = rewards - beta * (per_token_kl * completion_mask).sum(-1)
+    return masked_sum(rewards, mask, dim=1)
+
+
+def _groups(rewards: Tensor, num_generations: int) -> Tensor:
+    if rewards.dim() != 1 or rewards.numel() % num_generations:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}")
+    return rewards.view(-1, num_generations)
+
+
+def grpo_advantages(rewards: Tensor, num_generations: int, scale_rewards: bool = True, eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages (GRPO, Shao et al. 2024, eq. 3): ``A_i = (r_i - mean_g r) / (std_g r + eps)``.
+
+    ``rewards``: ``[B]``, each prompt's ``num_generations`` samples next to each other. ``std`` is the unbiased
+    (Bessel-corrected) standard deviation of the group and ``eps = 1e-4``: TRL 1.12 GRPOTrainer's choices (the
+    paper names neither). ``scale_rewards=False`` is Dr. GRPO (Liu et al. 2025): no division, ``A_i = r_i - mean``.
+    """
+    # TRL grpo_trainer.py: advantages = rewards - mean_grouped_rewards; advantages / (std_rewards + 1e-4)
+    grouped = _groups(rewards, num_generations)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_rewards:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + eps)
+    return advantages.reshape(-1)
+
+
+def rloo_advantages(rewards: Tensor, num_generations: int) -> Tensor:
+    """REINFORCE Leave-One-Out (Kool et al. 2019; Ahmadian et al. 2024): ``A_i = r_i - mean_{j != i} r_j``,
+    the mean of the other samples of the same prompt as the baseline (unbiased: it does not depend on
+    ``y_i``). Equal to ``G/(G-1) * (r_i - mean_g r)``. ``rewards``: ``[B]``, groups next to each other."""
+    # TRL rloo_trainer.py: baselines = (grouped_sum - grouped_rewards) / (num_generations - 1)
+    grouped = _groups(rewards, num_generations)
+    if num_generations < 2:
+        raise ValueError("rloo needs num_generations >= 2: a sample has no others to compare with")
+    baselines = (grouped.sum(dim=1, keepdim=True) - grouped) / (num_generations - 1)
+    return (grouped - baselines).reshape(-1)
+
+
+def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """Reward-to-go ``G_t = sum_{k >= t} gamma^(k-t) r_k`` of each token (``[B, T]``, 0 on padding): GAE with
+    ``lam = 1`` and no value function."""
+    # REINFORCE++ (Hu 2025), OpenRLHF's get_cumulative_returns
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    rewards = torch.where(m, rewards, zero)
+    running = torch.zeros_like(rewards[:, 0])
+    returns = []
+    for t in reversed(range(rewards.shape[1])):
+        running = rewards[:, t] + gamma * running
+        returns.append(running)
+    return torch.where(m, torch.stack(returns[::-1], dim=1), zero)
+
+
+CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+
+
+def compute_critic_free_targets(
+    estimator: str,
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    gamma: float = 1.0,
+    kl_estimator: str = "k1",
+    num_generations: int = 1,
+    scale_rewards: bool = True,
+    whiten_rewards: bool = False,
+) -> dict[str, Tensor]:
+    """The rollout post-processing without a critic: per-token rewards as for GAE (``-beta*kl``, the score on the
+    last token; pass ``kl_coef=0`` when the KL goes into the loss), then
+
+    * ``grpo`` / ``rloo``: one reward per sequence (``sequence_rewards``), ``grpo_advantages`` /
+      ``rloo_advantages`` over each group, the same advantage on every token of the sequence;
+    * ``reinforce_pp``: ``discounted_returns`` (gamma) of the rewards, whitened over the batch's real tokens
+      (REINFORCE++, Hu 2025: the batch mean is the baseline).
+
+    Returns ``kl``, ``non_score_reward``, ``rewards`` (``[B, T]``), ``advantages`` (``[B, T]``, 0 on padding),
+    ``sequence_advantages`` (``[B]``, group estimators only) and ``returns`` (reinforce_pp only).
+    """
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kl_estimator), zero)
+    rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef)
+    if whiten_rewards:
+        rewards = masked_whiten(rewards, m, shift_mean=False)
+    out = {"kl": kl, "non_score_reward": non_score_reward, "rewards": rewards}
+    if estimator in ("grpo", "rloo"):
+        per_sequence = sequence_rewards(rewards, m)
+        advantages = (grpo_advantages(per_sequence, num_generations, scale_rewards) if estimator == "grpo"
+                      else rloo_advantages(per_sequence, num_generations))
+        out["sequence_advantages"] = advantages
+        out["advantages"] = torch.where(m, advantages.unsqueeze(1).to(rewards.dtype), zero)
+    elif estimator == "reinforce_pp":
+        out["returns"] = discounted_returns(rewards, m, gamma)
+        out["advantages"] = masked_whiten(out["returns"], m)
+    else:
+        raise ValueError(f"unknown critic-free estimator {estimator!r}: use one of {', '.join(CRITIC_FREE_ESTIMATORS)}")
+    return out
+
+
+# --------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------
+LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "sequence")
+
+
+def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max_len: int | None = None) -> Tensor:
+    """One number from a per-token loss ``[B, T]`` (TRL GRPOTrainer's ``loss_type``):
+
+    * ``bnpo``: mean over every real token of the batch (TRL PPOTrainer's ``masked_mean``; the default);
+    * ``grpo``: mean over each sequence's tokens, then over sequences (GRPO paper eq. 3: a long response's
+      tokens weigh less each);
+    * ``dr_grpo``: sum over real tokens / (``B * max_len``), a constant (Dr. GRPO: no length bias);
+      ``max_len`` is the response-length limit, not the trimmed width.
+    """
+    # TRL grpo_trainer.py _compute_loss: the "grpo", "bnpo" and "dr_grpo" branches
+    m = _bool(mask)
+    if loss_type == "bnpo":
+        return masked_mean(per_token, m)
+    if loss_type == "grpo":
+        return (masked_sum(per_token, m, dim=1) / m.sum(1).clamp(min=1)).mean()
+    if loss_type == "dr_grpo":
+        if max_len is None:
+            raise ValueError("aggregate_loss: dr_grpo needs max_len (the response-length limit)")
+        return masked_sum(per_token, m) / (per_token.shape[0] * max_len)
+    raise ValueError(f"unknown loss_type {loss_type!r}: use bnpo, grpo or dr_grpo")
 def policy_loss(
     new_logprobs: Tensor,
     old_logprobs: Tensor,
@@ -262,8 +406,11 @@ def policy_loss(
     mask: Tensor,
     cliprange: float,
     stats_over_padding: bool = False,
+    loss_type: str = "bnpo",
+    max_len: int | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate: ``L = mean_mask( max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) )``.
+    """PPO clipped surrogate: ``L = mean_mask( max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) )``, the mean taken
+    as ``loss_type`` says (``aggregate_loss``; ``bnpo``, a mean over every real token, by default).
 
     ``rho = exp(log pi_new - log pi_old)``.  Returns ``(loss, stats)`` with detached stats
     ``approxkl = 0.5 * mean(log rho ^ 2)``, ``clipfrac = mean_mask[clipped term is the larger]``
@@ -279,7 +426,7 @@ def policy_loss(
     adv = torch.where(m, advantages.to(ratio.dtype), zero)
     pg_losses = -adv * ratio
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = masked_mean(torch.max(pg_losses, pg_losses2), m)
+    loss = aggregate_loss(torch.max(pg_losses, pg_losses2), m, loss_type, max_len)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses2 > pg_losses).float(), m)
         if stats_over_padding:
@@ -289,6 +436,49 @@ def policy_loss(
             approxkl = 0.5 * masked_mean(logratio**2, m)
             ratio_mean = masked_mean(ratio, m)
     return loss, {"approxkl": approxkl.detach(), "clipfrac": clipfrac, "ratio_mean": ratio_mean.detach()}
+
+
+def sequence_policy_loss(
+    new_logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The clipped surrogate with one importance ratio per sequence, ``rho = exp(sum_t log pi_new - log pi_old)``
+    (the whole response is one action, as in RLOO's REINFORCE), ``L = mean_seq max(-A*rho, -A*clip(rho))``.
+    ``advantages``: ``[B]``. TRL RLOOTrainer's loss (there ``epsilon``); stats as ``policy_loss``'s, per sequence."""
+    # TRL rloo_trainer.py _compute_loss: logps = (per_token_logps * completion_mask).sum(1);
+    # coef_1 = exp(logps - old_logps); per_sequence_loss = -min(coef_1 * A, clamp(coef_1) * A); loss = mean
+    m = _bool(mask)
+    log_ratio = masked_sum(new_logprobs - old_logprobs, m, dim=1)
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(ratio.dtype)
+    losses = -adv * ratio
+    losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = torch.max(losses, losses2).mean()
+    with torch.no_grad():
+        stats = {"approxkl": 0.5 * (log_ratio**2).mean(), "clipfrac": (losses2 > losses).float().mean(),
+                 "ratio_mean": ratio.mean()}
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type: str = "bnpo",
+            max_len: int | None = None, old_logprobs: Tensor | None = None) -> Tensor:
+    """The KL penalty as a loss term (``kl_in: loss``; multiply by beta): the k3 estimator
+    ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` of the *current* policy's log-probs, averaged as
+    the policy loss is (``aggregate_loss``). GRPO (Shao et al. 2024, eq. 4).
+
+    Its gradient alone, on tokens sampled from pi, is ``(1 - pi_ref/pi) grad log pi``: in expectation the
+    gradient of the *forward* KL(pi_ref || pi). Given ``old_logprobs`` (the sampling policy's), each token's k3
+    is weighted by the importance ratio ``pi/pi_old`` (1 in value on-policy, not in gradient), which makes the
+    gradient that of the reverse KL(pi || pi_ref) the penalty means (DeepSeek-V3.2; TRL 1.12 GRPOTrainer's
+    ``use_bias_correction_kl``, its default). k1 would not do at all: its gradient is zero in expectation."""
+    # TRL grpo_trainer.py: per_token_kl = exp(ref - logp) - (ref - logp) - 1; if use_bias_correction_kl: *= coef_1
+    per_token = kl_penalty(new_logprobs, ref_logprobs, "k3")
+    if old_logprobs is not None:
+        per_token = per_token * torch.exp(new_logprobs - old_logprobs)
+    return aggregate_loss(per_token, mask, loss_type, max_len)
 
 
 def value_loss(

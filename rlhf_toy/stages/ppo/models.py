@@ -27,14 +27,16 @@ def values_from_generation(value_head, generated):
 
 def load_models(cfg, tokenizer, device, dtype):
     """Policy (optionally LoRA), reference (a frozen copy, or with LoRA the policy with its adapter
-    disabled), critic (a value model, or with `critic: shared` a Linear(hidden, 1) value head on the
-    policy's trunk)."""
+    disabled), critic (a value model, with `critic: shared` a Linear(hidden, 1) value head on the
+    policy's trunk, or None with `critic: none`: the critic-free estimators load and train no value model)."""
     from transformers import AutoModelForSequenceClassification
 
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
     policy = models.causal_lm_from(policy_path, dtype, tokenizer)
     freeze_bottom(policy, cfg.freeze_bottom_layers)   # the reference stays a full frozen copy
-    if cfg.critic == "shared":
+    if cfg.critic == "none":
+        value_model = None
+    elif cfg.critic == "shared":
         # Zero-initialised: V = 0 everywhere at first, so the first advantages are the plain returns
         # rather than a random head's noise; the value loss teaches it from the first update.
         value_model = torch.nn.Linear(policy.config.hidden_size, 1, dtype=dtype)
@@ -58,8 +60,9 @@ def load_models(cfg, tokenizer, device, dtype):
         reference.requires_grad_(False)
         reference.eval().to(device)
     for model in (policy, value_model):
-        disable_dropout(model)
-        model.to(device)
+        if model is not None:
+            disable_dropout(model)
+            model.to(device)
     return policy, reference, value_model
 
 

@@ -1,4 +1,5 @@
-"""Stage 3: hand-written PPO with a per-token KL penalty and a length-penalized reward.
+"""Stage 3: hand-written PPO with a per-token KL penalty and a length-penalized reward (or GRPO, RLOO,
+REINFORCE++: the same loop without a critic, `advantage_estimator`).
 
     python scripts/ppo.py --config configs/ppo.yaml [--field value ...]
 
@@ -6,12 +7,14 @@
 below it, in the same order (CleanRL's ppo.py is the model). The math is in `core` (pure functions,
 unit-tested and cross-checked against TRL), the models in `models`, checkpoints in `checkpoint`.
 
-  1. sample     `batch_size` prompts, responses at temperature T (KV cache, stop at EOS); the policy's
-                log-probs from the sampling logits, the reference's and the critic's from forward passes
-  2. score      RM_norm − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
-  3. rewards    −β·KL per token, plus the score on the last token          (core.compute_ppo_targets)
-  4. advantages GAE(γ, λ), whitened                                        (core.compute_ppo_targets)
-  5. update     num_ppo_epochs × num_mini_batches clipped policy + value updates
+  1. sample     `batch_size` prompts (each `num_generations` times), responses at temperature T (KV cache, stop
+                at EOS); the policy's log-probs from the sampling logits, the reference's and the critic's from
+                forward passes
+  2. score      Σ_k w_k·reward_k (RM_norm and/or reward functions, `rewards`)
+                − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
+  3. rewards    −β·KL per token (unless `kl_in: loss`), plus the score on the last token
+  4. advantages GAE(γ, λ), whitened; or critic-free: grpo, rloo, reinforce_pp  (`targets`: core)
+  5. update     num_ppo_epochs × num_mini_batches clipped policy (+ value, + KL) updates
   6. log, save  metrics, samples, β update (adaptive controller); checkpoint
 """
 
@@ -37,6 +40,7 @@ from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
 from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
+from rlhf_toy.stages.ppo.rewards import call_reward_function, combine, load_reward_functions
 
 
 class NonFiniteError(RuntimeError):
@@ -50,15 +54,15 @@ class PPOState:
     accelerator: object
     device: torch.device
     tokenizer: object
-    scorer: RewardScorer
+    scorer: RewardScorer | None        # the reward model, when `rewards` lists rm
     policy: torch.nn.Module
     reference: object                  # a frozen copy, or with LoRA the policy with its adapter disabled
-    value_model: torch.nn.Module       # the critic: a value model, or the shared critic's head
+    value_model: torch.nn.Module | None   # the critic: a value model, the shared critic's head, or None (critic-free)
     optimizer: torch.optim.Optimizer
     scheduler: object
     kl_ctl: object
     eval_prompts: list                 # sampled before and after training
-    prompts: list                      # the training prompts
+    prompts: list                      # the training prompt records (the prompt and its other columns)
     local_batch: int                   # episodes per process per step
     micro_batch: int                   # episodes per forward/backward
     precision: models.Precision        # float32 weights and AdamW state; bf16 matmuls under autocast when mixed
@@ -66,6 +70,7 @@ class PPOState:
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
     update_forward: Callable = None    # `update_forward`, or its torch.compile'd version (`compile: true`)
     eval_titles: list = field(default_factory=list)   # each eval prompt's film, for gold's on-topic term
+    reward_functions: list = field(default_factory=lambda: [("rm", "rm", None)])   # (entry, name, function)
 
     def __post_init__(self):
         if self.update_forward is None:
@@ -91,7 +96,7 @@ class PPOState:
 @dataclass
 class Rollout:
     """One batch of episodes (this process's share): everything the update needs."""
-    prompts: list
+    prompts: list                      # as messages (what the policy and the reward model read)
     query_responses: torch.Tensor      # [B, context_length + T] prompt (left-padded) + response
     attention_mask: torch.Tensor
     context_length: int
@@ -99,8 +104,9 @@ class Rollout:
     mask: torch.Tensor                 # [B, T] True on real response tokens (EOS included)
     logprobs: torch.Tensor             # log π_old(y_t) at temperature T, from the sampling pass
     ref_logprobs: torch.Tensor         # log π_ref(y_t) at the same T
-    values: torch.Tensor               # V(s_t) before each response token
+    values: torch.Tensor | None        # V(s_t) before each response token (None without a critic)
     texts: list                        # decoded responses (what the reward model and gold judge read)
+    records: list = field(default_factory=list)   # the prompt records (their other columns go to reward functions)
 
 
 def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
@@ -118,16 +124,10 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
     try:
         for step in progress:
             step_started, state.timers = time.time(), {}
-            batch = sample(state, local_share(state, data.prompt_batch(prompts, step, cfg.batch_size, cfg.seed)))  # 1
-            parts = score(state, batch)                                                                    # 2
-            with torch.no_grad():  # 3-4: −β·KL per token, score on the last token; GAE; whitened advantages
-                check_finite(step + 1, **{"rollout logprobs": core.masked_mean(batch.logprobs, batch.mask),
-                                          "reference logprobs": core.masked_mean(batch.ref_logprobs, batch.mask),
-                                          "values": core.masked_mean(batch.values, batch.mask),
-                                          "scores": parts["score"]})
-                targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
-                                                   batch.mask, state.kl_ctl.value, cfg.gamma, cfg.lam,
-                                                   cfg.kl_estimator, cfg.whiten_rewards, cfg.trl_compat)
+            batch = sample(state, local_share(state, data.prompt_batch(prompts, step, cfg.batch_size, cfg.seed,
+                                                                       cfg.num_generations)))              # 1
+            parts = score(state, batch, step + 1)                                                          # 2
+            targets = rollout_targets(state, batch, parts, step + 1)                                       # 3-4
             state.timers["rollout"] = time.time() - step_started
             with state.timer("update"):
                 stats = ppo_update(state, batch, targets, step + 1)                                        # 5
@@ -143,7 +143,8 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
         target = run_dir / "checkpoints" / f"nonfinite-at-step-{step + 1}"
         if state.accelerator.is_main_process:
             state.policy.save_pretrained(target / "policy", safe_serialization=True)
-            save_critic(state.value_model, target / "value")
+            if state.value_model is not None:
+                save_critic(state.value_model, target / "value")
             logger.close()
         raise NonFiniteError(f"{error}; stopped, the last good weights are in {target}") from None
     finish(state, run_dir, logger, summary, progress.format_dict["elapsed"])
@@ -172,12 +173,14 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     run_dir = setup_run(cfg)
     device = accelerator.device if cfg.device == "auto" else torch.device(cfg.device)
     local_batch, micro_batch = split_batch(cfg.batch_size, accelerator.num_processes, cfg.num_mini_batches,
-                                           cfg.gradient_accumulation_steps)
+                                           cfg.gradient_accumulation_steps, cfg.num_generations)
 
+    reward_functions = load_reward_functions(cfg.rewards)   # a missing module or function stops here
     eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
-    prompts = data.load_prompts(cfg.prompts)
+    prompts = data.load_prompt_records(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
-    scorer = RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
+    scorer = (RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
+              if "rm" in cfg.rewards else None)
     policy, reference, value_model = load_models(cfg, tokenizer, device, precision.weights)
     optimizer = make_optimizer(cfg, trainable_parameters(policy, value_model), device)
     decay = (lambda s: max(0.0, 1.0 - s / cfg.num_steps)) if cfg.lr_scheduler_type == "linear" else (lambda s: 1.0)
@@ -189,7 +192,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
                                                                   precision.compute != torch.float32)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
                      scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, precision,
-                     logprobs_from_forward, eval_titles=eval_titles)
+                     logprobs_from_forward, eval_titles=eval_titles, reward_functions=reward_functions)
     # The first write, once the inputs are valid; every process waits for it (and has read the directory).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -210,7 +213,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
 
 def trainable_parameters(policy, value_model) -> list:
     """What the optimizer updates, policy first: with LoRA only the adapters (and the value head)."""
-    return [p for m in (policy, value_model) for p in m.parameters() if p.requires_grad]
+    return [p for m in (policy, value_model) if m is not None for p in m.parameters() if p.requires_grad]
 
 
 def make_optimizer(cfg: PPOStageConfig, parameters: list, device: torch.device) -> torch.optim.Optimizer:
@@ -247,8 +250,10 @@ def local_share(state: PPOState, batch_prompts: list) -> list:
 # 1. sample
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def sample(state: PPOState, batch_prompts: list) -> Rollout:
+def sample(state: PPOState, batch_records: list) -> Rollout:
+    """Responses to the prompt records (`data.load_prompt_records`), their log-probs and values."""
     cfg, tokenizer = state.cfg, state.tokenizer
+    batch_prompts = [data.as_messages(r["prompt"], "user") for r in batch_records]
     queries, query_mask, _ = sequences.encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length, state.device)
     context_length = queries.shape[1]
     state.policy.eval()
@@ -273,31 +278,70 @@ def sample(state: PPOState, batch_prompts: list) -> Rollout:
     with state.timer("ref_forward"), state.precision.autocast():
         ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
                                                    cfg.temperature)
-    with state.timer("value_forward"), state.precision.autocast():
-        if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
-            values = values_from_generation(state.value_model, generated)
-        else:
-            values = forward_values(state.value_model, query_responses, attention_mask, context_length)
+    values = None   # critic-free: no value model, no value forward
+    if state.value_model is not None:
+        with state.timer("value_forward"), state.precision.autocast():
+            if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
+                values = values_from_generation(state.value_model, generated)
+            else:
+                values = forward_values(state.value_model, query_responses, attention_mask, context_length)
     del generated   # its per-step logits (batch × length × vocab) are not needed past here
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
     return Rollout(batch_prompts, query_responses, attention_mask, context_length, responses, mask, logprobs,
-                   ref_logprobs, values, texts)
+                   ref_logprobs, values, texts, batch_records)
 
 
 # ----------------------------------------------------------------------------------------------
 # 2. score
 # ----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def score(state: PPOState, batch: Rollout) -> dict[str, torch.Tensor]:
-    """The score of each episode and its parts (`scoring.sequence_score`), clipped to ±score_clip (OpenRLHF)."""
+def score(state: PPOState, batch: Rollout, step: int = 1) -> dict:
+    """The score of each episode and its parts (`scoring.sequence_score` of the weighted sum of the reward
+    components), clipped to ±score_clip (OpenRLHF). `components`: each reward's values (NaN where a function
+    returned None); `logged`: what reward functions passed to `log_metric`."""
     cfg = state.cfg
+    components, logged = {}, {}
+
+    def log_metric(name: str, value: float) -> None:   # TRL's reward-function hook: logged with the step
+        logged.setdefault(name, []).append(float(value))
+
     with state.timer("scoring"):
         has_eos = (batch.responses == state.tokenizer.eos_token_id).any(1)
-        parts = sequence_score(state.scorer.score(batch.prompts, batch.texts).to(state.device), batch.mask.sum(1),
-                               has_eos, cfg.length_coef, cfg.length_target, cfg.missing_eos_penalty)
+        completion_ids = [r[m].tolist() for r, m in zip(batch.responses, batch.mask)]
+        for entry, name, function in state.reward_functions:
+            components[name] = (state.scorer.score(batch.prompts, batch.texts).float().cpu() if function is None else
+                                call_reward_function(entry, function, batch.records, batch.texts, completion_ids, step,
+                                                     cfg.num_steps, log_metric))
+        reward = combine(components, cfg.weights).to(state.device)
+        parts = sequence_score(reward, batch.mask.sum(1), has_eos, cfg.length_coef, cfg.length_target,
+                               cfg.missing_eos_penalty)
     if cfg.score_clip:
         parts["score"] = parts["score"].clamp(-cfg.score_clip, cfg.score_clip)
-    return {**parts, "has_eos": has_eos}
+    return {**parts, "has_eos": has_eos, "components": components, "logged": logged}
+
+
+# ----------------------------------------------------------------------------------------------
+# 3-4. rewards, advantages
+# ----------------------------------------------------------------------------------------------
+@torch.no_grad()
+def rollout_targets(state: PPOState, batch: Rollout, parts: dict, step: int) -> dict:
+    """Per-token rewards (−β·KL unless the KL goes into the loss, the score on the last token) and the
+    advantages of `advantage_estimator`: GAE over the critic's values, whitened (`core.compute_ppo_targets`),
+    or critic-free (`core.compute_critic_free_targets`)."""
+    cfg = state.cfg
+    finite = {"rollout logprobs": core.masked_mean(batch.logprobs, batch.mask),
+              "reference logprobs": core.masked_mean(batch.ref_logprobs, batch.mask), "scores": parts["score"]}
+    if batch.values is not None:
+        finite["values"] = core.masked_mean(batch.values, batch.mask)
+    check_finite(step, **finite)
+    kl_coef = state.kl_ctl.value if cfg.kl_in == "reward" else 0.0
+    if not cfg.critic_free:
+        return core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
+                                        kl_coef, cfg.gamma, cfg.lam, cfg.kl_estimator, cfg.whiten_rewards,
+                                        cfg.trl_compat)
+    return core.compute_critic_free_targets(cfg.advantage_estimator, parts["score"], batch.logprobs,
+                                            batch.ref_logprobs, batch.mask, kl_coef, cfg.gamma, cfg.kl_estimator,
+                                            cfg.num_generations, cfg.scale_rewards, cfg.whiten_rewards)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -312,12 +356,16 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
     forward pass of the update, before any weight changed (0 up to precision drift).
     `permutation(epoch)` replaces the random minibatch order (the TRL equivalence check feeds TRL's)."""
     cfg = state.cfg
+    critic = state.value_model is not None
     state.policy.train()
-    state.value_model.train()
-    stats = {k: [] for k in ("pg_loss", "vf_loss", "approxkl", "pg_clipfrac", "vf_clipfrac", "ratio", "entropy",
-                             "tokens")}
+    if critic:
+        state.value_model.train()
+    names = ["pg_loss", "approxkl", "pg_clipfrac", "ratio", "entropy", "tokens"]
+    names += ["vf_loss", "vf_clipfrac"] if critic else []
+    names += ["kl_loss"] if cfg.kl_in == "loss" else []
+    stats = {k: [] for k in names}
     local_minibatch = state.micro_batch * cfg.gradient_accumulation_steps
-    value_mask = targets["value_mask"]   # the response mask; TRL's one-longer mask with trl_compat
+    value_mask = targets.get("value_mask", batch.mask)   # the response mask; TRL's one-longer mask with trl_compat
     for epoch in range(cfg.num_ppo_epochs):
         order = permutation(epoch) if permutation else torch.randperm(state.local_batch, device=state.device)
         for mb_start in range(0, state.local_batch, local_minibatch):
@@ -331,20 +379,14 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                     new_logprobs, entropy, new_values = state.update_forward(
                         state.policy, state.value_model, ids, attention, context_length, cfg.temperature,
                         state.shared_critic)
-                pg_loss, pg_stats = core.policy_loss(new_logprobs, batch.logprobs[idx, :width],
-                                                     targets["advantages"][idx, :width], mask, cfg.cliprange,
-                                                     stats_over_padding=cfg.trl_compat)
-                vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx, :width],
-                                                       targets["returns"][idx, :width], value_mask[idx, :width],
-                                                       cfg.cliprange_value)
-                loss = pg_loss + cfg.vf_coef * vf_loss
+                losses = update_losses(state, batch, targets, idx, width, new_logprobs, new_values, value_mask)
                 # Stop before a non-finite loss reaches the weights (they stay the last good ones).
-                check_finite(step, **{"loss/policy": pg_loss, "loss/value": vf_loss})
-                (loss / cfg.gradient_accumulation_steps).backward()
+                check_finite(step, **{label: losses[name] for name, label in (
+                    ("pg_loss", "loss/policy"), ("vf_loss", "loss/value"), ("kl_loss", "loss/kl")) if name in losses})
+                (losses.pop("loss") / cfg.gradient_accumulation_steps).backward()
                 with torch.no_grad():
-                    for name, value in (("pg_loss", pg_loss), ("vf_loss", vf_loss), ("approxkl", pg_stats["approxkl"]),
-                                        ("pg_clipfrac", pg_stats["clipfrac"]), ("ratio", pg_stats["ratio_mean"]),
-                                        ("vf_clipfrac", vf_clipfrac), ("entropy", core.masked_mean(entropy, mask))):
+                    losses["entropy"] = core.masked_mean(entropy, mask)
+                    for name, value in losses.items():
                         stats[name].append(value.item())
                 stats["tokens"].append(ids.numel())   # positions through the policy (prompt included)
             average_gradients(state.parameters, state.accelerator)   # data parallel: each process saw its own rollouts
@@ -353,6 +395,34 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
     return stats
+
+
+def update_losses(state: PPOState, batch: Rollout, targets: dict, idx, width: int, new_logprobs, new_values,
+                  value_mask) -> dict:
+    """One micro-batch's losses and statistics: `loss` (what is backpropagated: the clipped surrogate, plus
+    vf_coef × the clipped value loss with a critic, plus β × the k3 KL with `kl_in: loss`) and its parts."""
+    cfg = state.cfg
+    mask = batch.mask[idx, :width]
+    old_logprobs = batch.logprobs[idx, :width]
+    if cfg.loss_type == "sequence":   # one ratio per sequence (TRL RLOOTrainer)
+        pg_loss, pg_stats = core.sequence_policy_loss(new_logprobs, old_logprobs, targets["sequence_advantages"][idx],
+                                                      mask, cfg.cliprange)
+    else:
+        pg_loss, pg_stats = core.policy_loss(new_logprobs, old_logprobs, targets["advantages"][idx, :width], mask,
+                                             cfg.cliprange, stats_over_padding=cfg.trl_compat,
+                                             loss_type=cfg.loss_type, max_len=cfg.response_length)
+    out = {"loss": pg_loss, "pg_loss": pg_loss, "approxkl": pg_stats["approxkl"], "pg_clipfrac": pg_stats["clipfrac"],
+           "ratio": pg_stats["ratio_mean"]}
+    if new_values is not None:
+        vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx, :width],
+                                               targets["returns"][idx, :width], value_mask[idx, :width],
+                                               cfg.cliprange_value)
+        out.update(loss=out["loss"] + cfg.vf_coef * vf_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
+    if cfg.kl_in == "loss":   # GRPO: β·k3 of the current policy against the reference, in the loss
+        kl_loss = core.kl_loss(new_logprobs, batch.ref_logprobs[idx, :width], mask, cfg.loss_type, cfg.response_length,
+                               old_logprobs if cfg.use_bias_correction_kl else None)
+        out.update(loss=out["loss"] + state.kl_ctl.value * kl_loss, kl_loss=kl_loss)
+    return out
 
 
 def micro_batch_columns(batch: Rollout, idx: torch.Tensor, value_mask: torch.Tensor, trim: bool):
@@ -371,13 +441,14 @@ def micro_batch_columns(batch: Rollout, idx: torch.Tensor, value_mask: torch.Ten
 
 def update_forward(policy, value_model, ids, attention, context_length: int, temperature: float, shared_critic: bool):
     """The update's forward pass: the response tokens' log-probs and entropies at temperature T (float32) and
-    the values. One function, so `compile: true` can hand all of it (and its backward) to torch.compile."""
+    the values (None without a critic). One function, so `compile: true` can hand all of it (and its backward)
+    to torch.compile."""
     if shared_critic:   # one trunk, two heads: one forward and one backward
         logits, values = sequences.response_logits(policy, ids, attention, context_length, temperature,
                                                    value_head=value_model)
     else:
         logits = sequences.response_logits(policy, ids, attention, context_length, temperature)
-        values = forward_values(value_model, ids, attention, context_length)
+        values = None if value_model is None else forward_values(value_model, ids, attention, context_length)
     logprobs = sequences.logprobs_from_scaled(logits, ids[:, context_length:])
     return logprobs, sequences.entropy_from_logits(logits), values
 
@@ -408,22 +479,32 @@ def check_finite(step: int, **quantities) -> None:
 def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, parts: dict, targets: dict,
              stats: dict, step_started: float) -> dict:
     """Metrics under TRL's names (plus ours), the β update, samples every `sample_every` steps.
-    Returns the step's metrics."""
+    Returns the step's metrics. Without a critic there are no value metrics (loss/value_avg,
+    val/clipfrac_avg, val/explained_variance); each reward component is logged as rewards/<name>/mean (TRL's
+    name: the mean over the episodes it scored), `score/rm` when the reward model is one of them."""
     cfg, accelerator = state.cfg, state.accelerator
     mask, scores = batch.mask, parts["score"]
     with torch.no_grad():
         kl_per_seq = core.masked_sum(targets["kl"], mask, dim=1)
         non_score = targets["non_score_reward"].sum(1)
-        gold = torch.tensor([task.gold_score(t) for t in batch.texts], device=state.device)  # logged, never a reward
+        # logged, never a reward; the prompt's film when the record names it
+        gold = torch.tensor([task.gold_score(t, r.get("title")) for t, r in zip(batch.texts, batch.records)],
+                            device=state.device)
         n_tokens = mask.sum(1)
         gathered = accelerator.gather_for_metrics({
             "kl": kl_per_seq, "entropy": core.masked_sum(-batch.logprobs, mask, dim=1), "non_score": non_score,
-            "scores": scores, "rm": parts["rm"], "length_penalty": parts["length_penalty"],
+            "scores": scores, "length_penalty": parts["length_penalty"],
             "gold": gold, "length": n_tokens.float(), "eos": parts["has_eos"].float(),
-            "ev": core.explained_variance(targets["values"], targets["returns"], mask).reshape(1),
+            **{f"rewards/{name}": values.to(state.device) for name, values in parts["components"].items()},
+            **({"ev": core.explained_variance(targets["values"], targets["returns"], mask).reshape(1)}
+               if batch.values is not None else {}),
         })
         update_stats = accelerator.gather_for_metrics({k: torch.tensor([sum(v) / len(v)], device=state.device)
                                                        for k, v in stats.items()})
+        logged = {}   # what reward functions passed to log_metric, every process's
+        for process_logged in gather_object([parts["logged"]]):
+            for name, values in process_logged.items():
+                logged.setdefault(name, []).extend(values)
     mean_kl = gathered["kl"].mean().item()
     step_s = time.time() - step_started
     metrics = {
@@ -439,12 +520,15 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         "policy/clipfrac_avg": update_stats["pg_clipfrac"].mean().item(),
         "policy/entropy_avg": update_stats["entropy"].mean().item(),
         "loss/policy_avg": update_stats["pg_loss"].mean().item(),
-        "loss/value_avg": update_stats["vf_loss"].mean().item(),
-        "val/clipfrac_avg": update_stats["vf_clipfrac"].mean().item(),
+        **({"loss/value_avg": update_stats["vf_loss"].mean().item(),
+            "val/clipfrac_avg": update_stats["vf_clipfrac"].mean().item(),
+            "val/explained_variance": gathered["ev"].nanmean().item()} if "vf_loss" in update_stats else {}),
+        **({"loss/kl_avg": update_stats["kl_loss"].mean().item()} if "kl_loss" in update_stats else {}),
         "val/ratio": update_stats["ratio"].mean().item(),
         "val/num_eos_tokens": gathered["eos"].sum().item(),
-        "val/explained_variance": gathered["ev"].nanmean().item(),
-        "score/rm": gathered["rm"].mean().item(),
+        **({"score/rm": gathered["rewards/rm"].mean().item()} if "rm" in parts["components"] else {}),
+        **{f"rewards/{name}/mean": gathered[f"rewards/{name}"].nanmean().item() for name in parts["components"]},
+        **{name: sum(values) / len(values) for name, values in logged.items()},
         "score/gold": gathered["gold"].mean().item(),
         "score/length_penalty": gathered["length_penalty"].mean().item(),
         "response/length_mean": gathered["length"].mean().item(),
@@ -460,11 +544,14 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
     if accelerator.is_main_process:
         logger.log(step, metrics)
     if step % cfg.sample_every == 0 or step == cfg.num_steps:
-        rows = [{"step": step, "prompt": p, "response": t, "score": s, "rm": r, "gold": g, "kl": k, "n_tokens": n,
-                 "has_eos": e}
-                for p, t, s, r, g, k, n, e in zip(
-                    batch.prompts, batch.texts, scores.tolist(), parts["rm"].tolist(), gold.tolist(),
-                    kl_per_seq.tolist(), n_tokens.tolist(), parts["has_eos"].tolist())]
+        components = {name: [None if v != v else v for v in values.tolist()]   # None: the function's own None
+                      for name, values in parts["components"].items()}
+        rows = [{"step": step, "prompt": p, "response": t, "score": s,
+                 "rm": components["rm"][i] if "rm" in components else None, "gold": g, "kl": k, "n_tokens": n,
+                 "has_eos": e, "rewards": {name: values[i] for name, values in components.items()}}
+                for i, (p, t, s, g, k, n, e) in enumerate(zip(
+                    batch.prompts, batch.texts, scores.tolist(), gold.tolist(), kl_per_seq.tolist(), n_tokens.tolist(),
+                    parts["has_eos"].tolist()))]
         rows = gather_object(rows)   # every process's episodes (one process: its own)
         if accelerator.is_main_process:
             runlog.append_jsonl(run_dir / "samples.jsonl", rows)

@@ -1,0 +1,33 @@
+"""Reward functions written for TRL's GRPOTrainer (its signature, nothing of rlhf_toy), for the PPO tests."""
+
+CALLS = []   # what each call received, for the tests to check
+
+
+def short_and_on_title(prompts, completions, title, completion_ids, trainer_state, log_metric, **kwargs):
+    """1 per completion that mentions the prompt's film, minus a length rule: -0.1 per word past 3."""
+    texts = [c[0]["content"] for c in completions]
+    rewards = [float(t.lower() in x.lower()) - 0.1 * max(0, len(x.split()) - 3) for t, x in zip(title, texts)]
+    log_metric("short_and_on_title/words", sum(len(x.split()) for x in texts) / len(texts))
+    CALLS.append({"prompts": prompts, "completions": completions, "title": title, "completion_ids": completion_ids,
+                  "step": trainer_state.global_step, "other": sorted(kwargs), "rewards": rewards, "texts": texts})
+    return rewards
+
+
+def fewer_words(completions, **kwargs):
+    """The length rule alone: -0.1 per word."""
+    return [-0.1 * len(c[0]["content"].split()) for c in completions]
+
+
+def wrong_length(prompts, completions, **kwargs):
+    return [0.0] * (len(completions) - 1)
+
+
+def nan_for_the_second(prompts, completions, **kwargs):
+    return [float("nan") if i == 1 else 0.0 for i in range(len(completions))]
+
+
+def none_for_odd(prompts, completions, **kwargs):
+    return [None if i % 2 else 1.0 for i in range(len(completions))]
+
+
+not_a_function = 3
