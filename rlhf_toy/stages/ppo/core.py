@@ -399,6 +399,8 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max
             raise ValueError("aggregate_loss: dr_grpo needs max_len (the response-length limit)")
         return masked_sum(per_token, m) / (per_token.shape[0] * max_len)
     raise ValueError(f"unknown loss_type {loss_type!r}: use bnpo, grpo or dr_grpo")
+
+
 def policy_loss(
     new_logprobs: Tensor,
     old_logprobs: Tensor,
