@@ -263,7 +263,7 @@ def test_compare_splits_pairs_and_best_of_n(tmp_path, setup):
     md = (out / "compare.md").read_text()
     assert "## test prompts (4): the headline numbers" in md and "## eval prompts (3)" in md and "## all prompts (7)" in md
     assert "| ppo − sft_final |" in md and "no correction for the 10 comparisons" in md
-    assert "| bon:4 |" in md
+    assert "| bon:4 |" in md and "the analytic log N − (N−1)/N" in md
 
 
 def test_compare_prompts_without_titles_run_with_rm_only_columns(tmp_path, setup):
@@ -280,9 +280,10 @@ def test_compare_prompts_without_titles_run_with_rm_only_columns(tmp_path, setup
 
 
 def test_compare_rejects_bad_best_of_n(tmp_path, setup, capsys):
-    for spec, reward_model, message in (("bon:0", str(setup["rm"]), "bon:N with N a positive integer"),
-                                        ("bon:4", "none", "best-of-N ranks by the reward model")):
+    for runs, reward_model, message in (([str(setup["ref"]), "bon:0"], str(setup["rm"]), "bon:N with N a positive integer"),
+                                        ([str(setup["ref"]), "bon:4"], "none", "best-of-N ranks by the reward model"),
+                                        (["bon:4"], str(setup["rm"]), "name one with --ref")):
         with pytest.raises(SystemExit) as exit_info:
-            compare.main(["--runs", str(setup["ref"]), spec, "--prompts", str(setup["prompts"]),
+            compare.main(["--runs", *runs, "--prompts", str(setup["prompts"]),
                           "--output_dir", str(tmp_path / "r"), "--reward_model", reward_model, *SAMPLING])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err

@@ -427,7 +427,9 @@ def run_compare(args) -> Path:
                 entry.label, entry.run = entry.label.replace(run, new_run, 1), new_run
         run_labels.append(run)
         entries += group
-    ref_spec = args.ref or next(s for s in args.runs if not s.split("=")[-1].startswith("bon:"))
+    ref_spec = args.ref or next((s for s in args.runs if not s.split("=")[-1].startswith("bon:")), None)
+    if ref_spec is None:
+        raise CompareError("--runs: best-of-N samples from the reference: name one with --ref (or a run before bon:N)")
     ref_entry = resolve_entries(ref_spec, args.base, 0)[0]
     if ref_entry.best_of:
         raise CompareError(f"--ref {ref_spec}: the reference must be a model (best-of-N samples from it)")
@@ -476,6 +478,10 @@ def run_compare(args) -> Path:
     notes = [judge.note] if judge.note else []
     notes += sorted({f"{label}: {m['kl_note']}" for label, m in tables[headline]["runs"].items()
                      if m.get("kl_note") and label not in [e.label for e in best_of]})
+    if best_of:
+        notes.append(f"bon:N: of N answers of the reference ({ref_entry.label}; the first is its own answer, the "
+                     "others other seeds) the one the reward model scores highest; KL to ref is the analytic "
+                     "log N − (N−1)/N, not an estimate from samples.")
     report = {"ref": ref_entry.label, "ref_model": ref_entry.model, "reward_model": getattr(judge, "path", None),
               "penalties": penalties,
               "settings": {"prompts": args.prompts, "n_prompts": len(prompts), "headline_split": headline,
