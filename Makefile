@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data study clean-runs
+.PHONY: setup test demo data study algorithms clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -114,6 +114,34 @@ study-compare-run:
 		$(STUDY_BON) --ref $(MODELS)/sft --base $(BASE) --reward_model $(MODELS)/reward/final --prompts $(COMPARE_FILES) \
 		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints 0 --output_dir $(STUDY_REPORT)
 	$(PY) scripts/study_summary.py $(STUDY_REPORT)
+
+# PPO's critic-free successors beside PPO and DPO (not part of the demo): GRPO and RLOO at the demo's PPO
+# config (same episodes, 4 samples per prompt), from the demo's SFT and reward models; one compare with the
+# demo's PPO and DPO; episodes/s from each run's metrics, peak RSS from a two-step run of each under
+# /usr/bin/time -v (the same for every method). Report: $(ALGO_REPORT)/algorithms.md.
+ALGO_RUNS ?= $(RUNS)/algorithms
+ALGO_REPORT ?= reports/algorithms
+CRITIC_FREE ?= grpo rloo
+algorithms: setup $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
+	@mkdir -p $(ALGO_RUNS)/memory
+	@for estimator in $(CRITIC_FREE); do test -e $(ALGO_RUNS)/$$estimator/final/config.json || \
+		$(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --advantage_estimator $$estimator --num_generations 4 \
+		--output_dir $(ALGO_RUNS)/$$estimator --model_name_or_path $(RUNS)/sft/final \
+		--reward_model_path $(RUNS)/reward/final || exit 1; done
+	@for estimator in gae $(CRITIC_FREE); do \
+		/usr/bin/time -v -o $(ALGO_RUNS)/memory/$$([ $$estimator = gae ] && echo ppo || echo $$estimator).time \
+		$(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --advantage_estimator $$estimator \
+		$$([ $$estimator = gae ] || echo --num_generations 4) --total_episodes 64 --num_eval_prompts 0 \
+		--output_dir $(ALGO_RUNS)/memory/$$estimator --overwrite_output_dir --model_name_or_path $(RUNS)/sft/final \
+		--reward_model_path $(RUNS)/reward/final > /dev/null 2>&1 || exit 1; done
+	/usr/bin/time -v -o $(ALGO_RUNS)/memory/dpo.time $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --max_steps 2 \
+		--num_eval_prompts 0 --output_dir $(ALGO_RUNS)/memory/dpo_run --overwrite_output_dir \
+		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final > /dev/null 2>&1
+	$(PY) scripts/compare.py --runs $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(foreach e,$(CRITIC_FREE),$(ALGO_RUNS)/$(e)) \
+		--ref $(RUNS)/sft --reward_model $(RUNS)/reward/final --prompts $(COMPARE_FILES) --limit $(COMPARE_PROMPTS) \
+		--batch_size $(COMPARE_BATCH) --checkpoints 0 --output_dir $(ALGO_REPORT)
+	$(PY) scripts/algorithms_summary.py --report $(ALGO_REPORT) --runs $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo \
+		$(foreach e,$(CRITIC_FREE),$(ALGO_RUNS)/$(e)) --memory_logs $(ALGO_RUNS)/memory
 
 clean-runs:
 	rm -rf runs reports
