@@ -49,3 +49,29 @@ def test_seed_spread_without_a_report_is_a_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         study.main([str(tmp_path)])
     assert exit_info.value.code == 2 and "no compare report there" in capsys.readouterr().err
+
+
+def test_algorithms_summary_reads_speed_memory_and_the_report(tmp_path):
+    import runpy
+
+    from conftest import ROOT
+
+    summary_main = runpy.run_path(str(ROOT / "scripts/algorithms_summary.py"))["main"]
+    report = {"settings": {"headline_split": "test"},
+              "runs": {"ppo": {"gold_mean": 0.5, "kl_to_ref": 5.0, "win_rate_vs_ref": 0.6, "eos_rate": 1.0,
+                               "corpus_distinct_2": 0.5},
+                       "dpo": {"gold_mean": 0.4, "kl_to_ref": 3.0, "win_rate_vs_ref": 0.55, "eos_rate": 0.5,
+                               "corpus_distinct_2": 0.55}}}
+    (tmp_path / "compare.json").write_text(json.dumps(report))
+    ppo, dpo, logs = tmp_path / "ppo", tmp_path / "dpo", tmp_path / "memory"
+    for path in (ppo, dpo, logs):
+        path.mkdir()
+    (ppo / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "perf/episodes_per_s": v}) + "\n"
+                                               for s, v in ((1, 1.0), (2, 3.0), (3, 2.0))))
+    (dpo / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 0.6}) + "\n")
+    (dpo / "summary.json").write_text(json.dumps({"train_pairs": 100, "train_wall_s": 50.0}))
+    (logs / "ppo.time").write_text("\tMaximum resident set size (kbytes): 2097152\n")
+    text = summary_main(["--report", str(tmp_path), "--runs", str(ppo), str(dpo), "--memory_logs", str(logs)])
+    assert "| ppo | 0.500 | 5.00 | 0.600 | 1.000 | 0.500 | 2.000 | 2048 |" in text     # median step speed, MB
+    assert "| dpo | 0.400 | 3.00 | 0.550 | 0.500 | 0.550 | 2.000 | — |" in text       # pairs/s; no memory log
+    assert (tmp_path / "algorithms.md").read_text() == text
