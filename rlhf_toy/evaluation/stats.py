@@ -20,17 +20,24 @@ def _percentile_interval(values: list[float]) -> tuple[float, float]:
     return ordered[int(0.025 * (n - 1))], ordered[int(math.ceil(0.975 * (n - 1)))]
 
 
+def _paired_per_prompt(golds: dict, other_golds: dict) -> tuple[dict, dict]:
+    """Answers paired by (prompt_id, sample), grouped by prompt in `golds`' order: {prompt_id: [gold − other]}
+    and {prompt_id: [1 win, ½ tie, 0 loss]}. `golds`, `other_golds`: {(prompt_id, sample): gold}."""
+    diffs, wins = {}, {}
+    for (pid, j), g in golds.items():
+        if (pid, j) in other_golds:
+            other = other_golds[(pid, j)]
+            diffs.setdefault(pid, []).append(g - other)
+            wins.setdefault(pid, []).append(1.0 if g > other else 0.5 if g == other else 0.0)
+    return diffs, wins
+
+
 def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Run a against run b on the same prompts and sampling seeds: the mean difference in gold and a's win
     rate (ties ½), each with a 95% percentile-bootstrap interval over prompts (paired: a prompt's two answers
     are resampled together, so the prompt-to-prompt spread both runs share cancels)."""
-    gold_b = {(r["prompt_id"], r["sample"]): r["gold"] for r in rows_b}
-    diffs, wins = {}, {}
-    for r in rows_a:
-        key = (r["prompt_id"], r["sample"])
-        if key in gold_b:
-            diffs.setdefault(r["prompt_id"], []).append(r["gold"] - gold_b[key])
-            wins.setdefault(r["prompt_id"], []).append(1.0 if r["gold"] > gold_b[key] else 0.5 if r["gold"] == gold_b[key] else 0.0)
+    diffs, wins = _paired_per_prompt({(r["prompt_id"], r["sample"]): r["gold"] for r in rows_a},
+                                     {(r["prompt_id"], r["sample"]): r["gold"] for r in rows_b})
     prompts = sorted(diffs)
     if not prompts:
         return {"n_prompts": 0}
@@ -51,11 +58,7 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int =
 def win_rate(golds: dict, ref_golds: dict, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float, float]:
     """Win rate by gold against the reference (ties half), per prompt averaged over its samples,
     with a 95% percentile-bootstrap interval over prompts. `golds`: {(prompt_id, sample): gold}."""
-    per_prompt: dict = {}
-    for (pid, j), g in golds.items():
-        if (pid, j) in ref_golds:
-            r = ref_golds[(pid, j)]
-            per_prompt.setdefault(pid, []).append(1.0 if g > r else 0.5 if g == r else 0.0)
+    _, per_prompt = _paired_per_prompt(golds, ref_golds)
     wins = [statistics.mean(v) for v in per_prompt.values()]
     if not wins:
         return float("nan"), float("nan"), float("nan")
