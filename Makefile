@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data study algorithms clean-runs
+.PHONY: setup test demo data study algorithms rlvr rlvr-task clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -142,6 +142,24 @@ algorithms: setup $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 		--batch_size $(COMPARE_BATCH) --checkpoints 0 --output_dir $(ALGO_REPORT)
 	$(PY) scripts/algorithms_summary.py --report $(ALGO_REPORT) --runs $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo \
 		$(foreach e,$(CRITIC_FREE),$(ALGO_RUNS)/$(e)) --memory_logs $(ALGO_RUNS)/memory
+
+# RL with verifiable rewards (not part of the demo): GRPO from the demo's SFT model against an exact check, no
+# reward model. RLVR_TASKS: rlvr (sums, configs/rlvr.yaml) and rlvr_word (a review that must use a word,
+# configs/rlvr_word.yaml). Each: one run (wall time in $(RUNS)/rlvr_times.txt), then base, SFT and the run
+# on the task's eval prompts with the check as a column ($(RLVR_REPORT)/TASK/compare.md).
+RLVR_TASKS ?= rlvr rlvr_word
+RLVR_REPORT ?= reports/rlvr
+rlvr: setup $(RUNS)/sft/final/config.json
+	@for t in $(RLVR_TASKS); do $(MAKE) --no-print-directory rlvr-task TASK=$$t || exit 1; done
+
+rlvr-task:
+	$(if $(wildcard $(RUNS)/$(TASK)/final/config.json),,@mkdir -p $(RUNS) && start=$$SECONDS && \
+		$(PY) scripts/ppo.py --config $(CONFIGS)/$(TASK).yaml --output_dir $(RUNS)/$(TASK) \
+		--model_name_or_path $(RUNS)/sft/final && echo "$(TASK) $$((SECONDS - start)) s" >> $(RUNS)/rlvr_times.txt)
+	$(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/$(TASK) --ref $(RUNS)/sft --base $(BASE) \
+		--reward_model none --batch_size 64 --checkpoints 0 --output_dir $(RLVR_REPORT)/$(TASK) \
+		$$($(PY) -c "import yaml; c = yaml.safe_load(open('$(CONFIGS)/$(TASK).yaml')); \
+		print('--prompts', c['eval_prompts'], '--max_new_tokens', c['response_length'], '--rewards', *c['rewards'])")
 
 clean-runs:
 	rm -rf runs reports

@@ -18,6 +18,8 @@ Per run, over the samples (one or more per prompt):
   ties count half, with a 95% percentile-bootstrap interval over prompts.
 - length_mean (response tokens, EOS included), eos_rate, distinct_2 (distinct word bigrams / all
   word bigrams over all responses: words, so runs with different tokenizers are comparable).
+- rewards/<name>/mean: with `--rewards module:function ...` (PPO's reward functions, TRL's signature), each
+  function's mean, and every pair's difference in it (a verifiable task's success rate: configs/rlvr.yaml).
 
 Sampling is batched and resumable: each model's scored samples go to `samples/KEY.jsonl` one batch at
 a time, so a killed compare continues where it stopped. Every batch has its own seed, which is the
@@ -47,6 +49,7 @@ from rlhf_toy.evaluation.report import (compare_markdown, markdown_table, plot_c
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.evaluation.stats import paired_comparison, summarize
 from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, run_penalties
+from rlhf_toy.stages.ppo.rewards import RewardFunctionError, load_reward_functions
 
 DEFAULT_REWARD_MODEL = "runs/reward/final"
 BASE = "base"
@@ -221,13 +224,15 @@ def _read_done(path: Path, batch_sizes: list[int]) -> list[dict]:
 
 
 def sample_entry(entry: Entry, prompts, titles, ref, judge: Judge, args, out_dir: Path, ref_key: str,
-                 precision: models.Precision) -> list[dict]:
+                 precision: models.Precision, records: list[dict], reward_functions: list) -> list[dict]:
     """Sample and score one model on every prompt (each `samples_per_prompt` times), resuming."""
     samples_dir = out_dir / "samples"
     samples_dir.mkdir(parents=True, exist_ok=True)
     path, meta_path = samples_dir / f"{entry.key}.jsonl", samples_dir / f"{entry.key}.meta.json"
     settings = {k: getattr(args, k) for k in ("max_new_tokens", "temperature", "seed", "batch_size",
                                               "samples_per_prompt", "max_prompt_length", "dtype")}
+    if args.rewards:   # only then: samples compared without reward functions keep their stamp
+        settings["rewards"] = args.rewards
     meta = {"label": entry.label, "model": entry.model, "run": entry.run, "step": entry.step,
             "fingerprint": _fingerprint([_model_stamp(entry.model), settings, prompts, titles, ref_key,
                                          judge.penalties, getattr(judge, "path", None)])}
@@ -267,7 +272,8 @@ def sample_entry(entry: Entry, prompts, titles, ref, judge: Judge, args, out_dir
                                      temperature=args.temperature, batch_size=len(batch), seed=seed,
                                      max_prompt_length=args.max_prompt_length,
                                      ref=None if is_ref or mismatch else ref_model, ref_tokenizer=ref_tokenizer,
-                                     precision=precision)
+                                     precision=precision, records=records[start:start + args.batch_size],
+                                     reward_functions=reward_functions)
         new = [{"prompt_id": start + i, "sample": j, "label": entry.label, **row,
                 **({"kl": 0.0} if is_ref else {}), **({"kl_note": mismatch} if mismatch else {})}
                for i, row in enumerate(scored)]
@@ -337,6 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output_dir", required=True)
     p.add_argument("--limit", type=_int_at_least(0), default=0, help="use the first N prompts of each file (0 = all)")
     p.add_argument("--reward_model", default=DEFAULT_REWARD_MODEL, help="reward model directory, or `none`")
+    p.add_argument("--rewards", nargs="+", default=[], metavar="MODULE:FUNCTION",
+                   help="reward functions (PPO's `rewards` entries) to score every answer with, from the prompt records' columns")
     p.add_argument("--length_coef", type=float, default=None, help="default: from a PPO run's config.yaml, else 0")
     p.add_argument("--length_target", type=int, default=None)
     p.add_argument("--missing_eos_penalty", type=float, default=None)
@@ -363,13 +371,14 @@ def _penalties(args, run_dirs: dict) -> dict:
             for name in PENALTIES_OFF}
 
 
-def load_splits(files: list[str], limit: int) -> tuple[list, list, dict]:
-    """The prompts of every `--prompts` file (each its first `limit`, 0 = all), their titles, and each file's
-    prompt ids as a split named after it (prompts_test.jsonl -> "test")."""
-    prompts, titles, splits = [], [], {}
+def load_splits(files: list[str], limit: int) -> tuple[list, list, dict, list]:
+    """The prompts of every `--prompts` file (each its first `limit`, 0 = all), their titles, each file's
+    prompt ids as a split named after it (prompts_test.jsonl -> "test"), and the prompt records whole."""
+    prompts, titles, splits, records = [], [], {}, []
     for path in files:
         try:
             file_prompts, file_titles = data.load_prompts_and_titles(path, limit or None)
+            records += data.load_prompt_records(path)[:limit or None]
         except data.DataError as error:
             raise CompareError(str(error)) from None
         if not file_prompts:
@@ -380,7 +389,7 @@ def load_splits(files: list[str], limit: int) -> tuple[list, list, dict]:
         splits[name] = range(len(prompts), len(prompts) + len(file_prompts))
         prompts += file_prompts
         titles += file_titles
-    return prompts, titles, splits
+    return prompts, titles, splits, records
 
 
 def split_metrics(entries: list[Entry], rows_by_label: dict, ref_label: str, prompt_ids, args) -> dict:
@@ -409,7 +418,13 @@ def split_metrics(entries: list[Entry], rows_by_label: dict, ref_label: str, pro
 
 def run_compare(args) -> Path:
     out_dir = Path(args.output_dir)
-    prompts, titles, splits = load_splits(args.prompts, args.limit)
+    prompts, titles, splits, records = load_splits(args.prompts, args.limit)
+    if "rm" in args.rewards:
+        raise CompareError("--rewards rm: the reward model is --reward_model; --rewards takes module:function entries")
+    try:
+        reward_functions = load_reward_functions(args.rewards)
+    except RewardFunctionError as error:
+        raise CompareError(f"--rewards: {error}") from None
     # A reward model named on the command line must be there; only the default may be absent (no
     # reward model trained yet): then, as with `none`, the RM columns are left out with a note.
     if (args.reward_model.lower() != "none" and args.reward_model != DEFAULT_REWARD_MODEL
@@ -460,12 +475,14 @@ def run_compare(args) -> Path:
 
     rows_by_label = {}
     for entry in [ref_entry] + [e for e in entries if e is not ref_entry and not e.best_of]:
-        rows_by_label[entry.label] = sample_entry(entry, prompts, titles, ref, judge, args, out_dir, ref_key, precision)
+        rows_by_label[entry.label] = sample_entry(entry, prompts, titles, ref, judge, args, out_dir, ref_key, precision,
+                                                  records, reward_functions)
     if best_of:   # one pool of the reference's samples: bon:4 ranks the first 4 of bon:16's 16
         pool_args = copy.copy(args)
         pool_args.samples_per_prompt = args.samples_per_prompt * max(e.best_of for e in best_of)
         pool = Entry("ref-candidates", ref_entry.model, "ref-candidates", tokenizer_from=ref_entry.tokenizer_from)
-        candidates = sample_entry(pool, prompts, titles, ref, judge, pool_args, out_dir, ref_key, precision)
+        candidates = sample_entry(pool, prompts, titles, ref, judge, pool_args, out_dir, ref_key, precision,
+                                  records, reward_functions)
         for entry in best_of:
             entry.model = f"best of {entry.best_of} from {ref_entry.model}"
             rows_by_label[entry.label] = best_of_n_rows(entry, candidates, args.samples_per_prompt)
@@ -486,7 +503,8 @@ def run_compare(args) -> Path:
               "penalties": penalties,
               "settings": {"prompts": args.prompts, "n_prompts": len(prompts), "headline_split": headline,
                            **{k: getattr(args, k) for k in ("samples_per_prompt", "max_new_tokens", "temperature",
-                                                            "seed", "batch_size", "n_bootstrap", "checkpoints")}},
+                                                            "seed", "batch_size", "n_bootstrap", "checkpoints",
+                                                            "rewards")}},
               "environment": runlog.environment(precision),
               "runs": tables[headline]["runs"], "pairs": tables[headline]["pairs"],
               "splits": tables if len(splits) > 1 else {}}
@@ -509,6 +527,6 @@ def main(argv=None) -> Path:
     args = build_parser().parse_args(argv)
     try:
         return run_compare(args)
-    except (CompareError, models.ModelNotFoundError, data.DataError) as error:
+    except (CompareError, models.ModelNotFoundError, data.DataError, RewardFunctionError) as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

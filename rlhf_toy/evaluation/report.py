@@ -39,29 +39,46 @@ def _cell(metrics: dict, key: str) -> str:
     return _fmt(metrics.get(key))
 
 
+def _reward_names(items) -> list[str]:
+    """The reward functions' names (compare's --rewards) in runs' metrics or pairs."""
+    return sorted({key.split("/")[1] for item in items for key in item if key.startswith("rewards/")} |
+                  {name for item in items for name in item.get("rewards") or {}})
+
+
 def markdown_table(report: dict) -> str:
-    head = "| run | " + " | ".join(title for _, title in TABLE_COLUMNS) + " |"
-    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 1)]
+    columns = TABLE_COLUMNS + [(f"rewards/{name}/mean", name) for name in _reward_names(report["runs"].values())]
+    head = "| run | " + " | ".join(title for _, title in columns) + " |"
+    lines = [head, "|" + "---|" * (len(columns) + 1)]
     for label, metrics in report["runs"].items():
-        lines.append(f"| {label} | " + " | ".join(_cell(metrics, k) for k, _ in TABLE_COLUMNS) + " |")
+        lines.append(f"| {label} | " + " | ".join(_cell(metrics, k) for k, _ in columns) + " |")
     ckpt_lines = []
     for label, metrics in report["runs"].items():
         for ckpt in metrics.get("checkpoints", []):
-            ckpt_lines.append(f"| {ckpt['label']} | " + " | ".join(_cell(ckpt, k) for k, _ in TABLE_COLUMNS) + " |")
+            ckpt_lines.append(f"| {ckpt['label']} | " + " | ".join(_cell(ckpt, k) for k, _ in columns) + " |")
     if ckpt_lines:
         lines += ["", "Kept checkpoints:", "", head.replace("| run |", "| checkpoint |"),
-                  "|" + "---|" * (len(TABLE_COLUMNS) + 1), *ckpt_lines]
+                  "|" + "---|" * (len(columns) + 1), *ckpt_lines]
     return "\n".join(lines)
 
 
+def _difference(diff: float, interval: list, significant: bool) -> str:
+    return f"{diff:+.3f} [{interval[0]:+.3f}, {interval[1]:+.3f}]{' *' if significant else ''}"
+
+
 def pairs_table(pairs: list[dict]) -> str:
-    lines = ["| a − b | gold difference (95% CI) | win rate of a (95% CI) | prompts |", "|---|---|---|---|"]
+    names = _reward_names(pairs)
+    lines = ["| a − b | gold difference (95% CI) | win rate of a (95% CI) | "
+             + "".join(f"{name} difference (95% CI) | " for name in names) + "prompts |",
+             "|---|---|---|" + "---|" * len(names) + "---|"]
     for p in pairs:
         if not p.get("n_prompts"):
             continue
-        (dlo, dhi), (wlo, whi) = p["gold_diff_ci95"], p["win_rate_ci95"]
-        lines.append(f"| {p['a']} − {p['b']} | {p['gold_diff']:+.3f} [{dlo:+.3f}, {dhi:+.3f}]"
-                     f"{' *' if p['significant'] else ''} | {p['win_rate']:.3f} [{wlo:.2f}, {whi:.2f}] | {p['n_prompts']} |")
+        wlo, whi = p["win_rate_ci95"]
+        rewards = [(p.get("rewards") or {}).get(name) or {} for name in names]
+        lines.append(f"| {p['a']} − {p['b']} | {_difference(p['gold_diff'], p['gold_diff_ci95'], p['significant'])} | "
+                     f"{p['win_rate']:.3f} [{wlo:.2f}, {whi:.2f}] | "
+                     + "".join((_difference(r["diff"], r["diff_ci95"], r["significant"]) if r.get("n_prompts") else "—")
+                               + " | " for r in rewards) + f"{p['n_prompts']} |")
     return "\n".join(lines)
 
 
@@ -125,6 +142,9 @@ def method_notes(report: dict) -> list[str]:
         "a − b: the mean over prompts of the gold difference between a's and b's answers to the same prompt and "
         "seed, and how often a's answer has the higher gold (ties half), each with a 95% paired percentile "
         f"bootstrap interval over prompts ({s['n_bootstrap']} resamples).",
+        *([f"Reward functions ({', '.join(s['rewards'])}): every answer scored as PPO's training scores it, from its "
+           "prompt record's columns; the column is their mean over answers, a − b its paired difference (bootstrap "
+           "as for gold)."] if s.get("rewards") else []),
         "RM: " + (f"{report['reward_model']} (normalised: mean 0, std 1 on SFT samples); RM − penalties subtracts "
                   f"{report['penalties']['length_coef']}·max(0, tokens − {report['penalties']['length_target']}) and "
                   f"{report['penalties']['missing_eos_penalty']} for a missing EOS (PPO's training score)."

@@ -7,16 +7,20 @@ from __future__ import annotations
 from rlhf_toy import sequences
 from rlhf_toy.evaluation.stats import summarize
 from rlhf_toy.scoring import Judge
+from rlhf_toy.stages.ppo.rewards import call_reward_function
 
 
 def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | None = None, max_new_tokens: int, temperature: float,
                      batch_size: int, seed: int, max_prompt_length: int = 256, ref=None, ref_tokenizer=None,
-                     progress: str | None = None, precision=None) -> tuple[dict, list[dict]]:
+                     progress: str | None = None, precision=None, records: list[dict] | None = None,
+                     reward_functions: list = ()) -> tuple[dict, list[dict]]:
     """Sample one answer per prompt (`sequences.generate`, seeded per batch), judge it (gold; RM and the
     penalised score when the judge has a reward model) and, given a reference model, its sequence
     KL(π‖π_ref) = Σ_t log π(y_t) − log π_ref(y_t) at the sampling temperature. `precision` (a
     `models.Precision`): the autocast sampling and log-probs run in. `titles`: each prompt's film, for the
-    gold judge's on-topic term (None: unknown). Returns (summary, rows)."""
+    gold judge's on-topic term (None: unknown). `reward_functions` (`rewards.load_reward_functions`'s, the reward
+    model's `rm` entry skipped: the judge has it) score each answer from the prompt `records`' columns, as in
+    PPO's training: row["rewards"][name]. Returns (summary, rows)."""
     samples = sequences.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                  batch_size=batch_size, seed=seed, max_prompt_length=max_prompt_length,
                                  progress=progress, precision=precision)
@@ -34,6 +38,12 @@ def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | 
     rows = [{"prompt": s.prompt, "response": s.response, "n_tokens": n, "n_words": len(s.response.split()),
              "has_eos": s.has_eos, **sc, "logp": lp, "ref_logp": rlp, "kl": kl}
             for s, n, sc, lp, rlp, kl in zip(samples, n_tokens, scores, logps, ref_logps, kls)]
+    functions = [(entry, name, f) for entry, name, f in reward_functions if f is not None]
+    for entry, name, function in functions:
+        values = call_reward_function(entry, function, records, [s.response for s in samples],
+                                      [s.response_ids for s in samples], step=0, max_steps=0, log_metric=lambda *_: None)
+        for row, value in zip(rows, values.tolist()):
+            row.setdefault("rewards", {})[name] = None if value != value else value   # NaN: the function's None
     return summarize(rows), rows
 
 

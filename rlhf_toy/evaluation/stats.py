@@ -32,12 +32,11 @@ def _paired_per_prompt(golds: dict, other_golds: dict) -> tuple[dict, dict]:
     return diffs, wins
 
 
-def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
-    """Run a against run b on the same prompts and sampling seeds: the mean difference in gold and a's win
-    rate (ties ½), each with a 95% percentile-bootstrap interval over prompts (paired: a prompt's two answers
-    are resampled together, so the prompt-to-prompt spread both runs share cancels)."""
-    diffs, wins = _paired_per_prompt({(r["prompt_id"], r["sample"]): r["gold"] for r in rows_a},
-                                     {(r["prompt_id"], r["sample"]): r["gold"] for r in rows_b})
+def _paired_bootstrap(values_a: dict, values_b: dict, n_bootstrap: int, seed: int) -> dict:
+    """a − b on the same (prompt_id, sample) keys: the mean difference and a's win rate (ties ½), each with a
+    95% percentile-bootstrap interval over prompts (paired: a prompt's two answers are resampled together, so
+    the prompt-to-prompt spread both runs share cancels)."""
+    diffs, wins = _paired_per_prompt(values_a, values_b)
     prompts = sorted(diffs)
     if not prompts:
         return {"n_prompts": 0}
@@ -50,9 +49,29 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int =
         boot_d.append(statistics.fmean(d[i] for i in idx))
         boot_w.append(statistics.fmean(w[i] for i in idx))
     d_lo, d_hi = _percentile_interval(boot_d)
-    return {"n_prompts": len(prompts), "gold_diff": statistics.mean(d), "gold_diff_ci95": [d_lo, d_hi],
+    return {"n_prompts": len(prompts), "diff": statistics.mean(d), "diff_ci95": [d_lo, d_hi],
             "win_rate": statistics.mean(w), "win_rate_ci95": list(_percentile_interval(boot_w)),
             "significant": d_lo > 0 or d_hi < 0}
+
+
+def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
+    """Run a against run b on the same prompts and sampling seeds, by gold (`_paired_bootstrap`); with reward
+    functions (rows' "rewards"), each one's difference too, under "rewards"."""
+    key = lambda r: (r["prompt_id"], r["sample"])
+    out = _paired_bootstrap({key(r): r["gold"] for r in rows_a}, {key(r): r["gold"] for r in rows_b}, n_bootstrap, seed)
+    if not out["n_prompts"]:
+        return out
+    out = {"n_prompts": out["n_prompts"], "gold_diff": out["diff"], "gold_diff_ci95": out["diff_ci95"],
+           "win_rate": out["win_rate"], "win_rate_ci95": out["win_rate_ci95"], "significant": out["significant"]}
+    names = sorted({n for r in rows_a + rows_b for n in r.get("rewards") or {}})
+    if names:
+        def values(rows, name):
+            return {key(r): r["rewards"][name] for r in rows if (r.get("rewards") or {}).get(name) is not None}
+        out["rewards"] = {}
+        for name in names:
+            paired = _paired_bootstrap(values(rows_a, name), values(rows_b, name), n_bootstrap, seed)
+            out["rewards"][name] = {k: paired[k] for k in ("n_prompts", "diff", "diff_ci95", "significant") if k in paired}
+    return out
 
 
 def win_rate(golds: dict, ref_golds: dict, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float, float]:
@@ -92,4 +111,9 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
                               if all("flattery_reason" in p for p in parts) else None),
                distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
                corpus_distinct_2=distinct_n([r["response"] for r in rows], 2))
+    # Reward functions (compare's --rewards, PPO's evaluation): each one's mean over the answers it scored,
+    # under its training metric's name.
+    for name in sorted({n for r in rows for n in r.get("rewards") or {}}):
+        values = [r["rewards"][name] for r in rows if (r.get("rewards") or {}).get(name) is not None]
+        out[f"rewards/{name}/mean"] = statistics.mean(values) if values else None
     return out

@@ -75,9 +75,14 @@ def call_reward_function(entry: str, function: Callable, records: list[dict], te
     prompts = [r["prompt"] for r in records]
     conversational = isinstance(prompts[0], list)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
-    output = function(prompts=prompts, completions=completions, completion_ids=completion_ids,
-                      **prompt_columns(records), trainer_state=SimpleNamespace(global_step=step, max_steps=max_steps),
-                      log_extra=lambda column, values: None, log_metric=log_metric)
+    columns = prompt_columns(records)
+    try:
+        output = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
+                          trainer_state=SimpleNamespace(global_step=step, max_steps=max_steps),
+                          log_extra=lambda column, values: None, log_metric=log_metric)
+    except Exception as error:   # a column it needs is missing, or a bug of its own: name the entry, not a traceback
+        raise RewardFunctionError(f"rewards entry {entry!r} failed: {type(error).__name__}: {error} (the prompt "
+                                  f"records' columns it was given: {', '.join(columns) or 'none'})") from error
     try:
         output = list(output)
     except TypeError:

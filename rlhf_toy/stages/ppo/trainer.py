@@ -70,6 +70,7 @@ class PPOState:
     timers: dict = field(default_factory=dict)   # seconds per phase of the current step (time/*_s)
     update_forward: Callable = None    # `update_forward`, or its torch.compile'd version (`compile: true`)
     eval_titles: list = field(default_factory=list)   # each eval prompt's film, for gold's on-topic term
+    eval_records: list = field(default_factory=list)  # the eval prompts' records: the reward functions' columns
     reward_functions: list = field(default_factory=lambda: [("rm", "rm", None)])   # (entry, name, function)
 
     def __post_init__(self):
@@ -177,6 +178,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
 
     reward_functions = load_reward_functions(cfg.rewards)   # a missing module or function stops here
     eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
+    eval_records = data.load_prompt_records(cfg.eval_prompts)[:cfg.num_eval_prompts]
     prompts = data.load_prompt_records(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = (RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
@@ -192,7 +194,8 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
                                                                   precision.compute != torch.float32)
     state = PPOState(cfg, accelerator, device, tokenizer, scorer, policy, reference, value_model, optimizer,
                      scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, precision,
-                     logprobs_from_forward, eval_titles=eval_titles, reward_functions=reward_functions)
+                     logprobs_from_forward, eval_titles=eval_titles, eval_records=eval_records,
+                     reward_functions=reward_functions)
     # The first write, once the inputs are valid; every process waits for it (and has read the directory).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -235,7 +238,8 @@ def start_logs(state: PPOState, run_dir: Path, start_step: int):
     summary = json.loads(summary_path.read_text()) if start_step and summary_path.exists() else {}
     if state.eval_prompts and "before" not in summary and accelerator.is_main_process:
         summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                     state.eval_prompts, "before", state.precision, state.eval_titles)
+                                     state.eval_prompts, "before", state.precision, state.eval_titles,
+                                     state.eval_records, state.reward_functions)
         summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return logger, summary
 
@@ -573,7 +577,8 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
     if accelerator.is_main_process:
         if state.eval_prompts:
             summary["after"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                        state.eval_prompts, "after", state.precision, state.eval_titles)
+                                        state.eval_prompts, "after", state.precision, state.eval_titles,
+                                        state.eval_records, state.reward_functions)
         model = state.policy.merge_and_unload() if cfg.use_lora else state.policy
         model.save_pretrained(run_dir / "final", safe_serialization=True)
         state.tokenizer.save_pretrained(run_dir / "final")
@@ -587,11 +592,13 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
 
 
 def evaluate(cfg: PPOStageConfig, policy, reference, tokenizer, scorer: RewardScorer, eval_prompts: list,
-             when: str, precision: models.Precision, titles: list | None = None) -> dict:
-    """Gold, RM and sequence KL to the reference on the eval prompts (`sample_and_score`), sampled as
-    in training (T, response_length). The run-level TRL cross-check evaluates TRL's policy with it too."""
+             when: str, precision: models.Precision, titles: list | None = None, records: list | None = None,
+             reward_functions: list = ()) -> dict:
+    """Gold, RM, the reward functions (`rewards/<name>/mean`, from the eval `records`' columns) and sequence KL
+    to the reference on the eval prompts (`sample_and_score`), sampled as in training (T, response_length).
+    The run-level TRL cross-check evaluates TRL's policy with it too."""
     summary, _ = sample_and_score(policy, tokenizer, eval_prompts, titles=titles, judge=Judge(scorer), max_new_tokens=cfg.response_length,
                                   temperature=cfg.temperature, batch_size=32, seed=cfg.seed + 1,
                                   max_prompt_length=cfg.max_prompt_length, ref=reference, progress=f"eval ({when})",
-                                  precision=precision)
+                                  precision=precision, records=records, reward_functions=reward_functions)
     return summary
