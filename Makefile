@@ -122,6 +122,7 @@ study-compare-run:
 ALGO_RUNS ?= $(RUNS)/algorithms
 ALGO_REPORT ?= reports/algorithms
 CRITIC_FREE ?= grpo rloo
+ALGO_BON ?= bon:4 bon:16     # best-of-N of the SFT model by the RM on the same frontier (a pool of 16 SFT answers a prompt)
 algorithms: setup $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 	@mkdir -p $(ALGO_RUNS)/memory
 	@for estimator in $(CRITIC_FREE); do test -e $(ALGO_RUNS)/$$estimator/final/config.json || \
@@ -138,7 +139,7 @@ algorithms: setup $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 		--num_eval_prompts 0 --output_dir $(ALGO_RUNS)/memory/dpo_run --overwrite_output_dir \
 		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final > /dev/null 2>&1
 	$(PY) scripts/compare.py --runs $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(foreach e,$(CRITIC_FREE),$(ALGO_RUNS)/$(e)) \
-		--ref $(RUNS)/sft --reward_model $(RUNS)/reward/final --prompts $(COMPARE_FILES) --limit $(COMPARE_PROMPTS) \
+		$(ALGO_BON) --ref $(RUNS)/sft --reward_model $(RUNS)/reward/final --prompts $(COMPARE_FILES) --limit $(COMPARE_PROMPTS) \
 		--batch_size $(COMPARE_BATCH) --checkpoints 0 --output_dir $(ALGO_REPORT)
 	$(PY) scripts/algorithms_summary.py --report $(ALGO_REPORT) --runs $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo \
 		$(foreach e,$(CRITIC_FREE),$(ALGO_RUNS)/$(e)) --memory_logs $(ALGO_RUNS)/memory

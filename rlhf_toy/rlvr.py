@@ -14,7 +14,8 @@ instruction taken literally (the answer is the sum and nothing else). An answer 
 
 A word (configs/rlvr_word.yaml): "Write a one-sentence review of the film "X" that uses the word 'brilliant'."
 `uses_word` is 1 when the word is there. Whether a review of X is there too is the film task's gold judge's
-business (on-topic, no review, repetition): the check alone cannot see it.
+business (on-topic, no review, repetition): the check alone cannot see it. `quotes_word` (weight 0, a monitor)
+flags the word talked about rather than used: the prompt echoed back.
 """
 
 from __future__ import annotations
@@ -53,6 +54,14 @@ def uses_word(prompts, completions, word, **kwargs) -> list[float]:
     """1.0 when the answer has the word (`word`, the record's column) as a word, any case, else 0.0."""
     return [float(re.search(rf"\b{re.escape(w)}\b", _text(c), re.IGNORECASE) is not None)
             for c, w in zip(completions, word)]
+
+
+def quotes_word(prompts, completions, word, **kwargs) -> list[float]:
+    """1.0 when the answer talks about the word rather than using it: "the word brilliant", or the word in
+    quotes, which is how the prompt's own phrase comes back ("A one-sentence review of X that uses the word
+    'brilliant' is a masterpiece."). `uses_word` accepts that; a monitor with weight 0 shows how often."""
+    return [float(re.search(rf"\bword\W+{re.escape(w)}\b|['\"“‘]{re.escape(w)}['\"”’]", _text(c), re.IGNORECASE)
+                  is not None) for c, w in zip(completions, word)]
 
 
 def _text(completion) -> str:

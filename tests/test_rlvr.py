@@ -56,6 +56,10 @@ def test_prompts_are_split_by_pair_and_the_committed_files_are_the_scripts(tmp_p
 def test_the_word_check_wants_the_word_not_a_review():
     answers = ["A brilliant film.", "BRILLIANT!", "Brilliantly shot.", "brilliant brilliant brilliant", "Not good."]
     assert rlvr.uses_word(None, answers, ["brilliant"] * 5) == [1, 1, 0, 1, 0]
+    echoes = ["A one-sentence review of \"X\" that uses the word 'brilliant' is a masterpiece.",
+              'In "X", the word "brilliant" is used well.', "The word brilliant fits X.", "X is ‘brilliant’.",
+              "X is brilliant, the best word for it.", "A brilliant film."]
+    assert rlvr.quotes_word(None, echoes, ["brilliant"] * 6) == [1, 1, 1, 1, 0, 0]
 
 
 def test_rlvr_config_is_valid_and_its_functions_load():
@@ -130,3 +134,22 @@ def test_compare_reward_function_errors_name_the_entry(tmp_path, setup, capsys):
                           str(tmp_path / "r"), "--reward_model", "none", "--rewards", *rewards, *SAMPLING])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+
+
+def test_a_reward_function_with_weight_zero_is_a_monitor_that_changes_no_training(pipeline, tmp_path):
+    """configs/rlvr*.yaml log number_only / quotes_word with weight 0: the run must be the run without them."""
+    flags = dict(advantage_estimator="grpo", num_generations=4, total_episodes=16, num_eval_prompts=0,
+                 reward_model_path=tmp_path / "none")
+    run_in_process(pipeline, tmp_path / "alone", rewards="reward_functions:fewer_words", **flags)
+    run_in_process(pipeline, tmp_path / "monitored", rewards="reward_functions:fewer_words,reward_functions:short_and_on_title",
+                   reward_weights="1,0", **flags)
+    read = lambda run: [m for m in map(json.loads, (tmp_path / run / "metrics.jsonl").read_text().splitlines())
+                        if "objective/scores" in m]
+    alone, monitored = read("alone"), read("monitored")
+    assert len(alone) == len(monitored) == 2
+    for a, m in zip(alone, monitored):
+        assert "rewards/short_and_on_title/mean" in m
+        same = {k: v for k, v in a.items() if not k.startswith(("time/", "perf/"))}   # all but timings
+        assert same == {k: m[k] for k in same}
+    assert (tmp_path / "alone/final/model.safetensors").read_bytes() == (
+        tmp_path / "monitored/final/model.safetensors").read_bytes()
