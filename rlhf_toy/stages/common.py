@@ -85,6 +85,20 @@ def train(trainer, start):
     return trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
 
 
+def evaluate_before_training(trainer) -> dict:
+    """`trainer.evaluate()` before `trainer.train()`, with data parallelism intact. Evaluating first registers the
+    bare model with accelerate as prepared (for evaluation, which needs no DDP wrapper), and `train()` then finds it
+    prepared and never wraps it: each process trained on its own batches, its gradients never averaged with the
+    others' (transformers 5.24, accelerate 1.15; tests/test_multiprocess.py holds 2 processes to 1). Undone here
+    under several processes, so that `train()` wraps the model; one process is left exactly as it was."""
+    metrics = trainer.evaluate()
+    model = trainer.model
+    if trainer.accelerator.num_processes > 1 and trainer.model_wrapped is model:
+        model.__dict__.pop("_is_accelerate_prepared", None)
+        trainer.accelerator._models[:] = [m for m in trainer.accelerator._models if m is not model]
+    return metrics
+
+
 def trainer_fields(cfg) -> dict:
     """TrainingArguments fields straight from the stage config's TrainerFields (eval batch = train batch)."""
     from dataclasses import fields
