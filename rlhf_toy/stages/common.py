@@ -122,10 +122,36 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):
 def resolve_precision(cfg) -> models.Precision:
     """The run's precision; `cfg.dtype` becomes its name in place (`auto` -> `bfloat16-mixed` or `float32`),
     so the run's config.yaml records what ran and a resume on a machine that resolves differently is refused.
-    Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config."""
-    precision = models.resolve_precision(cfg.dtype, models.pick_device(cfg.device))
+    Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config; the
+    launch config's engine is checked here too (`check_engine`)."""
+    device = models.pick_device(cfg.device)
+    check_engine(device)
+    precision = models.resolve_precision(cfg.dtype, device)
     cfg.dtype = precision.name
     return precision
+
+
+def check_engine(device: torch.device) -> None:
+    """Refuse a launch config (configs/accelerate/) whose engine cannot run here, before anything loads. accelerate
+    1.15 picks FSDP and DeepSpeed only for GPUs: on the CPU it silently drops them and runs plain DDP, which would
+    be a run that does not do what its config says."""
+    from rlhf_toy.config import ConfigError
+
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if not requested:
+        return
+    engine = requested[0]
+    if device.type == "cpu":
+        raise ConfigError(f"the launch config asks for {engine}, which accelerate runs on GPUs only (on the CPU it "
+                          "ignores it and runs plain DDP): use configs/accelerate/ddp.yaml here, or `accelerate launch "
+                          "--multi_gpu --num_processes N`")
+    if engine == "DeepSpeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("the launch config asks for DeepSpeed, which is not installed: `pip install deepspeed` "
+                              "(not a dependency of rlhf_toy; it needs a CUDA GPU and builds its kernels on first use)")
 
 
 def trainer_precision(cfg) -> dict:
