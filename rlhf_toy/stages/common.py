@@ -85,12 +85,19 @@ def train(trainer, start):
     return trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
 
 
-def evaluate_before_training(trainer) -> dict:
+def evaluate_before_training(trainer) -> dict | None:
     """`trainer.evaluate()` before `trainer.train()`, with data parallelism intact. Evaluating first registers the
     bare model with accelerate as prepared (for evaluation, which needs no DDP wrapper), and `train()` then finds it
     prepared and never wraps it: each process trained on its own batches, its gradients never averaged with the
     others' (transformers 5.24, accelerate 1.15; tests/test_multiprocess.py holds 2 processes to 1). Undone here
-    under several processes, so that `train()` wraps the model; one process is left exactly as it was."""
+    under several processes, so that `train()` wraps the model; one process is left exactly as it was.
+    None under FSDP and DeepSpeed, where the HF Trainer cannot evaluate a model it has not yet prepared with its
+    optimizer (FSDP2 refuses a model alone, ZeRO-2 has no inference mode, ZeRO-3 builds an engine that training
+    then cannot step: seen on a GPU): those runs have no evaluation loss from before training."""
+    from accelerate.utils import DistributedType
+
+    if trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
     metrics = trainer.evaluate()
     model = trainer.model
     if trainer.accelerator.num_processes > 1 and trainer.model_wrapped is model:
@@ -165,17 +172,27 @@ def trainer_precision(cfg) -> dict:
 
 def save_final(trainer, tokenizer, run_dir: Path) -> Path:
     """final/: a plain HF model (LoRA merged in) that any from_pretrained loads, written by rank 0 once
-    every process has finished training; no process goes on before it is complete."""
+    every process has finished training; no process goes on before it is complete. Under FSDP and ZeRO-3, whose
+    processes each hold a shard of the weights, every process first takes part in gathering them whole."""
     final = run_dir / "final"
     trainer.accelerator.wait_for_everyone()
+    whole = trainer.accelerator.get_state_dict(trainer.model_wrapped) if shards_weights(trainer.accelerator) else None
     if is_main_process():
         model = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        model.save_pretrained(final, safe_serialization=True)
+        model.save_pretrained(final, safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether the engine splits the weights themselves across processes (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
 def freeze_bottom(model, n_layers: int) -> None:

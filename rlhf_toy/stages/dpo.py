@@ -157,8 +157,9 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             processing_class=tokenizer, peft_config=lora_config(cfg),
             callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
         )
-    if eval_pairs and "eval_before" not in summary:
-        summary["eval_before"] = _eval_metrics(evaluate_before_training(trainer))
+    before = evaluate_before_training(trainer) if eval_pairs and "eval_before" not in summary else None
+    if before is not None:
+        summary["eval_before"] = _eval_metrics(before)
     if is_main_process():
         summary_path.write_text(json.dumps(summary) + "\n")
 

@@ -116,8 +116,9 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         processing_class=tokenizer, peft_config=lora_config(cfg),
         callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
     )
-    if eval_records and "eval_loss_before" not in summary:
-        summary["eval_loss_before"] = evaluate_before_training(trainer)["eval_loss"]
+    before = evaluate_before_training(trainer) if eval_records and "eval_loss_before" not in summary else None
+    if before is not None:
+        summary["eval_loss_before"] = before["eval_loss"]
     summary["examples_prompt_too_long_dropped"] = too_long + eval_too_long
     if is_main_process():
         summary_path.write_text(json.dumps(summary) + "\n")

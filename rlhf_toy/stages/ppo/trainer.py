@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
-from rlhf_toy.stages.common import resolve_precision, setup_run
+from rlhf_toy.stages.common import resolve_precision, setup_run, shards_weights
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
@@ -263,9 +263,7 @@ def prepare_engine(state: PPOState) -> None:
     from accelerate.utils import DistributedType
 
     cfg, accelerator = state.cfg, state.accelerator
-    if accelerator.distributed_type == DistributedType.FSDP or (
-            accelerator.distributed_type == DistributedType.DEEPSPEED
-            and accelerator.state.deepspeed_plugin.zero_stage == 3):
+    if shards_weights(accelerator):
         from rlhf_toy.config import ConfigError
 
         raise ConfigError(
@@ -278,8 +276,10 @@ def prepare_engine(state: PPOState) -> None:
             train_micro_batch_size_per_gpu=state.micro_batch, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             gradient_clipping=cfg.max_grad_norm)
     module = PolicyAndCritic(state.policy, state.value_model, state.update_forward, state.shared_critic)
-    # the models are already on the run's device (`--device`), which need not be accelerate's default
-    state.engine, state.optimizer = accelerator.prepare(module, state.optimizer, device_placement=[False, False])
+    # The models are already on the run's device (`--device`, which need not be accelerate's default); DeepSpeed
+    # places them itself.
+    placement = None if accelerator.distributed_type == DistributedType.DEEPSPEED else [False, False]
+    state.engine, state.optimizer = accelerator.prepare(module, state.optimizer, device_placement=placement)
 
 
 def start_logs(state: PPOState, run_dir: Path, start_step: int):
