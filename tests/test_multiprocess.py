@@ -1,6 +1,9 @@
 """Every stage under two real processes on the CPU (gloo). `accelerate launch --cpu --num_processes 2`
 starts ONE process (accelerate's CPU launcher expects mpirun); `--multi_gpu` is accelerate's torchrun
-launcher, which on a machine without GPUs gives a CPU process group. PPO's is in test_ppo_trainer.py."""
+launcher, which on a machine without GPUs gives a CPU process group. PPO's is in test_ppo_trainer.py and
+test_engines.py. Each TRL stage is run again in one process with gradient_accumulation_steps 2: the same
+global batch (HF's sampler deals per-device batches to the processes in turn; one process accumulates the
+same two), so the same losses and weights."""
 
 import json
 import os
@@ -8,9 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file
 
 from conftest import ROOT
-from rlhf_toy import runlog
+from rlhf_toy import models, runlog
 
 
 def launch(script, *args, timeout=300):
@@ -21,19 +25,52 @@ def launch(script, *args, timeout=300):
     return result
 
 
+def stage_args(tmp, stage: str, out) -> list:
+    """Each stage's flags (a few steps of the tiny configs); the later stages start from the 2-process SFT."""
+    return {
+        "sft": ["--config", ROOT / "configs/tiny/sft.yaml", "--model_name_or_path", tmp / "base", "--max_steps", 4,
+                "--num_eval_prompts", 4],
+        "train_reward": ["--config", ROOT / "configs/tiny/reward.yaml", "--model_name_or_path", tmp / "sft/final",
+                         "--policy_model", tmp / "sft/final", "--max_steps", 4, "--num_eval_prompts", 8,
+                         "--num_norm_samples", 8],
+        "dpo": ["--config", ROOT / "configs/tiny/dpo.yaml", "--model_name_or_path", tmp / "sft/final", "--reward_model",
+                tmp / "rm/final", "--max_steps", 4, "--num_eval_prompts", 4],
+    }[stage] + ["--output_dir", out]
+
+
+RUNS = {"sft": "sft", "rm": "train_reward", "dpo": "dpo"}   # run directory -> script
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """SFT, then a reward model and DPO from it, each with 2 processes (a few steps of the tiny configs)."""
+    """SFT, then a reward model and DPO from it, each with 2 processes, from the tiny GPT-2 with dropout off (each
+    process would draw its own dropout masks, which no single process can reproduce)."""
     tmp = tmp_path_factory.mktemp("two_processes")
-    launch("sft", "--config", ROOT / "configs/tiny/sft.yaml", "--output_dir", tmp / "sft", "--max_steps", 4,
-           "--num_eval_prompts", 4)
-    launch("train_reward", "--config", ROOT / "configs/tiny/reward.yaml", "--output_dir", tmp / "rm",
-           "--model_name_or_path", tmp / "sft/final", "--policy_model", tmp / "sft/final", "--max_steps", 4,
-           "--num_eval_prompts", 8, "--num_norm_samples", 8)
-    launch("dpo", "--config", ROOT / "configs/tiny/dpo.yaml", "--output_dir", tmp / "dpo",
-           "--model_name_or_path", tmp / "sft/final", "--reward_model", tmp / "rm/final", "--max_steps", 4,
-           "--num_eval_prompts", 4)
+    base = models.resolve_model_path(models.TINY_MODEL)
+    subprocess.run(["cp", "-r", str(base), str(tmp / "base")], check=True)
+    config = json.loads((tmp / "base/config.json").read_text())
+    config.update({key: 0.0 for key in config if key.endswith("pdrop")})
+    (tmp / "base/config.json").write_text(json.dumps(config))
+    for run, script in RUNS.items():
+        launch(script, *stage_args(tmp, script, tmp / run))
     return tmp
+
+
+@pytest.fixture(scope="module")
+def one_process_runs(runs):
+    """The same stages in one process, accumulating 2 batches per step (each from the 2-process run's inputs)."""
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.stages.dpo import DPOStageConfig, run_dpo
+    from rlhf_toy.stages.reward import RewardStageConfig, train_reward
+    from rlhf_toy.stages.sft import SFTStageConfig, run_sft
+
+    stages = {"sft": (SFTStageConfig, run_sft), "train_reward": (RewardStageConfig, train_reward),
+              "dpo": (DPOStageConfig, run_dpo)}
+    for run, script in RUNS.items():
+        config_class, stage = stages[script]
+        stage(parse_config(config_class, [*map(str, stage_args(runs, script, runs / f"{run}_1")),
+                                          "--gradient_accumulation_steps", "2"]))
+    return runs
 
 
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
@@ -51,3 +88,13 @@ def test_trl_stages_train_on_two_processes_and_write_once(runs, stage):
     assert {s: stages.count(s) for s in expected} == expected and len(stages) == sum(expected.values())
     if stage == "rm":
         assert json.loads((run / "final/reward_normalization.json").read_text())["n_samples"] == 8
+
+
+@pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
+def test_two_processes_train_as_one_process_with_the_same_global_batch(one_process_runs, stage):
+    two, one = one_process_runs / stage, one_process_runs / f"{stage}_1"
+    losses = [[r["loss"] for r in runlog.read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (two, one)]
+    assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    weights = [load_file(run / "final/model.safetensors") for run in (two, one)]
+    assert weights[0].keys() == weights[1].keys()
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-5

@@ -85,6 +85,27 @@ def train(trainer, start):
     return trainer.train(resume_from_checkpoint=str(start.checkpoint) if start.checkpoint else None)
 
 
+def evaluate_before_training(trainer) -> dict | None:
+    """`trainer.evaluate()` before `trainer.train()`, with data parallelism intact. Evaluating first registers the
+    bare model with accelerate as prepared (for evaluation, which needs no DDP wrapper), and `train()` then finds it
+    prepared and never wraps it: each process trained on its own batches, its gradients never averaged with the
+    others' (transformers 5.24, accelerate 1.15; tests/test_multiprocess.py holds 2 processes to 1). Undone here
+    under several processes, so that `train()` wraps the model; one process is left exactly as it was.
+    None under FSDP and DeepSpeed, where the HF Trainer cannot evaluate a model it has not yet prepared with its
+    optimizer (FSDP2 refuses a model alone, ZeRO-2 has no inference mode, ZeRO-3 builds an engine that training
+    then cannot step: seen on a GPU): those runs have no evaluation loss from before training."""
+    from accelerate.utils import DistributedType
+
+    if trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        return None
+    metrics = trainer.evaluate()
+    model = trainer.model
+    if trainer.accelerator.num_processes > 1 and trainer.model_wrapped is model:
+        model.__dict__.pop("_is_accelerate_prepared", None)
+        trainer.accelerator._models[:] = [m for m in trainer.accelerator._models if m is not model]
+    return metrics
+
+
 def trainer_fields(cfg) -> dict:
     """TrainingArguments fields straight from the stage config's TrainerFields (eval batch = train batch)."""
     from dataclasses import fields
@@ -108,10 +129,36 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):
 def resolve_precision(cfg) -> models.Precision:
     """The run's precision; `cfg.dtype` becomes its name in place (`auto` -> `bfloat16-mixed` or `float32`),
     so the run's config.yaml records what ran and a resume on a machine that resolves differently is refused.
-    Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config."""
-    precision = models.resolve_precision(cfg.dtype, models.pick_device(cfg.device))
+    Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config; the
+    launch config's engine is checked here too (`check_engine`)."""
+    device = models.pick_device(cfg.device)
+    check_engine(device)
+    precision = models.resolve_precision(cfg.dtype, device)
     cfg.dtype = precision.name
     return precision
+
+
+def check_engine(device: torch.device) -> None:
+    """Refuse a launch config (configs/accelerate/) whose engine cannot run here, before anything loads. accelerate
+    1.15 picks FSDP and DeepSpeed only for GPUs: on the CPU it silently drops them and runs plain DDP, which would
+    be a run that does not do what its config says."""
+    from rlhf_toy.config import ConfigError
+
+    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+                 if os.environ.get(variable, "false").lower() == "true"]
+    if not requested:
+        return
+    engine = requested[0]
+    if device.type == "cpu":
+        raise ConfigError(f"the launch config asks for {engine}, which accelerate runs on GPUs only (on the CPU it "
+                          "ignores it and runs plain DDP): use configs/accelerate/ddp.yaml here, or `accelerate launch "
+                          "--multi_gpu --num_processes N`")
+    if engine == "DeepSpeed":
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("the launch config asks for DeepSpeed, which is not installed: `pip install deepspeed` "
+                              "(not a dependency of rlhf_toy; it needs a CUDA GPU and builds its kernels on first use)")
 
 
 def trainer_precision(cfg) -> dict:
@@ -125,17 +172,27 @@ def trainer_precision(cfg) -> dict:
 
 def save_final(trainer, tokenizer, run_dir: Path) -> Path:
     """final/: a plain HF model (LoRA merged in) that any from_pretrained loads, written by rank 0 once
-    every process has finished training; no process goes on before it is complete."""
+    every process has finished training; no process goes on before it is complete. Under FSDP and ZeRO-3, whose
+    processes each hold a shard of the weights, every process first takes part in gathering them whole."""
     final = run_dir / "final"
     trainer.accelerator.wait_for_everyone()
+    whole = trainer.accelerator.get_state_dict(trainer.model_wrapped) if shards_weights(trainer.accelerator) else None
     if is_main_process():
         model = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        model.save_pretrained(final, safe_serialization=True)
+        model.save_pretrained(final, safe_serialization=True, state_dict=whole)
         tokenizer.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def shards_weights(accelerator) -> bool:
+    """Whether the engine splits the weights themselves across processes (FSDP, DeepSpeed ZeRO-3)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP or (
+        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
 
 
 def freeze_bottom(model, n_layers: int) -> None:

@@ -21,9 +21,9 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (begin_run, freeze_bottom, is_main_process, lora_config, open_run,
-                                    resolve_precision, save_final, shared_dataset, train, trainer_fields,
-                                    trainer_precision)
+from rlhf_toy.stages.common import (begin_run, evaluate_before_training, freeze_bottom, is_main_process,
+                                    lora_config, open_run, resolve_precision, save_final, shared_dataset, train,
+                                    trainer_fields, trainer_precision)
 from rlhf_toy.stages.reward import clean_pairs
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
@@ -157,8 +157,9 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             processing_class=tokenizer, peft_config=lora_config(cfg),
             callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
         )
-    if eval_pairs and "eval_before" not in summary:
-        summary["eval_before"] = _eval_metrics(trainer)
+    before = evaluate_before_training(trainer) if eval_pairs and "eval_before" not in summary else None
+    if before is not None:
+        summary["eval_before"] = _eval_metrics(before)
     if is_main_process():
         summary_path.write_text(json.dumps(summary) + "\n")
 
@@ -176,7 +177,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     if margins:
         summary["train_margin_first"], summary["train_margin_last"] = margins[0], margins[-1]
     if eval_pairs:
-        summary["eval_after"] = _eval_metrics(trainer)
+        summary["eval_after"] = _eval_metrics(trainer.evaluate())
     final = save_final(trainer, tokenizer, run_dir)
     if not is_main_process():   # the rest (sampling, summary) is rank 0's
         return run_dir
@@ -198,7 +199,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     return run_dir
 
 
-def _eval_metrics(trainer) -> dict:
-    metrics = trainer.evaluate()
+def _eval_metrics(metrics: dict) -> dict:
+    """The evaluation's loss, accuracy and margin, without the eval_ prefix."""
     return {k.removeprefix("eval_"): v for k, v in metrics.items()
             if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}

@@ -15,8 +15,9 @@ from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (begin_run, freeze_bottom, is_main_process, lora_config, open_run,
-                                    resolve_precision, save_final, train, trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (begin_run, evaluate_before_training, freeze_bottom, is_main_process,
+                                    lora_config, open_run, resolve_precision, save_final, train, trainer_fields,
+                                    trainer_precision)
 
 
 @dataclass
@@ -115,8 +116,9 @@ def run_sft(cfg: SFTStageConfig) -> Path:
         processing_class=tokenizer, peft_config=lora_config(cfg),
         callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
     )
-    if eval_records and "eval_loss_before" not in summary:
-        summary["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    before = evaluate_before_training(trainer) if eval_records and "eval_loss_before" not in summary else None
+    if before is not None:
+        summary["eval_loss_before"] = before["eval_loss"]
     summary["examples_prompt_too_long_dropped"] = too_long + eval_too_long
     if is_main_process():
         summary_path.write_text(json.dumps(summary) + "\n")

@@ -559,8 +559,6 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
     `trainer.ppo_update` (its micro-batch and accumulation loop, `make_optimizer`'s AdamW, gradient
     clipping at a norm never reached, as TRL has none) over TRL's own minibatch order.
     Returns max |ours − TRL| per quantity and the weight agreement."""
-    from types import SimpleNamespace
-
     from rlhf_toy.stages.ppo import trainer as T
     from rlhf_toy.stages.ppo.config import PPOStageConfig
     from rlhf_toy.stages.ppo.models import disable_dropout, forward_values
@@ -588,11 +586,12 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
     parameters = list(policy.parameters()) + list(value_model.parameters())
     optimizer = T.make_optimizer(cfg, parameters, torch.device("cpu"))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / cfg.num_steps))
-    state = T.PPOState(cfg, SimpleNamespace(num_processes=1), torch.device("cpu"), tokenizer=None, scorer=None,
+    state = T.PPOState(cfg, T.make_accelerator(cfg), torch.device("cpu"), tokenizer=None, scorer=None,
                        policy=policy, reference=reference, value_model=value_model, optimizer=optimizer,
                        scheduler=scheduler, kl_ctl=core.FixedKLController(cfg.kl_coef), eval_prompts=[], prompts=[],
                        local_batch=batch_size, micro_batch=batch_size // num_mini_batches // accumulation,
                        precision=models.resolve_precision("float32", torch.device("cpu")), logprobs_from_forward=False)
+    T.prepare_engine(state)   # one process: the models and optimizer come back as they were
 
     ctx, query_responses, responses = cap["context_length"], cap["query_responses"], cap["responses"]
     attention = (query_responses != PAD_ID).long()   # what TRL's forward attends to

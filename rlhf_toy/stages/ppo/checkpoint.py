@@ -1,5 +1,10 @@
 """PPO checkpoints: everything needed to continue as if never stopped (policy, critic when there is one,
-optimizer, scheduler, KL controller, every process's RNG state), written atomically as `checkpoints/step-N/`."""
+optimizer, scheduler, KL controller, every process's RNG state), written atomically as `checkpoints/step-N/`.
+
+One format with one process and under DDP (every process holds the same optimizer state: rank 0 writes it to
+`trainer_state.pt`). Under DeepSpeed ZeRO each process holds only its shard of the optimizer state: then every
+process writes its shard through accelerate's `save_state` into `engine/`, and `load_state` reads it back; the
+policy and critic are still saved as plain models (`policy/`, `value/`), which compare and from_pretrained read."""
 
 from __future__ import annotations
 
@@ -12,6 +17,14 @@ import torch
 from rlhf_toy import runlog
 
 
+def engine_shards_state(accelerator) -> bool:
+    """Whether the engine splits the optimizer state across processes (DeepSpeed ZeRO), so that every process
+    must save and load its own part."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
 def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, optimizer, scheduler,
                     kl_ctl, accelerator, save_total_limit: int) -> None:
     checkpoints = run_dir / "checkpoints"
@@ -19,6 +32,9 @@ def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, op
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
+    sharded = engine_shards_state(accelerator)
+    if sharded:   # every process writes its shard of the optimizer state (a collective call)
+        accelerator.save_state(str(partial / "engine"))
     # Every process has its own RNG stream (its own rollouts): each saves it.
     partial.mkdir(parents=True, exist_ok=True)
     torch.save({"torch_rng": torch.get_rng_state(),
@@ -33,7 +49,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, op
     if value_model is not None:
         save_critic(value_model, partial / "value")
     torch.save({
-        "step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "step": step, **({} if sharded else {"optimizer": optimizer.state_dict()}), "scheduler": scheduler.state_dict(),
         "kl_ctl": kl_ctl.state_dict(), "python_rng": random.getstate(),
     }, partial / "trainer_state.pt")
     partial.rename(checkpoints / f"step-{step}")   # atomic: a half-written checkpoint is never resumed
@@ -52,18 +68,20 @@ def save_critic(value_model, directory: Path) -> None:
         value_model.save_pretrained(directory, safe_serialization=True)
 
 
-def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ctl, device, process_index: int) -> int:
+def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ctl, accelerator) -> int:
     from safetensors.torch import load_file
 
+    # Read to the CPU and copied into the weights wherever they live (under several CPU processes accelerate's
+    # device is "cpu:0", which safetensors refuses).
     def load_weights(model, directory):
         if (directory / "value_head.safetensors").exists():
-            model.load_state_dict(load_file(directory / "value_head.safetensors", device=str(device)))
+            model.load_state_dict(load_file(directory / "value_head.safetensors"))
         elif (directory / "adapter_model.safetensors").exists():
             from peft import set_peft_model_state_dict
 
-            set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors", device=str(device)))
+            set_peft_model_state_dict(model, load_file(directory / "adapter_model.safetensors"))
         else:
-            state = load_file(directory / "model.safetensors", device=str(device))
+            state = load_file(directory / "model.safetensors")
             missing, _ = model.load_state_dict(state, strict=False)
             # tied embeddings are saved once; anything else missing is a broken checkpoint
             if [k for k in missing if "lm_head" not in k]:
@@ -73,10 +91,18 @@ def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ct
     if value_model is not None:
         load_weights(value_model, path / "value")
     state = torch.load(path / "trainer_state.pt", weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    if engine_shards_state(accelerator) != ("optimizer" not in state):
+        from rlhf_toy.config import ConfigError
+
+        raise ConfigError(f"{path} was saved {'without' if 'optimizer' in state else 'under'} DeepSpeed, whose "
+                          "optimizer state is sharded across processes: resume it with the launch config it ran with")
+    if "optimizer" in state:
+        optimizer.load_state_dict(state["optimizer"])
+    else:   # the engine's own shards (and the weights again, the same ones)
+        accelerator.load_state(str(path / "engine"))
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_ctl"])
-    rng = torch.load(path / f"rng-{process_index}.pt", weights_only=True)
+    rng = torch.load(path / f"rng-{accelerator.process_index}.pt", weights_only=True)
     torch.set_rng_state(rng["torch_rng"])
     if rng["cuda_rng"]:
         torch.cuda.set_rng_state_all(rng["cuda_rng"])

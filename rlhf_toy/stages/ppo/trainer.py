@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
-from rlhf_toy.stages.common import resolve_precision, setup_run
+from rlhf_toy.stages.common import resolve_precision, setup_run, shards_weights
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
@@ -58,7 +58,7 @@ class PPOState:
     policy: torch.nn.Module
     reference: object                  # a frozen copy, or with LoRA the policy with its adapter disabled
     value_model: torch.nn.Module | None   # the critic: a value model, the shared critic's head, or None (critic-free)
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer   # after `prepare_engine`: accelerate's wrapper of it
     scheduler: object
     kl_ctl: object
     eval_prompts: list                 # sampled before and after training
@@ -72,6 +72,8 @@ class PPOState:
     eval_titles: list = field(default_factory=list)   # each eval prompt's film, for gold's on-topic term
     eval_records: list = field(default_factory=list)  # the eval prompts' records: the reward functions' columns
     reward_functions: list = field(default_factory=lambda: [("rm", "rm", None)])   # (entry, name, function)
+    engine: torch.nn.Module = None     # PolicyAndCritic as accelerate's engine wraps it (`prepare_engine`): the update's
+                                       # forward goes through it; the rollout, evaluation and saving use the models
 
     def __post_init__(self):
         if self.update_forward is None:
@@ -158,13 +160,10 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
 def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     """Processes, models, optimizer, scheduler, KL controller; resumed from the last checkpoint if any
     (`rundir`'s rule; no state for a finished run)."""
-    from accelerate import Accelerator
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()   # one progress bar (PPO's), not one per checkpoint write
-    # accelerate only starts the processes and gathers metrics; gradients are averaged by hand below.
-    # cpu=True whenever the run is on the CPU: only then do several launched processes form a (gloo) group.
-    accelerator = Accelerator(cpu=models.pick_device(cfg.device).type == "cpu")
+    accelerator = make_accelerator(cfg)
     precision = resolve_precision(cfg)    # `auto` -> what this machine runs (recorded in config.yaml)
     start = rundir.prepare_run_dir(cfg)   # every process reads the same directory and decides alike
     if start.message:
@@ -196,6 +195,7 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
                      scheduler, kl_ctl, eval_prompts, prompts, local_batch, micro_batch, precision,
                      logprobs_from_forward, eval_titles=eval_titles, eval_records=eval_records,
                      reward_functions=reward_functions)
+    prepare_engine(state)
     # The first write, once the inputs are valid; every process waits for it (and has read the directory).
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -205,13 +205,25 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     start_step = 0
     last = start.checkpoint
     if last is not None:
-        start_step = load_checkpoint(last, policy, value_model, optimizer, scheduler, kl_ctl, device,
-                                     accelerator.process_index)
+        start_step = load_checkpoint(last, policy, value_model, state.optimizer, scheduler, kl_ctl, accelerator)
         accelerator.print(f"resuming from {last} (step {start_step} of {cfg.num_steps})")
     else:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + accelerator.process_index)
     return state, run_dir, start_step
+
+
+def make_accelerator(cfg: PPOStageConfig):
+    """accelerate starts the processes and runs the engine the launch config names (`prepare_engine`). cpu=True
+    whenever the run is on the CPU: only then do several launched processes form a (gloo) group. Our own autocast
+    (`dtype`) is the one mixed-precision layer, so accelerate adds none. Accumulation: accelerate counts micro-batches,
+    and each minibatch is exactly gradient_accumulation_steps of them (no dataloader whose end would cut one short)."""
+    from accelerate import Accelerator
+    from accelerate.utils import GradientAccumulationPlugin
+
+    return Accelerator(cpu=models.pick_device(cfg.device).type == "cpu", mixed_precision="no",
+                       gradient_accumulation_plugin=GradientAccumulationPlugin(
+                           num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False))
 
 
 def trainable_parameters(policy, value_model) -> list:
@@ -227,6 +239,50 @@ def make_optimizer(cfg: PPOStageConfig, parameters: list, device: torch.device) 
               {"params": [p for p in parameters if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.learning_rate, eps=cfg.adam_eps,
                              fused=True if device.type in ("cpu", "cuda") else None)
+
+
+class PolicyAndCritic(torch.nn.Module):
+    """The trainable models as one module, what accelerate's engine wraps: DeepSpeed takes one model per engine, and
+    DDP syncs gradients only of a backward whose forward went through its wrapper (the critic's forward calls its
+    backbone and head directly). The forward is the update's (`update_forward`, or its torch.compile'd version)."""
+
+    def __init__(self, policy, value_model, update_forward: Callable, shared_critic: bool):
+        super().__init__()
+        self.policy, self.value_model = policy, value_model
+        self.update_forward, self.shared_critic = update_forward, shared_critic
+
+    def forward(self, ids, attention, context_length: int, temperature: float):
+        return self.update_forward(self.policy, self.value_model, ids, attention, context_length, temperature,
+                                   self.shared_critic)
+
+
+def prepare_engine(state: PPOState) -> None:
+    """Hand the trainable models and the optimizer to accelerate (`state.engine`, `state.optimizer`): with one
+    process they come back as they were; under `accelerate launch` the launch config's engine wraps them (DDP:
+    gradients averaged in buckets during the backward pass; DeepSpeed ZeRO-1/2: optimizer state and gradients
+    sharded across processes). The frozen reference and the reward model stay outside: inference only, no gradient
+    to sync. The rollout, evaluation and saving use the models themselves (`accelerator.unwrap_model(engine)`'s
+    policy and critic), whose weights every process holds whole under these engines."""
+    from accelerate.utils import DistributedType
+
+    cfg, accelerator = state.cfg, state.accelerator
+    if shards_weights(accelerator):
+        from rlhf_toy.config import ConfigError
+
+        raise ConfigError(
+            "the hand-written PPO runs under DDP and DeepSpeed ZeRO-1/2, not under FSDP or ZeRO-3: those shard the "
+            "weights themselves, and PPO's rollout, evaluation and final save read whole weights on each process "
+            "(configs/accelerate/ddp.yaml, zero2.yaml); SFT, reward and DPO run under every config")
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed accumulates, clips and steps inside its engine: it takes those numbers from our config.
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=state.micro_batch, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            gradient_clipping=cfg.max_grad_norm)
+    module = PolicyAndCritic(state.policy, state.value_model, state.update_forward, state.shared_critic)
+    # The models are already on the run's device (`--device`, which need not be accelerate's default); DeepSpeed
+    # places them itself.
+    placement = None if accelerator.distributed_type == DistributedType.DEEPSPEED else [False, False]
+    state.engine, state.optimizer = accelerator.prepare(module, state.optimizer, device_placement=placement)
 
 
 def start_logs(state: PPOState, run_dir: Path, start_step: int):
@@ -379,22 +435,25 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                 ids, attention, context_length, width = micro_batch_columns(batch, idx, value_mask[idx],
                                                                             cfg.trim_padding and not cfg.trl_compat)
                 mask = batch.mask[idx, :width]
-                with state.precision.autocast():   # the forward in bf16 when mixed; log-probs and losses float32
-                    new_logprobs, entropy, new_values = state.update_forward(
-                        state.policy, state.value_model, ids, attention, context_length, cfg.temperature,
-                        state.shared_critic)
-                losses = update_losses(state, batch, targets, idx, width, new_logprobs, new_values, value_mask)
-                # Stop before a non-finite loss reaches the weights (they stay the last good ones).
-                check_finite(step, **{label: losses[name] for name, label in (
-                    ("pg_loss", "loss/policy"), ("vf_loss", "loss/value"), ("kl_loss", "loss/kl")) if name in losses})
-                (losses.pop("loss") / cfg.gradient_accumulation_steps).backward()
+                # accelerate's accumulation: only the minibatch's last backward syncs gradients across processes
+                with state.accelerator.accumulate(state.engine):
+                    with state.precision.autocast():   # the forward in bf16 when mixed; log-probs and losses float32
+                        new_logprobs, entropy, new_values = state.engine(ids, attention, context_length,
+                                                                         cfg.temperature)
+                    losses = update_losses(state, batch, targets, idx, width, new_logprobs, new_values, value_mask)
+                    # Stop before a non-finite loss reaches the weights (they stay the last good ones).
+                    check_finite(step, **{label: losses[name] for name, label in (
+                        ("pg_loss", "loss/policy"), ("vf_loss", "loss/value"), ("kl_loss", "loss/kl")) if name in losses})
+                    state.accelerator.backward(losses.pop("loss"))   # divided by gradient_accumulation_steps
                 with torch.no_grad():
                     losses["entropy"] = core.masked_mean(entropy, mask)
                     for name, value in losses.items():
                         stats[name].append(value.item())
                 stats["tokens"].append(ids.numel())   # positions through the policy (prompt included)
-            average_gradients(state.parameters, state.accelerator)   # data parallel: each process saw its own rollouts
-            grad_norm = torch.nn.utils.clip_grad_norm_(state.parameters, cfg.max_grad_norm)
+            # The gradients are the average over every process's rollouts by now (the engine all-reduced them
+            # during the last backward; `average_gradients` is the same in ten lines). DeepSpeed has clipped and
+            # stepped inside that backward already, and reports the norm.
+            grad_norm = state.accelerator.clip_grad_norm_(state.parameters, cfg.max_grad_norm)
             check_finite(step, **{"gradient norm": grad_norm})
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
@@ -457,14 +516,16 @@ def update_forward(policy, value_model, ids, attention, context_length: int, tem
     return logprobs, sequences.entropy_from_logits(logits), values
 
 
-def average_gradients(parameters, accelerator) -> None:
-    """Data parallelism by hand: one all-reduce of all gradients, flattened, divided by the world size."""
-    if accelerator.num_processes == 1:
-        return
+def average_gradients(parameters, num_processes: int) -> None:
+    """What DDP does for data parallelism, by hand: after the backward pass, every process holds the gradient of
+    its own share of the batch; one all-reduce sums them, flattened into one buffer, and dividing by the number of
+    processes gives the gradient of the whole batch's mean loss, the same on every process (so the weights stay
+    equal). The trainer lets the engine do this (`prepare_engine`), which also cuts the buffer into buckets and
+    sends each while the backward pass is still computing the rest; tests/test_engines.py holds the two equal."""
     grads = [p.grad for p in parameters]
     flat = torch.cat([g.reshape(-1) for g in grads])
     torch.distributed.all_reduce(flat)
-    flat /= accelerator.num_processes
+    flat /= num_processes
     offset = 0
     for g in grads:
         g.copy_(flat[offset:offset + g.numel()].view_as(g))

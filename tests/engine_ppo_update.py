@@ -1,0 +1,91 @@
+"""One PPO update of the trainer on a fixed global rollout: with one process, or under `accelerate launch` with
+each process its share of the rollout and accelerate's DDP engine averaging the gradients (tests/test_engines.py).
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml tests/engine_ppo_update.py PIPELINE OUT
+
+Under several processes it also holds the hand-written `average_gradients` against what DDP computed on the same
+micro-batch. Rank 0 writes the updated weights to OUT/weights.pt."""
+
+import dataclasses
+import sys
+from pathlib import Path
+
+import torch
+
+from conftest import tiny_flags
+from rlhf_toy import data
+from rlhf_toy.config import parse_config
+from rlhf_toy.stages.ppo import core, trainer
+from rlhf_toy.stages.ppo.config import PPOStageConfig
+
+GLOBAL_BATCH = 8   # 2 minibatches a PPO epoch: of 2 rows per process with 2 processes, of 4 rows with one
+
+
+def update(pipeline: Path, out: Path) -> list:
+    """The updated trainable weights after 2 PPO epochs of 2 minibatches over the same 8 episodes."""
+    cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, out / "run", batch_size=GLOBAL_BATCH,
+                                                  total_episodes=GLOBAL_BATCH, num_mini_batches=2, num_ppo_epochs=2,
+                                                  num_eval_prompts=0))
+    state, _, _ = trainer.build(cfg)
+    rank, world = state.accelerator.process_index, state.accelerator.num_processes
+    # SGD: its step is linear in the gradient, so a wrongly averaged one shows (AdamW's first step would hide it)
+    state.optimizer = torch.optim.SGD(state.parameters, lr=0.5)
+    prompts = data.load_prompt_records(str(pipeline / "prompts.jsonl"))[:GLOBAL_BATCH]
+    torch.manual_seed(3)   # every process samples the whole global rollout alike, then keeps its share
+    batch = trainer.sample(state, prompts)
+    batch.mask = torch.ones_like(batch.mask)   # every row the same length: a mean of shares is the global mean
+    batch.attention_mask[:, batch.context_length:] = 1
+    parts = trainer.score(state, batch)
+    targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
+                                       cfg.kl_coef, cfg.gamma, cfg.lam)
+    share = slice(rank * state.local_batch, (rank + 1) * state.local_batch)
+
+    def rows(value):   # this process's rows of a per-episode tensor or list; anything else as it is
+        per_episode = (value.ndim > 0 and value.shape[0] == GLOBAL_BATCH if isinstance(value, torch.Tensor)
+                       else isinstance(value, list) and len(value) == GLOBAL_BATCH)
+        return value[share] if per_episode else value
+
+    batch = dataclasses.replace(batch, **{f.name: rows(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
+    targets = {k: rows(v) for k, v in targets.items()}
+    if world > 1:
+        check_average_gradients(state, batch)
+    # Each minibatch holds the same episodes either way: with 2 processes, rows r and r + 4 of the global batch
+    # sit at the same place in the two shares; with one, the two shares' minibatch rows side by side.
+    shared_order = lambda epoch: torch.arange(4).roll(epoch)
+    if world == 1:
+        permutation = lambda epoch: torch.cat([torch.cat([shared_order(epoch)[m:m + 2], 4 + shared_order(epoch)[m:m + 2]])
+                                               for m in (0, 2)])
+    else:
+        permutation = shared_order
+    trainer.ppo_update(state, batch, targets, 1, permutation=permutation)
+    return [p.detach().clone() for p in state.parameters]
+
+
+def check_average_gradients(state, batch) -> None:
+    """DDP's gradients (the engine's, from a backward whose forward went through it) equal the hand-written
+    all-reduce of each process's own gradients."""
+    ids, attention, context_length, _ = trainer.micro_batch_columns(batch, torch.arange(2), batch.mask[:2], True)
+
+    def gradients(model):
+        state.optimizer.zero_grad(set_to_none=True)
+        logprobs, _, values = model(ids, attention, context_length, state.cfg.temperature)
+        (logprobs.mean() + values.pow(2).mean()).backward()
+        return [p.grad.clone() for p in state.parameters]
+
+    engine = gradients(state.engine)
+    own = gradients(state.accelerator.unwrap_model(state.engine))   # the module itself: DDP does not sync these
+    trainer.average_gradients(state.parameters, state.accelerator.num_processes)
+    by_hand = [p.grad for p in state.parameters]
+    assert any(not torch.equal(a, b) for a, b in zip(own, by_hand)), "the processes' gradients were already equal"
+    worst = max((a - b).abs().max().item() for a, b in zip(engine, by_hand))
+    assert worst <= 1e-7, f"average_gradients differs from DDP's by {worst}"
+    state.optimizer.zero_grad(set_to_none=True)
+
+
+if __name__ == "__main__":
+    pipeline, out = Path(sys.argv[1]), Path(sys.argv[2])
+    weights = update(pipeline, out)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(weights, out / "weights.pt")
