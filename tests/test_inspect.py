@@ -95,3 +95,16 @@ def test_prompt_samples_each_run_on_a_typed_prompt(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         inspect_samples.main(["--prompt", prompt, str(tmp_path / "no_such_run"), "--reward_model", "none"])
     assert exit_info.value.code == 2 and "no_such_run" in capsys.readouterr().err
+
+
+def test_reward_function_verdicts_are_shown_beside_gold(tmp_path):
+    """A verifiable task's compare (--rewards) or PPO's samples: each function's value on the answer's line."""
+    report = write_report(tmp_path / "report")
+    path = report / "samples" / "a.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    path.write_text("".join(json.dumps({**r, "rewards": {"rm": 0.5, "correct_sum": 1.0, "number_only": 0.0}}) + "\n"
+                            for r in rows))
+    lines = show(report).splitlines()
+    a_lines = [line for line in lines if line.startswith("  a  gold")]
+    assert len(a_lines) == 3 and all(line.endswith("correct_sum 1  number_only 0") for line in a_lines)
+    assert not any("correct_sum" in line for line in lines if line.startswith("  b  gold"))

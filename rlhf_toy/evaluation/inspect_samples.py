@@ -47,7 +47,12 @@ def _normalise(row: dict, label: str) -> dict:
             "gold": _num(row.get("gold")), "rm": _num(row.get("rm")), "score": _num(row.get("score")),
             "length_penalty": _num(row.get("length_penalty")), "kl": _num(row.get("kl")),
             "n_tokens": row.get("n_tokens"), "has_eos": row.get("has_eos"), "prompt_id": row.get("prompt_id"),
-            "sample": row.get("sample") or 0}
+            "sample": row.get("sample") or 0,
+            "rewards": {k: _num(v) for k, v in _dict(row.get("rewards")).items()}}
+
+
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
 
 
 def _latest(rows: list[dict]) -> list[dict]:
@@ -206,6 +211,9 @@ def render(groups: list[dict], width: int, style: Style) -> str:
                 parts.append(f"KL {r['kl']:.2f}")
             if r["n_tokens"] is not None:
                 parts.append(f"{r['n_tokens']} tok" + ("" if r["has_eos"] in (True, None) else " no EOS"))
+            # reward functions (compare --rewards, PPO's samples): a verifiable check's verdict beside gold
+            parts += [f"{name} {value:g}" for name, value in (r.get("rewards") or {}).items()
+                      if name != "rm" and value is not None]
             if r.get("disagreement") is not None and r["disagreement"] > 1.5:
                 parts.append(style("RM ≫ gold", "yellow", "bold"))
             suffix = f"#{r['sample']}" if r["sample"] else ""   # the j-th sample of a prompt
