@@ -132,7 +132,11 @@ def load_prompts(source: str) -> list[list[dict]]:
 def load_prompts_and_titles(source: str, limit: int | None = None) -> tuple[list[list[dict]], list[str | None]]:
     """The first `limit` prompts (all when None) and the film title each record carries (the gold judge's
     on-topic term), None where a record has none: any prompts file works, without that term."""
-    records = load_prompt_records(source)[:limit]
+    return prompts_and_titles(load_prompt_records(source)[:limit], source)
+
+
+def prompts_and_titles(records: list[dict], source: str) -> tuple[list[list[dict]], list[str | None]]:
+    """`load_prompts_and_titles` of records already read from `source` (named in errors)."""
     titles = [r.get("title") for r in records]
     for i, title in enumerate(titles):
         if title is not None and not isinstance(title, str):

@@ -20,10 +20,11 @@ flags the word talked about rather than used: the prompt echoed back.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
+
+from rlhf_toy import runlog
 
 PROMPT = "What is {a} + {b}? Answer with the number only."
 NUMBER = re.compile(r"-?\d+(?:[.,]\d+)?")
@@ -89,7 +90,5 @@ def write_prompts(out_dir: Path, splits: dict[str, list[dict]]) -> dict:
     """OUT_DIR/{split}.jsonl for each split; returns their sizes."""
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, records in splits.items():
-        with open(out_dir / f"{name}.jsonl", "w") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
+        runlog.write_jsonl(out_dir / f"{name}.jsonl", records)
     return {name: len(records) for name, records in splits.items()}

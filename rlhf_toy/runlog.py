@@ -30,6 +30,12 @@ def read_jsonl(path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def write_jsonl(path, rows) -> None:
+    with open(path, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
 def append_jsonl(path, rows) -> None:
     with open(path, "a") as f:
         for row in rows:

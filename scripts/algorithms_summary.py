@@ -17,9 +17,11 @@ import re
 import statistics
 from pathlib import Path
 
+from rlhf_toy import runlog
+
 
 def episodes_per_s(run_dir: Path) -> float | None:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = runlog.read_jsonl(run_dir / "metrics.jsonl")
     speeds = [r["perf/episodes_per_s"] for r in records if isinstance(r.get("perf/episodes_per_s"), (int, float))]
     if speeds:
         return statistics.median(speeds)

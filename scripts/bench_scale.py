@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from rlhf_toy import runlog
+
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 
@@ -64,10 +66,6 @@ def parameters(model) -> int:
         AutoConfig.from_pretrained(models.resolve_model_path(str(model)))).parameters())
 
 
-def records(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--processes", type=int, nargs="+", default=[1, 2])
@@ -99,7 +97,7 @@ def main() -> None:
                     "--reward_model_path", work / "rm/final", "--output_dir", ppo, "--batch_size", args.batch_size,
                     "--total_episodes", args.batch_size * args.steps, "--num_eval_prompts", 0,
                     "--save_steps", 10 ** 6, *common], n, threads)
-        steps = [r for r in records(ppo) if "time/update_s" in r][1:]
+        steps = [r for r in runlog.read_jsonl(ppo / "metrics.jsonl") if "time/update_s" in r][1:]
         median = lambda key: statistics.median(r[key] for r in steps)
         rows.append({"stage": "ppo", "processes": n, "threads_each": threads, "wall_s": round(wall, 1),
                      "step_s": round(args.batch_size / median("perf/episodes_per_s"), 4),
@@ -108,7 +106,7 @@ def main() -> None:
         wall = run([ROOT / "scripts/sft.py", "--config", tiny / "sft.yaml", "--model_name_or_path", base,
                     "--output_dir", sft, "--max_steps", args.steps, "--num_eval_prompts", 0,
                     "--per_device_train_batch_size", args.batch_size // n, "--save_steps", 10 ** 6, *common], n, threads)
-        runtime = next(r for r in records(sft) if "train_runtime" in r)
+        runtime = next(r for r in runlog.read_jsonl(sft / "metrics.jsonl") if "train_runtime" in r)
         rows.append({"stage": "sft", "processes": n, "threads_each": threads, "wall_s": round(wall, 1),
                      "step_s": round(runtime["train_runtime"] / args.steps, 4)})
 

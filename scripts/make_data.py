@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import models, sequences, task
+from rlhf_toy.runlog import write_jsonl
 from rlhf_toy.config import DTYPES
 
 
@@ -210,12 +211,6 @@ again (v1's were not stored), now stored in `samples.jsonl`.
 | label noise rate | {100 * stats["label_noise_rate"]:.1f}% |
 """
     (out / "README.md").write_text(card)
-
-
-def write_jsonl(path: Path, rows) -> None:
-    with open(path, "w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 if __name__ == "__main__":

@@ -377,8 +377,8 @@ def load_splits(files: list[str], limit: int) -> tuple[list, list, dict, list]:
     prompts, titles, splits, records = [], [], {}, []
     for path in files:
         try:
-            file_prompts, file_titles = data.load_prompts_and_titles(path, limit or None)
-            records += data.load_prompt_records(path)[:limit or None]
+            file_records = data.load_prompt_records(path)[:limit or None]
+            file_prompts, file_titles = data.prompts_and_titles(file_records, path)
         except data.DataError as error:
             raise CompareError(str(error)) from None
         if not file_prompts:
@@ -389,6 +389,7 @@ def load_splits(files: list[str], limit: int) -> tuple[list, list, dict, list]:
         splits[name] = range(len(prompts), len(prompts) + len(file_prompts))
         prompts += file_prompts
         titles += file_titles
+        records += file_records
     return prompts, titles, splits, records
 
 

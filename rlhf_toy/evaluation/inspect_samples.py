@@ -212,8 +212,7 @@ def render(groups: list[dict], width: int, style: Style) -> str:
             if r["n_tokens"] is not None:
                 parts.append(f"{r['n_tokens']} tok" + ("" if r["has_eos"] in (True, None) else " no EOS"))
             # reward functions (compare --rewards, PPO's samples): a verifiable check's verdict beside gold
-            parts += [f"{name} {value:g}" for name, value in (r.get("rewards") or {}).items()
-                      if name != "rm" and value is not None]
+            parts += [f"{name} {value:g}" for name, value in r["rewards"].items() if name != "rm" and value is not None]
             if r.get("disagreement") is not None and r["disagreement"] > 1.5:
                 parts.append(style("RM ≫ gold", "yellow", "bold"))
             suffix = f"#{r['sample']}" if r["sample"] else ""   # the j-th sample of a prompt

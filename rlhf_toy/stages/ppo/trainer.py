@@ -176,8 +176,8 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
                                            cfg.gradient_accumulation_steps, cfg.num_generations)
 
     reward_functions = load_reward_functions(cfg.rewards)   # a missing module or function stops here
-    eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
     eval_records = data.load_prompt_records(cfg.eval_prompts)[:cfg.num_eval_prompts]
+    eval_prompts, eval_titles = data.prompts_and_titles(eval_records, cfg.eval_prompts)
     prompts = data.load_prompt_records(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     scorer = (RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
