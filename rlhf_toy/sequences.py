@@ -183,9 +183,12 @@ def autocast(precision):
 @torch.no_grad()
 def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 0.7,
              top_k: int = 0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-             max_prompt_length: int = 256, progress: str | None = None, precision=None) -> list[Sample]:
+             max_prompt_length: int = 256, progress: str | None = None, precision=None,
+             synced_gpus: bool = False) -> list[Sample]:
     """Sample one response per prompt. Same prompts, settings and seed give the same samples (on one kind
-    of CPU or GPU: bf16 numerics differ between hardware). ``precision``: as in ``sequence_logprobs``."""
+    of CPU or GPU: bf16 numerics differ between hardware). ``precision``: as in ``sequence_logprobs``.
+    ``synced_gpus``: a model whose weights are sharded across processes (FSDP, ZeRO-3) generates in step with the
+    others, each forward a collective (transformers' own flag)."""
     device = next(model.parameters()).device
     generator_seed = torch.Generator().manual_seed(seed)
     samples = []
@@ -202,7 +205,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
                 input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                 do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
                 top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id,
+                eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
             )
         responses, mask = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
         for messages, row, n in zip(batch, responses.tolist(), mask.sum(1).tolist()):

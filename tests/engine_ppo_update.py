@@ -11,10 +11,12 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from conftest import tiny_flags
 from rlhf_toy import data
 from rlhf_toy.config import parse_config
+from rlhf_toy.stages.common import shards_weights
 from rlhf_toy.stages.ppo import core, trainer
 from rlhf_toy.stages.ppo.config import PPOStageConfig
 
@@ -47,7 +49,7 @@ def update(pipeline: Path, out: Path) -> list:
 
     batch = dataclasses.replace(batch, **{f.name: rows(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
     targets = {k: rows(v) for k, v in targets.items()}
-    if world > 1:
+    if world > 1 and not shards_weights(state.accelerator):   # FSDP's gradients are shards: nothing to compare
         check_average_gradients(state, batch)
     # Each minibatch holds the same episodes either way: with 2 processes, rows r and r + 4 of the global batch
     # sit at the same place in the two shares; with one, the two shares' minibatch rows side by side.
@@ -58,7 +60,8 @@ def update(pipeline: Path, out: Path) -> list:
     else:
         permutation = shared_order
     trainer.ppo_update(state, batch, targets, 1, permutation=permutation)
-    return [p.detach().clone() for p in state.parameters]
+    whole = lambda p: p.full_tensor() if isinstance(p, DTensor) else p   # FSDP's shards gathered (every process)
+    return [whole(p.detach()).clone() for p in state.parameters]
 
 
 def check_average_gradients(state, batch) -> None:
@@ -68,7 +71,8 @@ def check_average_gradients(state, batch) -> None:
 
     def gradients(model):
         state.optimizer.zero_grad(set_to_none=True)
-        logprobs, _, values = model(ids, attention, context_length, state.cfg.temperature)
+        logprobs, _, values = model(state.update_forward, ids, attention, context_length, state.cfg.temperature,
+                                    state.shared_critic)
         (logprobs.mean() + values.pow(2).mean()).backward()
         return [p.grad.clone() for p in state.parameters]
 

@@ -1,17 +1,18 @@
 """The scale-out engines on this CPU (README, "Scaling out"): PPO's update under accelerate's DDP against one process
-and against the hand-written `average_gradients`, torch's FSDP2 against one process, and the launch configs that
-accelerate cannot run here refused with what to do instead. The TRL stages' 2-process runs are in
-test_multiprocess.py."""
+and against the hand-written `average_gradients`; PPO under accelerate's FSDP2 (switched on for the CPU by
+engine_fsdp2_cpu.py) against one process and against DDP, resumed from its shards; the launch configs that accelerate
+cannot run here refused with what to do instead. The TRL stages' 2-process runs are in test_multiprocess.py."""
 
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 
+import pytest
 import torch
 
-import engine_fsdp2_step
 import engine_ppo_update
 from conftest import ROOT, tiny_flags
 from rlhf_toy import rundir, runlog
@@ -34,19 +35,69 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
     assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
 
 
-def test_fsdp2_step_on_two_processes_equals_one_process(tmp_path):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(ROOT / "tests/engine_fsdp2_step.py"),
-           str(tmp_path)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
+def fsdp2(*args, timeout=300):
+    """tests/engine_fsdp2_cpu.py on 2 CPU processes: the PPO trainer under accelerate's FSDP2 engine."""
+    return launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", "--num_processes", 2,
+                  ROOT / "tests/engine_fsdp2_cpu.py", *args, timeout=timeout)
+
+
+def test_ppo_update_under_fsdp2_equals_one_process(pipeline, tmp_path):
+    result = fsdp2("update", pipeline, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    two, one = torch.load(tmp_path / "fsdp2.pt"), engine_fsdp2_step.step()
-    assert two["sharded"] and not one["sharded"]
-    # float32 tolerance: the gradients; AdamW's first step (about lr x sign(gradient)) can round differently by
-    # ~1e-6 where a gradient is near 0, against a step of lr = 1e-2
-    for kind, tolerance in (("grads", 1e-6), ("weights", 1e-5)):
-        assert two[kind].keys() == one[kind].keys()
-        worst = max((two[kind][k] - one[kind][k]).abs().max().item() for k in one[kind])
-        assert worst < tolerance, (kind, worst)
+    two, one = torch.load(tmp_path / "weights.pt"), engine_ppo_update.update(pipeline, tmp_path / "one")
+    assert len(one) == len(two)
+    assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
+
+
+def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, tmp_path):
+    """A whole run (rollouts, evaluations on every process, sharded checkpoints, the gathered final model) under FSDP2
+    gives DDP's numbers: the same processes with the same random streams, the weights sharded rather than copied.
+    Killed after the step-2 checkpoint and launched again, it goes on from the shards as if never stopped."""
+    def run(out, engine):
+        flags = tiny_flags(pipeline, out, total_episodes=32, save_steps=2)
+        result = (fsdp2("train", *flags) if engine == "fsdp2" else
+                  launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags))
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    def steps(run_dir):   # every step's metrics but timings
+        return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
+                for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/scores" in r]
+
+    def final(run_dir):
+        from safetensors.torch import load_file
+
+        return load_file(run_dir / "final/model.safetensors")
+
+    run(tmp_path / "ddp", "ddp")
+    run(tmp_path / "fsdp2", "fsdp2")
+    assert sorted(p.name for p in (tmp_path / "fsdp2/checkpoints/step-4/engine").iterdir()) == [
+        "optimizer_0", "pytorch_model_fsdp_0", "random_states_0.pkl", "random_states_1.pkl"]
+    ddp_steps, fsdp2_steps = steps(tmp_path / "ddp"), steps(tmp_path / "fsdp2")
+    assert len(ddp_steps) == len(fsdp2_steps) == 4
+    for ours, theirs in zip(fsdp2_steps, ddp_steps):
+        assert ours.keys() == theirs.keys()
+        assert all(abs(ours[k] - theirs[k]) <= 1e-5 * max(1.0, abs(theirs[k])) for k in ours), (ours, theirs)
+    summaries = [json.loads((tmp_path / run_dir / "summary.json").read_text()) for run_dir in ("fsdp2", "ddp")]
+    for when in ("before", "after"):
+        assert summaries[0][when] == pytest.approx(summaries[1][when], rel=1e-5, abs=1e-6)
+    ddp_final, fsdp2_final = final(tmp_path / "ddp"), final(tmp_path / "fsdp2")
+    assert fsdp2_final.keys() == ddp_final.keys()   # the tied LM head written once, as from the whole model
+    assert max((fsdp2_final[k] - ddp_final[k]).abs().max().item() for k in ddp_final) < 1e-5
+
+    shutil.copytree(tmp_path / "fsdp2", tmp_path / "killed")
+    for name in ("checkpoints/step-4", "final", rundir.FINISHED_FILE):
+        path = tmp_path / "killed" / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    assert "resuming from" in run(tmp_path / "killed", "fsdp2").stdout
+    assert steps(tmp_path / "killed") == fsdp2_steps
+    assert all(torch.equal(final(tmp_path / "killed")[k], fsdp2_final[k]) for k in fsdp2_final)
+
+
+def test_lora_under_fsdp2_is_refused(pipeline, tmp_path):
+    result = fsdp2("train", *tiny_flags(pipeline, tmp_path / "ppo", total_episodes=16, use_lora="true"))
+    assert result.returncode != 0
+    assert "error: use_lora under FSDP or ZeRO-3" in result.stderr
 
 
 def test_launch_configs_accelerate_cannot_run_here_are_refused(pipeline, tmp_path):

@@ -1,10 +1,12 @@
 """PPO checkpoints: everything needed to continue as if never stopped (policy, critic when there is one,
 optimizer, scheduler, KL controller, every process's RNG state), written atomically as `checkpoints/step-N/`.
 
-One format with one process and under DDP (every process holds the same optimizer state: rank 0 writes it to
-`trainer_state.pt`). Under DeepSpeed ZeRO each process holds only its shard of the optimizer state: then every
-process writes its shard through accelerate's `save_state` into `engine/`, and `load_state` reads it back; the
-policy and critic are still saved as plain models (`policy/`, `value/`), which compare and from_pretrained read."""
+One format with one process and under DDP (every process holds the same weights and optimizer state: rank 0
+writes them, the optimizer's to `trainer_state.pt`). Under DeepSpeed ZeRO and FSDP each process holds only its
+shard of the optimizer state (and under ZeRO-3 and FSDP of the weights): then every process writes its shards
+through accelerate's `save_state` into `engine/`, and `load_state` reads them back. The policy and critic are
+saved as plain models all the same (`policy/`, `value/`, gathered whole: `whole_state_dicts`), which compare and
+from_pretrained read."""
 
 from __future__ import annotations
 
@@ -18,15 +20,28 @@ from rlhf_toy import runlog
 
 
 def engine_shards_state(accelerator) -> bool:
-    """Whether the engine splits the optimizer state across processes (DeepSpeed ZeRO), so that every process
+    """Whether the engine splits the optimizer state across processes (DeepSpeed ZeRO, FSDP), so that every process
     must save and load its own part."""
     from accelerate.utils import DistributedType
 
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
+    return accelerator.distributed_type in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+
+
+def whole_state_dicts(accelerator, engine) -> tuple[dict | None, dict | None]:
+    """The policy's and the critic's whole weights, for a plain save: (None, None) where every process holds them
+    whole (the models' own state dicts are saved). Under FSDP and ZeRO-3 the engine gathers them onto rank 0 (every
+    process must call this; the others get empty dicts): `policy.`/`value_model.` keys of `PolicyAndCritic`."""
+    from rlhf_toy.stages.common import shards_weights
+
+    if not shards_weights(accelerator):
+        return None, None
+    whole = accelerator.get_state_dict(engine)
+    return tuple({key[len(prefix):]: value for key, value in whole.items() if key.startswith(prefix)}
+                 for prefix in ("policy.", "value_model."))
 
 
 def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, optimizer, scheduler,
-                    kl_ctl, accelerator, save_total_limit: int) -> None:
+                    kl_ctl, accelerator, save_total_limit: int, engine) -> None:
     checkpoints = run_dir / "checkpoints"
     partial = checkpoints / f"step-{step}.partial"
     if accelerator.is_main_process:
@@ -40,14 +55,15 @@ def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, op
     torch.save({"torch_rng": torch.get_rng_state(),
                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
                partial / f"rng-{accelerator.process_index}.pt")
+    policy_weights, value_weights = whole_state_dicts(accelerator, engine)
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
-    policy.save_pretrained(partial / "policy", safe_serialization=True)
+    save_model(policy, partial / "policy", policy_weights)
     tokenizer.save_pretrained(partial / "policy")
     if value_model is not None:
-        save_critic(value_model, partial / "value")
+        save_critic(value_model, partial / "value", value_weights)
     torch.save({
         "step": step, **({} if sharded else {"optimizer": optimizer.state_dict()}), "scheduler": scheduler.state_dict(),
         "kl_ctl": kl_ctl.state_dict(), "python_rng": random.getstate(),
@@ -58,14 +74,31 @@ def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, op
     accelerator.wait_for_everyone()
 
 
-def save_critic(value_model, directory: Path) -> None:
+def save_critic(value_model, directory: Path, state_dict: dict | None = None) -> None:
+    """The critic's weights (`state_dict`, or its own): a value model as a model, the shared critic's head as a file."""
     if isinstance(value_model, torch.nn.Linear):   # the shared critic's head: two tensors
         from safetensors.torch import save_file
 
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in value_model.state_dict().items()}, directory / "value_head.safetensors")
+        weights = value_model.state_dict() if state_dict is None else state_dict
+        save_file({k: v.contiguous() for k, v in weights.items()}, directory / "value_head.safetensors")
     else:
-        value_model.save_pretrained(directory, safe_serialization=True)
+        save_model(value_model, directory, state_dict)
+
+
+def save_model(model, directory: Path, state_dict: dict | None = None) -> None:
+    """`save_pretrained` (safetensors) of the model's own weights, or of `state_dict`, its weights gathered whole
+    (`whole_state_dicts`; never given with LoRA, whose PeftModel saves its adapter only). A gathered tied weight (one
+    parameter under two names: SmolLM2's embeddings and LM head) comes back as two copies: made one tensor again, so
+    that save_pretrained writes it once, as it does the model's own."""
+    if state_dict is None:
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    first_copy = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in state_dict:
+            state_dict[name] = first_copy.setdefault(id(parameter), state_dict[name])
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
 def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ctl, accelerator) -> int:
@@ -87,18 +120,19 @@ def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ct
             if [k for k in missing if "lm_head" not in k]:
                 raise RuntimeError(f"{directory}: checkpoint lacks {missing[:3]}")
 
-    load_weights(policy, path / "policy")
-    if value_model is not None:
-        load_weights(value_model, path / "value")
     state = torch.load(path / "trainer_state.pt", weights_only=True)
     if engine_shards_state(accelerator) != ("optimizer" not in state):
         from rlhf_toy.config import ConfigError
 
-        raise ConfigError(f"{path} was saved {'without' if 'optimizer' in state else 'under'} DeepSpeed, whose "
-                          "optimizer state is sharded across processes: resume it with the launch config it ran with")
+        raise ConfigError(f"{path} was saved {'without' if 'optimizer' in state else 'under'} DeepSpeed or FSDP, "
+                          "whose optimizer state is sharded across processes: resume it with the launch config it ran "
+                          "with")
     if "optimizer" in state:
+        load_weights(policy, path / "policy")
+        if value_model is not None:
+            load_weights(value_model, path / "value")
         optimizer.load_state_dict(state["optimizer"])
-    else:   # the engine's own shards (and the weights again, the same ones)
+    else:   # the engine's own shards: weights and optimizer state, each process its part
         accelerator.load_state(str(path / "engine"))
     scheduler.load_state_dict(state["scheduler"])
     kl_ctl.load_state_dict(state["kl_ctl"])

@@ -37,7 +37,8 @@ from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
 from rlhf_toy.stages.common import resolve_precision, setup_run, shards_weights
 from rlhf_toy.stages.ppo import core
-from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic
+from rlhf_toy.stages.ppo.checkpoint import (load_checkpoint, save_checkpoint, save_critic, save_model,
+                                             whole_state_dicts)
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
 from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
 from rlhf_toy.stages.ppo.rewards import call_reward_function, combine, load_reward_functions
@@ -143,6 +144,8 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
             save_step(state, run_dir, step + 1)
     except NonFiniteError as error:
         # Save what the last good step had (the weights never took the non-finite update).
+        if shards_weights(state.accelerator):   # gathering them is a collective the other processes may not reach
+            raise NonFiniteError(f"{error}; stopped (the last checkpoint holds the last saved weights)") from None
         target = run_dir / "checkpoints" / f"nonfinite-at-step-{step + 1}"
         if state.accelerator.is_main_process:
             state.policy.save_pretrained(target / "policy", safe_serialization=True)
@@ -244,45 +247,71 @@ def make_optimizer(cfg: PPOStageConfig, parameters: list, device: torch.device) 
 class PolicyAndCritic(torch.nn.Module):
     """The trainable models as one module, what accelerate's engine wraps: DeepSpeed takes one model per engine, and
     DDP syncs gradients only of a backward whose forward went through its wrapper (the critic's forward calls its
-    backbone and head directly). The forward is the update's (`update_forward`, or its torch.compile'd version)."""
+    backbone and head directly). Its forward runs any computation on the two models, `compute(policy, value_model,
+    *args)`: the update's forward, and under FSDP and ZeRO-3 everything else that reads their weights (`engine_run`)."""
 
-    def __init__(self, policy, value_model, update_forward: Callable, shared_critic: bool):
+    def __init__(self, policy, value_model):
         super().__init__()
         self.policy, self.value_model = policy, value_model
-        self.update_forward, self.shared_critic = update_forward, shared_critic
+        # FSDP's auto-wrap policy shards one unit per transformer block of the classes named here
+        self._no_split_modules = sorted({name for m in (policy, value_model)
+                                         for name in getattr(m, "_no_split_modules", None) or []})
 
-    def forward(self, ids, attention, context_length: int, temperature: float):
-        return self.update_forward(self.policy, self.value_model, ids, attention, context_length, temperature,
-                                   self.shared_critic)
+    def forward(self, compute: Callable, *args):
+        return compute(self.policy, self.value_model, *args)
+
+
+def engine_run(state: PPOState, compute: Callable, *args):
+    """`compute(policy, value_model, *args)` where the trainable models' weights are whole. DDP and ZeRO-1/2 keep them
+    whole on every process: it runs directly. FSDP and ZeRO-3 hold a shard on each: it runs inside the engine's
+    forward, whose hooks gather each block's weights as the computation reaches it (the same way as in the update), so
+    every process must call it, the same number of times (`synced_gpus` keeps their `generate` loops in step)."""
+    if shards_weights(state.accelerator):
+        return state.engine(compute, *args)
+    return compute(state.policy, state.value_model, *args)
+
+
+def synced_generation(accelerator) -> bool:
+    """Whether `generate` must keep a process that has finished its answers stepping with the others: under FSDP and
+    ZeRO-3 every forward gathers weights from all the processes, so each must run as many as the others."""
+    return shards_weights(accelerator) and accelerator.num_processes > 1
 
 
 def prepare_engine(state: PPOState) -> None:
     """Hand the trainable models and the optimizer to accelerate (`state.engine`, `state.optimizer`): with one
     process they come back as they were; under `accelerate launch` the launch config's engine wraps them (DDP:
     gradients averaged in buckets during the backward pass; DeepSpeed ZeRO-1/2: optimizer state and gradients
-    sharded across processes). The frozen reference and the reward model stay outside: inference only, no gradient
-    to sync. The rollout, evaluation and saving use the models themselves (`accelerator.unwrap_model(engine)`'s
-    policy and critic), whose weights every process holds whole under these engines."""
+    sharded across processes; FSDP2 and ZeRO-3: the weights too, each block gathered for its forward and backward
+    and freed after). The frozen reference and the reward model stay outside: inference only, no gradient to sync;
+    whole on every process, but under ZeRO-3 sharded as well. The rollout and evaluation read the trainable weights through `engine_run`, the
+    saves through `whole_state_dicts`."""
     from accelerate.utils import DistributedType
 
     cfg, accelerator = state.cfg, state.accelerator
-    if shards_weights(accelerator):
+    if shards_weights(accelerator) and cfg.use_lora:
         from rlhf_toy.config import ConfigError
 
-        raise ConfigError(
-            "the hand-written PPO runs under DDP and DeepSpeed ZeRO-1/2, not under FSDP or ZeRO-3: those shard the "
-            "weights themselves, and PPO's rollout, evaluation and final save read whole weights on each process "
-            "(configs/accelerate/ddp.yaml, zero2.yaml); SFT, reward and DPO run under every config")
+        raise ConfigError("use_lora under FSDP or ZeRO-3: the reference is the policy with its adapter disabled and "
+                          "the final save merges the adapter, neither written for sharded weights; LoRA trains few "
+                          "weights, so use configs/accelerate/ddp.yaml or zero2.yaml")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed accumulates, clips and steps inside its engine: it takes those numbers from our config.
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=state.micro_batch, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             gradient_clipping=cfg.max_grad_norm)
-    module = PolicyAndCritic(state.policy, state.value_model, state.update_forward, state.shared_critic)
+    module = PolicyAndCritic(state.policy, state.value_model)
     # The models are already on the run's device (`--device`, which need not be accelerate's default); DeepSpeed
     # places them itself.
     placement = None if accelerator.distributed_type == DistributedType.DEEPSPEED else [False, False]
     state.engine, state.optimizer = accelerator.prepare(module, state.optimizer, device_placement=placement)
+    if shards_weights(accelerator) and accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # Under ZeRO-3 transformers loads every model already sharded (DeepSpeed's zero.Init): the frozen ones get
+        # DeepSpeed's inference engine, whose hooks gather each block's weights for its forward (TRL's PPO does the same)
+        from trl.models.utils import prepare_deepspeed
+
+        state.reference = prepare_deepspeed(state.reference, accelerator)
+        if state.scorer is not None:
+            state.scorer.model = prepare_deepspeed(state.scorer.model, accelerator)
 
 
 def start_logs(state: PPOState, run_dir: Path, start_step: int):
@@ -292,11 +321,11 @@ def start_logs(state: PPOState, run_dir: Path, start_step: int):
               if accelerator.is_main_process else None)
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if start_step and summary_path.exists() else {}
-    if state.eval_prompts and "before" not in summary and accelerator.is_main_process:
-        summary["before"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                     state.eval_prompts, "before", state.precision, state.eval_titles,
-                                     state.eval_records, state.reward_functions)
-        summary_path.write_text(json.dumps(summary, indent=2) + "\n")
+    if state.eval_prompts and "before" not in summary:
+        before = evaluate_policy(state, "before")
+        if accelerator.is_main_process:
+            summary["before"] = before
+            summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     return logger, summary
 
 
@@ -317,35 +346,41 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
     queries, query_mask, _ = sequences.encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length, state.device)
     context_length = queries.shape[1]
     state.policy.eval()
-    with state.timer("generation"), state.precision.autocast():
-        generated = state.policy.generate(
-            input_ids=queries, attention_mask=query_mask, max_new_tokens=cfg.response_length,
-            do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-            return_dict_in_generate=True, output_logits=True, output_hidden_states=state.shared_critic,
-        )
-        # generate stops when every row has its EOS: no compute spent on all-pad columns.
-        responses, mask = sequences.truncate_at_eos(generated.sequences[:, context_length:],
-                                                    tokenizer.eos_token_id, tokenizer.pad_token_id)
-    query_responses = torch.cat([queries, responses], 1)
-    attention_mask = torch.cat([query_mask, mask.long()], 1)
-    with state.timer("policy_forward"), state.precision.autocast():
-        if state.logprobs_from_forward:   # the same computation the update's first forward repeats
-            logprobs = sequences.response_logprobs(state.policy, query_responses, attention_mask, context_length,
-                                                   cfg.temperature)
-        else:   # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
-            logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
+
+    def policy_and_critic(policy, value_model):   # what reads the trainable weights (`engine_run`)
+        with state.timer("generation"), state.precision.autocast():
+            generated = policy.generate(
+                input_ids=queries, attention_mask=query_mask, max_new_tokens=cfg.response_length,
+                do_sample=True, temperature=cfg.temperature, top_k=0, top_p=1.0,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                return_dict_in_generate=True, output_logits=True, output_hidden_states=state.shared_critic,
+                synced_gpus=synced_generation(state.accelerator),
+            )
+            # generate stops when every row has its EOS: no compute spent on all-pad columns.
+            responses, mask = sequences.truncate_at_eos(generated.sequences[:, context_length:],
+                                                        tokenizer.eos_token_id, tokenizer.pad_token_id)
+        query_responses = torch.cat([queries, responses], 1)
+        attention_mask = torch.cat([query_mask, mask.long()], 1)
+        with state.timer("policy_forward"), state.precision.autocast():
+            if state.logprobs_from_forward:   # the same computation the update's first forward repeats
+                logprobs = sequences.response_logprobs(policy, query_responses, attention_mask, context_length,
+                                                       cfg.temperature)
+            else:   # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
+                logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
+        values = None   # critic-free: no value model, no value forward
+        if value_model is not None:
+            with state.timer("value_forward"), state.precision.autocast():
+                if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
+                    values = values_from_generation(value_model, generated)
+                else:
+                    values = forward_values(value_model, query_responses, attention_mask, context_length)
+        # generate's per-step logits (batch × length × vocab) are not needed past here
+        return responses, mask, query_responses, attention_mask, logprobs, values
+
+    responses, mask, query_responses, attention_mask, logprobs, values = engine_run(state, policy_and_critic)
     with state.timer("ref_forward"), state.precision.autocast():
         ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
                                                    cfg.temperature)
-    values = None   # critic-free: no value model, no value forward
-    if state.value_model is not None:
-        with state.timer("value_forward"), state.precision.autocast():
-            if state.shared_critic:   # lm-human-preferences: the values come out of the sampling pass
-                values = values_from_generation(state.value_model, generated)
-            else:
-                values = forward_values(state.value_model, query_responses, attention_mask, context_length)
-    del generated   # its per-step logits (batch × length × vocab) are not needed past here
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
     return Rollout(batch_prompts, query_responses, attention_mask, context_length, responses, mask, logprobs,
                    ref_logprobs, values, texts, batch_records)
@@ -438,8 +473,9 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                 # accelerate's accumulation: only the minibatch's last backward syncs gradients across processes
                 with state.accelerator.accumulate(state.engine):
                     with state.precision.autocast():   # the forward in bf16 when mixed; log-probs and losses float32
-                        new_logprobs, entropy, new_values = state.engine(ids, attention, context_length,
-                                                                         cfg.temperature)
+                        new_logprobs, entropy, new_values = state.engine(state.update_forward, ids, attention,
+                                                                         context_length, cfg.temperature,
+                                                                         state.shared_critic)
                     losses = update_losses(state, batch, targets, idx, width, new_logprobs, new_values, value_mask)
                     # Stop before a non-finite loss reaches the weights (they stay the last good ones).
                     check_finite(step, **{label: losses[name] for name, label in (
@@ -453,7 +489,7 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             # The gradients are the average over every process's rollouts by now (the engine all-reduced them
             # during the last backward; `average_gradients` is the same in ten lines). DeepSpeed has clipped and
             # stepped inside that backward already, and reports the norm.
-            grad_norm = state.accelerator.clip_grad_norm_(state.parameters, cfg.max_grad_norm)
+            grad_norm = state.accelerator.clip_grad_norm_(state.engine.parameters(), cfg.max_grad_norm)
             check_finite(step, **{"gradient norm": grad_norm})
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
@@ -627,21 +663,22 @@ def save_step(state: PPOState, run_dir: Path, step: int) -> None:
     """A checkpoint every `save_steps` steps and at the last one."""
     cfg = state.cfg
     if step % cfg.save_steps == 0 or step == cfg.num_steps:
-        assert_in_sync(state.parameters, state.accelerator)
+        if not shards_weights(state.accelerator):   # sharded, each process holds its own part: nothing to compare
+            assert_in_sync(state.parameters, state.accelerator)
         save_checkpoint(run_dir, step, state.policy, state.value_model, state.tokenizer, state.optimizer,
-                        state.scheduler, state.kl_ctl, state.accelerator, cfg.save_total_limit)
+                        state.scheduler, state.kl_ctl, state.accelerator, cfg.save_total_limit, state.engine)
 
 
 def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: float) -> None:
     """The "after" evaluation, `final/` (LoRA merged in), summary.json."""
     cfg, accelerator = state.cfg, state.accelerator
+    after = evaluate_policy(state, "after") if state.eval_prompts else None
+    policy_weights, _ = whole_state_dicts(accelerator, state.engine)   # a collective under FSDP and ZeRO-3
     if accelerator.is_main_process:
-        if state.eval_prompts:
-            summary["after"] = evaluate(cfg, state.policy, state.reference, state.tokenizer, state.scorer,
-                                        state.eval_prompts, "after", state.precision, state.eval_titles,
-                                        state.eval_records, state.reward_functions)
+        if after is not None:
+            summary["after"] = after
         model = state.policy.merge_and_unload() if cfg.use_lora else state.policy
-        model.save_pretrained(run_dir / "final", safe_serialization=True)
+        save_model(model, run_dir / "final", policy_weights)
         state.tokenizer.save_pretrained(run_dir / "final")
         summary["wall_s_last_session"] = elapsed_s
         summary["num_processes"] = accelerator.num_processes
@@ -652,14 +689,31 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
     accelerator.wait_for_everyone()
 
 
+def evaluate_policy(state: PPOState, when: str) -> dict | None:
+    """`evaluate` of the current policy, on rank 0 (None on the others); under FSDP and ZeRO-3 on every process,
+    each the same prompts with the same seeds, since their shards must gather together (`engine_run`)."""
+    accelerator = state.accelerator
+    if not (accelerator.is_main_process or shards_weights(accelerator)):
+        return None
+    # The evaluation seeds the random generator; the other processes keep their own streams (their rollouts) as if
+    # they had not evaluated, as under DDP.
+    cuda = [state.device.index or 0] if state.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda, enabled=not accelerator.is_main_process):
+        return engine_run(state, lambda policy, _: evaluate(
+            state.cfg, policy, state.reference, state.tokenizer, state.scorer, state.eval_prompts, when,
+            state.precision, state.eval_titles, state.eval_records, state.reward_functions,
+            synced_gpus=synced_generation(accelerator), progress=accelerator.is_main_process))
+
+
 def evaluate(cfg: PPOStageConfig, policy, reference, tokenizer, scorer: RewardScorer, eval_prompts: list,
              when: str, precision: models.Precision, titles: list | None = None, records: list | None = None,
-             reward_functions: list = ()) -> dict:
+             reward_functions: list = (), synced_gpus: bool = False, progress: bool = True) -> dict:
     """Gold, RM, the reward functions (`rewards/<name>/mean`, from the eval `records`' columns) and sequence KL
     to the reference on the eval prompts (`sample_and_score`), sampled as in training (T, response_length).
     The run-level TRL cross-check evaluates TRL's policy with it too."""
     summary, _ = sample_and_score(policy, tokenizer, eval_prompts, titles=titles, judge=Judge(scorer), max_new_tokens=cfg.response_length,
                                   temperature=cfg.temperature, batch_size=32, seed=cfg.seed + 1,
-                                  max_prompt_length=cfg.max_prompt_length, ref=reference, progress=f"eval ({when})",
-                                  precision=precision, records=records, reward_functions=reward_functions)
+                                  max_prompt_length=cfg.max_prompt_length, ref=reference,
+                                  progress=f"eval ({when})" if progress else None, precision=precision,
+                                  records=records, reward_functions=reward_functions, synced_gpus=synced_gpus)
     return summary

@@ -1,0 +1,65 @@
+"""The hand-written PPO under accelerate's FSDP2 engine on 2 CPU processes (a gloo group), for tests/test_engines.py.
+
+accelerate 1.15 runs FSDP on GPUs only: on the CPU it drops the launch config's FSDP and runs plain DDP (the stages
+refuse `configs/accelerate/fsdp.yaml` there). Its FSDP2 code itself runs on the CPU: this script launches under the
+DDP config, then switches accelerate's state to FSDP with the plugin that `configs/accelerate/fsdp.yaml` describes,
+before anything is prepared. Everything after that (`fully_shard` of each block and of the rest, the sharded AdamW,
+gradient sync, `get_state_dict`, `save_state`/`load_state` of the shards) is accelerate's and torch's own code, run as
+on a GPU. The one switch is the only thing that differs from a GPU run.
+
+    accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 tests/engine_fsdp2_cpu.py \\
+        update PIPELINE OUT          # engine_ppo_update's update under FSDP2: rank 0 writes OUT/weights.pt
+    accelerate launch ... tests/engine_fsdp2_cpu.py train PPO_FLAGS...   # scripts/ppo.py under FSDP2
+"""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT
+from rlhf_toy.stages.ppo import trainer
+
+
+def fsdp2_plugin():
+    """accelerate's FSDP plugin with the settings of the shipped configs/accelerate/fsdp.yaml."""
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    settings = {key.removeprefix("fsdp_"): value
+                for key, value in yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())["fsdp_config"].items()}
+    return FullyShardedDataParallelPlugin(fsdp_version=settings.pop("version"), cpu_offload=settings.pop("offload_params"),
+                                          **settings)
+
+
+def use_fsdp2(accelerator):
+    """Switch a CPU accelerator (several processes) to FSDP2, as `accelerate launch --config_file fsdp.yaml` does on a
+    GPU machine. PartialState's copy too: every AcceleratorState construction copies it back."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    assert accelerator.num_processes > 1 and accelerator.device.type == "cpu"
+    PartialState().distributed_type = DistributedType.FSDP
+    accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = fsdp2_plugin()
+    return accelerator
+
+
+if __name__ == "__main__":
+    make_accelerator = trainer.make_accelerator
+    trainer.make_accelerator = lambda cfg: use_fsdp2(make_accelerator(cfg))
+    mode, args = sys.argv[1], sys.argv[2:]
+    if mode == "update":
+        import torch
+        import torch.distributed as dist
+
+        import engine_ppo_update
+
+        weights = engine_ppo_update.update(Path(args[0]), Path(args[1]))
+        if dist.get_rank() == 0:
+            torch.save(weights, Path(args[1]) / "weights.pt")
+    else:   # as scripts/ppo.py
+        from rlhf_toy.cli import run_stage
+        from rlhf_toy.stages.ppo.config import PPOStageConfig
+
+        sys.argv[1:] = args
+        run_stage(PPOStageConfig, trainer.train_ppo)
