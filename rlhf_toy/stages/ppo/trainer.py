@@ -74,7 +74,7 @@ class PPOState:
     eval_records: list = field(default_factory=list)  # the eval prompts' records: the reward functions' columns
     reward_functions: list = field(default_factory=lambda: [("rm", "rm", None)])   # (entry, name, function)
     engine: torch.nn.Module = None     # PolicyAndCritic as accelerate's engine wraps it (`prepare_engine`): the update's
-                                       # forward goes through it; the rollout, evaluation and saving use the models
+                                       # forward goes through it, and under FSDP and ZeRO-3 the rollout's (`engine_run`)
 
     def __post_init__(self):
         if self.update_forward is None:
@@ -283,8 +283,8 @@ def prepare_engine(state: PPOState) -> None:
     gradients averaged in buckets during the backward pass; DeepSpeed ZeRO-1/2: optimizer state and gradients
     sharded across processes; FSDP2 and ZeRO-3: the weights too, each block gathered for its forward and backward
     and freed after). The frozen reference and the reward model stay outside: inference only, no gradient to sync;
-    whole on every process, but under ZeRO-3 sharded as well. The rollout and evaluation read the trainable weights through `engine_run`, the
-    saves through `whole_state_dicts`."""
+    whole on every process, but under ZeRO-3 sharded as well. The rollout and evaluation read the trainable weights
+    through `engine_run`, the saves through `whole_state_dicts`."""
     from accelerate.utils import DistributedType
 
     cfg, accelerator = state.cfg, state.accelerator
