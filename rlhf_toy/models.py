@@ -239,6 +239,21 @@ def _tiny_model_dir() -> Path:
     return target
 
 
+def save_model(model, directory, state_dict: dict | None = None) -> None:
+    """`save_pretrained` (safetensors) of the model's own weights, or of `state_dict`: its weights gathered whole from
+    an engine that shards them (FSDP, ZeRO-3: `accelerator.get_state_dict`). A gathered tied weight (one parameter
+    under two names: SmolLM2's embeddings and LM head) comes back as two copies: made one tensor again, so that
+    save_pretrained writes it once, as it does the model's own."""
+    if state_dict is None:
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    first_copy = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        if name in state_dict:
+            state_dict[name] = first_copy.setdefault(id(parameter), state_dict[name])
+    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+
+
 def is_adapter_dir(path) -> bool:
     """A LoRA adapter without a full model (an HF trainer's LoRA checkpoint, a PeftModel's save_pretrained)."""
     path = Path(path)

@@ -1,24 +1,26 @@
-"""The hand-written PPO under accelerate's FSDP2 engine on 2 CPU processes (a gloo group), for tests/test_engines.py.
+"""Any stage under accelerate's FSDP2 engine on 2 CPU processes (a gloo group), for tests/test_engines.py.
 
 accelerate 1.15 runs FSDP on GPUs only: on the CPU it drops the launch config's FSDP and runs plain DDP (the stages
 refuse `configs/accelerate/fsdp.yaml` there). Its FSDP2 code itself runs on the CPU: this script launches under the
-DDP config, then switches accelerate's state to FSDP with the plugin that `configs/accelerate/fsdp.yaml` describes,
-before anything is prepared. Everything after that (`fully_shard` of each block and of the rest, the sharded AdamW,
-gradient sync, `get_state_dict`, `save_state`/`load_state` of the shards) is accelerate's and torch's own code, run as
-on a GPU. The one switch is the only thing that differs from a GPU run.
+DDP config, then switches every Accelerator it creates (PPO's own, the HF Trainer's) to FSDP with the plugin that
+`configs/accelerate/fsdp.yaml` describes, before anything is prepared. Everything after that (`fully_shard` of each
+block and of the rest, the sharded AdamW, gradient sync, `get_state_dict`, `save_state`/`load_state` of the shards)
+is accelerate's and torch's own code, run as on a GPU. The one switch is the only thing that differs from a GPU run.
 
     accelerate launch --config_file configs/accelerate/ddp.yaml --num_processes 2 tests/engine_fsdp2_cpu.py \\
         update PIPELINE OUT          # engine_ppo_update's update under FSDP2: rank 0 writes OUT/weights.pt
-    accelerate launch ... tests/engine_fsdp2_cpu.py train PPO_FLAGS...   # scripts/ppo.py under FSDP2
+    accelerate launch ... tests/engine_fsdp2_cpu.py ppo FLAGS...   # scripts/ppo.py FLAGS under FSDP2 (or sft, dpo, ...)
 """
 
+import runpy
 import sys
 from pathlib import Path
 
+import accelerate
+import transformers.trainer
 import yaml
 
 from conftest import ROOT
-from rlhf_toy.stages.ppo import trainer
 
 
 def fsdp2_plugin():
@@ -31,22 +33,23 @@ def fsdp2_plugin():
                                           **settings)
 
 
-def use_fsdp2(accelerator):
-    """Switch a CPU accelerator (several processes) to FSDP2, as `accelerate launch --config_file fsdp.yaml` does on a
-    GPU machine. PartialState's copy too: every AcceleratorState construction copies it back."""
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
+class FSDP2OnCPU(accelerate.Accelerator):
+    """An Accelerator of several CPU processes switched to FSDP2, as `accelerate launch --config_file fsdp.yaml` makes
+    it on a GPU machine. PartialState's copy too: every AcceleratorState construction copies it back."""
 
-    assert accelerator.num_processes > 1 and accelerator.device.type == "cpu"
-    PartialState().distributed_type = DistributedType.FSDP
-    accelerator.state.distributed_type = DistributedType.FSDP
-    accelerator.state.fsdp_plugin = fsdp2_plugin()
-    return accelerator
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        from accelerate.state import PartialState
+        from accelerate.utils import DistributedType
+
+        assert self.num_processes > 1 and self.device.type == "cpu"
+        PartialState().distributed_type = DistributedType.FSDP
+        self.state.distributed_type = DistributedType.FSDP
+        self.state.fsdp_plugin = fsdp2_plugin()
 
 
 if __name__ == "__main__":
-    make_accelerator = trainer.make_accelerator
-    trainer.make_accelerator = lambda cfg: use_fsdp2(make_accelerator(cfg))
+    accelerate.Accelerator = transformers.trainer.Accelerator = FSDP2OnCPU   # PPO's and the HF Trainer's
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "update":
         import torch
@@ -57,9 +60,6 @@ if __name__ == "__main__":
         weights = engine_ppo_update.update(Path(args[0]), Path(args[1]))
         if dist.get_rank() == 0:
             torch.save(weights, Path(args[1]) / "weights.pt")
-    else:   # as scripts/ppo.py
-        from rlhf_toy.cli import run_stage
-        from rlhf_toy.stages.ppo.config import PPOStageConfig
-
-        sys.argv[1:] = args
-        run_stage(PPOStageConfig, trainer.train_ppo)
+    else:   # scripts/MODE.py with its flags, as a user runs it
+        sys.argv = [str(ROOT / "scripts" / f"{mode}.py"), *args]
+        runpy.run_path(sys.argv[0], run_name="__main__")

@@ -55,7 +55,7 @@ def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, tmp_pa
     Killed after the step-2 checkpoint and launched again, it goes on from the shards as if never stopped."""
     def run(out, engine):
         flags = tiny_flags(pipeline, out, total_episodes=32, save_steps=2)
-        result = (fsdp2("train", *flags) if engine == "fsdp2" else
+        result = (fsdp2("ppo", *flags) if engine == "fsdp2" else
                   launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags))
         assert result.returncode == 0, result.stderr[-3000:]
         return result
@@ -95,7 +95,7 @@ def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, tmp_pa
 
 
 def test_lora_under_fsdp2_is_refused(pipeline, tmp_path):
-    result = fsdp2("train", *tiny_flags(pipeline, tmp_path / "ppo", total_episodes=16, use_lora="true"))
+    result = fsdp2("ppo", *tiny_flags(pipeline, tmp_path / "ppo", total_episodes=16, use_lora="true"))
     assert result.returncode != 0
     assert "error: use_lora under FSDP or ZeRO-3" in result.stderr
 

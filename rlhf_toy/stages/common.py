@@ -181,7 +181,7 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(model, "merge_and_unload"):
             model = model.merge_and_unload()
-        model.save_pretrained(final, safe_serialization=True, state_dict=whole)
+        models.save_model(model, final, whole)
         tokenizer.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
     return final

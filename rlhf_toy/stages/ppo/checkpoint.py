@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import runlog
+from rlhf_toy import models, runlog
 
 
 def engine_shards_state(accelerator) -> bool:
@@ -60,7 +60,7 @@ def save_checkpoint(run_dir: Path, step: int, policy, value_model, tokenizer, op
     if not accelerator.is_main_process:
         accelerator.wait_for_everyone()
         return
-    save_model(policy, partial / "policy", policy_weights)
+    models.save_model(policy, partial / "policy", policy_weights)
     tokenizer.save_pretrained(partial / "policy")
     if value_model is not None:
         save_critic(value_model, partial / "value", value_weights)
@@ -83,22 +83,7 @@ def save_critic(value_model, directory: Path, state_dict: dict | None = None) ->
         weights = value_model.state_dict() if state_dict is None else state_dict
         save_file({k: v.contiguous() for k, v in weights.items()}, directory / "value_head.safetensors")
     else:
-        save_model(value_model, directory, state_dict)
-
-
-def save_model(model, directory: Path, state_dict: dict | None = None) -> None:
-    """`save_pretrained` (safetensors) of the model's own weights, or of `state_dict`, its weights gathered whole
-    (`whole_state_dicts`; never given with LoRA, whose PeftModel saves its adapter only). A gathered tied weight (one
-    parameter under two names: SmolLM2's embeddings and LM head) comes back as two copies: made one tensor again, so
-    that save_pretrained writes it once, as it does the model's own."""
-    if state_dict is None:
-        model.save_pretrained(directory, safe_serialization=True)
-        return
-    first_copy = {}
-    for name, parameter in model.named_parameters(remove_duplicate=False):
-        if name in state_dict:
-            state_dict[name] = first_copy.setdefault(id(parameter), state_dict[name])
-    model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
+        models.save_model(value_model, directory, state_dict)
 
 
 def load_checkpoint(path: Path, policy, value_model, optimizer, scheduler, kl_ctl, accelerator) -> int:

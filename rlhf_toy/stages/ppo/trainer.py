@@ -37,8 +37,7 @@ from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
 from rlhf_toy.stages.common import resolve_precision, setup_run, shards_weights
 from rlhf_toy.stages.ppo import core
-from rlhf_toy.stages.ppo.checkpoint import (load_checkpoint, save_checkpoint, save_critic, save_model,
-                                             whole_state_dicts)
+from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic, whole_state_dicts
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
 from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
 from rlhf_toy.stages.ppo.rewards import call_reward_function, combine, load_reward_functions
@@ -678,7 +677,7 @@ def finish(state: PPOState, run_dir: Path, logger, summary: dict, elapsed_s: flo
         if after is not None:
             summary["after"] = after
         model = state.policy.merge_and_unload() if cfg.use_lora else state.policy
-        save_model(model, run_dir / "final", policy_weights)
+        models.save_model(model, run_dir / "final", policy_weights)
         state.tokenizer.save_pretrained(run_dir / "final")
         summary["wall_s_last_session"] = elapsed_s
         summary["num_processes"] = accelerator.num_processes
