@@ -36,7 +36,7 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
 
 
 def fsdp2(*args, timeout=300):
-    """tests/engine_fsdp2_cpu.py on 2 CPU processes: the PPO trainer under accelerate's FSDP2 engine."""
+    """tests/engine_fsdp2_cpu.py on 2 CPU processes: a stage (here PPO) under accelerate's FSDP2 engine."""
     return launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", "--num_processes", 2,
                   ROOT / "tests/engine_fsdp2_cpu.py", *args, timeout=timeout)
 
