@@ -94,10 +94,23 @@ def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, tmp_pa
     assert all(torch.equal(final(tmp_path / "killed")[k], fsdp2_final[k]) for k in fsdp2_final)
 
 
-def test_lora_under_fsdp2_is_refused(pipeline, tmp_path):
-    result = fsdp2("ppo", *tiny_flags(pipeline, tmp_path / "ppo", total_episodes=16, use_lora="true"))
+def test_lora_under_an_engine_that_shards_the_weights_is_refused(pipeline, tmp_path, monkeypatch):
+    flags = tiny_flags(pipeline, tmp_path / "ppo", total_episodes=16, num_eval_prompts=0, use_lora="true")
+    result = launch("--config_file", ROOT / "configs/accelerate/fsdp.yaml", ROOT / "scripts/ppo.py", *flags)
     assert result.returncode != 0
-    assert "error: use_lora under FSDP or ZeRO-3" in result.stderr
+    assert "error: use_lora under FSDP, which shards the weights" in result.stderr
+    assert not (tmp_path / "ppo").exists()   # refused before anything was written
+    # ZeRO-3 as `accelerate launch --config_file zero3.yaml` sets it (its launcher needs DeepSpeed installed)
+    from rlhf_toy.config import ConfigError
+    from rlhf_toy.stages.common import check_engine
+
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+    with pytest.raises(ConfigError, match="use_lora under DeepSpeed ZeRO-3"):
+        check_engine(torch.device("cuda"), use_lora=True)
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")   # ZeRO-2 keeps whole weights: LoRA is fine
+    with pytest.raises(ConfigError, match="accelerate runs on GPUs only"):
+        check_engine(torch.device("cpu"), use_lora=True)
 
 
 def test_launch_configs_accelerate_cannot_run_here_are_refused(pipeline, tmp_path):

@@ -132,16 +132,18 @@ def resolve_precision(cfg) -> models.Precision:
     Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config; the
     launch config's engine is checked here too (`check_engine`)."""
     device = models.pick_device(cfg.device)
-    check_engine(device)
+    check_engine(device, cfg.use_lora)
     precision = models.resolve_precision(cfg.dtype, device)
     cfg.dtype = precision.name
     return precision
 
 
-def check_engine(device: torch.device) -> None:
+def check_engine(device: torch.device, use_lora: bool = False) -> None:
     """Refuse a launch config (configs/accelerate/) whose engine cannot run here, before anything loads. accelerate
     1.15 picks FSDP and DeepSpeed only for GPUs: on the CPU it silently drops them and runs plain DDP, which would
-    be a run that does not do what its config says."""
+    be a run that does not do what its config says. LoRA under an engine that shards the weights is refused too:
+    merging the adapter into `final/` (and PPO's reference, the policy with its adapter off) needs whole weights,
+    and on sharded ones the TRL stages' save stalls (seen on 2 CPU processes under FSDP2)."""
     from rlhf_toy.config import ConfigError
 
     requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
@@ -149,6 +151,11 @@ def check_engine(device: torch.device) -> None:
     if not requested:
         return
     engine = requested[0]
+    sharded = engine == "FSDP" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if use_lora and sharded:
+        raise ConfigError(f"use_lora under {'FSDP' if engine == 'FSDP' else 'DeepSpeed ZeRO-3'}, which shards the "
+                          "weights: merging the adapter needs them whole; LoRA trains few weights, so use "
+                          "configs/accelerate/ddp.yaml or zero2.yaml")
     if device.type == "cpu":
         raise ConfigError(f"the launch config asks for {engine}, which accelerate runs on GPUs only (on the CPU it "
                           "ignores it and runs plain DDP): use configs/accelerate/ddp.yaml here, or `accelerate launch "

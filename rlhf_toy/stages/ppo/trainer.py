@@ -287,12 +287,6 @@ def prepare_engine(state: PPOState) -> None:
     from accelerate.utils import DistributedType
 
     cfg, accelerator = state.cfg, state.accelerator
-    if shards_weights(accelerator) and cfg.use_lora:
-        from rlhf_toy.config import ConfigError
-
-        raise ConfigError("use_lora under FSDP or ZeRO-3: the reference is the policy with its adapter disabled and "
-                          "the final save merges the adapter, neither written for sharded weights; LoRA trains few "
-                          "weights, so use configs/accelerate/ddp.yaml or zero2.yaml")
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
         # DeepSpeed accumulates, clips and steps inside its engine: it takes those numbers from our config.
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
