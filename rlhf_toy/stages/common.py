@@ -143,7 +143,7 @@ def check_engine(device: torch.device, use_lora: bool = False) -> None:
     1.15 picks FSDP and DeepSpeed only for GPUs: on the CPU it silently drops them and runs plain DDP, which would
     be a run that does not do what its config says. LoRA under an engine that shards the weights is refused too:
     merging the adapter into `final/` (and PPO's reference, the policy with its adapter off) needs whole weights,
-    and on sharded ones the TRL stages' save stalls (seen on 2 CPU processes under FSDP2)."""
+    and on sharded ones SFT hung after training without writing `final/` (2 CPU processes under FSDP2)."""
     from rlhf_toy.config import ConfigError
 
     requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
