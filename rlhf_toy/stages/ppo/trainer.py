@@ -482,6 +482,7 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             # The gradients are the average over every process's rollouts by now (the engine all-reduced them
             # during the last backward; `average_gradients` is the same in ten lines). DeepSpeed has clipped and
             # stepped inside that backward already, and reports the norm.
+            # The engine's whole parameter list (FSDP clips only its module's own; frozen weights have no gradient).
             grad_norm = state.accelerator.clip_grad_norm_(state.engine.parameters(), cfg.max_grad_norm)
             check_finite(step, **{"gradient norm": grad_norm})
             state.optimizer.step()
