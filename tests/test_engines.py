@@ -49,49 +49,74 @@ def test_ppo_update_under_fsdp2_equals_one_process(pipeline, tmp_path):
     assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
 
 
-def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, tmp_path):
+def run_ppo(pipeline, out, engine: str):
+    """The tiny PPO (4 steps, checkpoints every 2, evaluations) on 2 processes under `ddp` or `fsdp2`."""
+    flags = tiny_flags(pipeline, out, total_episodes=32, save_steps=2)
+    result = (fsdp2("ppo", *flags) if engine == "fsdp2" else
+              launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def killed_after_step_2(run_dir, copy):
+    """A copy of a finished 4-step run as a kill after the step-2 checkpoint leaves it (step 4's files removed)."""
+    shutil.copytree(run_dir, copy)
+    for name in ("checkpoints/step-4", "final", rundir.FINISHED_FILE):
+        path = copy / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return copy
+
+
+def steps(run_dir):   # every step's metrics but timings
+    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/episodes_per_s", "perf/tokens_per_s"))}
+            for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/scores" in r]
+
+
+def final_weights(run_dir):
+    from safetensors.torch import load_file
+
+    return load_file(run_dir / "final/model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(pipeline, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    run_ppo(pipeline, out, "ddp")
+    return out
+
+
+def test_ppo_under_ddp_resumes_from_its_checkpoint_as_if_never_stopped(pipeline, ddp_run, tmp_path):
+    """Two processes, killed after the step-2 checkpoint and launched again: the same numbers as the run never
+    stopped (each process restores its own RNG stream)."""
+    killed = killed_after_step_2(ddp_run, tmp_path / "killed")
+    assert "resuming from" in run_ppo(pipeline, killed, "ddp").stdout
+    assert steps(killed) == steps(ddp_run)
+
+
+def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, ddp_run, tmp_path):
     """A whole run (rollouts, evaluations on every process, sharded checkpoints, the gathered final model) under FSDP2
     gives DDP's numbers: the same processes with the same random streams, the weights sharded rather than copied.
     Killed after the step-2 checkpoint and launched again, it goes on from the shards as if never stopped."""
-    def run(out, engine):
-        flags = tiny_flags(pipeline, out, total_episodes=32, save_steps=2)
-        result = (fsdp2("ppo", *flags) if engine == "fsdp2" else
-                  launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags))
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    def steps(run_dir):   # every step's metrics but timings
-        return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
-                for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/scores" in r]
-
-    def final(run_dir):
-        from safetensors.torch import load_file
-
-        return load_file(run_dir / "final/model.safetensors")
-
-    run(tmp_path / "ddp", "ddp")
-    run(tmp_path / "fsdp2", "fsdp2")
-    assert sorted(p.name for p in (tmp_path / "fsdp2/checkpoints/step-4/engine").iterdir()) == [
+    fsdp2_run = tmp_path / "fsdp2"
+    run_ppo(pipeline, fsdp2_run, "fsdp2")
+    assert sorted(p.name for p in (fsdp2_run / "checkpoints/step-4/engine").iterdir()) == [
         "optimizer_0", "pytorch_model_fsdp_0", "random_states_0.pkl", "random_states_1.pkl"]
-    ddp_steps, fsdp2_steps = steps(tmp_path / "ddp"), steps(tmp_path / "fsdp2")
+    ddp_steps, fsdp2_steps = steps(ddp_run), steps(fsdp2_run)
     assert len(ddp_steps) == len(fsdp2_steps) == 4
     for ours, theirs in zip(fsdp2_steps, ddp_steps):
         assert ours.keys() == theirs.keys()
         assert all(abs(ours[k] - theirs[k]) <= 1e-5 * max(1.0, abs(theirs[k])) for k in ours), (ours, theirs)
-    summaries = [json.loads((tmp_path / run_dir / "summary.json").read_text()) for run_dir in ("fsdp2", "ddp")]
+    summaries = [json.loads((run_dir / "summary.json").read_text()) for run_dir in (fsdp2_run, ddp_run)]
     for when in ("before", "after"):
         assert summaries[0][when] == pytest.approx(summaries[1][when], rel=1e-5, abs=1e-6)
-    ddp_final, fsdp2_final = final(tmp_path / "ddp"), final(tmp_path / "fsdp2")
+    ddp_final, fsdp2_final = final_weights(ddp_run), final_weights(fsdp2_run)
     assert fsdp2_final.keys() == ddp_final.keys()   # the tied LM head written once, as from the whole model
     assert max((fsdp2_final[k] - ddp_final[k]).abs().max().item() for k in ddp_final) < 1e-5
 
-    shutil.copytree(tmp_path / "fsdp2", tmp_path / "killed")
-    for name in ("checkpoints/step-4", "final", rundir.FINISHED_FILE):
-        path = tmp_path / "killed" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    assert "resuming from" in run(tmp_path / "killed", "fsdp2").stdout
-    assert steps(tmp_path / "killed") == fsdp2_steps
-    assert all(torch.equal(final(tmp_path / "killed")[k], fsdp2_final[k]) for k in fsdp2_final)
+    killed = killed_after_step_2(fsdp2_run, tmp_path / "killed")
+    assert "resuming from" in run_ppo(pipeline, killed, "fsdp2").stdout
+    assert steps(killed) == fsdp2_steps
+    assert all(torch.equal(final_weights(killed)[k], fsdp2_final[k]) for k in fsdp2_final)
 
 
 def test_lora_under_an_engine_that_shards_the_weights_is_refused(pipeline, tmp_path, monkeypatch):
@@ -122,25 +147,3 @@ def test_launch_configs_accelerate_cannot_run_here_are_refused(pipeline, tmp_pat
     if importlib.util.find_spec("deepspeed") is None:   # accelerate's launcher says it first
         result = launch("--config_file", ROOT / "configs/accelerate/zero2.yaml", ROOT / "scripts/ppo.py", *flags)
         assert result.returncode != 0 and "DeepSpeed is not installed => run `pip3 install deepspeed`" in result.stderr
-
-
-def test_ppo_under_ddp_resumes_from_its_checkpoint_as_if_never_stopped(pipeline, tmp_path):
-    """Two processes, killed after the step-2 checkpoint (step 4's files removed, as a kill leaves them) and launched
-    again: the same numbers as the run never stopped (each process restores its own RNG stream)."""
-    def ppo(out):
-        flags = tiny_flags(pipeline, out, total_episodes=32, save_steps=2, num_eval_prompts=0)
-        result = launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result
-
-    ppo(tmp_path / "whole")
-    shutil.copytree(tmp_path / "whole", tmp_path / "killed")
-    for name in ("checkpoints/step-4", "final", rundir.FINISHED_FILE):
-        path = tmp_path / "killed" / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    assert "resuming from" in ppo(tmp_path / "killed").stdout
-    steps = [[r for r in runlog.read_jsonl(tmp_path / run / "metrics.jsonl") if "objective/scores" in r]
-             for run in ("whole", "killed")]
-    timing = ("time/", "perf/episodes_per_s", "perf/tokens_per_s")
-    assert [{k: v for k, v in r.items() if not k.startswith(timing)} for r in steps[1]] == \
-           [{k: v for k, v in r.items() if not k.startswith(timing)} for r in steps[0]]
