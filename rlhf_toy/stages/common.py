@@ -183,7 +183,7 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
     processes each hold a shard of the weights, every process first takes part in gathering them whole."""
     final = run_dir / "final"
     trainer.accelerator.wait_for_everyone()
-    whole = trainer.accelerator.get_state_dict(trainer.model_wrapped) if shards_weights(trainer.accelerator) else None
+    whole = gathered_state_dict(trainer.accelerator, trainer.model_wrapped)
     if is_main_process():
         model = trainer.accelerator.unwrap_model(trainer.model)
         if hasattr(model, "merge_and_unload"):
@@ -192,6 +192,13 @@ def save_final(trainer, tokenizer, run_dir: Path) -> Path:
         tokenizer.save_pretrained(final)
     trainer.accelerator.wait_for_everyone()
     return final
+
+
+def gathered_state_dict(accelerator, model) -> dict | None:
+    """The prepared `model`'s whole weights, gathered onto rank 0 (the others get an empty dict), where the engine
+    shards them (FSDP, ZeRO-3: a collective, every process calls it); None elsewhere: the model's own state dict
+    is whole already (`models.save_model` saves it)."""
+    return accelerator.get_state_dict(model) if shards_weights(accelerator) else None
 
 
 def shards_weights(accelerator) -> bool:

@@ -28,14 +28,13 @@ def engine_shards_state(accelerator) -> bool:
 
 
 def whole_state_dicts(accelerator, engine) -> tuple[dict | None, dict | None]:
-    """The policy's and the critic's whole weights, for a plain save: (None, None) where every process holds them
-    whole (the models' own state dicts are saved). Under FSDP and ZeRO-3 the engine gathers them onto rank 0 (every
-    process must call this; the others get empty dicts): `policy.`/`value_model.` keys of `PolicyAndCritic`."""
-    from rlhf_toy.stages.common import shards_weights
+    """The policy's and the critic's whole weights, for a plain save (`gathered_state_dict` of the engine, split by
+    `PolicyAndCritic`'s `policy.`/`value_model.` keys): (None, None) where every process holds them whole."""
+    from rlhf_toy.stages.common import gathered_state_dict
 
-    if not shards_weights(accelerator):
+    whole = gathered_state_dict(accelerator, engine)
+    if whole is None:
         return None, None
-    whole = accelerator.get_state_dict(engine)
     return tuple({key[len(prefix):]: value for key, value in whole.items() if key.startswith(prefix)}
                  for prefix in ("policy.", "value_model."))
 
