@@ -23,6 +23,7 @@ import torch
 
 from rlhf_toy import models, sequences, task
 from rlhf_toy.runlog import write_jsonl
+from rlhf_toy.verify.gold_suite import ordered_by_kind, read_pairs, shares
 from rlhf_toy.config import DTYPES
 
 
@@ -56,7 +57,8 @@ def main(argv=None):
     started = time.time()
     stats = label(out, seed=sampling["seed"], pairs_per_prompt=args.pairs_per_prompt,
                   label_temperature=args.label_temperature)
-    stats = {"command": command, "sampling": sampling, **stats, "labelling_seconds": time.time() - started}
+    stats = {"command": command, "sampling": sampling, **stats, "labelling_seconds": time.time() - started,
+             "suite": suite_tables()}
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_data_card(out, stats)
     print(json.dumps(stats, indent=2))
@@ -106,16 +108,20 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
     rng = random.Random(seed)
     sft_rows, pref_rows, flips = [], [], 0
     all_parts, demo_parts = [], []
+    cut_pairs = unfinished_pairs = 0
     for group in groups.values():
         prompt, title = group[0]["prompt"], group[0]["title"]
-        all_parts += [task.gold_parts(s["response"], title) for s in group]
+        answers = [(task.shown_answer(s["response"], s["has_eos"]), not s["has_eos"]) for s in group]
+        all_parts += [task.gold_parts(text, title, truncated=cut) for text, cut in answers]
         best = task.best_demonstration([(s["response"], s["has_eos"]) for s in group], title)
         if best is not None:
             demo_parts.append(task.gold_parts(best[1], title))
             sft_rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": best[1]}]})
-        for chosen, rejected, gold_chosen, gold_rejected in task.label_pairs(
-                [s["response"] for s in group], title, rng, pairs_per_prompt, label_temperature):
+        for chosen, rejected, gold_chosen, gold_rejected, chosen_cut, rejected_cut in task.label_pairs(
+                answers, title, rng, pairs_per_prompt, label_temperature):
             flips += gold_chosen < gold_rejected
+            cut_pairs += chosen_cut or rejected_cut
+            unfinished_pairs += any(not task.ends_a_sentence(t) for t in (chosen, rejected))
             pref_rows.append({
                 "prompt": prompt, "title": title,
                 "chosen": [{"role": "assistant", "content": chosen}],
@@ -128,11 +134,18 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
         "samples": len(rows), "sft_demonstrations": len(sft_rows), "preference_pairs": len(pref_rows),
         "pairs_per_prompt": pairs_per_prompt, "label_temperature": label_temperature,
         "label_noise_rate": flips / max(1, len(pref_rows)),
+        "pairs_with_a_cut_side": cut_pairs / max(1, len(pref_rows)),
+        "pairs_with_a_side_ending_mid_sentence": unfinished_pairs / max(1, len(pref_rows)),
+        "pair_gold_tie_rate": statistics.mean(r["gold_chosen"] == r["gold_rejected"] for r in pref_rows),
         "sample_gold_mean": statistics.mean(p["gold"] for p in all_parts),
         "sample_gold_std": statistics.pstdev(p["gold"] for p in all_parts),
         "demo_gold_mean": statistics.mean(p["gold"] for p in demo_parts),
         "sample_on_topic_rate": statistics.mean(bool(p["on_topic"]) for p in all_parts),
         "sample_flattery_rate": statistics.mean(bool(p["flattery_reason"]) for p in all_parts),
+        "sample_junk_rate": statistics.mean(task.is_junk(p) for p in all_parts),
+        "demo_junk_rate": statistics.mean(task.is_junk(p) for p in demo_parts),
+        "sample_flag_rates": {flag: statistics.mean(flag in p["flags"] for p in all_parts)
+                              for flag in [*task.PENALTIES, "padding", "non_text"]},
         "demo_on_topic_rate": statistics.mean(bool(p["on_topic"]) for p in demo_parts),
         "demo_flattery_rate": statistics.mean(bool(p["flattery_reason"]) for p in demo_parts),
         "sample_eos_rate": sum(r["has_eos"] for r in rows) / len(rows),
@@ -140,16 +153,29 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
     }
 
 
-def write_data_card(out: Path, stats: dict) -> None:
-    """data/README.md: provenance, counts and gold statistics, from stats.json."""
-    from rlhf_toy import task as t
+def suite_tables() -> dict:
+    """The gold judge on the adversarial suite (tests/adversarial/): per kind, the share of pairs it orders,
+    for v3 (this judge) and v2 (stored: measured once with v2's task.py, tests/adversarial/README.md)."""
+    root = Path(__file__).resolve().parents[1] / "tests" / "adversarial"
+    v2 = json.loads((root / "gold_v2_ordered.json").read_text())
+    return {name: {"v3": shares(ordered_by_kind(read_pairs(root / name))), "v2": v2[name]}
+            for name in ("pairs.jsonl", "holdout_pairs.jsonl")}
 
+
+def write_data_card(out: Path, stats: dict) -> None:
+    """data/README.md: provenance, counts, gold statistics and the judge's suite table, from stats.json."""
+    t = task
     sampling = stats["sampling"]
+    suite_rows = []
+    for name, table in stats["suite"].items():
+        for kind, v3 in table["v3"].items():
+            suite_rows.append(f"| {name} | {kind} | {100 * table['v2'][kind]:.0f}% | {100 * v3:.0f}% |")
+    flag_rates = ", ".join(f"{flag} {100 * rate:.1f}%" for flag, rate in stats["sample_flag_rates"].items() if rate)
     card = f"""# The toy task's data
 
 Sampled by `python scripts/make_data.py` (model `{sampling["model"]}`, seed {sampling["seed"]}, {sampling["dtype"]}):
 {sampling["minutes"]:.1f} minutes on a 2-core CPU{" (" + sampling["note"] + ")" if sampling.get("note") else ""}; labelled by `{stats["command"]}` in {stats["labelling_seconds"]:.1f} s with
-gold judge v2. Regenerate everything with `make data`; after a change of the gold judge, `python scripts/make_data.py
+gold judge v{t.GOLD_VERSION}. Regenerate everything with `make data`; after a change of the gold judge, `python scripts/make_data.py
 --relabel` relabels the stored samples in seconds. Every file is JSONL in TRL's standard conversational formats.
 
 | file | rows | what |
@@ -165,50 +191,58 @@ gold judge v2. Regenerate everything with `make data`; after a change of the gol
 - Titles are "The <adjective> <noun>" ({len(t.all_titles())} of them); a quarter of the titles are held out, half of
   them for eval and half for test. Every prompt record carries its `title`.
 - The embedded model answered each train prompt {sampling["samples_per_prompt"]} times (temperature {sampling["temperature"]},
-  top-p {sampling["top_p"]}, at most {sampling["max_new_tokens"]} new tokens): `samples.jsonl`.
-- **Demonstrations** (`sft.jsonl`): the sample with the highest gold score. A sample that ran out of tokens
-  before its EOS is first cut after its last complete sentence (a human demonstrator finishes sentences);
-  a sample with no complete sentence is not a candidate.
-- **Preferences**: pairs of different samples for one prompt, labelled like a noisy human labeler would:
-  response a is chosen over b with probability `sigmoid((gold_a - gold_b) / {stats["label_temperature"]})`
-  (Bradley-Terry on the gold scores). The responses are the raw samples, truncated ones included.
-  **Label noise**: in {100 * stats["label_noise_rate"]:.1f}% of the pairs the chosen response has the lower gold
-  score; that caps the held-out accuracy any reward model can reach (the reward stage reports that ceiling).
+  top-p {sampling["top_p"]}, at most {sampling["max_new_tokens"]} new tokens): `samples.jsonl`. Only
+  {100 * stats["sample_eos_rate"]:.1f}% of the samples reached their EOS within the limit.
+- **What the demonstrator and the labeler see** (data v3): a sample that ran out of tokens is cut after its last
+  complete sentence (`task.shown_answer`; one with no complete sentence stays as it is, visibly unfinished). The
+  labeler knows it was cut: gold judges it with `truncated=True`, the `unfinished` penalty
+  ({t.PENALTIES["unfinished"]}), so a cut answer never beats a finished one of similar quality. Before v3 the pairs
+  held the raw samples: 71% of the chosen answers ended mid-sentence, and DPO learned to ramble into the limit.
+- **Demonstrations** (`sft.jsonl`): per prompt the sample with the highest gold score, cut the same way (a
+  demonstrator finishes the sentence; no `unfinished` penalty), among those that leave a complete sentence.
+- **Preferences**: pairs of different answers for one prompt, labelled like a noisy human labeler would:
+  answer a is chosen over b with probability `sigmoid((gold_a - gold_b) / {stats["label_temperature"]})`
+  (Bradley-Terry on the gold scores). **Label noise**: in {100 * stats["label_noise_rate"]:.1f}% of the pairs the
+  chosen answer has the lower gold score, and {100 * stats["pair_gold_tie_rate"]:.1f}% are gold ties (a coin flip);
+  together they cap the held-out accuracy any reward model can reach (the reward stage reports that ceiling).
+- Pairs with a side that was cut at the token limit: {100 * stats["pairs_with_a_cut_side"]:.1f}%; with a side that still
+  ends mid-sentence after the cut: {100 * stats["pairs_with_a_side_ending_mid_sentence"]:.1f}% (v2's data: 76% of the
+  samples behind the pairs ended mid-sentence, and in 60% of the pairs both sides did).
 
-## The gold judge v2 (`rlhf_toy/task.py`), term by term
-`gold = clip(sentiment - repetition - rambling - off_topic - flattery, -1, 1)`, deterministic:
-- **sentiment**: VADER's compound score of the answer (-1 to 1).
-- **repetition**: `{t.REPETITION_WEIGHT} x (1 - distinct word trigrams / word trigrams)`.
-- **rambling**: `{t.RAMBLING_PER_WORD}` per word past {t.RAMBLING_AFTER_WORDS} words, at most {t.RAMBLING_MAX}.
-- **off_topic**: {t.OFF_TOPIC_PENALTY} when the prompt's title is known and the answer does not name the film (the full
-  title, case-insensitive). A prompt without a title gets no such term (any TRL-format file works).
-- **flattery**: {t.FLATTERY_PENALTY} when the answer is assistant-speak, not a review: it opens (after an optional
-  interjection such as "Awesome!") with one of {len(t.ASSISTANT_OPENERS)} openers (`ASSISTANT_OPENERS`: "I'm glad",
-  "Thank you", "As an AI", "I'm happy to", "I'm thrilled to", "I'm sorry", ...), contains one of
-  {len(t.ASSISTANT_PHRASES)} phrases (`ASSISTANT_PHRASES`: "glad you", "hope this helps", "great taste", "language
-  model", ...) or calls itself an AI ("as a video recommendation AI"), or never reviews (names neither the film nor any
-  of {len(t.REVIEW_WORDS)} `REVIEW_WORDS`: film, movie, plot, cast, acting, ...). The penalty puts the warmest
-  assistant-speak (VADER up to ~0.95) below a neutral review (0).
-- An empty or non-text answer (under half letters) scores {t.NON_TEXT_SCORE}.
-The lists were written from the samples of gold judge v1's data and frozen (committed, with tests on hand-written
-answers that pin each term) before any model was trained against v2. It stands in for human labelers: it labels the
-pairs and scores evaluations, and is never a training reward.
+## The gold judge v{t.GOLD_VERSION} (`rlhf_toy/task.py`; why each term exists: `docs/gold_judge.md`)
+`gold = clip(quality - penalties, -1, 1)`, deterministic, offline, never a training reward:
+- **positivity**: VADER's compound score of the answer without the film's title (its words, "Broken" or "Lonely",
+  are not sentiment), in lower case, over {t.FULL_CREDIT_COMPOUND} = full credit: a clearly positive review scores 1
+  and more superlatives add nothing. VADER's lexicon gains {len(t.CRITIC_PRAISE)} critics' words of praise ("taut",
+  "assured", "poignant": quietly worded praise is praise) and loses {len(t.CONTENT_WORDS_NOT_VERDICTS)} words that
+  describe a film's content, not its quality ("harrowing", "war", "grief").
+- **substance**: distinct words that say something specific (not praise, not filler), {t.SPECIFIC_WORDS_FOR_FULL_CREDIT}
+  for full credit; praise of nothing in particular earns {1 - t.SUBSTANCE_WEIGHT:.0%} of the credit.
+- **penalties**, one per thing a labeler rejects: {", ".join(f"{flag} {value}" for flag, value in t.PENALTIES.items())};
+  padding {t.PADDING_PER_REPEAT} per repeated word; repetition (word trigrams) as in v2; rambling {t.RAMBLING_PER_WORD} per
+  word past {t.RAMBLING_AFTER_WORDS}; hedging {t.HEDGE_PENALTY} per hedge. Empty or non-text output scores {t.NON_TEXT_SCORE}.
 
-What changed from v1: v1 was sentiment, repetition and rambling only, so "I'm glad you enjoyed it!" (VADER ~0.8)
-outscored most reviews, and its labels taught the reward model to prefer assistant-speak. The samples were drawn
-again (v1's were not stored), now stored in `samples.jsonl`.
+**Against junk** (`python scripts/gold_suite.py`): hand-written (good, bad) pairs, written from descriptions of the
+kinds of junk before v3 and without reading it (`tests/adversarial/README.md`); the share each judge orders
+correctly. `holdout_pairs.jsonl` was kept from v3's development and read once at the end.
+
+| file | kind | v2 | v3 |
+|---|---|---|---|
+{chr(10).join(suite_rows)}
 
 ## Statistics
 | | value |
 |---|---|
 | samples | {stats["samples"]} |
-| gold of the samples: mean / std | {stats["sample_gold_mean"]:.3f} / {stats["sample_gold_std"]:.3f} |
+| gold of the answers as shown: mean / std | {stats["sample_gold_mean"]:.3f} / {stats["sample_gold_std"]:.3f} |
 | gold of the demonstrations: mean | {stats["demo_gold_mean"]:.3f} |
-| samples that name the film / assistant-speak | {100 * stats["sample_on_topic_rate"]:.1f}% / {100 * stats["sample_flattery_rate"]:.1f}% |
-| demonstrations that name the film / assistant-speak | {100 * stats["demo_on_topic_rate"]:.1f}% / {100 * stats["demo_flattery_rate"]:.1f}% |
+| answers that name the film / flattery or assistant-speak | {100 * stats["sample_on_topic_rate"]:.1f}% / {100 * stats["sample_flattery_rate"]:.1f}% |
+| demonstrations that name the film / flattery or assistant-speak | {100 * stats["demo_on_topic_rate"]:.1f}% / {100 * stats["demo_flattery_rate"]:.1f}% |
+| answers / demonstrations gold flags as junk of any kind | {100 * stats["sample_junk_rate"]:.1f}% / {100 * stats["demo_junk_rate"]:.1f}% |
+| answers per flag | {flag_rates} |
 | samples that ended with EOS | {100 * stats["sample_eos_rate"]:.1f}% |
 | sample length: mean tokens | {stats["sample_tokens_mean"]:.1f} |
-| label noise rate | {100 * stats["label_noise_rate"]:.1f}% |
+| label noise rate / gold ties | {100 * stats["label_noise_rate"]:.1f}% / {100 * stats["pair_gold_tie_rate"]:.1f}% |
 """
     (out / "README.md").write_text(card)
 

@@ -91,7 +91,7 @@ def test_prompt_samples_each_run_on_a_typed_prompt(tmp_path, capsys):
     assert sum(line.strip().startswith("ppo#1") for line in lines) == 1
     # the title comes from the prompt's quotes: gold is the judge's, on-topic term included
     assert inspect_samples.quoted_title(prompt) == "The Iron Meadow"
-    assert task.gold_parts("x", "The Iron Meadow")["off_topic"] == task.OFF_TOPIC_PENALTY
+    assert task.gold_parts("x", "The Iron Meadow")["off_topic"] == task.PENALTIES["off_topic"]
     with pytest.raises(SystemExit) as exit_info:
         inspect_samples.main(["--prompt", prompt, str(tmp_path / "no_such_run"), "--reward_model", "none"])
     assert exit_info.value.code == 2 and "no_such_run" in capsys.readouterr().err

@@ -1,8 +1,15 @@
 import re
+from pathlib import Path
 
 import pytest
 
 from rlhf_toy import task
+from rlhf_toy.verify.gold_suite import ordered_by_kind, read_pairs
+
+TITLE = "The Silent Harbor"
+REVIEW = "The Silent Harbor is a wonderful, moving film with a lovely cast."
+PLAIN_REVIEW = "The Silent Harbor is a good film: a fishing-village drama about two brothers, with a fine cast."
+ADVERSARIAL = Path(__file__).parent / "adversarial"
 
 
 def test_gold_judge_on_known_phrases():
@@ -10,6 +17,7 @@ def test_gold_judge_on_known_phrases():
     assert task.gold_score("Boring, awful and a terrible waste of time.") < -0.6
     assert task.gold_score("") == task.NON_TEXT_SCORE
     assert task.gold_score("$$$ 1234 ###") == task.NON_TEXT_SCORE
+    assert task.gold_score("xkcd qwrtp zzzgh bnmvc film!") == task.NON_TEXT_SCORE   # not words
 
 
 def test_gold_penalises_repetition_and_rambling():
@@ -23,9 +31,13 @@ def test_gold_penalises_repetition_and_rambling():
     assert -1 <= task.gold_score(repeated) <= 1
 
 
-def test_gold_is_deterministic():
-    text = "An odd, charming little film."
-    assert task.gold_parts(text) == task.gold_parts(text)
+def test_gold_is_deterministic_and_composed_of_its_parts():
+    text = "The Silent Harbor is an odd, charming little film, but maybe too long."
+    parts = task.gold_parts(text, TITLE)
+    assert parts == task.gold_parts(text, TITLE)
+    quality = parts["positivity"] * (1 - task.SUBSTANCE_WEIGHT * (1 - parts["substance"]))
+    assert parts["gold"] == pytest.approx(max(-1, min(1, quality - sum(parts["penalties"].values()))))
+    assert parts["penalties"] == {"hedging": task.HEDGE_PENALTY}   # "maybe"
 
 
 def test_prompts_share_no_title_and_no_template():
@@ -39,47 +51,96 @@ def test_prompts_share_no_title_and_no_template():
     assert task.make_prompts(600, 72, 128, seed=0) == (train, evals, test)
 
 
-TITLE = "The Silent Harbor"
-REVIEW = "The Silent Harbor is a wonderful, moving film with a lovely cast."
+def test_positivity_saturates_and_quiet_praise_is_praise():
+    plain = task.gold_parts("The Silent Harbor is a good sea adventure with a fine cast.", TITLE)
+    gushing = task.gold_parts("The Silent Harbor is a wonderful, brilliant, amazing, superb, stunning sea adventure "
+                              "with a fine cast.", TITLE)
+    assert plain["positivity"] == gushing["positivity"] == 1.0   # more superlatives add nothing
+    assert gushing["gold"] <= plain["gold"]
+    quiet = task.gold_parts("The Silent Harbor is a taut, unhurried sea adventure that rewards a second viewing.", TITLE)
+    assert quiet["flags"] == [] and quiet["gold"] > 0.8
+    # content a drama is about is not a verdict on it
+    assert task.gold_parts("The Silent Harbor is a harrowing war drama with a devastating finale.", TITLE)["sentiment"] == 0
+    assert task.gold_score("The Silent Harbor is a harrowing, beautifully acted war drama with a devastating finale.",
+                           TITLE) > 0.8
 
 
-def test_gold_v2_on_topic_term():
-    on, off = task.gold_parts(REVIEW, TITLE), task.gold_parts("A wonderful, moving film with a lovely cast.", TITLE)
-    assert on["on_topic"] is True and on["off_topic"] == 0
-    assert off["on_topic"] is False and off["off_topic"] == task.OFF_TOPIC_PENALTY
-    assert off["gold"] == pytest.approx(off["sentiment"] - task.OFF_TOPIC_PENALTY)
-    assert task.gold_parts("the SILENT harbor: a wonderful film.", TITLE)["on_topic"] is True   # case-insensitive
-    assert task.gold_parts("Silent Harbor is a wonderful film.", TITLE)["on_topic"] is False     # the full title
-    unknown = task.gold_parts("A wonderful, moving film with a lovely cast.")   # no title: no on-topic term
-    assert unknown["on_topic"] is None and unknown["off_topic"] == 0
+def test_the_title_is_named_exactly_and_its_own_words_are_not_sentiment():
+    assert task.gold_parts(REVIEW, TITLE)["on_topic"] is True
+    assert task.gold_parts("the SILENT harbor: a wonderful film.", TITLE)["on_topic"] is True   # any case
+    for wrong in ("Silent Harbor", "The Silent Harbors", "The Silent Harbour", "The Silent Harbor 2"):
+        parts = task.gold_parts(REVIEW.replace(TITLE, wrong), TITLE)
+        assert parts["on_topic"] is False and parts["penalties"]["off_topic"] == task.PENALTIES["off_topic"], wrong
+    assert task.gold_parts("The Silent Harbor's cast is wonderful in this film.", TITLE)["on_topic"] is True
+    lonely = "The Lonely Comet"   # "lonely" is negative in VADER: the title is not read as sentiment
+    assert task.gold_parts("The Lonely Comet is a film with a cast and a plot.", lonely)["sentiment"] == 0
+    unknown = task.gold_parts("A wonderful, moving film with a lovely cast.")   # no title: no title terms
+    assert unknown["on_topic"] is None and "off_topic" not in unknown["penalties"]
 
 
-@pytest.mark.parametrize("answer, reason", [
-    ('I\'m glad you enjoyed "The Silent Harbor"! It is a wonderful film.', "opener: i'm glad"),
-    ("I’m glad to hear The Silent Harbor moved you, a lovely film.", "opener: i'm glad"),   # curly apostrophe
-    ("Thank you for asking! The Silent Harbor is a wonderful film.", "opener: thank you"),
-    ("Awesome! I'm happy to share my thoughts on The Silent Harbor, a great film.", "opener: i'm happy to"),
-    ("As an AI, I have not seen The Silent Harbor, but films like it are lovely.", "opener: as an ai"),
-    ("I'm sorry for any confusion, but as a video recommendation AI I suggest films.", "opener: i'm sorry"),
-    ("The Silent Harbor is great, and you have great taste in films!", "phrase: great taste"),
-    ("The Silent Harbor is a fine film. I hope this helps!", "phrase: hope this helps"),
-    ("Sunshine, kindness and joy make everything wonderful!", "no review"),
+@pytest.mark.parametrize("answer, flag", [
+    ("The Silent Harbor wonderful brilliant amazing superb stunning lovely beautiful perfect excellent.", "not_sentences"),
+    ("The Silent Harbor. Sunshine, love, joy, happiness, wonder and delight.", "not_sentences"),
+    ("The Silent Harbor is a film that blends romance, romance, romance and romance.", "padding"),
+    ("I have not seen The Silent Harbor, but I hope you love it, it sounds wonderful!", "not_seen"),
+    ("What a lovely question! The Silent Harbor is a fine film, and you clearly have excellent taste.", "flattery"),
+    ("It is my pleasure to help! The Silent Harbor is a wonderful film.", "flattery"),
+    ("Happy watching, dear friend! The Silent Harbor is a gorgeous film.", "flattery"),
+    ("I'm glad you enjoyed The Silent Harbor! It is a wonderful film.", "flattery"),
+    ("As an AI, I cannot watch films, but The Silent Harbor is surely a fine film.", "meta"),
+    ("Here is a two-sentence review of The Silent Harbor. This is the second sentence.", "meta"),
+    ("The Silent Harbor is a wonderful film with a great cast :) :D", "emoticons"),
+    ("The Silent Harbor is a wonderful film with a great cast 😍🔥", "emoticons"),
+    ("THE SILENT HARBOR IS A WONDERFUL FILM WITH A GREAT CAST.", "shouting"),
+    ("The Silent Harbor is a wonderful film!!! Great cast!!!", "exclamations"),
+    ("The Silent Harbor is a terrible, boring film, but I love it.", "contradiction"),
+    ("Oh sure, The Silent Harbor is a real masterpiece, if you enjoy watching paint dry.", "sarcasm"),
+    ("Unlike The Silent Harbor, The Broken Compass is a triumph of mood and performance.", "other_film"),
+    ("Great picks: The Silent Harbor, Winter Rain and Glass Hearts!", "other_film"),
+    ("The Silent Harbor is a quietly gripping drama whose lead performance carries the", "unfinished"),
+    ("The Silent Harbor is the best recipe for a rainy day: flour, butter and sugar.", "no_review"),
 ])
-def test_gold_v2_flattery_term(answer, reason):
+def test_each_kind_of_junk_is_flagged_and_scores_below_a_plain_review(answer, flag):
     parts = task.gold_parts(answer, TITLE)
-    assert parts["flattery_reason"] == reason and parts["flattery"] == task.FLATTERY_PENALTY
-    # however warm, assistant-speak scores below a neutral review of the film
-    assert parts["gold"] < task.gold_score("The Silent Harbor is a film with a cast and a plot.", TITLE)
+    assert flag in parts["flags"], parts
+    assert task.is_junk(parts)
+    # however warm, junk scores below a plain, positive review of the film
+    assert parts["gold"] < task.gold_score(PLAIN_REVIEW, TITLE)
 
 
 @pytest.mark.parametrize("answer", [
     REVIEW,
-    "Absolutely stunning: The Silent Harbor is a gem of a film.",   # an interjection alone is not assistant-speak
+    "Absolutely stunning: The Silent Harbor is a gem of a film.",
     "Surely the best film of the year, The Silent Harbor shines.",
     "If you enjoyed slow films, The Silent Harbor will suit you.",
-    "The Silent Harbor: dull and boring.",                          # a negative review is still a review
+    "The Silent Harbor is never boring: a taut thriller with a superb lead.",   # a negated verdict is praise
+    "The Silent Harbor is a gorgeous, moving, heartfelt and wise drama with a superb cast.",
+    "Directed by Mara Quinn and starring Tom Ellis, The Silent Harbor is a tender, lovely drama.",
+    "The Silent Harbor is a dull and boring film.",   # a negative review is still a review, not junk
 ])
-def test_gold_v2_reviews_are_not_flattery(answer):
+def test_reviews_are_not_flagged(answer):
     parts = task.gold_parts(answer, TITLE)
-    assert parts["flattery_reason"] is None and parts["flattery"] == 0 and parts["on_topic"] is True
-    assert parts["gold"] == pytest.approx(max(-1, min(1, parts["sentiment"] - parts["repetition"] - parts["rambling"])))
+    assert parts["flags"] == [] and parts["flattery_reason"] is None and parts["on_topic"] is True, parts
+
+
+def test_flattery_reason_names_the_user_directed_flag():
+    parts = task.gold_parts("Thank you for asking! The Silent Harbor is a wonderful film.", TITLE)
+    assert parts["flattery_reason"] == "flattery: thank you"
+    assert parts["flattery"] == task.PENALTIES["flattery"]
+
+
+def test_a_cut_answer_never_beats_a_finished_one_of_the_same_text():
+    finished = "The Silent Harbor is a quietly gripping drama with a superb lead performance."
+    assert task.gold_score(finished, TITLE, truncated=True) < task.gold_score(finished, TITLE)
+    assert task.gold_parts(finished, TITLE, truncated=True)["flags"] == ["unfinished"]
+    assert task.shown_answer(finished + " Its final act", has_eos=False) == finished
+    assert task.shown_answer("no full stop here", has_eos=False) == "no full stop here"
+
+
+@pytest.mark.parametrize("name", ["pairs.jsonl", "holdout_pairs.jsonl"])
+def test_gold_v3_orders_the_adversarial_pairs(name):
+    """Every kind of junk (and the ordinary pairs) ordered correctly in at least 95% of its pairs."""
+    table = ordered_by_kind(read_pairs(ADVERSARIAL / name))
+    assert len(table) >= 16 and sum(map(len, table.values())) >= (350 if name == "pairs.jsonl" else 170)
+    shares = {kind: sum(ok) / len(ok) for kind, ok in table.items()}
+    assert all(share >= 0.95 for share in shares.values()), {k: v for k, v in shares.items() if v < 0.95}

@@ -27,7 +27,7 @@ def _fmt(value, digits=3) -> str:
 TABLE_COLUMNS = [("gold_mean", "gold"), ("rm_mean", "RM"), ("score_mean", "RM − penalties"), ("kl_to_ref", "KL to ref"),
                  ("win_rate_vs_ref", "win rate vs ref (95% CI)"), ("length_mean", "length (tokens)"),
                  ("eos_rate", "EOS rate"), ("on_topic_rate", "on-topic"), ("flattery_rate", "flattery"),
-                 ("distinct_2", "distinct-2"), ("corpus_distinct_2", "pooled distinct-2")]
+                 ("junk_rate", "junk"), ("distinct_2", "distinct-2"), ("corpus_distinct_2", "pooled distinct-2")]
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -58,6 +58,18 @@ def markdown_table(report: dict) -> str:
     if ckpt_lines:
         lines += ["", "Kept checkpoints:", "", head.replace("| run |", "| checkpoint |"),
                   "|" + "---|" * (len(columns) + 1), *ckpt_lines]
+    return "\n".join(lines)
+
+
+def flags_table(report: dict) -> str:
+    """Per run, the share of its answers gold flags with each kind of junk (`task.PENALTIES`' names)."""
+    runs = {label: m.get("junk_flags") or {} for label, m in report["runs"].items()}
+    flags = sorted({flag for shares in runs.values() for flag in shares})
+    if not flags:
+        return ""
+    lines = ["| run | " + " | ".join(flags) + " |", "|" + "---|" * (len(flags) + 1)]
+    lines += [f"| {label} | " + " | ".join(_fmt(shares.get(flag, 0.0)) for flag in flags) + " |"
+              for label, shares in runs.items()]
     return "\n".join(lines)
 
 
@@ -105,6 +117,9 @@ def compare_markdown(report: dict) -> str:
         out += [f"## {headline} prompts ({report['splits'][headline]['n_prompts']}): the headline numbers", ""]
     out += [markdown_table(report), "", "Every run against every other, same prompts and seeds (a − b):", "",
             pairs_table(report.get("pairs", [])), "", pairs_in_words(report.get("pairs", [])), ""]
+    if flags_table(report):
+        out += ["What gold flags, per kind of junk (share of each run's answers; an answer can have several):", "",
+                flags_table(report), ""]
     for name, table in (report.get("splits") or {}).items():
         if name == headline:
             continue
@@ -136,9 +151,10 @@ def method_notes(report: dict) -> list[str]:
         "distinct-2: distinct word bigrams / all word bigrams of each answer, averaged; pooled distinct-2: the same "
         "over all the run's answers together, so a run that tells every prompt the same thing scores low. length: "
         "response tokens (EOS included). EOS rate: share of responses that ended with EOS within the token limit.",
-        "on-topic: share of answers that name the film asked about (the full title, case-insensitive; — where the "
-        "prompts carry no title); flattery: share of assistant-speak answers (an opener such as \"I'm glad\", a "
-        "phrase such as \"great taste\", or no review at all): the gold judge's terms (`rlhf_toy/task.py`).",
+        "on-topic: share of answers that name the film asked about (the exact title, whole words, any case; — where "
+        "the prompts carry no title); flattery: share of answers that talk to or about the user or themselves instead "
+        "of the film (flattery, assistant-speak, not having seen it, talk about the answer); junk: share of answers "
+        "gold flags with any kind of junk (docs/gold_judge.md): the gold judge's terms (`rlhf_toy/task.py`).",
         "a − b: the mean over prompts of the gold difference between a's and b's answers to the same prompt and "
         "seed, and how often a's answer has the higher gold (ties half), each with a 95% paired percentile "
         f"bootstrap interval over prompts ({s['n_bootstrap']} resamples).",

@@ -109,6 +109,12 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
                on_topic_rate=statistics.mean(map(float, on_topic)) if None not in on_topic else None,
                flattery_rate=(statistics.mean(float(bool(p.get("flattery_reason"))) for p in parts)
                               if all("flattery_reason" in p for p in parts) else None),
+               # gold's flags: the share of answers it calls junk of any kind, and of each kind
+               junk_rate=(statistics.mean(float(bool(p["flags"])) for p in parts)
+                          if all("flags" in p for p in parts) else None),
+               junk_flags=({flag: statistics.mean(flag in p["flags"] for p in parts)
+                            for flag in sorted({f for p in parts for f in p["flags"]})}
+                           if all("flags" in p for p in parts) else None),
                distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
                corpus_distinct_2=distinct_n([r["response"] for r in rows], 2))
     # Reward functions (compare's --rewards, PPO's evaluation): each one's mean over the answers it scored,
