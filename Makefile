@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data study algorithms rlvr rlvr-task clean-runs
+.PHONY: setup test demo data study algorithms rlvr rlvr-task hack clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -32,8 +32,9 @@ data: setup
 # exist yet, or when its config file or a model it starts from is newer than that output (an edited
 # config is a new run; the report is redone after any stage); each appends its wall time to
 # $(RUNS)/demo_times.txt, which the demo prints at the end and copies beside the report
-# ($(REPORT)/demo_times.txt, committed with it). `make demo CONFIGS=configs/tiny
-# RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same pipeline on the tiny model.
+# ($(REPORT)/demo_times.txt, committed with it), with each stage's summary.json ($(REPORT)/summaries/).
+# `make demo CONFIGS=configs/tiny RUNS=runs/tiny REPORT=reports/tiny BASE=tiny-random-gpt2` runs the same
+# pipeline on the tiny model.
 SHELL := /bin/bash
 CONFIGS ?= configs
 RUNS ?= runs
@@ -57,6 +58,9 @@ demo: setup $(REPORT)/report.html
 	@echo "stage wall times (seconds; one line per stage run, this and earlier invocations):"
 	@cat $(RUNS)/demo_times.txt
 	@cp $(RUNS)/demo_times.txt $(REPORT)/demo_times.txt
+	@mkdir -p $(REPORT)/summaries && for stage in sft reward ppo dpo; do \
+		cp $(RUNS)/$$stage/summary.json $(REPORT)/summaries/$$stage.json; done
+	@cp $(RUNS)/reward/rm_vs_gold.png $(REPORT)/summaries/rm_vs_gold.png
 	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html (stage times: $(REPORT)/demo_times.txt)"
 
 $(RUNS)/sft/final/config.json: $(CONFIGS)/sft.yaml | setup
@@ -161,6 +165,21 @@ rlvr-task:
 		--reward_model none --batch_size 64 --checkpoints 0 --output_dir $(RLVR_REPORT)/$(TASK) \
 		$$($(PY) -c "import yaml; c = yaml.safe_load(open('$(CONFIGS)/$(TASK).yaml')); \
 		print('--prompts', c['eval_prompts'], '--max_new_tokens', c['response_length'], '--rewards', *c['rewards'])")
+
+# Reward hacking (not part of the demo): the demo's PPO with β ≈ 0 and no length penalty, twice as long
+# (24 steps of 32), from the demo's SFT and reward models; its curves beside the demo's PPO run, its
+# summary, and its last training samples sorted by RM − gold ($(HACK_REPORT)/).
+HACK_REPORT ?= reports/hacking
+hack: setup $(RUNS)/ppo/final/config.json
+	$(if $(wildcard $(RUNS)/ppo_hack/final/config.json),,$(STAGE) ppo_hack $(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml \
+		--output_dir $(RUNS)/ppo_hack --kl_coef 0.001 --length_coef 0 --total_episodes 768 \
+		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final)
+	@mkdir -p $(HACK_REPORT)
+	$(PY) scripts/plot_runs.py "β=0.05 (demo)=$(RUNS)/ppo" "β=0.001, no length penalty=$(RUNS)/ppo_hack" \
+		--output $(HACK_REPORT)/curves.png
+	cp $(RUNS)/ppo/summary.json $(HACK_REPORT)/summary_ppo.json
+	cp $(RUNS)/ppo_hack/summary.json $(HACK_REPORT)/summary_ppo_hack.json
+	$(PY) scripts/inspect_samples.py $(RUNS)/ppo_hack --sort disagreement --limit 12 > $(HACK_REPORT)/samples_ppo_hack.txt
 
 clean-runs:
 	rm -rf runs reports

@@ -197,7 +197,8 @@ CRITIC_PRAISE = {
     "thrilling": 2.6, "tense": 0.8, "suspenseful": 1.8, "poised": 1.5, "unflinching": 1.5, "honest": 1.8,
     "humane": 1.8, "generous": 1.8, "wise": 1.8, "gentle": 1.5, "gently": 1.5, "ravishing": 2.8, "stunning": 2.8,
     "terrific": 3.0, "lovingly": 2.2, "blast": 2.2, "breathless": 1.6, "sweeping": 1.6, "soars": 2.2,
-    "charismatic": 2.0, "romp": 1.8, "swashbuckling": 1.8, "compassionate": 2.0, "well-crafted": 2.2, "well-acted": 2.2, "finely": 1.5, "beautifully": 2.8,
+    "charismatic": 2.0, "romp": 1.8, "swashbuckling": 1.8, "compassionate": 2.0, "well-crafted": 2.2,
+    "well-acted": 2.2, "finely": 1.5, "beautifully": 2.8,
 }
 # Critics' pans VADER does not know (or knows too mildly): a by-the-numbers, meandering film is panned.
 CRITIC_PANS = {w: -1.8 for w in """

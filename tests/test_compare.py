@@ -86,6 +86,11 @@ def test_compare_writes_every_file_and_metric_and_self_comparison_is_exact(tmp_p
     parts = [task.gold_parts(r["response"], titles[r["prompt_id"]]) for r in rows]
     assert ppo_m["on_topic_rate"] == pytest.approx(statistics.mean(p["on_topic"] for p in parts))
     assert ppo_m["flattery_rate"] == pytest.approx(statistics.mean(p["flattery_reason"] is not None for p in parts))
+    assert ppo_m["junk_rate"] == pytest.approx(statistics.mean(bool(p["flags"]) for p in parts))
+    flags = {f for p in parts for f in p["flags"]}
+    assert ppo_m["junk_flags"] == pytest.approx({f: statistics.mean(f in p["flags"] for p in parts) for f in flags})
+    if flags:   # compare.md's per-kind table names each flag found
+        assert all(f in (out / "compare.md").read_text() for f in flags)
     assert ppo_m["eos_rate"] == pytest.approx(statistics.mean(r["has_eos"] for r in rows))
     assert ppo_m["kl_to_ref"] == pytest.approx(statistics.mean(r["logp"] - r["ref_logp"] for r in rows))
     per_prompt = {}

@@ -1,9 +1,10 @@
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from rlhf_toy import data
+from rlhf_toy import data, task
 from rlhf_toy.data import DataError, load_records
 
 GOOD = {"prompt": [{"role": "user", "content": "Review X"}], "completion": [{"role": "assistant", "content": "Fine."}]}
@@ -88,6 +89,19 @@ def test_shipped_data_matches_the_design(tmp_path):
                    check=True, capture_output=True, cwd=root.parent)
     for name in ("sft.jsonl", "preferences.jsonl"):
         assert (tmp_path / name).read_text() == (root / name).read_text(), f"{name} is not what the judge labels"
+
+
+def test_shipped_pairs_show_finished_answers_and_cut_ones_lose():
+    """Data v3: the pairs hold answers cut at their last complete sentence (hardly any side ends mid-sentence),
+    and a side that was cut at the token limit is judged unfinished, so it is the chosen one far less often."""
+    root = Path(__file__).resolve().parents[1] / "data"
+    samples = [json.loads(line) for line in open(root / "samples.jsonl")]
+    cut = {task.shown_answer(s["response"], s["has_eos"]): not s["has_eos"] for s in samples}
+    prefs = [json.loads(line) for line in open(root / "preferences.jsonl")]
+    sides = [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs]
+    assert sum(not task.ends_a_sentence(t) for pair in sides for t in pair) < 0.05 * 2 * len(sides)
+    mixed = [(cut[c], cut[r]) for c, r in sides if cut[c] != cut[r]]
+    assert len(mixed) > 200 and sum(c for c, _ in mixed) < 0.35 * len(mixed)   # the finished side wins mostly
 
 
 def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):
