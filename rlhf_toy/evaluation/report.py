@@ -63,7 +63,8 @@ def markdown_table(report: dict) -> str:
 
 def flags_table(report: dict) -> str:
     """Per run, the share of its answers gold flags with each kind of junk (`task.PENALTIES`' names)."""
-    runs = {label: m.get("junk_flags") or {} for label, m in report["runs"].items()}
+    runs = {label: {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("junk/")}
+            for label, m in report["runs"].items()}
     flags = sorted({flag for shares in runs.values() for flag in shares})
     if not flags:
         return ""

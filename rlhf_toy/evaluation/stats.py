@@ -112,9 +112,6 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
                # gold's flags: the share of answers it calls junk of any kind, and of each kind
                junk_rate=(statistics.mean(float(bool(p["flags"])) for p in parts)
                           if all("flags" in p for p in parts) else None),
-               junk_flags=({flag: statistics.mean(flag in p["flags"] for p in parts)
-                            for flag in sorted({f for p in parts for f in p["flags"]})}
-                           if all("flags" in p for p in parts) else None),
                distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
                corpus_distinct_2=distinct_n([r["response"] for r in rows], 2))
     # Reward functions (compare's --rewards, PPO's evaluation): each one's mean over the answers it scored,
@@ -122,4 +119,8 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
     for name in sorted({n for r in rows for n in r.get("rewards") or {}}):
         values = [r["rewards"][name] for r in rows if (r.get("rewards") or {}).get(name) is not None]
         out[f"rewards/{name}/mean"] = statistics.mean(values) if values else None
+    # Each kind of junk gold flags: the share of answers with it, as `junk/<flag>` (flat, like every metric).
+    if all("flags" in p for p in parts):
+        for flag in sorted({f for p in parts for f in p["flags"]}):
+            out[f"junk/{flag}"] = statistics.mean(float(flag in p["flags"]) for p in parts)
     return out
