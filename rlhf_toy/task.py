@@ -549,8 +549,7 @@ def gold_parts(text: str, title: str | None = None, truncated: bool = False) -> 
             evidence[flag] = found
     if _is_list(words, plain):
         evidence["not_sentences"] = "a list of words"
-    letters = [ch for ch in re.sub(_title_pattern(title), "", stripped) if ch.isalpha()] if title else \
-        [ch for ch in stripped if ch.isalpha()]
+    letters = [ch for ch in plain.replace(TITLE_TOKEN.capitalize(), "") if ch.isalpha()]   # the title's own aside
     caps_words = [w for w in re.findall(r"\b[A-Z]{3,}\b", plain) if w != TITLE_TOKEN.upper()]
     if (len(letters) >= 8 and sum(ch.isupper() for ch in letters) > 0.5 * len(letters)) or len(caps_words) >= 3:
         evidence["shouting"] = "capitals"
@@ -583,8 +582,8 @@ def gold_parts(text: str, title: str | None = None, truncated: bool = False) -> 
                         ("hedging", hedging)):
         if value > 0:
             penalties[name] = value
-            if name == "padding":
-                flags.append("padding")
+    if padding:   # the one graded penalty that is a kind of junk
+        flags.append("padding")
     gold = max(-1.0, min(1.0, quality - sum(penalties.values())))
     reason = next((f"{flag}: {evidence[flag]}" for flag in USER_DIRECTED if flag in evidence), None)
     return {"gold": gold, "sentiment": sentiment, "positivity": positivity, "substance": substance,

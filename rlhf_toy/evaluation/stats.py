@@ -102,6 +102,7 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
                                 {(r["prompt_id"], r["sample"]): r["gold"] for r in ref_rows}, n_bootstrap, seed)
         out.update(win_rate_vs_ref=rate, win_rate_vs_ref_ci95=[lo, hi])
     parts = [r.get("gold_parts") or {} for r in rows]
+    flagged = all("flags" in p for p in parts)   # scored by a judge that flags junk (v3)
     on_topic = [p.get("on_topic") for p in parts]
     out.update(length_mean=mean("n_tokens"), words_mean=mean("n_words"),
                eos_rate=statistics.mean(float(r["has_eos"]) for r in rows),
@@ -110,8 +111,7 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
                flattery_rate=(statistics.mean(float(bool(p.get("flattery_reason"))) for p in parts)
                               if all("flattery_reason" in p for p in parts) else None),
                # gold's flags: the share of answers it calls junk of any kind, and of each kind
-               junk_rate=(statistics.mean(float(bool(p["flags"])) for p in parts)
-                          if all("flags" in p for p in parts) else None),
+               junk_rate=statistics.mean(float(bool(p["flags"])) for p in parts) if flagged else None,
                distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
                corpus_distinct_2=distinct_n([r["response"] for r in rows], 2))
     # Reward functions (compare's --rewards, PPO's evaluation): each one's mean over the answers it scored,
@@ -120,7 +120,7 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
         values = [r["rewards"][name] for r in rows if (r.get("rewards") or {}).get(name) is not None]
         out[f"rewards/{name}/mean"] = statistics.mean(values) if values else None
     # Each kind of junk gold flags: the share of answers with it, as `junk/<flag>` (flat, like every metric).
-    if all("flags" in p for p in parts):
+    if flagged:
         for flag in sorted({f for p in parts for f in p["flags"]}):
             out[f"junk/{flag}"] = statistics.mean(float(flag in p["flags"]) for p in parts)
     return out
