@@ -157,10 +157,16 @@ def prompt_batch(prompts: list, step: int, batch_size: int, seed: int, num_gener
     draws batch_size / num_generations prompts and repeats each that many times, next to each other (the
     groups of GRPO and RLOO; TRL's RepeatSampler)."""
     n_prompts = batch_size // num_generations
-    epoch, offset = divmod(step * n_prompts, len(prompts))
-    order = list(range(len(prompts)))
-    random.Random(seed * 100003 + epoch).shuffle(order)
-    return [prompts[order[(offset + i) % len(order)]] for i in range(n_prompts) for _ in range(num_generations)]
+    orders = {}   # pass -> its shuffle; a batch that crosses the end of a pass continues into the next one's
+
+    def drawn(position: int) -> dict:
+        epoch, offset = divmod(position, len(prompts))
+        if epoch not in orders:
+            orders[epoch] = list(range(len(prompts)))
+            random.Random(seed * 100003 + epoch).shuffle(orders[epoch])
+        return prompts[orders[epoch][offset]]
+
+    return [drawn(step * n_prompts + i) for i in range(n_prompts) for _ in range(num_generations)]
 
 
 def split_records(records: list, eval_fraction: float, seed: int) -> tuple[list, list]:

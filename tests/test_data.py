@@ -121,3 +121,20 @@ def test_json_error_message_says_at_once(tmp_path):
     with pytest.raises(DataError, match=r"d\.jsonl:1: not valid JSON \(Invalid control character at column 14\)") as error:
         load_records(str(path), data.SFT_FIELDS)
     assert "at at" not in str(error.value)
+
+
+@pytest.mark.parametrize("batch_size, num_generations", [(3, 1), (4, 1), (6, 2)])
+def test_prompt_batches_draw_each_prompt_once_per_pass_across_the_boundary(batch_size, num_generations):
+    # 10 prompts in batches that do not divide 10: some batch crosses the end of each pass. Over k whole passes
+    # every prompt is drawn exactly k times (each pass its own shuffle), however the passes fall across batches.
+    prompts = [{"prompt": f"p{i}"} for i in range(10)]
+    per_step = batch_size // num_generations
+    steps = 30 // per_step + 1
+    drawn = [r["prompt"] for step in range(steps)
+             for r in data.prompt_batch(prompts, step, batch_size, seed=3, num_generations=num_generations)
+             ][::num_generations]
+    for passes in (1, 2, 3):
+        first = drawn[:10 * passes]
+        assert sorted(first) == sorted(f"p{i}" for i in range(10) for _ in range(passes)), passes
+    # The second pass is a new shuffle, not the first one again
+    assert drawn[10:20] != drawn[:10]
