@@ -47,7 +47,7 @@ from rlhf_toy.config import DTYPES, ConfigError, check_device
 from rlhf_toy.evaluation.report import (compare_markdown, markdown_table, plot_curves, plot_frontier,
                                         training_curves, write_html, _fmt)
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
-from rlhf_toy.evaluation.stats import paired_comparison, summarize
+from rlhf_toy.evaluation.stats import MIN_BOOTSTRAP, paired_comparison, summarize
 from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, run_penalties
 from rlhf_toy.stages.ppo.rewards import RewardFunctionError, load_reward_functions
 
@@ -355,7 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_prompt_length", type=_int_at_least(1), default=256)
     p.add_argument("--checkpoints", type=_int_at_least(0), default=2, help="kept checkpoints sampled per run (0 = none)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n_bootstrap", type=_int_at_least(0), default=1000)
+    p.add_argument("--n_bootstrap", type=_int_at_least(MIN_BOOTSTRAP), default=1000)
     p.add_argument("--html_prompts", type=_int_at_least(0), default=50, help="prompts shown in report.html")
     p.add_argument("--device", type=_device, default="auto")
     p.add_argument("--dtype", choices=DTYPES, default="auto")
@@ -512,7 +512,7 @@ def run_compare(args) -> Path:
     if ref_entry.label not in report["runs"]:
         ref_rows = [r for r in rows_by_label[ref_entry.label] if r["prompt_id"] in set(splits[headline])]
         notes.append(f"the reference {ref_entry.label} is not among the runs; its gold mean is "
-                     f"{_fmt(summarize(ref_rows, None, 0, 0)['gold_mean'])}")
+                     f"{_fmt(summarize(ref_rows)['gold_mean'])}")
     report["notes"] = notes
 
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -7,6 +7,10 @@ import math
 import random
 import statistics
 
+# Fewer resamples than this make the 95% interval an artefact of the draws (one resample: an interval of zero
+# width that need not contain the estimate), so every bootstrap here refuses them.
+MIN_BOOTSTRAP = 100
+
 
 def distinct_n(texts, n: int = 2) -> float:
     """Distinct word n-grams / all word n-grams, pooled over `texts`. Over one run's answers (corpus_distinct_2)
@@ -36,6 +40,8 @@ def _paired_bootstrap(values_a: dict, values_b: dict, n_bootstrap: int, seed: in
     """a − b on the same (prompt_id, sample) keys: the mean difference and a's win rate (ties ½), each with a
     95% percentile-bootstrap interval over prompts (paired: a prompt's two answers are resampled together, so
     the prompt-to-prompt spread both runs share cancels)."""
+    if n_bootstrap < MIN_BOOTSTRAP:
+        raise ValueError(f"n_bootstrap must be >= {MIN_BOOTSTRAP}, got {n_bootstrap}")
     diffs, wins = _paired_per_prompt(values_a, values_b)
     prompts = sorted(diffs)
     if not prompts:
@@ -44,7 +50,7 @@ def _paired_bootstrap(values_a: dict, values_b: dict, n_bootstrap: int, seed: in
     w = [statistics.mean(wins[p]) for p in prompts]
     rng = random.Random(seed)
     boot_d, boot_w = [], []
-    for _ in range(max(1, n_bootstrap)):
+    for _ in range(n_bootstrap):
         idx = rng.choices(range(len(prompts)), k=len(prompts))
         boot_d.append(statistics.fmean(d[i] for i in idx))
         boot_w.append(statistics.fmean(w[i] for i in idx))
@@ -74,16 +80,15 @@ def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int =
     return out
 
 
-def win_rate(golds: dict, ref_golds: dict, n_bootstrap: int = 1000, seed: int = 0) -> tuple[float, float, float]:
-    """Win rate by gold against the reference (ties half), per prompt averaged over its samples,
-    with a 95% percentile-bootstrap interval over prompts. `golds`: {(prompt_id, sample): gold}."""
-    _, per_prompt = _paired_per_prompt(golds, ref_golds)
-    wins = [statistics.mean(v) for v in per_prompt.values()]
-    if not wins:
-        return float("nan"), float("nan"), float("nan")
-    rng = random.Random(seed)
-    lo, hi = _percentile_interval([statistics.mean(rng.choices(wins, k=len(wins))) for _ in range(max(1, n_bootstrap))])
-    return statistics.mean(wins), lo, hi
+def _clustered_se(rows: list[dict], key: str) -> float | None:
+    """The standard error of the mean of `key`, counting each prompt once: a prompt's samples share it and are
+    not independent, so the spread is that of the per-prompt means over the number of prompts (rows without
+    a prompt_id are their own prompt). None with fewer than two prompts."""
+    per_prompt = {}
+    for i, r in enumerate(rows):
+        per_prompt.setdefault(r.get("prompt_id", ("row", i)), []).append(r[key])
+    means = [statistics.fmean(v) for v in per_prompt.values()]
+    return statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
 
 
 def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap: int = 1000, seed: int = 0) -> dict:
@@ -95,12 +100,14 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
 
     out = {"n_samples": len(rows), "gold_mean": mean("gold"), "rm_mean": mean("rm"), "score_mean": mean("score"),
            "kl_to_ref": mean("kl")}
-    kls = [r["kl"] for r in rows if r.get("kl") is not None]
-    out["kl_to_ref_se"] = statistics.stdev(kls) / math.sqrt(len(kls)) if len(kls) > 1 and out["kl_to_ref"] is not None else None
+    out["kl_to_ref_se"] = _clustered_se(rows, "kl") if out["kl_to_ref"] is not None else None
     if ref_rows is not None:
-        rate, lo, hi = win_rate({(r["prompt_id"], r["sample"]): r["gold"] for r in rows},
-                                {(r["prompt_id"], r["sample"]): r["gold"] for r in ref_rows}, n_bootstrap, seed)
-        out.update(win_rate_vs_ref=rate, win_rate_vs_ref_ci95=[lo, hi])
+        # The win rate (ties ½) and its interval are the paired bootstrap's, over prompts.
+        key = lambda r: (r["prompt_id"], r["sample"])
+        paired = _paired_bootstrap({key(r): r["gold"] for r in rows}, {key(r): r["gold"] for r in ref_rows},
+                                   n_bootstrap, seed)
+        out.update(win_rate_vs_ref=paired.get("win_rate", float("nan")),
+                   win_rate_vs_ref_ci95=paired.get("win_rate_ci95", [float("nan"), float("nan")]))
     parts = [r.get("gold_parts") or {} for r in rows]
     flagged = all("flags" in p for p in parts)   # scored by a judge that flags junk (v3)
     on_topic = [p.get("on_topic") for p in parts]
