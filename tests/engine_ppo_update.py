@@ -1,7 +1,9 @@
 """One PPO update of the trainer on a fixed global rollout: with one process, or under `accelerate launch` with
 each process its share of the rollout and accelerate's DDP engine averaging the gradients (tests/test_engines.py).
+The rollout's responses have their own lengths (real masks), and each process computes its share's targets as the
+trainer does: the whitening and the token means must be global for N processes to equal one.
 
-    accelerate launch --config_file configs/accelerate/ddp.yaml tests/engine_ppo_update.py PIPELINE OUT
+    accelerate launch --config_file configs/accelerate/ddp.yaml tests/engine_ppo_update.py PIPELINE OUT [ACCUMULATION]
 
 Under several processes it also holds the hand-written `average_gradients` against what DDP computed on the same
 micro-batch. Rank 0 writes the updated weights to OUT/weights.pt."""
@@ -17,17 +19,19 @@ from conftest import tiny_flags
 from rlhf_toy import data
 from rlhf_toy.config import parse_config
 from rlhf_toy.stages.common import shards_weights
-from rlhf_toy.stages.ppo import core, trainer
+from rlhf_toy.stages.ppo import trainer
 from rlhf_toy.stages.ppo.config import PPOStageConfig
 
 GLOBAL_BATCH = 8   # 2 minibatches a PPO epoch: of 2 rows per process with 2 processes, of 4 rows with one
 
 
-def update(pipeline: Path, out: Path) -> list:
-    """The updated trainable weights after 2 PPO epochs of 2 minibatches over the same 8 episodes."""
+def update(pipeline: Path, out: Path, gradient_accumulation_steps: int = 1, **overrides) -> list:
+    """The updated trainable weights after 2 PPO epochs of 2 minibatches over the same 8 episodes, each minibatch
+    in `gradient_accumulation_steps` micro-batches."""
     cfg = parse_config(PPOStageConfig, tiny_flags(pipeline, out / "run", batch_size=GLOBAL_BATCH,
                                                   total_episodes=GLOBAL_BATCH, num_mini_batches=2, num_ppo_epochs=2,
-                                                  num_eval_prompts=0))
+                                                  num_eval_prompts=0,
+                                                  gradient_accumulation_steps=gradient_accumulation_steps, **overrides))
     state, _, _ = trainer.build(cfg)
     rank, world = state.accelerator.process_index, state.accelerator.num_processes
     # SGD: its step is linear in the gradient, so a wrongly averaged one shows (AdamW's first step would hide it)
@@ -35,11 +39,9 @@ def update(pipeline: Path, out: Path) -> list:
     prompts = data.load_prompt_records(str(pipeline / "prompts.jsonl"))[:GLOBAL_BATCH]
     torch.manual_seed(3)   # every process samples the whole global rollout alike, then keeps its share
     batch = trainer.sample(state, prompts)
-    batch.mask = torch.ones_like(batch.mask)   # every row the same length: a mean of shares is the global mean
-    batch.attention_mask[:, batch.context_length:] = 1
-    parts = trainer.score(state, batch)
-    targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
-                                       cfg.kl_coef, cfg.gamma, cfg.lam)
+    lengths = batch.mask.sum(1)
+    assert len(set(lengths[:4].tolist())) > 1 and lengths[:4].sum() != lengths[4:].sum(), lengths   # real masks
+    scores = trainer.score(state, batch)["score"]
     share = slice(rank * state.local_batch, (rank + 1) * state.local_batch)
 
     def rows(value):   # this process's rows of a per-episode tensor or list; anything else as it is
@@ -48,7 +50,7 @@ def update(pipeline: Path, out: Path) -> list:
         return value[share] if per_episode else value
 
     batch = dataclasses.replace(batch, **{f.name: rows(getattr(batch, f.name)) for f in dataclasses.fields(batch)})
-    targets = {k: rows(v) for k, v in targets.items()}
+    targets = trainer.rollout_targets(state, batch, {"score": scores[share]}, 1)   # whitened over both shares
     if world > 1 and not shards_weights(state.accelerator):   # FSDP's gradients are shards: nothing to compare
         check_average_gradients(state, batch)
     # Each minibatch holds the same episodes either way: with 2 processes, rows r and r + 4 of the global batch
@@ -88,7 +90,7 @@ def check_average_gradients(state, batch) -> None:
 
 if __name__ == "__main__":
     pipeline, out = Path(sys.argv[1]), Path(sys.argv[2])
-    weights = update(pipeline, out)
+    weights = update(pipeline, out, *map(int, sys.argv[3:4]))
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

@@ -438,6 +438,29 @@ def test_loss_aggregation_by_hand():
         core.aggregate_loss(per_token, mask, "dr_grpo")
 
 
+@pytest.mark.parametrize("fill", [float("nan"), -200.0, 200.0])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_kl_loss_padding_garbage_changes_nothing(fill, corrected):
+    """k3 and the ratio exponentiate log-probs: garbage on padding (NaN, or -200 whose exp overflows) must not
+    reach the loss or its gradient, where a mask applied after the exp leaves 0 * inf = NaN."""
+    g = torch.Generator().manual_seed(0)
+    mask = torch.arange(5)[None] < torch.tensor([5, 2, 3])[:, None]
+    logp, ref, old = (-torch.rand(3, 5, generator=g) * 3 for _ in range(3))
+    dirty = lambda x, value: torch.where(mask, x, torch.full_like(x, value))
+
+    def loss_and_grad(lp, rf, ol):
+        lp = lp.clone().requires_grad_(True)
+        loss = core.kl_loss(lp, rf, mask, old_logprobs=ol if corrected else None)
+        loss.backward()
+        return loss, lp.grad
+
+    clean_loss, clean_grad = loss_and_grad(logp, ref, old)
+    # the current policy's padding garbage, the others' 0 (what a padded forward may give): exp(0 - 200) overflows
+    loss, grad = loss_and_grad(dirty(logp, fill), dirty(ref, 0.0), dirty(old, 0.0))
+    assert torch.equal(loss, clean_loss) and torch.equal(grad, clean_grad)
+    assert torch.isfinite(grad).all() and (grad[~mask] == 0).all()
+
+
 def test_sequence_policy_loss_and_kl_loss_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
     old = t([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])

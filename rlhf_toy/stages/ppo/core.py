@@ -26,7 +26,7 @@ padding, end-of-response detection), and the ``trl_compat`` switch that reproduc
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -58,6 +58,7 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
+SumAcross = Callable[[Tensor], Tensor]   # a tensor summed over the data-parallel processes (an all-reduce)
 
 
 def _bool(mask: Tensor) -> Tensor:
@@ -87,19 +88,22 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return masked_sum(x, m, dim) / m.sum(dim=dim)
 
 
-def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, sum_across: SumAcross | None = None) -> Tensor:
     """Variance of the real entries: ``mean_mask((x - mean_mask(x))^2) * n/(n-1)`` (if unbiased).
 
     ``n = sum(mask)``.  Raises when the mask is empty (as TRL does); with ``n == 1`` and
     ``unbiased`` the result is NaN (0 · n/(n-1); TRL behaves the same; ``masked_whiten`` handles it).
+    ``sum_across`` sums a tensor over the data-parallel processes (an all-reduce): the sums, the squared
+    deviations and ``n`` are then every process's together, so several processes get the variance one
+    process holding the whole batch would (None: this batch alone).
     """
     # TRL detail: masked_var with Bessel correction mask_sum / (mask_sum - 1)
+    total = sum_across or (lambda t: t)
     m = _bool(mask)
-    mean = masked_mean(x, m)
-    centered = x - mean
-    variance = masked_mean(centered**2, m)
+    mask_sum = total(m.sum())
+    mean = total(masked_sum(x, m)) / mask_sum
+    variance = total(masked_sum((x - mean) ** 2, m)) / mask_sum
     if unbiased:
-        mask_sum = m.sum()
         if mask_sum == 0:
             raise ValueError("masked_var: the mask is empty (no real tokens in this batch)")
         bessel_correction = mask_sum / (mask_sum - 1)
@@ -107,21 +111,24 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return variance
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_across: SumAcross | None = None) -> Tensor:
     """Whiten the real entries: ``(x - mu) * rsqrt(var + 1e-8)`` (``+ mu`` back if not shift_mean).
 
-    ``mu`` and ``var`` (unbiased) are taken over the mask only.  Padded positions come back as 0
+    ``mu`` and ``var`` (unbiased) are taken over the mask only, and over every process's batch with
+    ``sum_across`` (``masked_var``).  Padded positions come back as 0
     (TRL returns whitened garbage there and masks it afterwards; on real positions the two agree).
     A single real entry has no spread: it comes back as 0 (``mu`` if not shift_mean), where TRL's
     unbiased variance divides by zero and returns NaN.
     """
     # TRL detail: masked_whiten, rsqrt(var + 1e-8), unbiased variance; lm-human-preferences whitens advantages
+    total = sum_across or (lambda t: t)
     m = _bool(mask)
-    mean = masked_mean(x, m)
-    if m.sum() == 1:
+    count = total(m.sum())
+    mean = total(masked_sum(x, m)) / count
+    if count == 1:
         whitened = torch.zeros_like(x)
     else:
-        whitened = (x - mean) * torch.rsqrt(masked_var(x, m) + 1e-8)
+        whitened = (x - mean) * torch.rsqrt(masked_var(x, m, sum_across=sum_across) + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
@@ -231,6 +238,7 @@ def compute_ppo_targets(
     kl_estimator: str = "k1",
     whiten_rewards: bool = False,
     trl_compat: bool = False,
+    sum_across: SumAcross | None = None,
 ) -> dict[str, Tensor]:
     """The rollout post-processing of one PPO iteration, in one call.
 
@@ -243,6 +251,8 @@ def compute_ppo_targets(
     must use: ``mask``, or TRL's one-longer mask when ``trl_compat``).  Padding is 0 everywhere.
     With ``trl_compat=True`` every quantity equals TRL 1.12's (score one past the last token,
     rewards whitened and values kept over ``extend_mask_by_one(mask)``).
+    ``sum_across`` (an all-reduce sum): whiten over every data-parallel process's rollouts together, so
+    that a batch split across processes gets the advantages it would get in one (``masked_var``).
     """
     # TRL PPOTrainer.train() steps 4-6; lm-human-preferences: advantages always whitened
     m = _bool(mask)
@@ -252,10 +262,10 @@ def compute_ppo_targets(
     score_index = last_token_index(value_mask)
     rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef, score_index=score_index)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, value_mask, shift_mean=False)
+        rewards = masked_whiten(rewards, value_mask, shift_mean=False, sum_across=sum_across)
     values = torch.where(value_mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
     advantages, returns = gae(rewards, values, value_mask, gamma, lam)
-    advantages = masked_whiten(advantages, m)
+    advantages = masked_whiten(advantages, m, sum_across=sum_across)
     return {
         "kl": kl,
         "non_score_reward": non_score_reward,
@@ -340,6 +350,7 @@ def compute_critic_free_targets(
     num_generations: int = 1,
     scale_rewards: bool = True,
     whiten_rewards: bool = False,
+    sum_across: SumAcross | None = None,
 ) -> dict[str, Tensor]:
     """The rollout post-processing without a critic: per-token rewards as for GAE (``-beta*kl``, the score on the
     last token; pass ``kl_coef=0`` when the KL goes into the loss), then
@@ -351,13 +362,15 @@ def compute_critic_free_targets(
 
     Returns ``kl``, ``non_score_reward``, ``rewards`` (``[B, T]``), ``advantages`` (``[B, T]``, 0 on padding),
     ``sequence_advantages`` (``[B]``, group estimators only) and ``returns`` (reinforce_pp only).
+    The whitening is over every process's rollouts with ``sum_across`` (as in ``compute_ppo_targets``); a
+    group is always whole within one process.
     """
     m = _bool(mask)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kl_estimator), zero)
     rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef)
     if whiten_rewards:
-        rewards = masked_whiten(rewards, m, shift_mean=False)
+        rewards = masked_whiten(rewards, m, shift_mean=False, sum_across=sum_across)
     out = {"kl": kl, "non_score_reward": non_score_reward, "rewards": rewards}
     if estimator in ("grpo", "rloo"):
         per_sequence = sequence_rewards(rewards, m)
@@ -367,7 +380,7 @@ def compute_critic_free_targets(
         out["advantages"] = torch.where(m, advantages.unsqueeze(1).to(rewards.dtype), zero)
     elif estimator == "reinforce_pp":
         out["returns"] = discounted_returns(rewards, m, gamma)
-        out["advantages"] = masked_whiten(out["returns"], m)
+        out["advantages"] = masked_whiten(out["returns"], m, sum_across=sum_across)
     else:
         raise ValueError(f"unknown critic-free estimator {estimator!r}: use one of {', '.join(CRITIC_FREE_ESTIMATORS)}")
     return out
@@ -379,10 +392,14 @@ def compute_critic_free_targets(
 LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "sequence")
 
 
-def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max_len: int | None = None) -> Tensor:
+def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max_len: int | None = None,
+                   num_tokens: Tensor | None = None) -> Tensor:
     """One number from a per-token loss ``[B, T]`` (TRL GRPOTrainer's ``loss_type``):
 
-    * ``bnpo``: mean over every real token of the batch (TRL PPOTrainer's ``masked_mean``; the default);
+    * ``bnpo``: mean over every real token of the batch (TRL PPOTrainer's ``masked_mean``; the default).
+      ``num_tokens`` replaces the batch's own count of real tokens as the divisor: the trainer passes the
+      minibatch's, so that the micro-batches' losses add up to the minibatch's token mean (a mean of
+      per-micro-batch means weighs a short micro-batch's tokens more; TRL takes that mean);
     * ``grpo``: mean over each sequence's tokens, then over sequences (GRPO paper eq. 3: a long response's
       tokens weigh less each);
     * ``dr_grpo``: sum over real tokens / (``B * max_len``), a constant (Dr. GRPO: no length bias);
@@ -391,7 +408,7 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max
     # TRL grpo_trainer.py _compute_loss: the "grpo", "bnpo" and "dr_grpo" branches
     m = _bool(mask)
     if loss_type == "bnpo":
-        return masked_mean(per_token, m)
+        return masked_mean(per_token, m) if num_tokens is None else masked_sum(per_token, m) / num_tokens
     if loss_type == "grpo":
         return (masked_sum(per_token, m, dim=1) / m.sum(1).clamp(min=1)).mean()
     if loss_type == "dr_grpo":
@@ -410,9 +427,11 @@ def policy_loss(
     stats_over_padding: bool = False,
     loss_type: str = "bnpo",
     max_len: int | None = None,
+    num_tokens: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate: ``L = mean_mask( max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) )``, the mean taken
-    as ``loss_type`` says (``aggregate_loss``; ``bnpo``, a mean over every real token, by default).
+    as ``loss_type`` says (``aggregate_loss``; ``bnpo``, a mean over every real token (of ``num_tokens``), by
+    default).
 
     ``rho = exp(log pi_new - log pi_old)``.  Returns ``(loss, stats)`` with detached stats
     ``approxkl = 0.5 * mean(log rho ^ 2)``, ``clipfrac = mean_mask[clipped term is the larger]``
@@ -428,7 +447,7 @@ def policy_loss(
     adv = torch.where(m, advantages.to(ratio.dtype), zero)
     pg_losses = -adv * ratio
     pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate_loss(torch.max(pg_losses, pg_losses2), m, loss_type, max_len)
+    loss = aggregate_loss(torch.max(pg_losses, pg_losses2), m, loss_type, max_len, num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((pg_losses2 > pg_losses).float(), m)
         if stats_over_padding:
@@ -466,7 +485,7 @@ def sequence_policy_loss(
 
 
 def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type: str = "bnpo",
-            max_len: int | None = None, old_logprobs: Tensor | None = None) -> Tensor:
+            max_len: int | None = None, old_logprobs: Tensor | None = None, num_tokens: Tensor | None = None) -> Tensor:
     """The KL penalty as a loss term (``kl_in: loss``; multiply by beta): the k3 estimator
     ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` of the *current* policy's log-probs, averaged as
     the policy loss is (``aggregate_loss``). GRPO (Shao et al. 2024, eq. 4).
@@ -477,10 +496,15 @@ def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type:
     gradient that of the reverse KL(pi || pi_ref) the penalty means (DeepSeek-V3.2; TRL 1.12 GRPOTrainer's
     ``use_bias_correction_kl``, its default). k1 would not do at all: its gradient is zero in expectation."""
     # TRL grpo_trainer.py: per_token_kl = exp(ref - logp) - (ref - logp) - 1; if use_bias_correction_kl: *= coef_1
-    per_token = kl_penalty(new_logprobs, ref_logprobs, "k3")
+    # Padding's log-probs are garbage (NaN, or -200 whose exp overflows): zero them before any exp, since a
+    # mask applied afterwards leaves 0 * inf = NaN in the gradient.
+    m = _bool(mask)
+    zero = torch.zeros((), dtype=new_logprobs.dtype, device=new_logprobs.device)
+    new = torch.where(m, new_logprobs, zero)
+    per_token = kl_penalty(new, torch.where(m, ref_logprobs.to(new.dtype), zero), "k3")
     if old_logprobs is not None:
-        per_token = per_token * torch.exp(new_logprobs - old_logprobs)
-    return aggregate_loss(per_token, mask, loss_type, max_len)
+        per_token = per_token * torch.exp(new - torch.where(m, old_logprobs.to(new.dtype), zero))
+    return aggregate_loss(per_token, mask, loss_type, max_len, num_tokens)
 
 
 def value_loss(
@@ -489,8 +513,10 @@ def value_loss(
     returns: Tensor,
     mask: Tensor,
     cliprange_value: float,
+    num_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Clipped value loss: ``0.5 * mean_mask( max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2) )``.
+    """Clipped value loss: ``0.5 * mean_mask( max((V - R)^2, (clip(V, V_old +- eps_v) - R)^2) )``, the mean's
+    divisor ``num_tokens`` when given (the minibatch's count, as ``aggregate_loss``'s ``bnpo``).
 
     Returns ``(loss, clipfrac)``; ``clipfrac`` = fraction of real tokens where the clipped term is
     strictly larger.  Pass TRL's one-longer mask (``compute_ppo_targets(...)["value_mask"]``) to
@@ -505,7 +531,8 @@ def value_loss(
     vpredclipped = torch.clamp(vpred, old - cliprange_value, old + cliprange_value)
     vf_losses1 = torch.square(vpred - ret)
     vf_losses2 = torch.square(vpredclipped - ret)
-    loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), m)
+    worst = torch.max(vf_losses1, vf_losses2)
+    loss = 0.5 * (masked_mean(worst, m) if num_tokens is None else masked_sum(worst, m) / num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), m)
     return loss, clipfrac

@@ -88,6 +88,10 @@ class PPOState:
     def shared_critic(self) -> bool:
         return self.cfg.critic == "shared"
 
+    def sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor summed over the data-parallel processes (an all-reduce; one process: the tensor itself)."""
+        return self.accelerator.reduce(tensor, reduction="sum") if self.accelerator.num_processes > 1 else tensor
+
     @contextmanager
     def timer(self, name: str):
         """Adds the block's wall time to `timers[name]` (logged as `time/{name}_s`)."""
@@ -208,6 +212,11 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     last = start.checkpoint
     if last is not None:
         start_step = load_checkpoint(last, policy, value_model, state.optimizer, scheduler, kl_ctl, accelerator)
+        # The checkpoint's optimizer carries the lr of the schedule it was saved under; a run extended (more
+        # steps) continues on the decay of its new length, as a fresh run of that length would.
+        for group, base_lr in zip(state.optimizer.param_groups, scheduler.base_lrs):
+            group["lr"] = base_lr * decay(start_step)
+        scheduler._last_lr = [group["lr"] for group in state.optimizer.param_groups]
         accelerator.print(f"resuming from {last} (step {start_step} of {cfg.num_steps})")
     else:
         random.seed(cfg.seed)
@@ -423,13 +432,16 @@ def rollout_targets(state: PPOState, batch: Rollout, parts: dict, step: int) -> 
         finite["values"] = core.masked_mean(batch.values, batch.mask)
     check_finite(step, **finite)
     kl_coef = state.kl_ctl.value if cfg.kl_in == "reward" else 0.0
+    # Whitening's mean and variance are over the global batch (every process's rollouts), so that N processes
+    # compute what one would; TRL whitens each process's share on its own (trl_compat).
+    sum_across = None if cfg.trl_compat else state.sum_across_processes
     if not cfg.critic_free:
         return core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
                                         kl_coef, cfg.gamma, cfg.lam, cfg.kl_estimator, cfg.whiten_rewards,
-                                        cfg.trl_compat)
+                                        cfg.trl_compat, sum_across)
     return core.compute_critic_free_targets(cfg.advantage_estimator, parts["score"], batch.logprobs,
                                             batch.ref_logprobs, batch.mask, kl_coef, cfg.gamma, cfg.kl_estimator,
-                                            cfg.num_generations, cfg.scale_rewards, cfg.whiten_rewards)
+                                            cfg.num_generations, cfg.scale_rewards, cfg.whiten_rewards, sum_across)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -458,6 +470,8 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
         order = permutation(epoch) if permutation else torch.randperm(state.local_batch, device=state.device)
         for mb_start in range(0, state.local_batch, local_minibatch):
             state.optimizer.zero_grad(set_to_none=True)
+            num_tokens = minibatch_token_counts(state, batch.mask[order[mb_start:mb_start + local_minibatch]],
+                                                value_mask[order[mb_start:mb_start + local_minibatch]])
             for mc_start in range(mb_start, mb_start + local_minibatch, state.micro_batch):
                 idx = order[mc_start:mc_start + state.micro_batch]
                 ids, attention, context_length, width = micro_batch_columns(batch, idx, value_mask[idx],
@@ -469,7 +483,8 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                         new_logprobs, entropy, new_values = state.engine(state.update_forward, ids, attention,
                                                                          context_length, cfg.temperature,
                                                                          state.shared_critic)
-                    losses = update_losses(state, batch, targets, idx, width, new_logprobs, new_values, value_mask)
+                    losses = update_losses(state, batch, targets, idx, width, new_logprobs, new_values, value_mask,
+                                           num_tokens)
                     # Stop before a non-finite loss reaches the weights (they stay the last good ones).
                     check_finite(step, **{label: losses[name] for name, label in (
                         ("pg_loss", "loss/policy"), ("vf_loss", "loss/value"), ("kl_loss", "loss/kl")) if name in losses})
@@ -480,20 +495,47 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                         stats[name].append(value.item())
                 stats["tokens"].append(ids.numel())   # positions through the policy (prompt included)
             # The gradients are the average over every process's rollouts by now (the engine all-reduced them
-            # during the last backward; `average_gradients` is the same in ten lines). DeepSpeed has clipped and
-            # stepped inside that backward already, and reports the norm.
-            # The engine's whole parameter list (FSDP clips only its module's own; frozen weights have no gradient).
-            grad_norm = state.accelerator.clip_grad_norm_(state.engine.parameters(), cfg.max_grad_norm)
-            check_finite(step, **{"gradient norm": grad_norm})
+            # during the last backward; `average_gradients` is the same in ten lines). Each model's gradient is
+            # clipped on its own (`clip_groups`); DeepSpeed has clipped and stepped inside that backward already.
+            for label, parameters in clip_groups(state):
+                grad_norm = state.accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                check_finite(step, **{label: grad_norm})
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
     return stats
 
 
+def minibatch_token_counts(state: PPOState, mask, value_mask) -> dict:
+    """The divisors that make bnpo's token mean (and the value loss's) the minibatch's: its real tokens over
+    every micro-batch and every process, divided by what the engine divides the gradient by (each backward by
+    gradient_accumulation_steps, the all-reduce by the number of processes). Each micro-batch's loss is then its
+    tokens' sum over that, and the accumulated, averaged gradient is exactly the minibatch mean's. Empty with
+    trl_compat: TRL averages each micro-batch's mean (a short micro-batch's tokens weigh more)."""
+    if state.cfg.trl_compat:
+        return {}
+    engine_divides_by = state.cfg.gradient_accumulation_steps * state.accelerator.num_processes
+    counts = state.sum_across_processes(torch.stack([mask.sum(), value_mask.sum()]).float())
+    return {"policy": counts[0] / engine_divides_by, "value": counts[1] / engine_divides_by}
+
+
+def clip_groups(state: PPOState) -> list[tuple[str, list]]:
+    """(label, parameters): the parameter lists whose gradients are clipped to max_grad_norm each: the policy's and a separate critic's
+    apart, so that a large value gradient does not shrink the policy's step (and vf_coef weighs the value loss,
+    not also the clip). The shared critic is one trunk: one norm. DeepSpeed clips inside its step, over the one
+    engine it was given (both models): the norm it reports. TRL's PPOTrainer does not clip at all."""
+    from accelerate.utils import DistributedType
+
+    if state.value_model is None or state.shared_critic or state.accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return [("gradient norm", list(state.engine.parameters()))]   # frozen weights have no gradient: skipped
+    return [("policy gradient norm", list(state.policy.parameters())),
+            ("critic gradient norm", list(state.value_model.parameters()))]
+
+
 def update_losses(state: PPOState, batch: Rollout, targets: dict, idx, width: int, new_logprobs, new_values,
-                  value_mask) -> dict:
+                  value_mask, num_tokens: dict) -> dict:
     """One micro-batch's losses and statistics: `loss` (what is backpropagated: the clipped surrogate, plus
-    vf_coef × the clipped value loss with a critic, plus β × the k3 KL with `kl_in: loss`) and its parts."""
+    vf_coef × the clipped value loss with a critic, plus β × the k3 KL with `kl_in: loss`) and its parts.
+    `num_tokens`: the token means' divisors (`minibatch_token_counts`)."""
     cfg = state.cfg
     mask = batch.mask[idx, :width]
     old_logprobs = batch.logprobs[idx, :width]
@@ -503,17 +545,18 @@ def update_losses(state: PPOState, batch: Rollout, targets: dict, idx, width: in
     else:
         pg_loss, pg_stats = core.policy_loss(new_logprobs, old_logprobs, targets["advantages"][idx, :width], mask,
                                              cfg.cliprange, stats_over_padding=cfg.trl_compat,
-                                             loss_type=cfg.loss_type, max_len=cfg.response_length)
+                                             loss_type=cfg.loss_type, max_len=cfg.response_length,
+                                             num_tokens=num_tokens.get("policy"))
     out = {"loss": pg_loss, "pg_loss": pg_loss, "approxkl": pg_stats["approxkl"], "pg_clipfrac": pg_stats["clipfrac"],
            "ratio": pg_stats["ratio_mean"]}
     if new_values is not None:
         vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx, :width],
                                                targets["returns"][idx, :width], value_mask[idx, :width],
-                                               cfg.cliprange_value)
+                                               cfg.cliprange_value, num_tokens.get("value"))
         out.update(loss=out["loss"] + cfg.vf_coef * vf_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
     if cfg.kl_in == "loss":   # GRPO: β·k3 of the current policy against the reference, in the loss
         kl_loss = core.kl_loss(new_logprobs, batch.ref_logprobs[idx, :width], mask, cfg.loss_type, cfg.response_length,
-                               old_logprobs if cfg.use_bias_correction_kl else None)
+                               old_logprobs if cfg.use_bias_correction_kl else None, num_tokens.get("policy"))
         out.update(loss=out["loss"] + state.kl_ctl.value * kl_loss, kl_loss=kl_loss)
     return out
 
