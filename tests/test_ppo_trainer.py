@@ -311,6 +311,26 @@ def test_nan_in_a_loss_stops_with_the_quantity_and_step(pipeline, tmp_path, monk
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def test_a_nan_gradient_seen_after_deepspeed_stepped_saves_nothing_as_good(pipeline, tmp_path, monkeypatch):
+    """DeepSpeed steps inside the backward and only then reports the gradient norm: a NaN norm there means the
+    weights already took it, so the error points to the last checkpoint instead of saving them as the last good."""
+    from accelerate import Accelerator
+
+    calls = {"n": 0}
+
+    def nan_from_the_fifth(self, parameters, max_norm):   # tiny config: 4 minibatches a step
+        calls["n"] += 1
+        return torch.tensor(float("nan") if calls["n"] > 4 else 1.0)
+
+    monkeypatch.setattr(trainer, "steps_inside_backward", lambda accelerator: True)
+    monkeypatch.setattr(Accelerator, "clip_grad_norm_", nan_from_the_fifth)
+    out = tmp_path / "ppo"
+    with pytest.raises(trainer.NonFiniteError, match=r"gradient norm is NaN or Inf at step 2; stopped\. DeepSpeed "
+                       r"had already stepped the weights .* last checkpoint's, in .*checkpoints$"):
+        run_in_process(pipeline, out, total_episodes=32, num_eval_prompts=0)
+    assert not list((out / "checkpoints").glob("nonfinite-*"))
+
+
 def test_nan_reward_is_named(pipeline, tmp_path):
     bad = tmp_path / "bad_rm"
     subprocess.run(["cp", "-r", str(pipeline / "rm/final"), str(bad)], check=True)

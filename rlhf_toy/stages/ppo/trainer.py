@@ -44,7 +44,12 @@ from rlhf_toy.stages.ppo.rewards import call_reward_function, combine, load_rewa
 
 
 class NonFiniteError(RuntimeError):
-    """A NaN or Inf in a loss or a rollout quantity; the message names the quantity and the step."""
+    """A NaN or Inf in a loss or a rollout quantity; the message names the quantity and the step.
+    `weights_stepped`: seen only after the weights took the update (DeepSpeed's gradient norm)."""
+
+    def __init__(self, message: str, weights_stepped: bool = False):
+        super().__init__(message)
+        self.weights_stepped = weights_stepped
 
 
 @dataclass
@@ -146,8 +151,14 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
             state.scheduler.step()   # after the step's metrics: `lr` is the rate this step's updates used (TRL's)
             save_step(state, run_dir, step + 1)
     except NonFiniteError as error:
-        # Save what the last good step had (the weights never took the non-finite update).
-        if shards_weights(state.accelerator):   # gathering them is a collective the other processes may not reach
+        # Save what the last good step had (the weights never took the non-finite update), except where they did
+        # (DeepSpeed steps inside the backward, before its gradient norm can be read) or are sharded (gathering
+        # them is a collective the other processes may not reach): there the last checkpoint is the last good.
+        if error.weights_stepped:
+            raise NonFiniteError(f"{error}; stopped. DeepSpeed had already stepped the weights with that gradient, "
+                                 f"so they are not saved: the last good weights are the last checkpoint's, in "
+                                 f"{run_dir / 'checkpoints'}") from None
+        if shards_weights(state.accelerator):
             raise NonFiniteError(f"{error}; stopped (the last checkpoint holds the last saved weights)") from None
         target = run_dir / "checkpoints" / f"nonfinite-at-step-{step + 1}"
         if state.accelerator.is_main_process:
@@ -499,7 +510,7 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             # clipped on its own (`clip_groups`); DeepSpeed has clipped and stepped inside that backward already.
             for label, parameters in clip_groups(state):
                 grad_norm = state.accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
-                check_finite(step, **{label: grad_norm})
+                check_finite(step, weights_stepped=steps_inside_backward(state.accelerator), **{label: grad_norm})
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
     return stats
@@ -523,9 +534,7 @@ def clip_groups(state: PPOState) -> list[tuple[str, list]]:
     apart, so that a large value gradient does not shrink the policy's step (and vf_coef weighs the value loss,
     not also the clip). The shared critic is one trunk: one norm. DeepSpeed clips inside its step, over the one
     engine it was given (both models): the norm it reports. TRL's PPOTrainer does not clip at all."""
-    from accelerate.utils import DistributedType
-
-    if state.value_model is None or state.shared_critic or state.accelerator.distributed_type == DistributedType.DEEPSPEED:
+    if state.value_model is None or state.shared_critic or steps_inside_backward(state.accelerator):
         return [("gradient norm", list(state.engine.parameters()))]   # frozen weights have no gradient: skipped
     return [("policy gradient norm", list(state.policy.parameters())),
             ("critic gradient norm", list(state.value_model.parameters()))]
@@ -605,10 +614,17 @@ def average_gradients(parameters, num_processes: int) -> None:
         offset += g.numel()
 
 
-def check_finite(step: int, **quantities) -> None:
+def steps_inside_backward(accelerator) -> bool:
+    """DeepSpeed clips and steps the weights inside the minibatch's last backward (accelerate hands it the optimizer)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def check_finite(step: int, weights_stepped: bool = False, **quantities) -> None:
     for name, value in quantities.items():
         if not torch.isfinite(torch.as_tensor(value)).all():
-            raise NonFiniteError(f"{name} is NaN or Inf at step {step}")
+            raise NonFiniteError(f"{name} is NaN or Inf at step {step}", weights_stepped)
 
 
 # ----------------------------------------------------------------------------------------------
