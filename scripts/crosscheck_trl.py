@@ -7,7 +7,7 @@
 --numeric: run TRL's own PPOTrainer.train() for one iteration per setting on a tiny random GPT-2
 (built locally, no download), observe its tensors, feed the same inputs to our core functions
 and print max |ours - TRL| per quantity per setting, including one PPO step through our trainer itself
-(`trainer step:` line: every tensor and the updated weights), and where our defaults differ from TRL
+(`trainer step:` line: every tensor, the gradients before each optimizer step and the updated weights), and where our defaults differ from TRL
 by design. Then the critic-free estimators against TRL's GRPOTrainer (loss_type grpo, dr_grpo, bnpo) and
 RLOOTrainer (rlhf_toy.verify.trl_critic_free): advantages, loss and its gradient from the same rewards and
 log-probs. Exit status 1 if a tolerance fails.

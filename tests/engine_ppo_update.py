@@ -3,7 +3,8 @@ each process its share of the rollout and accelerate's DDP engine averaging the 
 The rollout's responses have their own lengths (real masks), and each process computes its share's targets as the
 trainer does: the whitening and the token means must be global for N processes to equal one.
 
-    accelerate launch --config_file configs/accelerate/ddp.yaml tests/engine_ppo_update.py PIPELINE OUT [ACCUMULATION]
+    accelerate launch --config_file configs/accelerate/ddp.yaml tests/engine_ppo_update.py PIPELINE OUT \
+        [ACCUMULATION [FIELD VALUE ...]]
 
 Under several processes it also holds the hand-written `average_gradients` against what DDP computed on the same
 micro-batch. Rank 0 writes the updated weights to OUT/weights.pt."""
@@ -36,7 +37,9 @@ def update(pipeline: Path, out: Path, gradient_accumulation_steps: int = 1, **ov
     rank, world = state.accelerator.process_index, state.accelerator.num_processes
     # SGD: its step is linear in the gradient, so a wrongly averaged one shows (AdamW's first step would hide it)
     state.optimizer = torch.optim.SGD(state.parameters, lr=0.5)
-    prompts = data.load_prompt_records(str(pipeline / "prompts.jsonl"))[:GLOBAL_BATCH]
+    # step 0's batch as the trainer draws it (with num_generations > 1: each prompt's group side by side)
+    prompts = data.prompt_batch(data.load_prompt_records(str(pipeline / "prompts.jsonl")), 0, GLOBAL_BATCH, cfg.seed,
+                                cfg.num_generations)
     torch.manual_seed(3)   # every process samples the whole global rollout alike, then keeps its share
     batch = trainer.sample(state, prompts)
     lengths = batch.mask.sum(1)
@@ -75,7 +78,7 @@ def check_average_gradients(state, batch) -> None:
         state.optimizer.zero_grad(set_to_none=True)
         logprobs, _, values = model(state.update_forward, ids, attention, context_length, state.cfg.temperature,
                                     state.shared_critic)
-        (logprobs.mean() + values.pow(2).mean()).backward()
+        (logprobs.mean() + (0 if values is None else values.pow(2).mean())).backward()   # critic-free: no values
         return [p.grad.clone() for p in state.parameters]
 
     engine = gradients(state.engine)
@@ -90,7 +93,8 @@ def check_average_gradients(state, batch) -> None:
 
 if __name__ == "__main__":
     pipeline, out = Path(sys.argv[1]), Path(sys.argv[2])
-    weights = update(pipeline, out, *map(int, sys.argv[3:4]))
+    overrides = dict(zip(sys.argv[4::2], sys.argv[5::2]))   # config fields and their values, as flags give them
+    weights = update(pipeline, out, *map(int, sys.argv[3:4]), **overrides)
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:

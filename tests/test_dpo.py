@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 
@@ -62,7 +63,12 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
     # Before/after samples with gold and RM scores, and PPO-named points compare.py can overlay.
     rows = runlog.read_jsonl(out / "samples.jsonl")
     assert [r["stage"] for r in rows].count("before") == [r["stage"] for r in rows].count("after") == 8
-    assert all(isinstance(r["gold"], float) and isinstance(r["rm"], float) for r in rows)
+    # gold is the judge's verdict on each answer to its own film; the RM read the answers (they score differently)
+    title_of = {json.dumps(r["prompt"]): r["title"] for r in runlog.read_jsonl(tmp_path / "prompts.jsonl")}
+    for r in rows:
+        title = title_of[json.dumps(r["prompt"])]
+        assert r["gold"] == task.gold_parts(r["response"], title)["gold"], r
+    assert len({r["rm"] for r in rows}) > 1 and all(math.isfinite(r["rm"]) for r in rows)
     points = [r for r in records if "sample_stage" in r]
     assert [r["step"] for r in points] == [0, 12] and all("score/gold" in r and "score/rm" in r for r in points)
     model = AutoModelForCausalLM.from_pretrained(out / "final")

@@ -37,6 +37,19 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
     assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
 
 
+def test_grpo_update_on_two_processes_equals_one(pipeline, tmp_path):
+    """GRPO (its loss, the KL in it) data parallel: each process's share is one prompt's whole group of 4, and
+    the weights after the update are one process's with both groups."""
+    grpo = {"advantage_estimator": "grpo", "num_generations": 4, "kl_in": "loss", "kl_estimator": "k3",
+            "loss_type": "grpo"}
+    result = launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", "--num_processes", 2,
+                    ROOT / "tests/engine_ppo_update.py", pipeline, tmp_path, 1, *[x for kv in grpo.items() for x in kv])
+    assert result.returncode == 0, result.stderr[-3000:]
+    two, one = torch.load(tmp_path / "weights.pt"), engine_ppo_update.update(pipeline, tmp_path / "one", **grpo)
+    assert len(one) == len(two)
+    assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
+
+
 @pytest.mark.parametrize("overrides", [{}, {"advantage_estimator": "reinforce_pp", "kl_in": "loss", "kl_estimator": "k3"}])
 def test_gradient_accumulation_gives_the_minibatch_token_mean(pipeline, tmp_path, overrides):
     """A minibatch of 4 episodes in 4 micro-batches of one updates the weights as in one micro-batch: bnpo (the

@@ -2,6 +2,7 @@
 TRL's signature, end to end on the tiny pipeline (tests/conftest.py's `pipeline`)."""
 
 import json
+import math
 import subprocess
 import sys
 
@@ -82,7 +83,8 @@ def test_critic_free_run_trains_the_policy_alone(critic_free_runs, name):
     for r in records:
         assert not any(k in r for k in (*VALUE_METRICS, "time/value_forward_s"))   # no critic, no value pass
         assert r["rewards/rm/mean"] == pytest.approx(r["score/rm"])
-        assert all(isinstance(r[k], float) for k in ("loss/policy_avg", "policy/approxkl_avg", "objective/kl"))
+        # the policy moved within each step (2 PPO epochs: the second starts from updated weights); its loss is finite
+        assert r["policy/approxkl_avg"] > 0 and math.isfinite(r["loss/policy_avg"]) and math.isfinite(r["objective/kl"])
     assert ("loss/kl_avg" in records[0]) == (name == "grpo")   # the KL in the loss, logged
     if name == "grpo":   # kl_in: loss: no KL in the reward
         assert all(r["objective/non_score_reward"] == 0 for r in records)

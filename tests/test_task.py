@@ -1,4 +1,8 @@
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,7 +38,12 @@ def test_gold_penalises_repetition_and_rambling():
 def test_gold_is_deterministic_and_composed_of_its_parts():
     text = "The Silent Harbor is an odd, charming little film, but maybe too long."
     parts = task.gold_parts(text, TITLE)
-    assert parts == task.gold_parts(text, TITLE)
+    # the same verdict in fresh interpreters whose string hashing (set and dict order) differs from this one's
+    program = f"import json; from rlhf_toy import task; print(json.dumps(task.gold_parts({text!r}, {TITLE!r})))"
+    for hash_seed in ("1", "2"):
+        fresh = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True,
+                               env={**os.environ, "PYTHONHASHSEED": hash_seed}, cwd=Path(__file__).parent.parent)
+        assert json.loads(fresh.stdout) == json.loads(json.dumps(parts)), hash_seed
     quality = parts["positivity"] * (1 - task.SUBSTANCE_WEIGHT * (1 - parts["substance"]))
     assert parts["gold"] == pytest.approx(max(-1, min(1, quality - sum(parts["penalties"].values()))))
     assert parts["penalties"] == {"hedging": task.HEDGE_PENALTY}   # "maybe"

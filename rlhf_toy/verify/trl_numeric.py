@@ -740,7 +740,7 @@ def format_report(report: dict[str, Any]) -> str:
                for n, r in report["results"].items()}
     worst = max(trainer, key=trainer.get)
     lines.append(f"trainer step: largest |ours - TRL| {trainer[worst]:.2e} over {len(trainer)} settings "
-                 f"(every tensor and the updated weights; worst: {worst})")
+                 f"(every tensor, the gradients and the updated weights; worst: {worst})")
     lines.append("overall: " + ("PASSED" if report["passed"] else "FAILED"))
     return "\n".join(lines)
 
