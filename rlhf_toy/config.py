@@ -7,8 +7,10 @@ to the run directory as `config.yaml`.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import difflib
+import math
 import re
 import sys
 import types
@@ -248,3 +250,14 @@ class TrainerFields:
         if self.warmup_steps < 0 or self.weight_decay < 0:
             raise ConfigError(f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps} "
                               f"and {self.weight_decay}")
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite float > 0 (a temperature of 0 or less divides the logits by nothing useful)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value

@@ -158,6 +158,8 @@ def test_compare_bad_arguments_are_one_line_errors_before_anything_is_written(tm
     for extra, message in (
             (["--limit", "-1"], "error: argument --limit: must be >= 0, got -1"),
             (["--n_bootstrap", "0"], "error: argument --n_bootstrap: must be >= 100, got 0"),
+            (["--temperature", "0"], "error: argument --temperature: must be a finite number > 0, got 0"),
+            (["--temperature", "nan"], "error: argument --temperature: must be a finite number > 0, got nan"),
             (["--reward_model", str(tmp_path / "rm_typo")], f"error: --reward_model {tmp_path / 'rm_typo'}: no reward model there"),
             (["--dtype", "fp16"], "error: argument --dtype: invalid choice: 'fp16'")):
         with pytest.raises(SystemExit) as exit_info:

@@ -95,6 +95,10 @@ def test_prompt_samples_each_run_on_a_typed_prompt(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         inspect_samples.main(["--prompt", prompt, str(tmp_path / "no_such_run"), "--reward_model", "none"])
     assert exit_info.value.code == 2 and "no_such_run" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:   # a temperature of 0 or less is refused before any model loads
+        inspect_samples.main(["--prompt", prompt, str(tmp_path / "no_such_run"), "--temperature", "-1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "argument --temperature: must be a finite number > 0, got -1" in err
 
 
 def test_reward_function_verdicts_are_shown_beside_gold(tmp_path):

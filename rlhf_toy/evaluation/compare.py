@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import data, models, runlog
-from rlhf_toy.config import DTYPES, ConfigError, check_device
+from rlhf_toy.config import DTYPES, ConfigError, check_device, positive_float
 from rlhf_toy.evaluation.report import (compare_markdown, markdown_table, plot_curves, plot_frontier,
                                         training_curves, write_html, _fmt)
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--length_target", type=int, default=None)
     p.add_argument("--missing_eos_penalty", type=float, default=None)
     p.add_argument("--max_new_tokens", type=_int_at_least(1), default=48)
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=positive_float, default=0.7)
     p.add_argument("--samples_per_prompt", type=_int_at_least(1), default=1)
     p.add_argument("--batch_size", type=_int_at_least(1), default=16)
     p.add_argument("--max_prompt_length", type=_int_at_least(1), default=256)

@@ -25,7 +25,7 @@ import textwrap
 from pathlib import Path
 
 from rlhf_toy import runlog
-from rlhf_toy.config import DTYPES
+from rlhf_toy.config import DTYPES, positive_float
 
 
 class InspectError(ValueError):
@@ -234,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--title", help="with --prompt: the film, for gold's on-topic term (default: the prompt's "
                    "first \"quoted\" part; none: no on-topic term)")
     p.add_argument("--samples", type=int, default=2, help="with --prompt: answers per run")
-    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--temperature", type=positive_float, default=0.7)
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward_model", default="runs/reward/final", help="with --prompt: the RM that scores "
