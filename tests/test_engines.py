@@ -24,6 +24,11 @@ def launch(*args, timeout=300):
     return result
 
 
+def largest_difference(weights_a: list, weights_b: list) -> float:
+    """The largest |a − b| over two lists of weight tensors, entry by entry."""
+    return max((a - b).abs().max().item() for a, b in zip(weights_a, weights_b))
+
+
 def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce(pipeline, tmp_path):
     # the shipped DDP config, as a user launches it (on a machine without GPUs: a gloo group on the CPU); each
     # process's minibatch in 2 micro-batches of one episode, the one process's in one of four: the whitening, the
@@ -34,7 +39,7 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
     two = torch.load(tmp_path / "weights.pt")
     one = engine_ppo_update.update(pipeline, tmp_path / "one")
     assert len(one) == len(two)
-    assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
+    assert largest_difference(one, two) < 1e-6
 
 
 def test_grpo_update_on_two_processes_equals_one(pipeline, tmp_path):
@@ -47,7 +52,7 @@ def test_grpo_update_on_two_processes_equals_one(pipeline, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = torch.load(tmp_path / "weights.pt"), engine_ppo_update.update(pipeline, tmp_path / "one", **grpo)
     assert len(one) == len(two)
-    assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
+    assert largest_difference(one, two) < 1e-6
 
 
 @pytest.mark.parametrize("overrides", [{}, {"advantage_estimator": "reinforce_pp", "kl_in": "loss", "kl_estimator": "k3"}])
@@ -56,7 +61,7 @@ def test_gradient_accumulation_gives_the_minibatch_token_mean(pipeline, tmp_path
     policy, value and KL losses) is the mean over the minibatch's tokens, whatever each micro-batch's length."""
     whole = engine_ppo_update.update(pipeline, tmp_path / "one", 1, **overrides)
     accumulated = engine_ppo_update.update(pipeline, tmp_path / "four", 4, **overrides)
-    assert max((a - b).abs().max().item() for a, b in zip(whole, accumulated)) < 1e-6
+    assert largest_difference(whole, accumulated) < 1e-6
 
 
 def test_policy_and_critic_gradients_are_clipped_each_on_its_own(pipeline, tmp_path):
@@ -67,10 +72,9 @@ def test_policy_and_critic_gradients_are_clipped_each_on_its_own(pipeline, tmp_p
     initial = [p.detach() for p in AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").parameters()]
     small, large = (engine_ppo_update.update(pipeline, tmp_path / f"vf{vf_coef}", 1, vf_coef=vf_coef, max_grad_norm=0.01)
                     for vf_coef in (0.01, 100.0))
-    moved = lambda a, b: max((x - y).abs().max().item() for x, y in zip(a, b))
     policy = slice(0, len(initial))   # the trainable parameters are the policy's, then the critic's
-    assert moved(small[policy], initial) > 1e-3                        # the policy learned
-    assert moved(small[policy], large[policy]) < 1e-7                  # by the same step, whatever vf_coef
+    assert largest_difference(small[policy], initial) > 1e-3         # the policy learned
+    assert largest_difference(small[policy], large[policy]) < 1e-7   # by the same step, whatever vf_coef
 
 
 def fsdp2(*args, timeout=300):
@@ -84,7 +88,7 @@ def test_ppo_update_under_fsdp2_equals_one_process(pipeline, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = torch.load(tmp_path / "weights.pt"), engine_ppo_update.update(pipeline, tmp_path / "one")
     assert len(one) == len(two)
-    assert max((a - b).abs().max().item() for a, b in zip(one, two)) < 1e-6
+    assert largest_difference(one, two) < 1e-6
 
 
 def run_ppo(pipeline, out, engine: str):

@@ -97,9 +97,13 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, sum_across: SumAc
     deviations and ``n`` are then every process's together, so several processes get the variance one
     process holding the whole batch would (None: this batch alone).
     """
+    return _masked_moments(x, _bool(mask), unbiased, sum_across)[2]
+
+
+def _masked_moments(x: Tensor, m: Tensor, unbiased: bool, sum_across: SumAcross | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(n, mean, variance) of the real entries (``masked_var``): three sums, each all-reduced with ``sum_across``."""
     # TRL detail: masked_var with Bessel correction mask_sum / (mask_sum - 1)
     total = sum_across or (lambda t: t)
-    m = _bool(mask)
     mask_sum = total(m.sum())
     mean = total(masked_sum(x, m)) / mask_sum
     variance = total(masked_sum((x - mean) ** 2, m)) / mask_sum
@@ -108,7 +112,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, sum_across: SumAc
             raise ValueError("masked_var: the mask is empty (no real tokens in this batch)")
         bessel_correction = mask_sum / (mask_sum - 1)
         variance = variance * bessel_correction
-    return variance
+    return mask_sum, mean, variance
 
 
 def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_across: SumAcross | None = None) -> Tensor:
@@ -121,14 +125,12 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_across: 
     unbiased variance divides by zero and returns NaN.
     """
     # TRL detail: masked_whiten, rsqrt(var + 1e-8), unbiased variance; lm-human-preferences whitens advantages
-    total = sum_across or (lambda t: t)
     m = _bool(mask)
-    count = total(m.sum())
-    mean = total(masked_sum(x, m)) / count
+    count, mean, variance = _masked_moments(x, m, True, sum_across)
     if count == 1:
         whitened = torch.zeros_like(x)
     else:
-        whitened = (x - mean) * torch.rsqrt(masked_var(x, m, sum_across=sum_across) + 1e-8)
+        whitened = (x - mean) * torch.rsqrt(variance + 1e-8)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(m, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
@@ -531,8 +533,7 @@ def value_loss(
     vpredclipped = torch.clamp(vpred, old - cliprange_value, old + cliprange_value)
     vf_losses1 = torch.square(vpred - ret)
     vf_losses2 = torch.square(vpredclipped - ret)
-    worst = torch.max(vf_losses1, vf_losses2)
-    loss = 0.5 * (masked_mean(worst, m) if num_tokens is None else masked_sum(worst, m) / num_tokens)
+    loss = 0.5 * aggregate_loss(torch.max(vf_losses1, vf_losses2), m, "bnpo", num_tokens=num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), m)
     return loss, clipfrac

@@ -481,8 +481,8 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
         order = permutation(epoch) if permutation else torch.randperm(state.local_batch, device=state.device)
         for mb_start in range(0, state.local_batch, local_minibatch):
             state.optimizer.zero_grad(set_to_none=True)
-            num_tokens = minibatch_token_counts(state, batch.mask[order[mb_start:mb_start + local_minibatch]],
-                                                value_mask[order[mb_start:mb_start + local_minibatch]])
+            minibatch_rows = order[mb_start:mb_start + local_minibatch]
+            num_tokens = minibatch_token_counts(state, batch.mask[minibatch_rows], value_mask[minibatch_rows])
             for mc_start in range(mb_start, mb_start + local_minibatch, state.micro_batch):
                 idx = order[mc_start:mc_start + state.micro_batch]
                 ids, attention, context_length, width = micro_batch_columns(batch, idx, value_mask[idx],
