@@ -67,6 +67,8 @@ def _convert(value, annotation, key: str, where: str):
                 return False
             raise ValueError(value)
         if annotation in (int, float, str):
+            if annotation in (int, float) and isinstance(value, bool):   # YAML `true` is not the number 1
+                raise ValueError(value)
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return annotation(value)
@@ -174,6 +176,33 @@ def at_least(config, minimum, *names) -> None:
             raise ConfigError(f"{name} must be >= {minimum}, got {value}")
 
 
+def above(config, bound, *names) -> None:
+    """A ConfigError naming the first of the config's fields `names` not above `bound`."""
+    for name in names:
+        value = getattr(config, name)
+        if not value > bound:
+            raise ConfigError(f"{name} must be > {bound}, got {value}")
+
+
+def within(config, low, high, *names) -> None:
+    """A ConfigError naming the first of the config's fields `names` outside [low, high]."""
+    for name in names:
+        value = getattr(config, name)
+        if not low <= value <= high:
+            raise ConfigError(f"{name} must be in [{low}, {high}], got {value}")
+
+
+def check_finite(config) -> None:
+    """Every float field (and every float in a list field) a finite number: NaN passes any `<` or `>` check,
+    and a NaN or infinite coefficient trains on silently until it reaches the loss."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                what = "finite numbers" if isinstance(value, (list, tuple)) else "a finite number"
+                raise ConfigError(f"{field.name} must be {what}, got {value}")
+
+
 @dataclasses.dataclass
 class CommonConfig:
     """Fields every stage has. A stage's `validate` calls `super().validate()`, so these checks (and
@@ -193,6 +222,7 @@ class CommonConfig:
     overwrite_output_dir: bool = False   # HF's name: delete the run in output_dir and start again
 
     def validate(self):
+        check_finite(self)   # first: every range check below assumes a number
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         check_device(self.device)

@@ -26,6 +26,8 @@ class DataError(ValueError):
 
 def load_records(source: str, required_fields=(), split: str = "train") -> list[dict]:
     path = Path(source)
+    if path.is_dir():
+        raise DataError(f"{source} is a directory, not a dataset file (.jsonl, .json or .parquet)")
     if path.exists():
         records = _read_local(path)
     elif path.suffix in (".jsonl", ".json", ".parquet") or "/" in source and source.startswith((".", "/", "data/")):
@@ -40,8 +42,11 @@ def load_records(source: str, required_fields=(), split: str = "train") -> list[
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         for field in required_fields:
-            if field not in record or record[field] in (None, "", []):
+            if field not in record:
                 raise DataError(f"{where}: missing field {field!r} (has: {', '.join(record) or 'nothing'})")
+            if record[field] is None or (isinstance(record[field], (str, list)) and not record[field]):
+                raise DataError(f"{where}: field {field!r} is empty ({json.dumps(record[field])}): it needs text or "
+                                "a list of {'role', 'content'} messages")
             _check_text_or_messages(record[field], f"{where}: field {field!r}")
     return records
 
@@ -49,9 +54,10 @@ def load_records(source: str, required_fields=(), split: str = "train") -> list[
 def _check_text_or_messages(value, where: str) -> None:
     if isinstance(value, str):
         return
-    if isinstance(value, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
+    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                       and isinstance(m.get("content"), str) for m in value):
         return
-    raise DataError(f"{where} must be a string or a list of {{'role', 'content'}} messages, got {str(value)[:80]!r}")
+    raise DataError(f"{where} must be a string or a list of {{'role': str, 'content': str}} messages, got {str(value)[:80]!r}")
 
 
 def not_utf8(path, error: UnicodeDecodeError, line_number: int | None = None) -> str:

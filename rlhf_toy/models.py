@@ -48,6 +48,17 @@ class ModelNotFoundError(ValueError):
     """A model name or path that cannot be resolved; the message says what to use instead."""
 
 
+class ModelKindError(ModelNotFoundError):
+    """A model of the wrong kind: a reward model where a causal LM is expected, or the reverse."""
+
+
+CAUSAL_LM, REWARD_MODEL = "causal language model", "reward model"
+# What each kind is for, in the refusal: the user's likely mix-up is runs/reward/final for runs/sft/final.
+KIND_USE = {CAUSAL_LM: "a policy, reference or SFT init generates text: use a causal LM such as runs/sft/final",
+            REWARD_MODEL: "a reward model scores text with one number: use one scripts/train_reward.py trained, "
+                          "such as runs/reward/final"}
+
+
 def cache_dir() -> Path:
     return Path(os.environ.get("RLHF_TOY_CACHE", Path.home() / ".cache" / "rlhf_toy"))
 
@@ -271,6 +282,43 @@ def adapter_base(path) -> str:
         raise ModelNotFoundError(f"LoRA adapter {path}: its base model: {error}") from None
 
 
+def model_kind(path) -> tuple[str | None, str]:
+    """(CAUSAL_LM, REWARD_MODEL or None where it cannot tell, what told it) of a model directory, from its
+    config.json's `architectures` (an adapter directory: its adapter_config.json's `task_type`)."""
+    path = Path(path)
+    if is_adapter_dir(path):
+        task = json.loads((path / "adapter_config.json").read_text()).get("task_type") or ""
+        return {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": REWARD_MODEL}.get(task), f"a LoRA adapter of task {task or '?'}"
+    try:
+        architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, ValueError):
+        return None, "no readable config.json"
+    for name in architectures:
+        if name.endswith("ForSequenceClassification"):
+            return REWARD_MODEL, name
+        if name.endswith(("ForCausalLM", "LMHeadModel")):
+            return CAUSAL_LM, name
+    return None, ", ".join(architectures) or "no architectures"
+
+
+def check_kind(name_or_path: str, expected: str) -> None:
+    """A ModelKindError unless the model is of the `expected` kind (or its kind cannot be told)."""
+    found, why = model_kind(resolve_model_path(name_or_path))
+    if found is not None and found != expected:
+        raise ModelKindError(f"{name_or_path} is a {found} ({why}), not a {expected}: {KIND_USE[expected]}")
+
+
+def tokenizer_difference(tokenizer, other) -> str | None:
+    """How two tokenizers differ ("N vs M tokens; e.g. 'x' only in the first"), or None when they map every
+    token to the same id: a model reading another's token ids needs None."""
+    vocab, other_vocab = tokenizer.get_vocab(), other.get_vocab()
+    if vocab == other_vocab:
+        return None
+    only = sorted(set(vocab) - set(other_vocab))[:3]
+    return (f"{len(vocab)} vs {len(other_vocab)} tokens"
+            + (f"; e.g. {', '.join(map(repr, only))} only in the first" if only else "; the same tokens under other ids"))
+
+
 def load_tokenizer(name_or_path: str):
     """The tokenizer with a distinct pad token, left padding and a chat template (an adapter directory
     without a tokenizer of its own uses its base model's)."""
@@ -314,6 +362,7 @@ def causal_lm_from(path: str, dtype: torch.dtype, tokenizer=None):
     compare accept one alike."""
     from transformers import AutoModelForCausalLM
 
+    check_kind(path, CAUSAL_LM)
     if is_adapter_dir(path):
         from peft import PeftModel
 

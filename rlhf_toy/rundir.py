@@ -11,15 +11,21 @@ decides, writing nothing:
 - any other difference in a field that shapes training, `--resume false`, or a length lowered: a
   ConfigError naming each field `old -> new`, unless `--overwrite_output_dir`, which starts clean.
 
-Fields that only shape output (OUTPUT_ONLY) may differ freely. The stage then validates its inputs
-(datasets, models) and only then calls `RunStart.begin()`, the first write: it clears an overwritten
-run, writes `config.yaml`, and cuts every append-only file back to the step being resumed from.
+Fields that only shape output (OUTPUT_ONLY) may differ freely. A checkpoint that cannot be loaded (a file
+cut short) is passed over for the one before it, and said. The stage then validates its inputs (datasets,
+models) and only then calls `RunStart.begin()`, the first write: it takes the directory's lock (LOCK_FILE,
+an OS lock on a file holding the pid, released when the process ends, however it ends), clears an overwritten
+run, writes `config.yaml`, and cuts every append-only file and the checkpoints back to the step being resumed
+from. A directory whose lock another process holds is refused, by `prepare_run_dir` and again by `begin`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import functools
 import json
+import math
 import os
 import shutil
 from dataclasses import dataclass
@@ -40,6 +46,8 @@ OUTPUT_ONLY = ("output_dir", "overwrite_output_dir", "resume", "device", "num_th
 # How long a run trains: raising one extends a run from its last checkpoint.
 LENGTH = ("max_steps", "num_train_epochs", "total_episodes")
 FINISHED_FILE = "finished.json"   # written last by every stage: the run is complete
+LOCK_FILE = ".lock"               # held (flock) by the process training in the directory; holds its pid
+_held_locks: dict = {}            # run directory -> the open lock file: this process's, until it ends
 
 
 @dataclass
@@ -57,23 +65,71 @@ class RunStart:
 
     def begin(self, cfg) -> Path:
         """The stage's first write, once its inputs are validated (only the main process calls it)."""
+        lock(self.run_dir)
         if self.action == "overwrite":
             for entry in self.run_dir.iterdir():
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+                if entry.name != LOCK_FILE:
+                    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         save_config(cfg, self.run_dir)
         (self.run_dir / FINISHED_FILE).unlink(missing_ok=True)
         if self.action in ("resume", "extend"):
             runlog.cut_back(self.run_dir, self.step)
+            # A checkpoint past the resumed step is a damaged one passed over: the run writes that step again.
+            for step, directory in runlog.checkpoints(self.run_dir / "checkpoints", complete_only=False):
+                if step > self.step:
+                    shutil.rmtree(directory)
         return self.run_dir
+
+
+def lock(run_dir: Path) -> None:
+    """Take `run_dir`'s lock for the rest of this process (a ConfigError naming the holder if another has it)."""
+    key = str(Path(run_dir).resolve())
+    if key in _held_locks:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handle = open(run_dir / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        raise ConfigError(_in_use(run_dir, holder)) from None
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _held_locks[key] = handle
+
+
+def _refuse_if_locked(run_dir: Path) -> None:
+    """A ConfigError if another process holds `run_dir`'s lock; writes nothing (the lock is tried and let go)."""
+    path = run_dir / LOCK_FILE
+    if str(run_dir.resolve()) in _held_locks or not path.is_file():
+        return
+    with open(path) as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(_in_use(run_dir, handle.read().strip())) from None
+
+
+def _in_use(run_dir: Path, holder: str) -> str:
+    return (f"{run_dir} is in use: process {holder or '(unknown pid)'} is training in it (it holds "
+            f"{run_dir / LOCK_FILE}). Wait for it to finish or stop it (a stopped process lets go of the lock), "
+            "or choose another output_dir")
 
 
 def prepare_run_dir(cfg) -> RunStart:
     """Apply the rule to `cfg.output_dir` (see the module docstring). Writes nothing; raises ConfigError."""
+    from rlhf_toy.stages.common import is_main_process
+
     run_dir = Path(cfg.output_dir)
     _check_writable(run_dir)
+    if is_main_process():   # the other processes of a launch read the directory after their main one took the lock
+        _refuse_if_locked(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
-        if run_dir.is_dir() and any(run_dir.iterdir()):
+        if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
             raise ConfigError(f"output_dir {run_dir} is not empty and holds no run (no config.yaml): "
                               "choose another output_dir")
         return RunStart(run_dir, "new")
@@ -91,16 +147,23 @@ def prepare_run_dir(cfg) -> RunStart:
             f"{run_dir} holds a run with another config ({'; '.join(differ)}): pass --overwrite_output_dir to "
             f"start it again, or choose another output_dir (of its training fields, only a raised {lengths} "
             "continues an existing run)")
-    checkpoint = runlog.last_checkpoint(run_dir / "checkpoints")
-    step = runlog.checkpoint_step(checkpoint) if checkpoint is not None else 0
     finished = run_dir / FINISHED_FILE
     if finished.exists() and not longer:
+        checkpoint = runlog.last_checkpoint(run_dir / "checkpoints")
         done = json.loads(finished.read_text()).get("step")
-        return RunStart(run_dir, "finished", checkpoint, step, message=(
-            f"run in {run_dir} is finished ({done} steps); nothing to do (raise {lengths} to extend it, or pass "
-            "--overwrite_output_dir to start it again)"))
+        return RunStart(run_dir, "finished", checkpoint, runlog.checkpoint_step(checkpoint) if checkpoint else 0,
+                        message=(f"run in {run_dir} is finished ({done} steps); nothing to do (raise {lengths} to "
+                                 "extend it, or pass --overwrite_output_dir to start it again)"))
+    checkpoint, passed_over = None, []
+    for _, candidate in reversed(runlog.checkpoints(run_dir / "checkpoints")):
+        damage = runlog.checkpoint_damage(candidate)
+        if damage is None:
+            checkpoint = candidate
+            break
+        passed_over.append(f"checkpoint {candidate.name} cannot be loaded ({damage}), so it is passed over")
+    step = runlog.checkpoint_step(checkpoint) if checkpoint is not None else 0
     action = "extend" if longer else "resume"
-    return RunStart(run_dir, action, checkpoint, step, message=(
+    return RunStart(run_dir, action, checkpoint, step, message="".join(f"warning: {line}\n" for line in passed_over) + (
         f"{action}: the run in {run_dir} continues from {checkpoint.name if checkpoint else 'its start'}"
         + (f" ({', '.join(longer)})" if longer else "")))
 
@@ -116,7 +179,7 @@ def compare_configs(old: dict, cfg) -> tuple[list[str], list[str]]:
     differ, longer = [], []
     for name, value in new.items():
         before = old.get(name, defaults.get(name))
-        if name in OUTPUT_ONLY or before == value:
+        if name in OUTPUT_ONLY or _same(before, value):
             continue
         change = f"{name} {before!r} -> {value!r}"
         if name in LENGTH and _grows(name, before, value):
@@ -126,6 +189,15 @@ def compare_configs(old: dict, cfg) -> tuple[list[str], list[str]]:
         else:
             differ.append(change)
     return differ, longer
+
+
+def _same(a, b) -> bool:
+    """Equal, with NaN equal to NaN (a config.yaml written before NaN was refused holds `.nan`)."""
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _grows(name: str, before, after) -> bool:
@@ -139,6 +211,20 @@ def _grows(name: str, before, after) -> bool:
 def mark_finished(run_dir: Path, step: int) -> None:
     """The last write of a run: a re-run with the same config then knows there is nothing to do."""
     (Path(run_dir) / FINISHED_FILE).write_text(json.dumps({"step": step}) + "\n")
+
+
+def releases_lock(stage):
+    """A stage function (cfg -> ...) that lets go of its output_dir's lock when it returns or raises, so that one
+    process can run a stage again, or another process run it, without ending first (tests, notebooks)."""
+    @functools.wraps(stage)
+    def run(cfg, *args, **kwargs):
+        try:
+            return stage(cfg, *args, **kwargs)
+        finally:
+            handle = _held_locks.pop(str(Path(cfg.output_dir).resolve()), None)
+            if handle is not None:
+                handle.close()
+    return run
 
 
 def _read_config(path: Path) -> dict:

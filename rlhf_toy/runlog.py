@@ -24,10 +24,27 @@ from transformers import TrainerCallback
 
 
 def read_jsonl(path) -> list[dict]:
+    """The records of an append-only JSONL file. A torn last line (a process killed mid-write: no newline after
+    it, not valid JSON) is dropped; a bad line anywhere else is a DataError naming it."""
+    from rlhf_toy.data import DataError
+
     path = Path(path)
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    text = path.read_text(encoding="utf-8", errors="replace")
+    lines = text.splitlines()
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number == len(lines) and not text.endswith("\n"):
+                break   # torn: the write it belonged to never finished
+            raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); the file is "
+                            "damaged: delete that line, or pass --overwrite_output_dir to start the run again") from None
+    return records
 
 
 def write_jsonl(path, rows) -> None:
@@ -132,10 +149,10 @@ class MetricsCallback(TrainerCallback):
             self.logger.close()
 
 
-def checkpoints(checkpoints_dir) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run, oldest first, as (step, directory): HF trainers'
-    `checkpoint-N` (SFT, reward, DPO; complete once `trainer_state.json` is written) and the PPO
-    stage's `step-N` (renamed into place only when complete, holding `trainer_state.pt`)."""
+def checkpoints(checkpoints_dir, complete_only: bool = True) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run (all of them with `complete_only=False`), oldest first, as (step,
+    directory): HF trainers' `checkpoint-N` (SFT, reward, DPO; complete once `trainer_state.json` is written)
+    and the PPO stage's `step-N` (renamed into place only when complete, holding `trainer_state.pt`)."""
     path = Path(checkpoints_dir)
     if not path.is_dir():
         return []
@@ -143,9 +160,31 @@ def checkpoints(checkpoints_dir) -> list[tuple[int, Path]]:
     for directory in path.iterdir():
         match = re.fullmatch(r"(checkpoint|step)-(\d+)", directory.name)
         state = "trainer_state.json" if match and match.group(1) == "checkpoint" else "trainer_state.pt"
-        if match and (directory / state).exists():
+        if match and (not complete_only or (directory / state).exists()):
             found.append((int(match.group(2)), directory))
     return sorted(found)
+
+
+def checkpoint_damage(checkpoint: Path) -> str | None:
+    """What makes a checkpoint unloadable ("FILE: why"), or None. Cheap checks that catch a file cut short (a
+    kill or a full disk mid-write): every safetensors file's header and length, every torch file's zip
+    directory (written last), every JSON file parsed. Flipped bytes inside a tensor go unseen."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    for file in sorted(Path(checkpoint).rglob("*")):
+        try:
+            if file.suffix == ".safetensors":
+                with safe_open(str(file), "pt") as f:
+                    f.keys()
+            elif file.suffix in (".pt", ".pth", ".bin"):
+                zipfile.ZipFile(file).close()
+            elif file.suffix == ".json":
+                json.loads(file.read_text())
+        except Exception as error:  # safetensors, zipfile and json each raise their own types
+            return f"{file.relative_to(checkpoint)}: {type(error).__name__}: {str(error)[:120]}"
+    return None
 
 
 def checkpoint_step(checkpoint: Path) -> int:

@@ -136,12 +136,14 @@ def align_with_tokenizer(model, tokenizer) -> None:
 class RewardScorer:
     """Loads a trained reward model and scores (prompt, response) batches: normalised, float32, on the CPU.
 
-    `score` applies the stored gain and bias; `score_raw` is the model's output before them.
-    `n_truncated` counts prompts (over this scorer's lifetime) that lost their beginning to fit."""
+    `score` applies the stored gain and bias; `score_raw` is the model's output before them. An input is at
+    most `max_length` tokens and never more than the model has positions for; `n_truncated` counts prompts
+    (over this scorer's lifetime) that lost their beginning to fit."""
 
     def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
                  max_length: int = 512, *, require_normalization: bool = True):
         self.path = reward_model_dir(path)
+        models.check_kind(str(self.path), models.REWARD_MODEL)   # before the normalisation's own complaint
         # Only calibration itself scores without a normalisation (it is what creates one).
         self.normalization = (read_normalization(self.path) if require_normalization or
                               (self.path / NORMALIZATION_FILE).exists() else {"gain": 1.0, "bias": 0.0})
@@ -156,7 +158,9 @@ class RewardScorer:
         align_with_tokenizer(self.model, self.tokenizer)
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
-        self.max_length = max_length
+        config = self.model.config
+        positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+        self.max_length = min(max_length, positions) if positions else max_length
         self.n_truncated = 0
 
     @torch.no_grad()

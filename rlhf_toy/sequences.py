@@ -29,6 +29,7 @@ class Sample:
     response: str           # decoded text, special tokens removed, stripped
     response_ids: list      # generated token ids up to and including the first EOS (nothing after it)
     has_eos: bool
+    prompt_truncated: bool = False   # the prompt was longer than max_prompt_length and kept only its end
 
 
 # ------------------------------------------------------------------------------------------------
@@ -46,15 +47,16 @@ def prompt_ids(tokenizer, messages, max_prompt_length: int) -> list[int]:
 
 def encode_prompts(tokenizer, prompts, max_prompt_length: int, device=None):
     """Left-padded prompt ids (lm-human-preferences: every response starts at the same position).
-    Returns (input_ids, attention_mask, n_truncated)."""
+    Returns (input_ids, attention_mask, truncated): `truncated[i]` says prompt i kept only its last
+    max_prompt_length tokens."""
     full = [tokenizer(prompt_text(tokenizer, p), add_special_tokens=False)["input_ids"] for p in prompts]
-    n_truncated = sum(len(x) > max_prompt_length for x in full)
+    truncated = [len(x) > max_prompt_length for x in full]
     ids = [x[-max_prompt_length:] for x in full]
     width = max(len(x) for x in ids)
     pad = tokenizer.pad_token_id
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], device=device)
     attention_mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], device=device)
-    return input_ids, attention_mask, n_truncated
+    return input_ids, attention_mask, truncated
 
 
 def pad_responses(response_ids: list[list[int]], pad_token_id: int, device=None) -> tuple[Tensor, Tensor]:
@@ -197,7 +199,7 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
         batch = prompts[start:start + batch_size]
-        input_ids, attention_mask, _ = encode_prompts(tokenizer, batch, max_prompt_length, device)
+        input_ids, attention_mask, truncated = encode_prompts(tokenizer, batch, max_prompt_length, device)
         # One seed per batch drawn from the run seed: a batch's samples do not depend on what ran before.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
         with autocast(precision):
@@ -208,11 +210,11 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
                 eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
             )
         responses, mask = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
-        for messages, row, n in zip(batch, responses.tolist(), mask.sum(1).tolist()):
+        for messages, row, n, cut in zip(batch, responses.tolist(), mask.sum(1).tolist(), truncated):
             ids = row[:n]   # up to the first EOS; a sampled pad token is part of the answer, not its end
             samples.append(Sample(
                 prompt=messages, response=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                response_ids=ids, has_eos=tokenizer.eos_token_id in ids,
+                response_ids=ids, has_eos=tokenizer.eos_token_id in ids, prompt_truncated=cut,
             ))
     model.train(was_training)
     return samples

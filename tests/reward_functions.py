@@ -31,3 +31,15 @@ def none_for_odd(prompts, completions, **kwargs):
 
 
 not_a_function = 3
+
+
+def gated(completions, **kwargs):
+    """0 per completion, once the file named by $RLHF_TOY_TEST_GATE exists: holds a run mid-step for a test."""
+    import os
+    import time
+    from pathlib import Path
+
+    deadline = time.time() + 120
+    while not Path(os.environ["RLHF_TOY_TEST_GATE"]).exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return [0.0] * len(completions)

@@ -58,7 +58,7 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
     assert margins[0] < 0.05 and sum(margins[-3:]) / 3 > margins[0] + 0.1
     summary = json.loads((out / "summary.json").read_text())
     assert summary["eval_after"]["rewards/margins"] > summary["eval_before"]["rewards/margins"]
-    assert summary["pairs_identical_dropped"] == 0
+    assert summary["pairs_identical_dropped"] == 0 and summary["pairs_truncated"] == 0
     assert summary["after"]["kl_to_ref"] > 0 and summary["before"]["kl_to_ref"] == 0
     # Before/after samples with gold and RM scores, and PPO-named points compare.py can overlay.
     rows = runlog.read_jsonl(out / "samples.jsonl")

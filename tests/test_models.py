@@ -87,8 +87,8 @@ def test_long_prompt_is_truncated_from_the_left():
     tokenizer = models.load_tokenizer(models.TINY_MODEL)
     long_prompt = [{"role": "user", "content": " ".join(["film"] * 300)}]
     short_prompt = [{"role": "user", "content": "film"}]
-    ids, mask, n_truncated = sequences.encode_prompts(tokenizer, [long_prompt, short_prompt], max_prompt_length=16)
-    assert n_truncated == 1 and ids.shape == (2, 16)
+    ids, mask, truncated = sequences.encode_prompts(tokenizer, [long_prompt, short_prompt], max_prompt_length=16)
+    assert truncated == [True, False] and ids.shape == (2, 16)
     assert tokenizer.decode(ids[0]).endswith("Assistant:")    # the end of the prompt is kept
     assert mask[1].sum() < 16 and mask[1, -1] == 1             # left padding
 

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT
@@ -92,7 +93,7 @@ def test_ppo_samples_are_cut_back_to_the_resumed_step(tmp_path):
     cfg = parse_config(PPOStageConfig, ["--config", str(ROOT / "configs/tiny/ppo.yaml"), "--output_dir", str(tmp_path)])
     save_config(cfg, tmp_path)
     (tmp_path / "checkpoints/step-4").mkdir(parents=True)
-    (tmp_path / "checkpoints/step-4/trainer_state.pt").write_bytes(b"")
+    torch.save({"step": 4}, tmp_path / "checkpoints/step-4/trainer_state.pt")   # loadable: a zip file
     runlog.append_jsonl(tmp_path / "samples.jsonl", [{"step": s, "prompt": "p"} for s in (2, 2, 4, 4, 6, 6)])
     start = rundir.prepare_run_dir(cfg)
     assert (start.action, start.step) == ("resume", 4)
@@ -108,7 +109,7 @@ def test_overwrite_starts_clean(tmp_path):
     assert start.action == "overwrite" and start.checkpoint is None
     assert (out / "checkpoints").exists()        # nothing deleted before the stage's inputs are checked
     start.begin(cfg)
-    assert sorted(p.name for p in out.iterdir()) == ["config.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE, "config.yaml"]   # the lock: this process's
 
 
 def test_an_unwritable_output_dir_is_named(tmp_path):

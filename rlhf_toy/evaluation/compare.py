@@ -48,7 +48,7 @@ from rlhf_toy.evaluation.report import (compare_markdown, markdown_table, plot_c
                                         training_curves, write_html, _fmt)
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.evaluation.stats import MIN_BOOTSTRAP, paired_comparison, summarize
-from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, run_penalties
+from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, reward_model_dir, run_penalties
 from rlhf_toy.stages.ppo.rewards import RewardFunctionError, load_reward_functions
 
 DEFAULT_REWARD_MODEL = "runs/reward/final"
@@ -177,14 +177,12 @@ def load_model_and_tokenizer(entry_model: str, tokenizer_from: str | None, devic
 
 def tokenizer_mismatch(tokenizer, ref_tokenizer) -> str | None:
     """Why a token-level KL between two models is undefined, or None when they share a tokenizer."""
-    vocab, ref_vocab = tokenizer.get_vocab(), ref_tokenizer.get_vocab()
-    if vocab == ref_vocab:
+    difference = models.tokenizer_difference(tokenizer, ref_tokenizer)
+    if difference is None:
         return None
-    only = sorted(set(vocab) - set(ref_vocab))[:3]
-    return (f"its tokenizer differs from the reference's ({len(vocab)} vs {len(ref_vocab)} tokens"
-            + (f"; e.g. {', '.join(map(repr, only))} only in the run's" if only else "; same tokens, different ids")
-            + "): a per-token KL needs one token space, so kl_to_ref is left out for it. "
-            "Use a --ref that shares its tokenizer (e.g. the model it was trained from).")
+    return (f"its tokenizer differs from the reference's ({difference.replace('the first', 'the run')}): a "
+            "per-token KL needs one token space, so kl_to_ref is left out for it. Use a --ref that shares its "
+            "tokenizer (e.g. the model it was trained from).")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,19 +205,12 @@ def _model_stamp(model: str) -> dict:
 
 def _read_done(path: Path, batch_sizes: list[int]) -> list[dict]:
     """The rows of complete batches (a kill can leave a half-written last line or batch)."""
-    rows = []
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    done, total = 0, 0
+    rows = runlog.read_jsonl(path)
+    total = 0
     for size in batch_sizes:
         if total + size > len(rows):
             break
         total += size
-        done += 1
     return rows[:total]
 
 
@@ -459,6 +450,12 @@ def run_compare(args) -> Path:
     run_dirs = {e.run: e.run_dir for e in entries if e.run_dir is not None}
     penalties = _penalties(args, run_dirs)
 
+    # Every model's kind before anything is written or sampled: a reward model among the runs (or as --ref) would
+    # otherwise fail only when its turn to sample comes, a causal LM as --reward_model when the judge loads.
+    for entry in [ref_entry] + [e for e in entries if not e.best_of]:
+        models.check_kind(entry.model, models.CAUSAL_LM)
+    if args.reward_model and has_reward_model(args.reward_model):
+        models.check_kind(str(reward_model_dir(args.reward_model)), models.REWARD_MODEL)
     out_dir.mkdir(parents=True, exist_ok=True)
     # `auto` -> what this machine runs; part of each model's sample stamp, and recorded in the report.
     precision = models.resolve_precision(args.dtype, models.pick_device(args.device))

@@ -118,7 +118,10 @@ def sample_prompt(args) -> list[dict]:
 
     title = args.title or quoted_title(args.prompt)
     precision = models.resolve_precision(args.dtype, models.pick_device("auto"))
-    judge = Judge(args.reward_model, dtype=precision.name)
+    try:
+        judge = Judge(args.reward_model, dtype=precision.name)
+    except models.ModelNotFoundError as error:   # a causal LM given as --reward_model, among others
+        raise InspectError(str(error)) from None
     if judge.note:
         print(f"note: {judge.note}", file=sys.stderr)
     rows = []

@@ -4,6 +4,8 @@ kl_to_ref, length_mean, eos_rate, distinct_2, ...)."""
 
 from __future__ import annotations
 
+import sys
+
 from rlhf_toy import sequences
 from rlhf_toy.evaluation.stats import summarize
 from rlhf_toy.scoring import Judge
@@ -25,6 +27,10 @@ def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | 
                                  batch_size=batch_size, seed=seed, max_prompt_length=max_prompt_length,
                                  progress=progress, precision=precision, synced_gpus=synced_gpus)
     n_tokens = [len(s.response_ids) for s in samples]
+    n_cut = sum(s.prompt_truncated for s in samples)
+    if n_cut:
+        print(f"note: {n_cut} of {len(samples)} prompts are longer than max_prompt_length={max_prompt_length} tokens "
+              "and were answered from their last ones (counted as prompts_truncated)", file=sys.stderr)
     scores = judge.score([s.prompt for s in samples], [s.response for s in samples], n_tokens,
                          [s.has_eos for s in samples], titles)
     logps = ref_logps = kls = [None] * len(samples)
@@ -36,7 +42,8 @@ def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | 
         ref_logps = sequences.sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, ids, **settings)
         kls = [a - b for a, b in zip(logps, ref_logps)]
     rows = [{"prompt": s.prompt, "response": s.response, "n_tokens": n, "n_words": len(s.response.split()),
-             "has_eos": s.has_eos, **sc, "logp": lp, "ref_logp": rlp, "kl": kl}
+             "has_eos": s.has_eos, **sc, "logp": lp, "ref_logp": rlp, "kl": kl,
+             **({"prompt_truncated": True} if s.prompt_truncated else {})}
             for s, n, sc, lp, rlp, kl in zip(samples, n_tokens, scores, logps, ref_logps, kls)]
     functions = [(entry, name, f) for entry, name, f in reward_functions if f is not None]
     for entry, name, function in functions:

@@ -98,7 +98,10 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
         values = [r[key] for r in rows if r.get(key) is not None]
         return statistics.mean(values) if values and len(values) == len(rows) else None
 
-    out = {"n_samples": len(rows), "gold_mean": mean("gold"), "rm_mean": mean("rm"), "score_mean": mean("score"),
+    out = {"n_samples": len(rows),
+           # prompts longer than max_prompt_length, answered from their last tokens (sample_and_score marks them)
+           "prompts_truncated": sum(bool(r.get("prompt_truncated")) for r in rows),
+           "gold_mean": mean("gold"), "rm_mean": mean("rm"), "score_mean": mean("score"),
            "kl_to_ref": mean("kl")}
     out["kl_to_ref_se"] = _clustered_se(rows, "kl") if out["kl_to_ref"] is not None else None
     if ref_rows is not None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, rundir, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least, within
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (begin_run, evaluate_before_training, freeze_bottom, is_main_process,
@@ -59,6 +59,8 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
         super().validate()
         at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
         at_least(self, 0, "max_pairs", "num_eval_prompts", "eval_steps")
+        above(self, 0, "temperature")
+        within(self, 0, 0.5, "label_smoothing")   # a label-flip probability (TRL's range)
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown:
             import difflib
@@ -91,6 +93,18 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
     return *data.split_records(pairs, cfg.eval_fraction, cfg.seed), stats
 
 
+def pairs_longer_than(pairs: list[dict], tokenizer, max_length: int) -> int:
+    """How many pairs have a side longer than `max_length` tokens as the chat template formats it: TRL's DPOTrainer
+    keeps the first max_length tokens of each sequence, so their answers lose their end (or, past a long
+    prompt, all of it)."""
+    def n_tokens(messages) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    prompts = [data.as_messages(p["prompt"], "user") for p in pairs]
+    return sum(max(n_tokens(m + p["chosen"]), n_tokens(m + p["rejected"])) > max_length for m, p in zip(prompts, pairs))
+
+
+@rundir.releases_lock
 def run_dpo(cfg: DPOStageConfig) -> Path:
     from trl import DPOConfig, DPOTrainer
 
@@ -103,6 +117,10 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
 
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    pairs_truncated = pairs_longer_than(train_pairs + eval_pairs, tokenizer, cfg.max_length)
+    if pairs_truncated:
+        print(f"note: {pairs_truncated} of {len(train_pairs) + len(eval_pairs)} pairs are longer than max_length="
+              f"{cfg.max_length} tokens: TRL keeps the first {cfg.max_length} of each (pairs_truncated in summary.json)")
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
     freeze_bottom(model, cfg.freeze_bottom_layers)
     judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
@@ -173,6 +191,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             summary_path.write_text(json.dumps(summary) + "\n")   # kept for a resume that finds training done
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
     summary["pairs_identical_dropped"] = pair_stats["pairs_identical_dropped"]
+    summary["pairs_truncated"] = pairs_truncated
     margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
     if margins:
         summary["train_margin_first"], summary["train_margin_last"] = margins[0], margins[-1]

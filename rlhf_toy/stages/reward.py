@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import data, models, rundir, runlog, sequences, task
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
@@ -66,6 +66,9 @@ class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         at_least(self, 1, "max_new_tokens", "sample_batch_size", "score_batch_size")
         at_least(self, 0, "num_eval_prompts", "eval_steps", "max_train_pairs", "max_eval_pairs")
+        above(self, 0, "temperature")
+        if self.center_rewards_coefficient is not None:
+            at_least(self, 0, "center_rewards_coefficient")
         if self.num_norm_samples < 2:
             raise ConfigError(f"num_norm_samples must be at least 2 (a standard deviation), got {self.num_norm_samples}")
         if self.num_hidden_layers < 0:
@@ -205,6 +208,7 @@ def _finite(x):
 # The stage.
 
 
+@rundir.releases_lock
 def train_reward(cfg: RewardStageConfig) -> Path:
     from datasets import Dataset
     from trl import RewardConfig, RewardTrainer
@@ -232,6 +236,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     # file would otherwise fail only after training, leaving a final/ without its normalisation).
     policy_name = cfg.policy_model or cfg.model_name_or_path
     policy_tokenizer = models.load_tokenizer(policy_name)
+    models.check_kind(policy_name, models.CAUSAL_LM)   # it samples the calibration answers
     train_prompts, train_titles = data.load_prompts_and_titles(cfg.train_prompts)
     eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, rundir, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, at_least
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (begin_run, evaluate_before_training, freeze_bottom, is_main_process,
@@ -39,6 +39,7 @@ class SFTStageConfig(TrainerFields, LoraFields, CommonConfig):
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
         at_least(self, 0, "num_eval_prompts", "eval_steps")
+        above(self, 0, "temperature")
 
 
 def drop_prompts_too_long(records: list[dict], tokenizer, max_length: int) -> tuple[list[dict], int, int]:
@@ -56,6 +57,7 @@ def drop_prompts_too_long(records: list[dict], tokenizer, max_length: int) -> tu
     return kept, len(records) - len(kept), longest
 
 
+@rundir.releases_lock
 def run_sft(cfg: SFTStageConfig) -> Path:
     from trl import SFTConfig, SFTTrainer
     from datasets import Dataset

@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, at_least
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, above, at_least, within
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 
@@ -81,7 +81,7 @@ class PPOStageConfig(LoraFields, CommonConfig):
     lr_scheduler_type: str = "linear"               # linear (decay to 0) or constant
     adam_eps: float = 1e-5                          # CleanRL's ppo.py; PyTorch's 1e-8 is too small for RL
     weight_decay: float = 0.0                       # AdamW's, on weight matrices only (never biases or norms); TRL's 0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float | None = 1.0               # clip each model's gradient norm to this; 0 or null = no clipping (HF's)
     # speed, not math
     # Each micro-batch without the columns that are padding in all its rows (shared left padding of the
     # prompts, everything past the longest response): the same losses on fewer tokens (off with trl_compat,
@@ -101,11 +101,12 @@ class PPOStageConfig(LoraFields, CommonConfig):
         super().validate()
         at_least(self, 1, "total_episodes", "batch_size", "num_mini_batches", "gradient_accumulation_steps",
                  "num_ppo_epochs", "response_length", "max_prompt_length", "sample_every")
-        at_least(self, 0, "num_eval_prompts", "kl_coef", "kl_target", "length_coef", "missing_eos_penalty",
-                 "score_clip")
-        if self.learning_rate <= 0 or self.temperature <= 0:
-            raise ConfigError(f"learning_rate and temperature must be > 0, got {self.learning_rate} and "
-                              f"{self.temperature}")
+        at_least(self, 0, "num_eval_prompts", "kl_coef", "kl_target", "length_coef", "length_target",
+                 "missing_eos_penalty", "score_clip", "vf_coef", "weight_decay")
+        above(self, 0, "learning_rate", "temperature", "cliprange", "cliprange_value", "adam_eps", "kl_horizon")
+        within(self, 0, 1, "gamma", "lam")
+        if self.max_grad_norm is not None:
+            at_least(self, 0, "max_grad_norm")
         self.validate_estimator()
         self.validate_rewards()
         if self.kl_estimator not in ("k1", "k3"):
@@ -120,8 +121,6 @@ class PPOStageConfig(LoraFields, CommonConfig):
         split_batch(self.batch_size, 1, self.num_mini_batches, self.gradient_accumulation_steps)
         if self.rollout_logprobs not in ("auto", "generate", "forward"):
             raise ConfigError(f"rollout_logprobs must be auto, generate or forward, got {self.rollout_logprobs!r}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if self.total_episodes < self.batch_size:
             raise ConfigError(f"total_episodes ({self.total_episodes}) < batch_size ({self.batch_size})")
 

@@ -21,6 +21,7 @@ unit-tested and cross-checked against TRL), the models in `models`, checkpoints 
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from contextlib import contextmanager
@@ -34,7 +35,8 @@ from tqdm.auto import tqdm
 
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
-from rlhf_toy.scoring import Judge, RewardScorer, sequence_score
+from rlhf_toy.config import ConfigError
+from rlhf_toy.scoring import Judge, RewardScorer, reward_model_dir, sequence_score
 from rlhf_toy.stages.common import resolve_precision, setup_run, shards_weights
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic, whole_state_dicts
@@ -119,8 +121,10 @@ class Rollout:
     values: torch.Tensor | None        # V(s_t) before each response token (None without a critic)
     texts: list                        # decoded responses (what the reward model and gold judge read)
     records: list = field(default_factory=list)   # the prompt records (their other columns go to reward functions)
+    prompts_truncated: int = 0         # prompts longer than max_prompt_length: the policy read only their end
 
 
+@rundir.releases_lock
 def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | None = None) -> Path:
     """Train, evaluate before and after, save `final/`. `on_step_end(step, metrics)` is called after each
     step's metrics are logged and before its checkpoint (the benchmark reads peak memory and steps its
@@ -197,6 +201,8 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     eval_prompts, eval_titles = data.prompts_and_titles(eval_records, cfg.eval_prompts)
     prompts = data.load_prompt_records(cfg.prompts)
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
+    check_models(cfg, tokenizer)
+    note_long_prompts(prompts, tokenizer, cfg.max_prompt_length, cfg.prompts, accelerator)
     scorer = (RewardScorer(cfg.reward_model_path, device=str(device), dtype=cfg.dtype)   # runs under its own autocast
               if "rm" in cfg.rewards else None)
     policy, reference, value_model = load_models(cfg, tokenizer, device, precision.weights)
@@ -233,6 +239,34 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed + accelerator.process_index)
     return state, run_dir, start_step
+
+
+def check_models(cfg: PPOStageConfig, tokenizer) -> None:
+    """Before anything loads: the policy (and so its reference, the same weights) is a causal LM, and a separate
+    critic, which starts from the reward model and reads the policy's token ids, is a reward model sharing the
+    policy's tokenizer. (The reward model as scorer reads decoded text through its own tokenizer, as TRL's
+    GRPOTrainer's reward_processing_classes: it may have another; `RewardScorer` checks its kind.)"""
+    models.check_kind(cfg.model_name_or_path, models.CAUSAL_LM)
+    if cfg.critic != "separate":
+        return
+    critic_init = str(reward_model_dir(cfg.reward_model_path))
+    models.check_kind(critic_init, models.REWARD_MODEL)
+    difference = models.tokenizer_difference(tokenizer, models.load_tokenizer(critic_init))
+    if difference is not None:
+        raise ConfigError(f"the critic starts from reward_model_path {cfg.reward_model_path}, whose tokenizer differs "
+                          f"from the policy's ({cfg.model_name_or_path}; {difference.replace('the first', 'the policy')}"
+                          "): the critic reads the policy's token ids, so the two need one tokenizer. Train the reward "
+                          "model from the policy's SFT model, or use critic: shared")
+
+
+def note_long_prompts(records: list, tokenizer, max_prompt_length: int, source: str, accelerator) -> None:
+    """Say once, at the start, how many training prompts the policy will read only the end of."""
+    texts = [sequences.prompt_text(tokenizer, data.as_messages(r["prompt"], "user")) for r in records]
+    n_long = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) > max_prompt_length for t in texts)
+    if n_long:
+        accelerator.print(f"note: {n_long} of {len(texts)} prompts in {source} are longer than max_prompt_length="
+                          f"{max_prompt_length} tokens: the policy reads the last {max_prompt_length} of each "
+                          "(rollout/prompts_truncated counts them per step)")
 
 
 def make_accelerator(cfg: PPOStageConfig):
@@ -311,7 +345,7 @@ def prepare_engine(state: PPOState) -> None:
         # DeepSpeed accumulates, clips and steps inside its engine: it takes those numbers from our config.
         accelerator.state.deepspeed_plugin.deepspeed_config.update(
             train_micro_batch_size_per_gpu=state.micro_batch, gradient_accumulation_steps=cfg.gradient_accumulation_steps,
-            gradient_clipping=cfg.max_grad_norm)
+            gradient_clipping=cfg.max_grad_norm or 0.0)   # DeepSpeed's 0: no clipping
     module = PolicyAndCritic(state.policy, state.value_model)
     # The models are already on the run's device (`--device`, which need not be accelerate's default); DeepSpeed
     # places them itself.
@@ -356,7 +390,8 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
     """Responses to the prompt records (`data.load_prompt_records`), their log-probs and values."""
     cfg, tokenizer = state.cfg, state.tokenizer
     batch_prompts = [data.as_messages(r["prompt"], "user") for r in batch_records]
-    queries, query_mask, _ = sequences.encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length, state.device)
+    queries, query_mask, truncated = sequences.encode_prompts(tokenizer, batch_prompts, cfg.max_prompt_length,
+                                                              state.device)
     context_length = queries.shape[1]
     state.policy.eval()
 
@@ -396,7 +431,7 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
                                                    cfg.temperature)
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
     return Rollout(batch_prompts, query_responses, attention_mask, context_length, responses, mask, logprobs,
-                   ref_logprobs, values, texts, batch_records)
+                   ref_logprobs, values, texts, batch_records, sum(truncated))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,6 +448,7 @@ def score(state: PPOState, batch: Rollout, step: int = 1) -> dict:
     def log_metric(name: str, value: float) -> None:   # TRL's reward-function hook: logged with the step
         logged.setdefault(name, []).append(float(value))
 
+    rm_truncated_before = state.scorer.n_truncated if state.scorer is not None else 0
     with state.timer("scoring"):
         has_eos = (batch.responses == state.tokenizer.eos_token_id).any(1)
         completion_ids = [r[m].tolist() for r, m in zip(batch.responses, batch.mask)]
@@ -425,7 +461,9 @@ def score(state: PPOState, batch: Rollout, step: int = 1) -> dict:
                                cfg.missing_eos_penalty)
     if cfg.score_clip:
         parts["score"] = parts["score"].clamp(-cfg.score_clip, cfg.score_clip)
-    return {**parts, "has_eos": has_eos, "components": components, "logged": logged}
+    # prompts the reward model read only the end of, to fit its positions (the response is never cut)
+    rm_truncated = state.scorer.n_truncated - rm_truncated_before if state.scorer is not None else 0
+    return {**parts, "has_eos": has_eos, "components": components, "logged": logged, "rm_truncated": rm_truncated}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -509,7 +547,8 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
             # during the last backward; `average_gradients` is the same in ten lines). Each model's gradient is
             # clipped on its own (`clip_groups`); DeepSpeed has clipped and stepped inside that backward already.
             for label, parameters in clip_groups(state):
-                grad_norm = state.accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm)
+                # max_grad_norm 0 or null: the norm is still measured (and checked), never applied (HF's meaning)
+                grad_norm = state.accelerator.clip_grad_norm_(parameters, cfg.max_grad_norm or math.inf)
                 check_finite(step, weights_stepped=steps_inside_backward(state.accelerator), **{label: grad_norm})
             state.optimizer.step()
     stats["approxkl_first_minibatch"] = stats["approxkl"][:1]
@@ -649,6 +688,8 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
             "kl": kl_per_seq, "entropy": core.masked_sum(-batch.logprobs, mask, dim=1), "non_score": non_score,
             "scores": scores, "length_penalty": parts["length_penalty"],
             "gold": gold, "length": n_tokens.float(), "eos": parts["has_eos"].float(),
+            "prompts_truncated": torch.tensor([float(batch.prompts_truncated)], device=state.device),
+            "rm_prompts_truncated": torch.tensor([float(parts["rm_truncated"])], device=state.device),
             **{f"rewards/{name}": values.to(state.device) for name, values in parts["components"].items()},
             **({"ev": core.explained_variance(targets["values"], targets["returns"], mask).reshape(1)}
                if batch.values is not None else {}),
@@ -686,6 +727,9 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         "score/gold": gathered["gold"].mean().item(),
         "score/length_penalty": gathered["length_penalty"].mean().item(),
         "response/length_mean": gathered["length"].mean().item(),
+        # prompts the policy (max_prompt_length) or the reward model (its positions) read only the end of
+        "rollout/prompts_truncated": int(gathered["prompts_truncated"].sum().item()),
+        "rollout/rm_prompts_truncated": int(gathered["rm_prompts_truncated"].sum().item()),
         "lr": state.scheduler.get_last_lr()[0],
         "episode": step * cfg.batch_size,
         **{f"time/{name}_s": seconds for name, seconds in state.timers.items()},
