@@ -50,7 +50,7 @@ STAGE = @mkdir -p $(RUNS) && bash -c 'echo "== $$1: $${*:2}"; start=$$SECONDS; "
 	echo "$$1 $$((SECONDS - start)) s  ($$(date -u +%FT%TZ))" | tee -a $(RUNS)/demo_times.txt' stage
 # A stage whose final/ exists is redone only because a prerequisite is newer: its run directory holds a
 # run of another config or from another model, which the stage refuses to continue (the run-directory
-# rule, README), so it starts clean. A stage without final/ (never run, or killed) continues its run.
+# rule, docs/running.md), so it starts clean. A stage without final/ (never run, or killed) continues its run.
 OVERWRITE = $(if $(wildcard $@),--overwrite_output_dir)
 
 demo: setup $(REPORT)/report.html

@@ -1,4 +1,4 @@
-"""The one rule for run directories, the same in every stage (README, "Run directories").
+"""The one rule for run directories, the same in every stage (docs/running.md).
 
 A stage calls `prepare_run_dir(cfg)` before it loads or writes anything; it reads the directory and
 decides, writing nothing:

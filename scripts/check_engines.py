@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """The hand-written PPO under each launch config against a plain run, and resumed from its own checkpoint
-(README, "Scaling out"). For a GPU machine: FSDP and DeepSpeed run on GPUs only.
+(docs/scaling_out.md). For a GPU machine: FSDP and DeepSpeed run on GPUs only.
 
     python scripts/check_engines.py [--engines fsdp zero3] [--num_processes 1] [--out /tmp/check_engines]
 

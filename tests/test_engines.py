@@ -1,4 +1,4 @@
-"""The scale-out engines on this CPU (README, "Scaling out"): PPO's update under accelerate's DDP against one process
+"""The scale-out engines on this CPU (docs/scaling_out.md): PPO's update under accelerate's DDP against one process
 and against the hand-written `average_gradients`; PPO under accelerate's FSDP2 (switched on for the CPU by
 engine_fsdp2_cpu.py) against one process and against DDP, resumed from its shards; the launch configs that accelerate
 cannot run here refused with what to do instead. The TRL stages' 2-process runs are in test_multiprocess.py."""
