@@ -2,21 +2,26 @@
 that gold flags on one side only, and how often the RM orders those pairs as gold does.
 
     python scripts/rm_by_flag.py runs/reward/final [--dataset data/preferences.jsonl] [--eval_fraction 0.1]
+                                 [--plot reports/rm_calibration.png]
 
 The held-out pairs are the reward stage's own (the same split by prompt, the same seed); gold ties are
 left out. Cut samples are judged as the labeler judged them (`truncated=True`, from data/samples.jsonl).
+Then the RM's calibration on the same pairs (all of them): its expected calibration error, and with --plot its
+reliability diagram beside gold's own Bradley–Terry probability (as the reward stage writes rm_calibration.png).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections import defaultdict
 from pathlib import Path
 
 from rlhf_toy import data, task
+from rlhf_toy.evaluation.stats import pair_calibration
 from rlhf_toy.scoring import RewardScorer, response_text
-from rlhf_toy.stages.reward import clean_pairs
+from rlhf_toy.stages.reward import clean_pairs, label_temperature, plot_reliability
 
 
 def main(argv=None):
@@ -26,6 +31,7 @@ def main(argv=None):
     parser.add_argument("--samples", default="data/samples.jsonl", help="which answers were cut at the token limit")
     parser.add_argument("--eval_fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", help="write the reliability diagram here (a .png)")
     args = parser.parse_args(argv)
     records = data.load_records(args.dataset, data.PREFERENCE_FIELDS)
     pairs, _ = clean_pairs(records, args.dataset)
@@ -52,6 +58,18 @@ def main(argv=None):
     for kind, agree in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         print(f"| {kind} | {len(agree)} | {sum(agree) / len(agree):.2f} |")
     print(f"\n{n_pairs} held-out pairs without a gold tie; a pair counts under each flag it differs in.")
+    raw = [[(x - scorer.bias) / scorer.gain for x in side] for side in (chosen_rm, rejected_rm)]
+    temperature = label_temperature(args.dataset)
+    gold_p = None if temperature is None else [1 / (1 + math.exp(-(p["gold_chosen"] - p["gold_rejected"]) / temperature))
+                                               for p in held_out]
+    calibration = pair_calibration(raw[0], raw[1], gold_p)
+    print(f"\ncalibration on all {len(held_out)} held-out pairs (both orders): ECE {calibration['ece']:.3f}\n")
+    print("| RM's P(a ≻ b) | pairs | mean P | labels chose a | gold's P |\n|---|---|---|---|---|")
+    for b in calibration["bins"]:
+        print(f"| {b['low']:.1f}-{b['high']:.1f} | {b['n']} | {b['confidence']:.3f} | {b['frequency']:.3f} | "
+              f"{b.get('reference', float('nan')):.3f} |")
+    if args.plot:
+        plot_reliability(calibration, args.plot, temperature)
 
 
 if __name__ == "__main__":

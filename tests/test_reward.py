@@ -82,6 +82,10 @@ def test_tiny_reward_model_learns_the_marker(trained):
     assert steps == list(range(1, 41))
     assert {"accuracy", "margin", "loss"} <= set(metrics[0])
     assert (run / "rm_vs_gold.png").stat().st_size > 1000
+    # the reliability diagram: every held-out pair in both orders, binned; its ECE and picture
+    assert sum(b["n"] for b in summary["eval_rm_calibration"]) == 2 * summary["eval_pairs"]
+    assert 0 <= summary["eval_rm_ece"] <= 1 and (run / "rm_calibration.png").stat().st_size > 1000
+    assert "calibration (ECE)" in stdout
     assert list((run / "tensorboard").iterdir()) and (run / "config.yaml").exists()
     assert "held-out accuracy" in stdout and "noise ceiling" in stdout
     # Spearman(RM, gold) is the rank correlation of the eval samples' logged scores

@@ -134,3 +134,38 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
         for flag in sorted({f for p in parts for f in p["flags"]}):
             out[f"junk/{flag}"] = statistics.mean(float(flag in p["flags"]) for p in parts)
     return out
+
+
+def reliability(predicted: list[float], outcomes: list[float], n_bins: int = 10, reference: list[float] | None = None) -> dict:
+    """A reliability diagram's numbers: the predictions cut into `n_bins` equal-width bins of [0, 1], each bin's
+    mean prediction (`confidence`), mean outcome (`frequency`, outcomes 0/1) and, given `reference`
+    probabilities for the same items, their mean (`reference`); and the expected calibration error,
+    ECE = Σ_bins (n_bin / n) · |frequency − confidence| (Guo et al. 2017)."""
+    if len(predicted) != len(outcomes) or not predicted:
+        raise ValueError(f"reliability needs as many outcomes as predictions (> 0), got {len(predicted)} and {len(outcomes)}")
+    bins = [[] for _ in range(n_bins)]
+    for i, p in enumerate(predicted):
+        bins[min(int(p * n_bins), n_bins - 1)].append(i)
+    rows, ece = [], 0.0
+    for b, members in enumerate(bins):
+        if not members:
+            continue
+        confidence = statistics.mean(predicted[i] for i in members)
+        frequency = statistics.mean(outcomes[i] for i in members)
+        ece += len(members) / len(predicted) * abs(frequency - confidence)
+        rows.append({"low": b / n_bins, "high": (b + 1) / n_bins, "n": len(members), "confidence": confidence,
+                     "frequency": frequency,
+                     **({"reference": statistics.mean(reference[i] for i in members)} if reference else {})})
+    return {"bins": rows, "ece": ece, "n": len(predicted)}
+
+
+def pair_calibration(score_chosen: list[float], score_rejected: list[float], gold_probability: list[float] | None = None,
+                     n_bins: int = 10) -> dict:
+    """How far a Bradley–Terry reward model's P(a ≻ b) = σ(r_a − r_b) (raw scores, the scale it was trained on)
+    is from how often the labels preferred a, on held-out pairs. Each pair counts in both orders, (chosen,
+    rejected) with outcome 1 and (rejected, chosen) with outcome 0, so the diagram does not depend on which
+    side a file lists first. `gold_probability`: the labeler's own P(chosen ≻ rejected) per pair (gold's
+    Bradley–Terry draw), binned beside the labels."""
+    p = [1 / (1 + math.exp(-(c - r))) for c, r in zip(score_chosen, score_rejected)]
+    reference = None if gold_probability is None else list(gold_probability) + [1 - g for g in gold_probability]
+    return reliability(p + [1 - x for x in p], [1.0] * len(p) + [0.0] * len(p), n_bins, reference)

@@ -28,6 +28,7 @@ import torch
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
+from rlhf_toy.evaluation.stats import pair_calibration
 from rlhf_toy.scoring import (NORMALIZATION_FILE, Judge, RewardScorer, align_with_tokenizer, encode_for_reward,
                               load_reward_model, response_text)
 from rlhf_toy.stages.common import (begin_run, freeze_bottom, is_main_process, lora_config, open_run,
@@ -200,6 +201,41 @@ def plot_rm_vs_gold(rm, gold, path, title: str) -> None:
     plt.close(fig)
 
 
+def label_temperature(dataset: str) -> float | None:
+    """The Bradley–Terry temperature gold's labeler drew the dataset's labels with, from the `stats.json` that
+    `scripts/make_data.py` writes beside it; None for a dataset without one."""
+    stats = Path(dataset).parent / "stats.json"
+    try:
+        return float(json.loads(stats.read_text())["label_temperature"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def plot_reliability(result: dict, path, temperature: float | None) -> None:
+    """The reliability diagram of `stats.pair_calibration`'s result: per bin of the RM's P(a ≻ b), how often the
+    labels chose a (and gold's own P), against the diagonal a calibrated model lies on."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    bins = result["bins"]
+    fig, ax = plt.subplots(figsize=(5, 4.5), dpi=120)
+    ax.plot([0, 1], [0, 1], color="grey", lw=1, ls="--", label="calibrated")
+    ax.plot([b["confidence"] for b in bins], [b["frequency"] for b in bins], "o-", label="labels' choice")
+    if bins and "reference" in bins[0]:
+        ax.plot([b["confidence"] for b in bins], [b["reference"] for b in bins], "s--",
+                label=f"gold's P (Bradley–Terry, T = {temperature:g})")
+    ax.set_xlabel("reward model's P(a ≻ b) = σ(r_a − r_b)")
+    ax.set_ylabel("how often a was preferred")
+    ax.set_title(f"{result['n'] // 2} held-out pairs, both orders: ECE {result['ece']:.3f}", fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def _finite(x):
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
@@ -313,6 +349,15 @@ def train_reward(cfg: RewardStageConfig) -> Path:
             "eval_prompts_truncated": scorer.n_truncated,
         })
         summary["eval_accuracy_gap"] = summary["eval_accuracy_ceiling"] - summary["eval_accuracy"]
+        # Calibration: σ(raw_c − raw_r), the RM's own P(chosen ≻ rejected), against the labels (and gold's P).
+        raw_c, raw_r = ((x - scorer.bias) / scorer.gain for x in (chosen, rejected))
+        temperature = label_temperature(cfg.dataset)
+        gold_p = (None if temperature is None else
+                  torch.sigmoid((gold_c - gold_r).double() / temperature).tolist())
+        calibration_result = pair_calibration(raw_c.tolist(), raw_r.tolist(), gold_p)
+        summary["eval_rm_ece"] = calibration_result["ece"]
+        summary["eval_rm_calibration"] = calibration_result["bins"]
+        plot_reliability(calibration_result, run_dir / "rm_calibration.png", temperature)
 
     # Rank correlation with gold on fresh samples of the eval prompts.
     if eval_prompts:
@@ -348,6 +393,7 @@ def print_summary(summary: dict, run_dir: Path) -> None:
     print(f"  held-out accuracy       {fmt('eval_accuracy')}   (noise ceiling, the gold judge on the same "
           f"labels: {fmt('eval_accuracy_ceiling')})")
     print(f"  agreement with gold     {fmt('eval_gold_agreement')}")
+    print(f"  calibration (ECE)       {fmt('eval_rm_ece')}   (rm_calibration.png)")
     print(f"  Spearman(RM, gold)      {fmt('spearman_rm_gold')}   on {summary.get('eval_samples', {}).get('n_samples', 0)} fresh samples")
     print(f"  normalisation           gain {summary['normalization']['gain']:.4f}, "
           f"bias {summary['normalization']['bias']:.4f} ({summary['normalization']['n_samples']} samples)")
