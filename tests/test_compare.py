@@ -296,3 +296,19 @@ def test_compare_rejects_bad_best_of_n(tmp_path, setup, capsys):
             compare.main(["--runs", *runs, "--prompts", str(setup["prompts"]),
                           "--output_dir", str(tmp_path / "r"), "--reward_model", reward_model, *SAMPLING])
         assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_training_curves_share_an_axis_of_episodes(tmp_path):
+    from rlhf_toy.evaluation.report import training_curves
+
+    ppo = fake_ppo_run(tmp_path)   # steps 1-3 without `episode`: step x the config's batch_size
+    (ppo / "config.yaml").write_text(yaml.safe_dump({"total_episodes": 96, "batch_size": 32}))
+    dpo = tmp_path / "dpo"
+    dpo.mkdir()
+    (dpo / "config.yaml").write_text(yaml.safe_dump({"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}))
+    (dpo / "summary.json").write_text(json.dumps({"num_processes": 2}))
+    runlog.append_jsonl(dpo / "metrics.jsonl", [{"step": s, "objective/kl": 0.1 * s, "score/gold": 0.5} for s in (0, 3)])
+    runlog.append_jsonl(ppo / "metrics.jsonl", [{"step": 4, "episode": 128, "objective/kl": 2.0}])
+    curves = training_curves({"ppo": ppo, "dpo": dpo})
+    assert [x for x, _ in curves["ppo"]["KL to reference"]] == [32, 64, 96, 128]   # step x batch_size, or `episode`
+    assert [x for x, _ in curves["dpo"]["KL to reference"]] == [0, 48]             # 3 steps x 4 x 2 x 2 processes

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 
@@ -199,7 +200,7 @@ def plot_frontier(report: dict, path: Path) -> None:
 
 
 def plot_curves(curves: dict, path: Path) -> None:
-    """Training curves of the runs overlaid: {run: {panel: [(step, value)]}}."""
+    """Training curves of the runs overlaid on episodes: {run: {panel: [(episodes, value)]}} (`training_curves`)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -212,7 +213,7 @@ def plot_curves(curves: dict, path: Path) -> None:
                 ax.plot([p[0] for p in points], [p[1] for p in points], "-o" if len(points) < 12 else "-",
                         ms=3, color=f"C{i % 10}", label=run)
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("training step (each run's own)")
+        ax.set_xlabel("episodes (answers scored; DPO: pairs seen)")
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(fontsize=8)
@@ -224,19 +225,45 @@ def plot_curves(curves: dict, path: Path) -> None:
 
 
 def training_curves(run_dirs: dict) -> dict:
+    """{run: {panel: [(episodes, value)]}} from each run's metrics.jsonl. The x-axis is what a step consumed, so
+    runs of different batch sizes and kinds overlay: PPO's `episode` (answers sampled and scored), an HF/TRL
+    stage's step times its batch (pairs for DPO); a run whose batch is unknown keeps its steps."""
     curves = {}
     for run, run_dir in run_dirs.items():
         records = runlog.read_jsonl(run_dir / "metrics.jsonl")
+        per_step = examples_per_step(run_dir)
         panels = {}
         for title, keys in CURVES:
             for key in keys:
-                points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and "step" in r]
+                points = [(r.get("episode", r["step"] * per_step), r[key]) for r in records
+                          if isinstance(r.get(key), (int, float)) and "step" in r]
                 if points:
                     panels[title] = points
                     break
         if panels:
             curves[run] = panels
     return curves
+
+
+def examples_per_step(run_dir: Path) -> int:
+    """Examples one optimizer step of a run consumed, from its config.yaml (and summary.json's process count):
+    PPO's batch_size, an HF/TRL stage's per_device_train_batch_size x gradient_accumulation_steps x processes;
+    1 where the config says neither."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return 1
+    if "total_episodes" in config:
+        return int(config.get("batch_size", 1))
+    if "per_device_train_batch_size" not in config:
+        return 1
+    try:
+        processes = int(json.loads((run_dir / "summary.json").read_text()).get("num_processes") or 1)
+    except (OSError, ValueError):
+        processes = 1
+    return int(config["per_device_train_batch_size"]) * int(config.get("gradient_accumulation_steps", 1)) * processes
 
 
 def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: int) -> Path:
