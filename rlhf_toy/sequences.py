@@ -113,6 +113,18 @@ def logprobs_from_scaled(z: Tensor, tokens: Tensor) -> Tensor:
     return selected - torch.logsumexp(z, dim=-1)
 
 
+def exact_kl(z: Tensor, z_ref: Tensor, rows_at_once: int = 8) -> Tensor:
+    """KL(π‖π_ref) = Σ_v π(v) (log π(v) − log π_ref(v)) at each position, over the whole vocabulary, ``[B, T]``
+    float32, from scaled logits of both (``scale_logits``); a few rows at a time, to bound the memory of the
+    [rows, T, V] temporaries. What the k1 and k3 estimators estimate from the one sampled token."""
+    out = []
+    for start in range(0, z.shape[0], rows_at_once):
+        log_p = torch.log_softmax(z[start:start + rows_at_once].float(), dim=-1)
+        log_q = torch.log_softmax(z_ref[start:start + rows_at_once].float(), dim=-1)
+        out.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    return torch.cat(out)
+
+
 def entropy_from_logits(logits: Tensor) -> Tensor:
     """Entropy of ``softmax(logits)`` per position: ``H = logsumexp(z) - sum_v softmax(z)_v z_v``.
 

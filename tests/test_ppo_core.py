@@ -488,3 +488,14 @@ def test_sequence_policy_loss_and_kl_loss_by_hand():
     assert corrected.item() == pytest.approx(kl.item(), abs=1e-7)
     corrected.backward()
     assert logp.grad[1, 0].item() == pytest.approx(1 / 5, abs=1e-6)
+
+
+def test_exact_kl_is_the_full_vocabulary_sum_by_hand():
+    from rlhf_toy import sequences
+
+    p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.5, 0.25, 0.25])
+    by_hand = sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(p, q))   # 0.0920...
+    z, z_ref = p.log().reshape(1, 1, 3) + 3.0, q.log().reshape(1, 1, 3) - 1.0      # logits: any shift
+    kl = sequences.exact_kl(z.expand(10, 2, 3), z_ref.expand(10, 2, 3), rows_at_once=3)
+    assert kl.shape == (10, 2) and torch.allclose(kl, torch.full((10, 2), by_hand), atol=1e-6)
+    assert sequences.exact_kl(z, z)[0, 0].item() == pytest.approx(0, abs=1e-7)

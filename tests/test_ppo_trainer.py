@@ -38,6 +38,13 @@ def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
     last = sum(r["score/rm"] for r in records[-4:]) / 4
     assert last > first + 0.3, (first, last)      # the policy learns to say "wonderful"
     assert abs(records[0]["objective/kl"]) < 1e-3           # the policy starts as the reference
+    # The exact sequence KL (full vocabulary at the sampled positions) beside its estimators: 0 at the start, and
+    # k1 (what objective/kl logs here), k3 and the exact value agree on average where the policy has moved.
+    assert records[0]["objective/kl_exact"] < 1e-6 and all(r["objective/kl_exact"] >= 0 for r in records)
+    assert all(r["objective/kl_k1"] == r["objective/kl"] and r["objective/kl_k3"] >= 0 for r in records)
+    moved = records[-6:]
+    exact = sum(r["objective/kl_exact"] for r in moved) / 6
+    assert exact > 0.05 and abs(sum(r["objective/kl_k1"] for r in moved) / 6 - exact) < 0.5 * exact
     # float32: the rollout's log-probs (from generate) and the update's first forward agree
     assert all(r["policy/approxkl_first_minibatch"] < 1e-8 for r in records)
     summary = json.loads((out / "summary.json").read_text())

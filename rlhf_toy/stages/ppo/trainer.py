@@ -122,6 +122,7 @@ class Rollout:
     texts: list                        # decoded responses (what the reward model and gold judge read)
     records: list = field(default_factory=list)   # the prompt records (their other columns go to reward functions)
     prompts_truncated: int = 0         # prompts longer than max_prompt_length: the policy read only their end
+    exact_kl: torch.Tensor | None = None   # [B, T] KL(π_old‖π_ref) over the whole vocabulary at each position
 
 
 @rundir.releases_lock
@@ -411,10 +412,11 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
         attention_mask = torch.cat([query_mask, mask.long()], 1)
         with state.timer("policy_forward"), state.precision.autocast():
             if state.logprobs_from_forward:   # the same computation the update's first forward repeats
-                logprobs = sequences.response_logprobs(policy, query_responses, attention_mask, context_length,
-                                                       cfg.temperature)
+                logits = sequences.response_logits(policy, query_responses, attention_mask, context_length,
+                                                   cfg.temperature)
             else:   # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
-                logprobs = sequences.logprobs_from_logits(torch.stack(generated.logits, 1), responses, cfg.temperature)
+                logits = sequences.scale_logits(torch.stack(generated.logits, 1), cfg.temperature)
+            logprobs = sequences.logprobs_from_scaled(logits, responses)
         values = None   # critic-free: no value model, no value forward
         if value_model is not None:
             with state.timer("value_forward"), state.precision.autocast():
@@ -422,16 +424,20 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
                     values = values_from_generation(value_model, generated)
                 else:
                     values = forward_values(value_model, query_responses, attention_mask, context_length)
-        # generate's per-step logits (batch × length × vocab) are not needed past here
-        return responses, mask, query_responses, attention_mask, logprobs, values
+        # the policy's scaled logits (batch × length × vocab) stay for the exact KL; generate's others go here
+        return responses, mask, query_responses, attention_mask, logits, logprobs, values
 
-    responses, mask, query_responses, attention_mask, logprobs, values = engine_run(state, policy_and_critic)
+    responses, mask, query_responses, attention_mask, logits, logprobs, values = engine_run(state, policy_and_critic)
     with state.timer("ref_forward"), state.precision.autocast():
-        ref_logprobs = sequences.response_logprobs(state.reference, query_responses, attention_mask, context_length,
-                                                   cfg.temperature)
+        ref_logits = sequences.response_logits(state.reference, query_responses, attention_mask, context_length,
+                                               cfg.temperature)
+        ref_logprobs = sequences.logprobs_from_scaled(ref_logits, responses)
+    with state.timer("exact_kl"):   # logged beside the estimators, never trained on
+        exact_kl = sequences.exact_kl(logits, ref_logits)
+    del logits, ref_logits
     texts = [tokenizer.decode(r[m], skip_special_tokens=True) for r, m in zip(responses, mask)]
     return Rollout(batch_prompts, query_responses, attention_mask, context_length, responses, mask, logprobs,
-                   ref_logprobs, values, texts, batch_records, sum(truncated))
+                   ref_logprobs, values, texts, batch_records, sum(truncated), exact_kl)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -688,6 +694,11 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
             "kl": kl_per_seq, "entropy": core.masked_sum(-batch.logprobs, mask, dim=1), "non_score": non_score,
             "scores": scores, "length_penalty": parts["length_penalty"],
             "gold": gold, "length": n_tokens.float(), "eos": parts["has_eos"].float(),
+            # the sequence KL three ways: the full-vocabulary sum at each sampled position, and the two estimators
+            # from the sampled token alone (k1 can go negative; both are unbiased for it in expectation)
+            **({"kl_exact": core.masked_sum(batch.exact_kl, mask, dim=1)} if batch.exact_kl is not None else {}),
+            "kl_k1": core.masked_sum(core.kl_penalty(batch.logprobs, batch.ref_logprobs, "k1"), mask, dim=1),
+            "kl_k3": core.masked_sum(core.kl_penalty(batch.logprobs, batch.ref_logprobs, "k3"), mask, dim=1),
             "prompts_truncated": torch.tensor([float(batch.prompts_truncated)], device=state.device),
             "rm_prompts_truncated": torch.tensor([float(parts["rm_truncated"])], device=state.device),
             **{f"rewards/{name}": values.to(state.device) for name, values in parts["components"].items()},
@@ -709,6 +720,9 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         "objective/rlhf_reward": (gathered["scores"] + gathered["non_score"]).mean().item(),
         "objective/scores": gathered["scores"].mean().item(),
         "objective/kl_coef": state.kl_ctl.value,
+        **({"objective/kl_exact": gathered["kl_exact"].mean().item()} if "kl_exact" in gathered else {}),
+        "objective/kl_k1": gathered["kl_k1"].mean().item(),
+        "objective/kl_k3": gathered["kl_k3"].mean().item(),
         "policy/approxkl_avg": update_stats["approxkl"].mean().item(),
         # rollout vs update log-probs before any update: precision drift only (0 in float32)
         "policy/approxkl_first_minibatch": update_stats["approxkl_first_minibatch"].mean().item(),
