@@ -186,6 +186,26 @@ def sequence_logprobs(model, tokenizer, prompts, response_ids, *, temperature: f
     return totals
 
 
+@torch.no_grad()
+def token_view(model, ref, tokenizer, prompt, response_ids: list[int], *, temperature: float,
+               max_prompt_length: int = 256, precision=None) -> list[dict]:
+    """One answer token by token: {token, logp, ref_logp, k1 = logp − ref_logp (the KL penalty PPO's reward pays
+    on that token), exact_kl (the full-vocabulary KL at that position)} under `model` and its reference `ref`
+    (one tokenizer), at the sampling temperature."""
+    device = next(model.parameters()).device
+    queries, query_mask, _ = encode_prompts(tokenizer, [prompt], max_prompt_length, device)
+    responses, mask = pad_responses([response_ids], tokenizer.pad_token_id, device)
+    ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
+    with autocast(precision):
+        z = response_logits(model, ids, attention, queries.shape[1], temperature)
+        z_ref = response_logits(ref, ids, attention, queries.shape[1], temperature)
+        logp, ref_logp = logprobs_from_scaled(z, responses)[0], logprobs_from_scaled(z_ref, responses)[0]
+    exact = exact_kl(z, z_ref)[0]
+    return [{"token": tokenizer.decode([token]), "logp": logp[t].item(), "ref_logp": ref_logp[t].item(),
+             "k1": (logp[t] - ref_logp[t]).item(), "exact_kl": exact[t].item()}
+            for t, token in enumerate(response_ids)]
+
+
 def autocast(precision):
     """``precision.autocast()`` (bf16 compute under mixed precision), or nothing without a precision."""
     return precision.autocast() if precision is not None else contextlib.nullcontext()

@@ -112,3 +112,28 @@ def test_reward_function_verdicts_are_shown_beside_gold(tmp_path):
     a_lines = [line for line in lines if line.startswith("  a  gold")]
     assert len(a_lines) == 3 and all(line.endswith("correct_sum 1  number_only 0") for line in a_lines)
     assert not any("correct_sum" in line for line in lines if line.startswith("  b  gold"))
+
+
+def test_tokens_show_each_tokens_kl_and_add_up_to_the_answers(tmp_path, capsys):
+    from test_compare import tiny_copy
+
+    ref = tiny_copy(tmp_path / "sft" / "final")
+    run = tiny_copy(tmp_path / "ppo" / "final", noise=0.3, seed=3)
+    prompt = 'Review the film "The Iron Meadow" in one line.'
+    args = inspect_samples.build_parser().parse_args(
+        ["--prompt", prompt, str(run), str(ref), "--tokens", "--ref", str(ref), "--reward_model", "none",
+         "--max_new_tokens", "8", "--dtype", "float32", "--samples", "2"])
+    rows = inspect_samples.sample_prompt(args)
+    for row in rows:
+        tokens = row["tokens"]
+        assert len(tokens) == row["n_tokens"] and all(t["exact_kl"] >= -1e-6 for t in tokens)
+        # the per-token differences add up to the answer's sequence KL, computed apart by sample_and_score
+        assert sum(t["k1"] for t in tokens) == pytest.approx(row["kl"], abs=1e-4)
+        if row["label"] == "sft":   # the reference against itself: nothing moved
+            assert all(abs(t["k1"]) < 1e-6 and abs(t["exact_kl"]) < 1e-6 for t in tokens)
+    assert any(abs(t["k1"]) > 1e-3 for row in rows if row["label"] == "ppo" for t in row["tokens"])
+    text = inspect_samples.run_inspect(args)
+    assert "log π_ref" in text and "exact KL" in text and text.count("sum ") == 4
+    with pytest.raises(SystemExit) as exit_info:
+        inspect_samples.main(["--prompt", prompt, str(run), "--tokens", "--reward_model", "none"])
+    assert exit_info.value.code == 2 and "name it with --ref" in capsys.readouterr().err

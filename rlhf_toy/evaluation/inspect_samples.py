@@ -5,6 +5,7 @@
     python scripts/inspect_samples.py reports/NAME --sort disagreement --limit 10
     python scripts/inspect_samples.py reports/NAME --grep "Iron Meadow" --id 3 7
     python scripts/inspect_samples.py --prompt 'Review "Jaws" in one sentence.' base runs/sft runs/ppo runs/dpo
+    python scripts/inspect_samples.py --prompt 'Review "Jaws" in one sentence.' runs/ppo --tokens --ref runs/sft
 
 Sorting by reward-gold disagreement finds reward hacking: a response the reward model scores far
 above what the gold judge (the simulated human) thinks of it. Both are z-scored over the samples
@@ -47,7 +48,7 @@ def _normalise(row: dict, label: str) -> dict:
             "gold": _num(row.get("gold")), "rm": _num(row.get("rm")), "score": _num(row.get("score")),
             "length_penalty": _num(row.get("length_penalty")), "kl": _num(row.get("kl")),
             "n_tokens": row.get("n_tokens"), "has_eos": row.get("has_eos"), "prompt_id": row.get("prompt_id"),
-            "sample": row.get("sample") or 0,
+            "sample": row.get("sample") or 0, "tokens": row.get("tokens"),
             "rewards": {k: _num(v) for k, v in _dict(row.get("rewards")).items()}}
 
 
@@ -111,7 +112,7 @@ def quoted_title(prompt: str) -> str | None:
 def sample_prompt(args) -> list[dict]:
     """Each run (compare's `--runs` forms: a run or model directory, a model name, `base`) answers the typed
     prompt `--samples` times, scored by the gold judge and, when there is one, the reward model."""
-    from rlhf_toy import models
+    from rlhf_toy import models, sequences
     from rlhf_toy.evaluation.compare import CompareError, load_model_and_tokenizer, resolve_entries
     from rlhf_toy.evaluation.sample_and_score import sample_and_score
     from rlhf_toy.scoring import Judge
@@ -124,19 +125,34 @@ def sample_prompt(args) -> list[dict]:
         raise InspectError(str(error)) from None
     if judge.note:
         print(f"note: {judge.note}", file=sys.stderr)
-    rows = []
-    for spec in args.sources:
+    def load(spec):
         try:
             entry = resolve_entries(spec, args.base or models.DEFAULT_MODEL, 0)[0]
             if entry.best_of:
                 raise InspectError(f"{spec}: --prompt samples models; best-of-N lives in compare")
-            model, tokenizer = load_model_and_tokenizer(entry.model, entry.tokenizer_from, "auto", precision.name)
+            return entry, *load_model_and_tokenizer(entry.model, entry.tokenizer_from, "auto", precision.name)
         except (CompareError, models.ModelNotFoundError) as error:
             raise InspectError(str(error)) from None
-        _, scored = sample_and_score(model, tokenizer, [[{"role": "user", "content": args.prompt}]] * args.samples,
+
+    ref = ref_tokenizer = None
+    if args.tokens:
+        if not args.ref:
+            raise InspectError("--tokens measures each token against a reference: name it with --ref (e.g. runs/sft)")
+        _, ref, ref_tokenizer = load(args.ref)
+    prompt = [{"role": "user", "content": args.prompt}]
+    rows = []
+    for spec in args.sources:
+        entry, model, tokenizer = load(spec)
+        if args.tokens and models.tokenizer_difference(tokenizer, ref_tokenizer) is not None:
+            raise InspectError(f"--tokens: {spec} and --ref {args.ref} have different tokenizers, so no token of one "
+                               "is a token of the other")
+        _, scored = sample_and_score(model, tokenizer, [prompt] * args.samples,
                                      titles=[title] * args.samples, judge=judge, max_new_tokens=args.max_new_tokens,
                                      temperature=args.temperature, batch_size=args.samples, seed=args.seed,
-                                     precision=precision)
+                                     precision=precision, ref=ref, ref_tokenizer=ref_tokenizer, keep_ids=args.tokens)
+        for row in scored if args.tokens else ():
+            row["tokens"] = sequences.token_view(model, ref, tokenizer, prompt, row["response_ids"],
+                                                 temperature=args.temperature, precision=precision)
         rows += [_normalise({**row, "prompt_id": 0, "sample": j}, entry.label) for j, row in enumerate(scored)]
     return rows
 
@@ -189,6 +205,18 @@ class Style:
         return self(format(value, fmt), *([colour] if colour else []))
 
 
+def token_table(tokens: list[dict], indent: str, style: Style) -> list[str]:
+    """An answer's tokens one per line: log π, log π_ref, k1 = their difference, the exact KL; the tokens the
+    policy moved most (|k1| > 1 nat) stand out."""
+    lines = [indent + style(f"{'token':<16}{'log π':>9}{'log π_ref':>11}{'k1':>9}{'exact KL':>10}", "dim")]
+    for t in tokens:
+        row = f"{t['token']!r:<16}{t['logp']:>9.3f}{t['ref_logp']:>11.3f}{t['k1']:>+9.3f}{t['exact_kl']:>10.3f}"
+        lines.append(indent + (style(row, "yellow") if abs(t["k1"]) > 1 else row))
+    total_k1, total_exact = sum(t["k1"] for t in tokens), sum(t["exact_kl"] for t in tokens)
+    lines.append(indent + style(f"{'sum':<16}{'':>20}{total_k1:>+9.3f}{total_exact:>10.3f}", "dim"))
+    return lines
+
+
 def render(groups: list[dict], width: int, style: Style) -> str:
     out = []
     label_width = min(16, max(len(r["label"]) + (2 if r["sample"] else 0) for g in groups for r in g["rows"]))
@@ -224,6 +252,8 @@ def render(groups: list[dict], width: int, style: Style) -> str:
             text = r["response"] or "(empty)"
             out.append(textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent,
                                      break_long_words=True, replace_whitespace=True))
+            if r.get("tokens"):
+                out += token_table(r["tokens"], indent, style)
         out.append("")
     return "\n".join(out)
 
@@ -242,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward_model", default="runs/reward/final", help="with --prompt: the RM that scores "
                    "(`none`: gold only)")
+    p.add_argument("--tokens", action="store_true", help="with --prompt: each answer token by token against --ref: "
+                   "log π, log π_ref, their difference k1 (the KL penalty PPO's reward pays on it) and the exact KL "
+                   "over the whole vocabulary at that position")
+    p.add_argument("--ref", help="with --tokens: the reference model (a run, a model directory or name, `base`)")
     p.add_argument("--base", default=None, help="with --prompt: the model `base` stands for (default: the embedded one)")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--grep", help="only prompts whose text contains this (case-insensitive)")

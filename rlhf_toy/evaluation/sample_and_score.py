@@ -15,14 +15,16 @@ from rlhf_toy.stages.ppo.rewards import call_reward_function
 def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | None = None, max_new_tokens: int, temperature: float,
                      batch_size: int, seed: int, max_prompt_length: int = 256, ref=None, ref_tokenizer=None,
                      progress: str | None = None, precision=None, records: list[dict] | None = None,
-                     reward_functions: list = (), synced_gpus: bool = False) -> tuple[dict, list[dict]]:
+                     reward_functions: list = (), synced_gpus: bool = False,
+                     keep_ids: bool = False) -> tuple[dict, list[dict]]:
     """Sample one answer per prompt (`sequences.generate`, seeded per batch), judge it (gold; RM and the
     penalised score when the judge has a reward model) and, given a reference model, its sequence
     KL(π‖π_ref) = Σ_t log π(y_t) − log π_ref(y_t) at the sampling temperature. `precision` (a
     `models.Precision`): the autocast sampling and log-probs run in. `titles`: each prompt's film, for the
     gold judge's on-topic term (None: unknown). `reward_functions` (`rewards.load_reward_functions`'s, the reward
     model's `rm` entry skipped: the judge has it) score each answer from the prompt `records`' columns, as in
-    PPO's training: row["rewards"][name]. `synced_gpus`: as in `sequences.generate`. Returns (summary, rows)."""
+    PPO's training: row["rewards"][name]. `synced_gpus`: as in `sequences.generate`. `keep_ids`: each row also
+    holds its `response_ids`. Returns (summary, rows)."""
     samples = sequences.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
                                  batch_size=batch_size, seed=seed, max_prompt_length=max_prompt_length,
                                  progress=progress, precision=precision, synced_gpus=synced_gpus)
@@ -43,7 +45,8 @@ def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | 
         kls = [a - b for a, b in zip(logps, ref_logps)]
     rows = [{"prompt": s.prompt, "response": s.response, "n_tokens": n, "n_words": len(s.response.split()),
              "has_eos": s.has_eos, **sc, "logp": lp, "ref_logp": rlp, "kl": kl,
-             **({"prompt_truncated": True} if s.prompt_truncated else {})}
+             **({"prompt_truncated": True} if s.prompt_truncated else {}),
+             **({"response_ids": s.response_ids} if keep_ids else {})}
             for s, n, sc, lp, rlp, kl in zip(samples, n_tokens, scores, logps, ref_logps, kls)]
     functions = [(entry, name, f) for entry, name, f in reward_functions if f is not None]
     for entry, name, function in functions:
