@@ -47,7 +47,7 @@ OUTPUT_ONLY = ("output_dir", "overwrite_output_dir", "resume", "device", "num_th
 LENGTH = ("max_steps", "num_train_epochs", "total_episodes")
 FINISHED_FILE = "finished.json"   # written last by every stage: the run is complete
 LOCK_FILE = ".lock"               # held (flock) by the process training in the directory; holds its pid
-_held_locks: dict = {}            # run directory -> the open lock file: this process's, until it ends
+_held_locks: dict = {}            # run directory -> the open lock file this process holds
 
 
 @dataclass
@@ -81,9 +81,14 @@ class RunStart:
         return self.run_dir
 
 
+def _lock_key(run_dir) -> str:
+    return str(Path(run_dir).resolve())
+
+
 def lock(run_dir: Path) -> None:
-    """Take `run_dir`'s lock for the rest of this process (a ConfigError naming the holder if another has it)."""
-    key = str(Path(run_dir).resolve())
+    """Take `run_dir`'s lock until the stage returns (`releases_lock`) or the process ends (a ConfigError naming
+    the holder if another process has it)."""
+    key = _lock_key(run_dir)
     if key in _held_locks:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -104,7 +109,7 @@ def lock(run_dir: Path) -> None:
 def _refuse_if_locked(run_dir: Path) -> None:
     """A ConfigError if another process holds `run_dir`'s lock; writes nothing (the lock is tried and let go)."""
     path = run_dir / LOCK_FILE
-    if str(run_dir.resolve()) in _held_locks or not path.is_file():
+    if _lock_key(run_dir) in _held_locks or not path.is_file():
         return
     with open(path) as handle:
         try:
@@ -221,7 +226,7 @@ def releases_lock(stage):
         try:
             return stage(cfg, *args, **kwargs)
         finally:
-            handle = _held_locks.pop(str(Path(cfg.output_dir).resolve()), None)
+            handle = _held_locks.pop(_lock_key(cfg.output_dir), None)
             if handle is not None:
                 handle.close()
     return run

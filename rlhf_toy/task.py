@@ -627,6 +627,11 @@ def best_demonstration(samples: list[tuple[str, bool]], title: str | None = None
     return max(scored) if scored else None
 
 
+def preference_probability(gold_a: float, gold_b: float, label_temperature: float) -> float:
+    """The labeler's P(a preferred to b): a Bradley–Terry draw on gold, sigmoid((gold_a − gold_b) / label_temperature)."""
+    return 1 / (1 + math.exp(-(gold_a - gold_b) / label_temperature))
+
+
 def label_pairs(answers: list[tuple[str, bool]], title: str | None, rng: random.Random, pairs_per_prompt: int,
                 label_temperature: float):
     """Preference pairs from one prompt's (shown answer, was cut) list, labelled like noisy human labelers: a
@@ -636,7 +641,7 @@ def label_pairs(answers: list[tuple[str, bool]], title: str | None, rng: random.
     golds = [gold_score(text, title, truncated=cut) for text, cut in answers]
     pairs = [(a, b) for a, b in itertools.combinations(range(len(answers)), 2) if answers[a][0] != answers[b][0]]
     for a, b in rng.sample(pairs, min(pairs_per_prompt, len(pairs))):
-        p_a = 1 / (1 + math.exp(-(golds[a] - golds[b]) / label_temperature))
+        p_a = preference_probability(golds[a], golds[b], label_temperature)
         chosen, rejected = (a, b) if rng.random() < p_a else (b, a)
         yield (answers[chosen][0], answers[rejected][0], golds[chosen], golds[rejected],
                answers[chosen][1], answers[rejected][1])

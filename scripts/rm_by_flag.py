@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
 from rlhf_toy import data, task
-from rlhf_toy.evaluation.stats import pair_calibration
 from rlhf_toy.scoring import RewardScorer, response_text
-from rlhf_toy.stages.reward import clean_pairs, label_temperature, plot_reliability
+from rlhf_toy.stages.reward import clean_pairs, held_out_calibration
 
 
 def main(argv=None):
@@ -40,8 +38,10 @@ def main(argv=None):
            for s in map(json.loads, Path(args.samples).read_text().splitlines())}
     scorer = RewardScorer(args.reward_model)
     prompts = [p["prompt"] for p in held_out]
-    chosen_rm = scorer.score(prompts, [p["chosen"] for p in held_out]).tolist()
-    rejected_rm = scorer.score(prompts, [p["rejected"] for p in held_out]).tolist()
+    raw_chosen = scorer.score_raw(prompts, [p["chosen"] for p in held_out])
+    raw_rejected = scorer.score_raw(prompts, [p["rejected"] for p in held_out])
+    chosen_rm = (raw_chosen * scorer.gain + scorer.bias).tolist()   # = scorer.score
+    rejected_rm = (raw_rejected * scorer.gain + scorer.bias).tolist()
     title_of = {json.dumps(r["prompt"]): r.get("title") for r in records}   # clean_pairs keeps only what TRL reads
     groups, n_pairs = defaultdict(list), 0
     for pair, rm_c, rm_r in zip(held_out, chosen_rm, rejected_rm):
@@ -58,18 +58,12 @@ def main(argv=None):
     for kind, agree in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         print(f"| {kind} | {len(agree)} | {sum(agree) / len(agree):.2f} |")
     print(f"\n{n_pairs} held-out pairs without a gold tie; a pair counts under each flag it differs in.")
-    raw = [[(x - scorer.bias) / scorer.gain for x in side] for side in (chosen_rm, rejected_rm)]
-    temperature = label_temperature(args.dataset)
-    gold_p = None if temperature is None else [1 / (1 + math.exp(-(p["gold_chosen"] - p["gold_rejected"]) / temperature))
-                                               for p in held_out]
-    calibration = pair_calibration(raw[0], raw[1], gold_p)
+    calibration = held_out_calibration(raw_chosen.tolist(), raw_rejected.tolist(), held_out, args.dataset, args.plot)
     print(f"\ncalibration on all {len(held_out)} held-out pairs (both orders): ECE {calibration['ece']:.3f}\n")
     print("| RM's P(a ≻ b) | pairs | mean P | labels chose a | gold's P |\n|---|---|---|---|---|")
     for b in calibration["bins"]:
         print(f"| {b['low']:.1f}-{b['high']:.1f} | {b['n']} | {b['confidence']:.3f} | {b['frequency']:.3f} | "
               f"{b.get('reference', float('nan')):.3f} |")
-    if args.plot:
-        plot_reliability(calibration, args.plot, temperature)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,19 @@ def label_temperature(dataset: str) -> float | None:
         return None
 
 
+def held_out_calibration(raw_chosen: list[float], raw_rejected: list[float], pairs: list[dict], dataset: str,
+                         plot_path=None) -> dict:
+    """`stats.pair_calibration` of the RM's raw scores on held-out `pairs`, beside gold's own Bradley–Terry
+    probability where the dataset records its labeler's temperature; with `plot_path`, the diagram too."""
+    temperature = label_temperature(dataset)
+    gold_p = None if temperature is None else [task.preference_probability(p["gold_chosen"], p["gold_rejected"],
+                                                                           temperature) for p in pairs]
+    result = pair_calibration(raw_chosen, raw_rejected, gold_p)
+    if plot_path is not None:
+        plot_reliability(result, plot_path, temperature)
+    return result
+
+
 def plot_reliability(result: dict, path, temperature: float | None) -> None:
     """The reliability diagram of `stats.pair_calibration`'s result: per bin of the RM's P(a ≻ b), how often the
     labels chose a (and gold's own P), against the diagonal a calibrated model lies on."""
@@ -335,8 +348,9 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     # accuracy on the same (noisy) labels.
     if eval_pairs:
         prompts = [p["prompt"] for p in eval_pairs]
-        chosen = scorer.score(prompts, [p["chosen"] for p in eval_pairs])
-        rejected = scorer.score(prompts, [p["rejected"] for p in eval_pairs])
+        raw_c = scorer.score_raw(prompts, [p["chosen"] for p in eval_pairs])
+        raw_r = scorer.score_raw(prompts, [p["rejected"] for p in eval_pairs])
+        chosen, rejected = raw_c * scorer.gain + scorer.bias, raw_r * scorer.gain + scorer.bias   # = scorer.score
         gold_c = torch.tensor([p["gold_chosen"] for p in eval_pairs])
         gold_r = torch.tensor([p["gold_rejected"] for p in eval_pairs])
         gold_differs = gold_c != gold_r
@@ -349,15 +363,10 @@ def train_reward(cfg: RewardStageConfig) -> Path:
             "eval_prompts_truncated": scorer.n_truncated,
         })
         summary["eval_accuracy_gap"] = summary["eval_accuracy_ceiling"] - summary["eval_accuracy"]
-        # Calibration: σ(raw_c − raw_r), the RM's own P(chosen ≻ rejected), against the labels (and gold's P).
-        raw_c, raw_r = ((x - scorer.bias) / scorer.gain for x in (chosen, rejected))
-        temperature = label_temperature(cfg.dataset)
-        gold_p = (None if temperature is None else
-                  torch.sigmoid((gold_c - gold_r).double() / temperature).tolist())
-        calibration_result = pair_calibration(raw_c.tolist(), raw_r.tolist(), gold_p)
+        calibration_result = held_out_calibration(raw_c.tolist(), raw_r.tolist(), eval_pairs, cfg.dataset,
+                                                  run_dir / "rm_calibration.png")
         summary["eval_rm_ece"] = calibration_result["ece"]
         summary["eval_rm_calibration"] = calibration_result["bins"]
-        plot_reliability(calibration_result, run_dir / "rm_calibration.png", temperature)
 
     # Rank correlation with gold on fresh samples of the eval prompts.
     if eval_prompts:
