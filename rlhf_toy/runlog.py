@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback
@@ -77,6 +78,9 @@ def cut_back(run_dir, step: int) -> None:
         _write_jsonl(samples, [r for r in read_jsonl(samples) if _kept(r, step) and r.get("stage") != "after"])
 
 
+WALL_KEY = "time/wall_s"
+
+
 def _kept(record: dict, step: int) -> bool:
     return record.get("step") is None or record["step"] <= step
 
@@ -90,6 +94,11 @@ class MetricsLogger:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
             self.truncate_after(resume_step)
+        # Every record's `time/wall_s`: seconds since the run began, summed over its sessions (a resumed run
+        # goes on from its last kept record), so curves of runs of different kinds can share a wall-clock axis.
+        self.wall_offset = max((r[WALL_KEY] for r in read_jsonl(self.path) if isinstance(r.get(WALL_KEY), (int, float))),
+                               default=0.0)
+        self.started = time.perf_counter()
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -102,6 +111,7 @@ class MetricsLogger:
         _write_jsonl(self.path, [r for r in read_jsonl(self.path) if _kept(r, step) and "summary" not in r])
 
     def log(self, step: int, metrics: dict) -> None:
+        metrics = {**metrics, WALL_KEY: self.wall_offset + time.perf_counter() - self.started}
         record = {"step": step, **metrics}
         append_jsonl(self.path, [record])
         if self.writer is not None:

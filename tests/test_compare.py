@@ -312,3 +312,25 @@ def test_training_curves_share_an_axis_of_episodes(tmp_path):
     curves = training_curves({"ppo": ppo, "dpo": dpo})
     assert [x for x, _ in curves["ppo"]["KL to reference"]] == [32, 64, 96, 128]   # step x batch_size, or `episode`
     assert [x for x, _ in curves["dpo"]["KL to reference"]] == [0, 48]             # 3 steps x 4 x 2 x 2 processes
+
+
+def test_training_curves_on_wall_clock_go_on_across_a_resumed_session(tmp_path):
+    from rlhf_toy.evaluation.report import plot_curves, training_curves
+
+    run = tmp_path / "ppo"
+    logger = runlog.MetricsLogger(run, tensorboard=False)
+    for step in (1, 2):
+        logger.log(step, {"episode": 8 * step, "objective/kl": 0.1 * step})
+    first = runlog.read_jsonl(run / "metrics.jsonl")
+    assert 0 <= first[0]["time/wall_s"] <= first[1]["time/wall_s"]
+    # resumed from step 1: step 2 is redone, its time counted on from step 1's, not from zero
+    resumed = runlog.MetricsLogger(run, tensorboard=False, resume_step=1)
+    resumed.log(2, {"episode": 16, "objective/kl": 0.25})
+    records = runlog.read_jsonl(run / "metrics.jsonl")
+    assert [r["step"] for r in records] == [1, 2] and records[1]["time/wall_s"] >= first[0]["time/wall_s"]
+    runlog.append_jsonl(run / "metrics.jsonl", [{"step": 3, "episode": 24, "objective/kl": 0.3}])   # an old record
+    wall = training_curves({"ppo": run}, axis="wall")
+    assert [x for x, _ in wall["ppo"]["KL to reference"]] == [r["time/wall_s"] for r in records]
+    assert [v for _, v in wall["ppo"]["KL to reference"]] == [0.1, 0.25]
+    plot_curves(training_curves({"ppo": run}), tmp_path / "curves.png", wall)
+    assert (tmp_path / "curves.png").stat().st_size > 0

@@ -44,8 +44,8 @@ import torch
 
 from rlhf_toy import data, models, runlog
 from rlhf_toy.config import DTYPES, ConfigError, check_device, positive_float
-from rlhf_toy.evaluation.report import (compare_markdown, markdown_table, plot_curves, plot_frontier,
-                                        training_curves, write_html, _fmt)
+from rlhf_toy.evaluation.report import (compare_markdown, last_training_samples, markdown_table, plot_curves,
+                                        plot_frontier, training_curves, write_html, _fmt)
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.evaluation.stats import MIN_BOOTSTRAP, paired_comparison, summarize
 from rlhf_toy.scoring import PENALTIES_OFF, Judge, has_reward_model, reward_model_dir, run_penalties
@@ -515,8 +515,9 @@ def run_compare(args) -> Path:
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "compare.md").write_text(compare_markdown(report))
     plot_frontier(report, out_dir / "frontier.png")
-    plot_curves(training_curves(run_dirs), out_dir / "curves.png")
-    write_html(report, {label: rows_by_label[label] for label in report["runs"]}, out_dir, args.html_prompts)
+    plot_curves(training_curves(run_dirs), out_dir / "curves.png", training_curves(run_dirs, axis="wall"))
+    write_html(report, {label: rows_by_label[label] for label in report["runs"]}, out_dir, args.html_prompts,
+               last_training_samples(run_dirs, per_run=4))
     print(markdown_table(report))
     return out_dir
 

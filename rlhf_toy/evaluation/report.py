@@ -199,44 +199,52 @@ def plot_frontier(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: dict, path: Path) -> None:
-    """Training curves of the runs overlaid on episodes: {run: {panel: [(episodes, value)]}} (`training_curves`)."""
+def plot_curves(curves: dict, path: Path, wall_curves: dict | None = None) -> None:
+    """Training curves of the runs overlaid on episodes, {run: {panel: [(episodes, value)]}}, and below them
+    on wall-clock seconds when `wall_curves` (the same shape, `training_curves(..., axis="wall")`) is given."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4.2 * len(CURVES), 3.6))
-    for ax, (title, _) in zip(axes, CURVES):
-        for i, (run, panels) in enumerate(curves.items()):
-            points = panels.get(title)
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], "-o" if len(points) < 12 else "-",
-                        ms=3, color=f"C{i % 10}", label=run)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("episodes (answers scored; DPO: pairs seen)")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
-        else:
-            ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes, color="gray")
+    rows = [(curves, "episodes (answers scored; DPO: pairs seen)")]
+    if wall_curves:   # runs trained before metrics carried time/wall_s have none
+        rows.append((wall_curves, "wall-clock seconds of training (evaluations included)"))
+    fig, grid = plt.subplots(len(rows), len(CURVES), figsize=(4.2 * len(CURVES), 3.6 * len(rows)), squeeze=False)
+    for axes, (row_curves, xlabel) in zip(grid, rows):
+        for ax, (title, _) in zip(axes, CURVES):
+            for i, (run, panels) in enumerate(curves.items()):   # one colour per run in both rows
+                points = row_curves.get(run, {}).get(title)
+                if points:
+                    ax.plot([p[0] for p in points], [p[1] for p in points], "-o" if len(points) < 12 else "-",
+                            ms=3, color=f"C{i % 10}", label=run)
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(xlabel)
+            ax.grid(alpha=0.3)
+            if ax.lines:
+                ax.legend(fontsize=8)
+            else:
+                ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes, color="gray")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def training_curves(run_dirs: dict) -> dict:
-    """{run: {panel: [(episodes, value)]}} from each run's metrics.jsonl. The x-axis is what a step consumed, so
-    runs of different batch sizes and kinds overlay: PPO's `episode` (answers sampled and scored), an HF/TRL
-    stage's step times its batch (pairs for DPO); a run whose batch is unknown keeps its steps."""
+def training_curves(run_dirs: dict, axis: str = "episodes") -> dict:
+    """{run: {panel: [(x, value)]}} from each run's metrics.jsonl. With axis="episodes" x is what the steps
+    consumed, so runs of different batch sizes and kinds overlay: PPO's `episode` (answers sampled and scored),
+    an HF/TRL stage's step times its batch (pairs for DPO); a run whose batch is unknown keeps its steps. With
+    axis="wall", x is the record's `time/wall_s` (runlog.MetricsLogger's; records without it are left out)."""
     curves = {}
     for run, run_dir in run_dirs.items():
         records = runlog.read_jsonl(run_dir / "metrics.jsonl")
         per_step = examples_per_step(run_dir)
+        x_of = ((lambda r: r.get(runlog.WALL_KEY)) if axis == "wall" else
+                (lambda r: r.get("episode", r["step"] * per_step)))
         panels = {}
         for title, keys in CURVES:
             for key in keys:
-                points = [(r.get("episode", r["step"] * per_step), r[key]) for r in records
-                          if isinstance(r.get(key), (int, float)) and "step" in r]
+                points = [(x_of(r), r[key]) for r in records
+                          if isinstance(r.get(key), (int, float)) and "step" in r and x_of(r) is not None]
                 if points:
                     panels[title] = points
                     break
@@ -266,7 +274,74 @@ def examples_per_step(run_dir: Path) -> int:
     return int(config["per_device_train_batch_size"]) * int(config.get("gradient_accumulation_steps", 1)) * processes
 
 
-def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: int) -> Path:
+# The per-token view: each answer token is a span holding its view's columns (k1 = log π − log π_ref, the KL
+# penalty PPO's reward pays there; PPO's training samples also the advantage, value, ratio and reward); the
+# page's script colours every token by the chosen column (k1: red where the policy made the token likelier
+# than the reference, blue less likely, full colour at 2 nats; the others by their distance from 0, or 1 for
+# the ratio, scaled to the page's largest) and the menu switches the column or the colours off.
+TOKEN_SCRIPT = """
+const CENTRE = {ratio: 1};
+function colourTokens() {
+  const column = document.getElementById('column').value;
+  const spans = [...document.querySelectorAll('.tok')];
+  const centre = CENTRE[column] || 0;
+  const values = spans.map(el => parseFloat(el.dataset[column]) - centre);
+  const scale = column === 'k1' ? 2 : Math.max(1e-9, ...values.filter(v => !isNaN(v)).map(Math.abs));
+  spans.forEach((el, i) => {
+    const v = values[i];
+    if (column === 'none' || isNaN(v)) { el.style.backgroundColor = ''; return; }
+    const a = Math.min(1, Math.abs(v) / scale) * 0.75;
+    el.style.backgroundColor = v >= 0 ? `rgba(220, 50, 47, ${a.toFixed(3)})` : `rgba(38, 139, 210, ${a.toFixed(3)})`;
+  });
+  document.getElementById('legend').dataset.tokens = spans.filter(el => el.style.backgroundColor).length;
+}
+document.addEventListener('DOMContentLoaded', () => {   // report.html#column=advantage opens on that column
+  const chosen = location.hash.match(/column=(\\w+)/);
+  if (chosen) document.getElementById('column').value = chosen[1];
+  colourTokens();
+});
+"""
+TOKEN_LEGEND = ("colour each token by <select id='column' onchange='colourTokens()'><option value='k1' selected>"
+                "log π − log π_ref (the KL penalty it pays)</option><option value='advantage'>the advantage (PPO's "
+                "training samples)</option><option value='value'>the value V(s_t)</option><option value='ratio'>the "
+                "ratio π/π_old at the update</option><option value='reward'>the per-token reward</option>"
+                "<option value='none'>nothing</option></select> (hover a token for its numbers) <span id='legend'>"
+                "<span style='background:rgba(220,50,47,.75)'>above</span>"
+                "<span style='background:rgba(38,139,210,.75)'>below</span></span>")
+# What each column of a per-token view is (samples' `token_view`: compare's k1; PPO's training samples add the rest).
+TOKEN_COLUMNS = {"k1": "log π − log π_ref", "advantage": "advantage", "value": "value V(s_t)",
+                 "ratio": "ratio π/π_old at the update", "reward": "reward (−β·k1, + the score on the last token)"}
+
+
+def token_spans(row: dict) -> str:
+    """A sample's answer as one span per token carrying every column of its view (as data attributes, and in the
+    hover text); empty when the row has no per-token view."""
+    view = row.get("token_view") or {}
+    if not view.get("token") or not view.get("k1"):
+        return ""
+    columns = [name for name in TOKEN_COLUMNS if name in view]
+    spans = []
+    for t, token in enumerate(view["token"]):
+        data = " ".join(f"data-{name}='{view[name][t]:.4f}'" for name in columns)
+        hover = " · ".join(f"{TOKEN_COLUMNS[name]} {view[name][t]:+.3f}" for name in columns)
+        spans.append(f"<span class='tok' {data} title='{html.escape(hover)}'>{html.escape(token)}</span>")
+    return "".join(spans)
+
+
+def last_training_samples(run_dirs: dict, per_run: int) -> dict:
+    """{run: the first `per_run` samples of its last sampled step that have a per-token view} (PPO's samples.jsonl)."""
+    found = {}
+    for run, run_dir in run_dirs.items():
+        rows = [r for r in runlog.read_jsonl(run_dir / "samples.jsonl") if isinstance(r.get("token_view"), dict)]
+        if rows:
+            last = max(r.get("step", 0) for r in rows)
+            found[run] = [r for r in rows if r.get("step", 0) == last][:per_run]
+    return found
+
+
+def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: int, training: dict | None = None) -> Path:
+    """report.html: the tables, the plots, the samples (each answer's tokens coloured, `token_spans`) and, from
+    `training` ({run: rows}, `last_training_samples`), PPO's last training samples with their per-token view."""
     def img(name):
         encoded = base64.b64encode((out_dir / name).read_bytes()).decode()
         return f'<img src="data:image/png;base64,{encoded}" alt="{name}">'
@@ -277,8 +352,9 @@ def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: in
         "body{font-family:system-ui,sans-serif;margin:2em;max-width:1400px}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top}th{background:#f3f3f3}"
         ".resp{white-space:pre-wrap;max-width:360px}.s{color:#555;font-size:85%}img{max-width:100%}"
-        ".good{background:#eaf7ea}.bad{background:#fbeaea}",
-        "</style></head><body><h1>Comparison</h1>",
+        ".good{background:#eaf7ea}.bad{background:#fbeaea}.tok{border-radius:2px}"
+        "#legend span{padding:0 4px}",
+        f"</style><script>{TOKEN_SCRIPT}</script></head><body><h1>Comparison</h1>",
         "<table><tr><th>run</th>" + "".join(f"<th>{e(t)}</th>" for _, t in TABLE_COLUMNS) + "</tr>",
     ]
     for label, m in report["runs"].items():
@@ -288,7 +364,7 @@ def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: in
     labels = list(report["runs"])
     by_prompt = {label: {(r["prompt_id"], r["sample"]): r for r in rows_by_label[label]} for label in labels}
     keys = sorted(by_prompt[labels[0]])[:max_prompts]
-    parts.append(f"<h2>Samples ({len(keys)} shown)</h2><table><tr><th>prompt</th>"
+    parts.append(f"<h2>Samples ({len(keys)} shown)</h2><p>{TOKEN_LEGEND}</p><table><tr><th>prompt</th>"
                  + "".join(f"<th>{e(l)}</th>" for l in labels) + "</tr>")
     for key in keys:
         prompt = by_prompt[labels[0]][key]["prompt"]
@@ -301,9 +377,19 @@ def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: in
                 continue
             cls = "good" if r["gold"] > 0.3 else "bad" if r["gold"] < -0.3 else ""
             scores = f"gold {_fmt(r['gold'], 2)} · RM {_fmt(r.get('rm'), 2)} · {r['n_tokens']} tok" + ("" if r["has_eos"] else " · no EOS")
-            parts.append(f"<td class='resp {cls}'>{e(r['response'])}<div class='s'>{e(scores)}</div></td>")
+            parts.append(f"<td class='resp {cls}'>{token_spans(r) or e(r['response'])}<div class='s'>{e(scores)}</div></td>")
         parts.append("</tr>")
-    parts.append("</table></body></html>")
+    parts.append("</table>")
+    for run, rows in (training or {}).items():
+        parts.append(f"<h2>{e(run)}: training samples of step {rows[0].get('step')} (what the update saw)</h2>"
+                     "<table><tr><th>prompt</th><th>answer</th></tr>")
+        for r in rows:
+            prompt = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else str(r["prompt"])
+            scores = f"score {_fmt(r.get('score'), 2)} · gold {_fmt(r.get('gold'), 2)} · KL {_fmt(r.get('kl'), 2)}"
+            parts.append(f"<tr><td class='resp'>{e(prompt)}</td><td class='resp'>{token_spans(r) or e(r['response'])}"
+                         f"<div class='s'>{e(scores)}</div></td></tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
     path = out_dir / "report.html"
     path.write_text("".join(parts), encoding="utf-8")
     return path
