@@ -174,8 +174,17 @@ def sequence_logprobs(model, tokenizer, prompts, response_ids, *, temperature: f
                       max_prompt_length: int = 256, batch_size: int = 16, precision=None) -> list[float]:
     """Σ_t log π(y_t | x, y_<t) of each response (token ids) under ``model`` at temperature T
     (``precision``: a ``models.Precision`` whose autocast the forward passes run in; none: as loaded)."""
+    return token_logprobs(model, tokenizer, prompts, response_ids, temperature=temperature,
+                          max_prompt_length=max_prompt_length, batch_size=batch_size, precision=precision)[0]
+
+
+@torch.no_grad()
+def token_logprobs(model, tokenizer, prompts, response_ids, *, temperature: float, max_prompt_length: int = 256,
+                   batch_size: int = 16, precision=None) -> tuple[list[float], list[list[float]]]:
+    """(Σ_t log π(y_t | x, y_<t) of each response, each response's log π(y_t | x, y_<t) token by token), from
+    one forward pass per batch, as in ``sequence_logprobs``."""
     device = next(model.parameters()).device
-    totals = []
+    totals, per_token = [], []
     for start in range(0, len(prompts), batch_size):
         queries, query_mask, _ = encode_prompts(tokenizer, prompts[start:start + batch_size], max_prompt_length, device)
         responses, mask = pad_responses(response_ids[start:start + batch_size], tokenizer.pad_token_id, device)
@@ -183,7 +192,8 @@ def sequence_logprobs(model, tokenizer, prompts, response_ids, *, temperature: f
         with autocast(precision):
             logprobs = response_logprobs(model, ids, attention, queries.shape[1], temperature)
         totals += torch.where(mask, logprobs, torch.zeros((), device=device)).sum(1).tolist()
-    return totals
+        per_token += [row[:n].tolist() for row, n in zip(logprobs.float(), mask.sum(1).tolist())]
+    return totals, per_token
 
 
 @torch.no_grad()

@@ -431,3 +431,28 @@ def test_shared_critic_learns_and_resumes_from_its_checkpoint(pipeline, tmp_path
     base_lr = yaml.safe_load((out / "config.yaml").read_text())["learning_rate"]
     assert [r["lr"] for r in resumed] == pytest.approx([base_lr * (1 - s / 12) for s in range(12)] +
                                                        [base_lr * (1 - s / 14) for s in (12, 13)])
+
+
+def test_training_samples_carry_the_per_token_view_of_the_update(pipeline, whole_run, capsys):
+    """Each sampled episode token by token: k1 adds up to its KL, the per-token rewards to score − β·KL with the
+    score on the last token, the advantages are whitened over the batch, the ratio is π/π_old at the update."""
+    config = yaml.safe_load((whole_run / "config.yaml").read_text())
+    rows = runlog.read_jsonl(whole_run / "samples.jsonl")
+    last = [r for r in rows if r["step"] == max(r["step"] for r in rows)]
+    assert len(last) == config["batch_size"]
+    for row in last:
+        view = row["token_view"]
+        assert set(view) == {"token", "k1", "advantage", "value", "ratio", "reward"}
+        assert all(len(column) == row["n_tokens"] for column in view.values())
+        assert sum(view["k1"]) == pytest.approx(row["kl"], abs=1e-3)
+        beta = config["kl_coef"]
+        assert view["reward"][:-1] == pytest.approx([-beta * k for k in view["k1"][:-1]], abs=1e-3)
+        assert view["reward"][-1] == pytest.approx(row["score"] - beta * view["k1"][-1], abs=1e-3)
+        assert all(0 < r < 10 for r in view["ratio"])
+    advantages = [a for row in last for a in row["token_view"]["advantage"]]
+    assert sum(advantages) / len(advantages) == pytest.approx(0, abs=1e-2)   # whitened over the batch's tokens
+    assert any(abs(r - 1) > 1e-4 for row in last for r in row["token_view"]["ratio"])   # the update moved them
+    from rlhf_toy.evaluation import inspect_samples
+    text = inspect_samples.main([str(whole_run), "--tokens", "--limit", "1", "--color", "never"])
+    assert "advantage" in text and "ratio" in text and "reward" in text
+    assert f"{last[0]['token_view']['token'][0]!r}" in text or any(f"{r['token_view']['token'][0]!r}" in text for r in last)

@@ -48,8 +48,16 @@ def _normalise(row: dict, label: str) -> dict:
             "gold": _num(row.get("gold")), "rm": _num(row.get("rm")), "score": _num(row.get("score")),
             "length_penalty": _num(row.get("length_penalty")), "kl": _num(row.get("kl")),
             "n_tokens": row.get("n_tokens"), "has_eos": row.get("has_eos"), "prompt_id": row.get("prompt_id"),
-            "sample": row.get("sample") or 0, "tokens": row.get("tokens"),
+            "sample": row.get("sample") or 0, "tokens": row.get("tokens") or _view_rows(row.get("token_view")),
             "rewards": {k: _num(v) for k, v in _dict(row.get("rewards")).items()}}
+
+
+def _view_rows(view) -> list[dict] | None:
+    """A stored per-token view (columns: {"token": [...], "k1": [...], ...}) as one dict per token."""
+    if not isinstance(view, dict) or not isinstance(view.get("token"), list):
+        return None
+    return [{name: view[name][t] for name in view if isinstance(view[name], list) and t < len(view[name])}
+            for t in range(len(view["token"]))]
 
 
 def _dict(value) -> dict:
@@ -205,19 +213,30 @@ class Style:
         return self(format(value, fmt), *([colour] if colour else []))
 
 
+# The per-token columns a view may have, in order, with their headings: sampling now (--prompt) measures log π,
+# log π_ref, k1 and the exact KL; compare's stored samples hold k1; PPO's training samples add what the update used.
+TOKEN_HEADINGS = {"logp": "log π", "ref_logp": "log π_ref", "k1": "k1", "exact_kl": "exact KL",
+                  "advantage": "advantage", "value": "value", "ratio": "ratio", "reward": "reward"}
+
+
 def token_table(tokens: list[dict], indent: str, style: Style) -> list[str]:
-    """An answer's tokens one per line: log π, log π_ref, k1 = their difference, the exact KL; the tokens the
-    policy moved most (|k1| > 1 nat) stand out."""
-    lines = [indent + style(f"{'token':<16}{'log π':>9}{'log π_ref':>11}{'k1':>9}{'exact KL':>10}", "dim")]
+    """An answer's tokens one per line with the columns its view has (`TOKEN_HEADINGS`: k1 = log π − log π_ref,
+    the KL penalty PPO's reward pays on it; in PPO's training samples also the advantage, the value, the ratio
+    π/π_old at the update and the per-token reward, the score on the last token); the tokens the policy moved
+    most (|k1| > 1 nat) stand out; the sums of k1 and the exact KL at the end."""
+    columns = [name for name in TOKEN_HEADINGS if name in tokens[0]]
+    lines = [indent + style(f"{'token':<16}" + "".join(f"{TOKEN_HEADINGS[c]:>11}" for c in columns), "dim")]
     for t in tokens:
-        row = f"{t['token']!r:<16}{t['logp']:>9.3f}{t['ref_logp']:>11.3f}{t['k1']:>+9.3f}{t['exact_kl']:>10.3f}"
-        lines.append(indent + (style(row, "yellow") if abs(t["k1"]) > 1 else row))
-    total_k1, total_exact = sum(t["k1"] for t in tokens), sum(t["exact_kl"] for t in tokens)
-    lines.append(indent + style(f"{'sum':<16}{'':>20}{total_k1:>+9.3f}{total_exact:>10.3f}", "dim"))
+        row = f"{t['token']!r:<16}" + "".join(f"{t[c]:>+11.3f}" if c == "k1" else f"{t[c]:>11.3f}" for c in columns)
+        lines.append(indent + (style(row, "yellow") if abs(t.get("k1", 0.0)) > 1 else row))
+    totals = {c: sum(t[c] for t in tokens) for c in ("k1", "exact_kl") if c in columns}
+    lines.append(indent + style(f"{'sum':<16}" + "".join(
+        (f"{totals[c]:>+11.3f}" if c == "k1" else f"{totals[c]:>11.3f}") if c in totals else " " * 11
+        for c in columns), "dim"))
     return lines
 
 
-def render(groups: list[dict], width: int, style: Style) -> str:
+def render(groups: list[dict], width: int, style: Style, show_tokens: bool = False) -> str:
     out = []
     label_width = min(16, max(len(r["label"]) + (2 if r["sample"] else 0) for g in groups for r in g["rows"]))
     indent = " " * (label_width + 4)
@@ -252,7 +271,7 @@ def render(groups: list[dict], width: int, style: Style) -> str:
             text = r["response"] or "(empty)"
             out.append(textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent,
                                      break_long_words=True, replace_whitespace=True))
-            if r.get("tokens"):
+            if show_tokens and r.get("tokens"):
                 out += token_table(r["tokens"], indent, style)
         out.append("")
     return "\n".join(out)
@@ -272,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--reward_model", default="runs/reward/final", help="with --prompt: the RM that scores "
                    "(`none`: gold only)")
-    p.add_argument("--tokens", action="store_true", help="with --prompt: each answer token by token against --ref: "
+    p.add_argument("--tokens", action="store_true", help="each answer token by token. With --prompt, against --ref: "
                    "log π, log π_ref, their difference k1 (the KL penalty PPO's reward pays on it) and the exact KL "
-                   "over the whole vocabulary at that position")
+                   "over the whole vocabulary at that position. Stored samples: their k1 (compare) and, in PPO's "
+                   "training samples, the advantage, value, ratio at the update and per-token reward")
     p.add_argument("--ref", help="with --tokens: the reference model (a run, a model directory or name, `base`)")
     p.add_argument("--base", default=None, help="with --prompt: the model `base` stands for (default: the embedded one)")
     p.add_argument("--dtype", default="auto", choices=DTYPES)
@@ -321,7 +341,7 @@ def run_inspect(args, stream=None) -> str:
         raise InspectError("no prompt matches the filters")
     width = args.width or min(110, shutil.get_terminal_size((100, 24)).columns)
     colour = args.color == "always" or (args.color == "auto" and stream.isatty() and not os.environ.get("NO_COLOR"))
-    text = render(groups, width, Style(colour))
+    text = render(groups, width, Style(colour), show_tokens=args.tokens)
     print(text, file=stream)
     return text
 

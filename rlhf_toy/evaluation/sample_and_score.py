@@ -40,14 +40,21 @@ def sample_and_score(model, tokenizer, prompts, *, judge: Judge, titles: list | 
         ids = [s.response_ids or [tokenizer.eos_token_id] for s in samples]   # an empty answer is its EOS
         settings = dict(temperature=temperature, max_prompt_length=max_prompt_length, batch_size=batch_size,
                         precision=precision)
-        logps = sequences.sequence_logprobs(model, tokenizer, prompts, ids, **settings)
-        ref_logps = sequences.sequence_logprobs(ref, ref_tokenizer or tokenizer, prompts, ids, **settings)
+        logps, token_logps = sequences.token_logprobs(model, tokenizer, prompts, ids, **settings)
+        ref_logps, ref_token_logps = sequences.token_logprobs(ref, ref_tokenizer or tokenizer, prompts, ids, **settings)
         kls = [a - b for a, b in zip(logps, ref_logps)]
+        # The per-token view (report.html, inspect_samples --tokens): each token and k1 = log π − log π_ref at it,
+        # the KL penalty PPO's reward pays there.
+        token_views = [{"token_view": {"token": [tokenizer.decode([t]) for t in s.response_ids],
+                                       "k1": [round(a - b, 4) for a, b in zip(lp, rlp)][:len(s.response_ids)]}}
+                       for s, lp, rlp in zip(samples, token_logps, ref_token_logps)]
+    else:
+        token_views = [{}] * len(samples)
     rows = [{"prompt": s.prompt, "response": s.response, "n_tokens": n, "n_words": len(s.response.split()),
              "has_eos": s.has_eos, **sc, "logp": lp, "ref_logp": rlp, "kl": kl,
              **({"prompt_truncated": True} if s.prompt_truncated else {}),
-             **({"response_ids": s.response_ids} if keep_ids else {})}
-            for s, n, sc, lp, rlp, kl in zip(samples, n_tokens, scores, logps, ref_logps, kls)]
+             **({"response_ids": s.response_ids} if keep_ids else {}), **view}
+            for s, n, sc, lp, rlp, kl, view in zip(samples, n_tokens, scores, logps, ref_logps, kls, token_views)]
     functions = [(entry, name, f) for entry, name, f in reward_functions if f is not None]
     for entry, name, function in functions:
         values = call_reward_function(entry, function, records, [s.response for s in samples],

@@ -123,6 +123,7 @@ class Rollout:
     records: list = field(default_factory=list)   # the prompt records (their other columns go to reward functions)
     prompts_truncated: int = 0         # prompts longer than max_prompt_length: the policy read only their end
     exact_kl: torch.Tensor | None = None   # [B, T] KL(π_old‖π_ref) over the whole vocabulary at each position
+    update_ratio: torch.Tensor | None = None   # [B, T] π/π_old at each token's pass in the update's last epoch
 
 
 @rundir.releases_lock
@@ -521,6 +522,7 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
     stats = {k: [] for k in names}
     local_minibatch = state.micro_batch * cfg.gradient_accumulation_steps
     value_mask = targets.get("value_mask", batch.mask)   # the response mask; TRL's one-longer mask with trl_compat
+    batch.update_ratio = torch.ones_like(batch.logprobs)   # for the training samples' per-token view
     for epoch in range(cfg.num_ppo_epochs):
         order = permutation(epoch) if permutation else torch.randperm(state.local_batch, device=state.device)
         for mb_start in range(0, state.local_batch, local_minibatch):
@@ -546,6 +548,7 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
                     state.accelerator.backward(losses.pop("loss"))   # divided by gradient_accumulation_steps
                 with torch.no_grad():
                     losses["entropy"] = core.masked_mean(entropy, mask)
+                    batch.update_ratio[idx, :width] = torch.exp(new_logprobs.float() - batch.logprobs[idx, :width])
                     for name, value in losses.items():
                         stats[name].append(value.item())
                 stats["tokens"].append(ids.numel())   # positions through the policy (prompt included)
@@ -760,7 +763,8 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
                       for name, values in parts["components"].items()}
         rows = [{"step": step, "prompt": p, "response": t, "score": s,
                  "rm": components["rm"][i] if "rm" in components else None, "gold": g, "kl": k, "n_tokens": n,
-                 "has_eos": e, "rewards": {name: values[i] for name, values in components.items()}}
+                 "has_eos": e, "rewards": {name: values[i] for name, values in components.items()},
+                 "token_view": token_view(state, batch, targets, i)}
                 for i, (p, t, s, g, k, n, e) in enumerate(zip(
                     batch.prompts, batch.texts, scores.tolist(), gold.tolist(), kl_per_seq.tolist(), n_tokens.tolist(),
                     parts["has_eos"].tolist()))]
@@ -768,6 +772,19 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         if accelerator.is_main_process:
             runlog.append_jsonl(run_dir / "samples.jsonl", rows)
     return metrics
+
+
+def token_view(state: PPOState, batch: Rollout, targets: dict, i: int) -> dict:
+    """Episode i token by token, for inspect_samples --tokens and report.html: the token, k1 = log π_old − log π_ref
+    (the KL penalty), the advantage, the value V(s_t) (with a critic), the ratio π/π_old at the update and the
+    per-token reward (−β·k1, the score added on the last token)."""
+    n = int(batch.mask[i].sum())
+    columns = {"k1": batch.logprobs - batch.ref_logprobs, "advantage": targets["advantages"],
+               "value": batch.values, "ratio": batch.update_ratio, "reward": targets["rewards"]}
+    view = {"token": [state.tokenizer.decode([t]) for t in batch.responses[i, :n].tolist()]}
+    view.update({name: [round(v, 4) for v in column[i, :n].float().tolist()]
+                 for name, column in columns.items() if column is not None})
+    return view
 
 
 def save_step(state: PPOState, run_dir: Path, step: int) -> None:
