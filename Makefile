@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data study algorithms rlvr rlvr-task hack clean-runs
+.PHONY: setup test demo data study algorithms rlvr rlvr-task hack overopt overopt-compare clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -180,6 +180,34 @@ hack: setup $(RUNS)/ppo/final/config.json
 	cp $(RUNS)/ppo/summary.json $(HACK_REPORT)/summary_ppo.json
 	cp $(RUNS)/ppo_hack/summary.json $(HACK_REPORT)/summary_ppo_hack.json
 	$(PY) scripts/inspect_samples.py $(RUNS)/ppo_hack --sort disagreement --limit 12 > $(HACK_REPORT)/samples_ppo_hack.txt
+
+# The overoptimisation study (not part of the demo; issue #27): best-of-n of the demo's SFT model by its reward
+# model for n = 1 ... 64, and PPO with β = 0.001 and no length penalty for 48 steps (checkpoints every 4), beside
+# the demo's PPO (β = 0.05) at its kept checkpoints; gold and RM against √KL with Gao et al.'s fits
+# ($(OVEROPT_REPORT)/overopt.md, overopt.png). Wall times: $(OVEROPT_RUNS)/demo_times.txt.
+OVEROPT_RUNS ?= $(RUNS)/overopt
+OVEROPT_REPORT ?= reports/overopt
+OVEROPT_BETA ?= 0.001
+OVEROPT_EPISODES ?= 1536
+OVEROPT_SAVE_STEPS ?= 4
+OVEROPT_PROMPTS ?= 32         # the first N eval prompts (best-of-64 samples 64 answers to each)
+OVEROPT_BON ?= bon:1 bon:2 bon:4 bon:8 bon:16 bon:32 bon:64
+overopt: setup $(RUNS)/ppo/final/config.json
+	$(if $(wildcard $(OVEROPT_RUNS)/ppo_beta$(OVEROPT_BETA)/final/config.json),,$(STAGE) ppo_beta$(OVEROPT_BETA) \
+		$(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --output_dir $(OVEROPT_RUNS)/ppo_beta$(OVEROPT_BETA) \
+		--kl_coef $(OVEROPT_BETA) --length_coef 0 --total_episodes $(OVEROPT_EPISODES) --save_steps $(OVEROPT_SAVE_STEPS) \
+		--save_total_limit 1000 --num_eval_prompts 0 \
+		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final)
+	$(MAKE) --no-print-directory overopt-compare RUNS=$(OVEROPT_RUNS) MODELS=$(RUNS)
+
+overopt-compare:
+	$(STAGE) compare $(PY) scripts/compare.py --runs $(OVEROPT_BON) "ppo_beta$(OVEROPT_BETA)=$(RUNS)/ppo_beta$(OVEROPT_BETA)" \
+		"ppo_beta0.05_demo=$(MODELS)/ppo" --ref $(MODELS)/sft/final --base $(BASE) --reward_model $(MODELS)/reward/final \
+		--prompts data/prompts_eval.jsonl --limit $(OVEROPT_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints 1000 \
+		--output_dir $(OVEROPT_REPORT)
+	$(PY) scripts/overopt.py $(OVEROPT_REPORT)
+	@cp $(RUNS)/demo_times.txt $(OVEROPT_REPORT)/overopt_times.txt
+	@cat $(OVEROPT_REPORT)/overopt_times.txt
 
 clean-runs:
 	rm -rf runs reports
