@@ -76,7 +76,12 @@ class Entry:
 
     @property
     def key(self) -> str:
-        return re.sub(r"[^A-Za-z0-9_.@-]+", "_", self.label)
+        return samples_key(self.label)
+
+
+def samples_key(label: str) -> str:
+    """The name of a label's samples file in compare's samples/ (KEY.jsonl)."""
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", label)
 
 
 def _is_model_dir(path: Path) -> bool:

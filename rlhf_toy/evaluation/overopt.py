@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from rlhf_toy import runlog
+from rlhf_toy.evaluation.compare import _int_at_least, samples_key
 from rlhf_toy.evaluation.report import _fmt
 
 BEST_OF = re.compile(r"^best of (\d+) from ")
@@ -124,10 +125,6 @@ def fit_points(points: list[dict], origin: dict, form: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # The samples past the peak
 # ----------------------------------------------------------------------------------------------
-def _entry_key(label: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", label)   # compare's file name for a label (Entry.key)
-
-
 def past_peak_samples(report_dir: Path, path: list[dict], fit: dict | None, prompt_ids: set, limit: int) -> dict:
     """The samples of the points of one RL run past its fitted peak (or, when it has none inside the path,
     of its last point), sorted by RM − gold: the answers the reward model likes and the judge does not."""
@@ -135,7 +132,7 @@ def past_peak_samples(report_dir: Path, path: list[dict], fit: dict | None, prom
     beyond = [p for p in path if peak is not None and p["d"] > peak] or path[-1:]
     rows = []
     for point in beyond:
-        for row in runlog.read_jsonl(report_dir / "samples" / f"{_entry_key(point['label'])}.jsonl"):
+        for row in runlog.read_jsonl(report_dir / "samples" / f"{samples_key(point['label'])}.jsonl"):
             if row["prompt_id"] in prompt_ids and row.get("rm") is not None:
                 rows.append({"label": point["label"], "rm": row["rm"], "gold": row["gold"],
                              "flags": row.get("gold_parts", {}).get("flags", []), "response": row["response"]})
@@ -255,7 +252,7 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report_dir", type=Path, help="a compare output directory (compare.json, samples/)")
     p.add_argument("--split", default=None, help="the prompts split to read (default: the report's headline one)")
-    p.add_argument("--samples", type=int, default=12, help="answers listed per RL run past its peak")
+    p.add_argument("--samples", type=_int_at_least(0), default=12, help="answers listed per RL run past its peak")
     args = p.parse_args(argv)
     try:
         result = run_study(args.report_dir, args.split, args.samples)
