@@ -764,27 +764,29 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         rows = [{"step": step, "prompt": p, "response": t, "score": s,
                  "rm": components["rm"][i] if "rm" in components else None, "gold": g, "kl": k, "n_tokens": n,
                  "has_eos": e, "rewards": {name: values[i] for name, values in components.items()},
-                 "token_view": token_view(state, batch, targets, i)}
-                for i, (p, t, s, g, k, n, e) in enumerate(zip(
+                 "token_view": v}
+                for i, (p, t, s, g, k, n, e, v) in enumerate(zip(
                     batch.prompts, batch.texts, scores.tolist(), gold.tolist(), kl_per_seq.tolist(), n_tokens.tolist(),
-                    parts["has_eos"].tolist()))]
+                    parts["has_eos"].tolist(), token_views(state, batch, targets)))]
         rows = gather_object(rows)   # every process's episodes (one process: its own)
         if accelerator.is_main_process:
             runlog.append_jsonl(run_dir / "samples.jsonl", rows)
     return metrics
 
 
-def token_view(state: PPOState, batch: Rollout, targets: dict, i: int) -> dict:
-    """Episode i token by token, for inspect_samples --tokens and report.html: the token, k1 = log π_old − log π_ref
-    (the KL penalty), the advantage, the value V(s_t) (with a critic), the ratio π/π_old at the update and the
-    per-token reward (−β·k1, the score added on the last token)."""
-    n = int(batch.mask[i].sum())
+def token_views(state: PPOState, batch: Rollout, targets: dict) -> list[dict]:
+    """Each episode token by token, for inspect_samples --tokens and report.html: the token, k1 = log π_old −
+    log π_ref (the KL penalty), the advantage, the value V(s_t) (with a critic), the ratio π/π_old at the update
+    and the per-token reward (−β·k1, the score added on the last token)."""
     columns = {"k1": batch.logprobs - batch.ref_logprobs, "advantage": targets["advantages"],
                "value": batch.values, "ratio": batch.update_ratio, "reward": targets["rewards"]}
-    view = {"token": [state.tokenizer.decode([t]) for t in batch.responses[i, :n].tolist()]}
-    view.update({name: [round(v, 4) for v in column[i, :n].float().tolist()]
-                 for name, column in columns.items() if column is not None})
-    return view
+    columns = {name: column.float().tolist() for name, column in columns.items() if column is not None}
+    views = []
+    for i, n in enumerate(batch.mask.sum(1).tolist()):
+        view = {"token": [state.tokenizer.decode([t]) for t in batch.responses[i, :n].tolist()]}
+        view.update({name: [round(v, 4) for v in column[i][:n]] for name, column in columns.items()})
+        views.append(view)
+    return views
 
 
 def save_step(state: PPOState, run_dir: Path, step: int) -> None:
