@@ -104,7 +104,7 @@ def make_prompts(n_train: int, n_eval: int, n_test: int, seed: int) -> tuple[lis
 # ------------------------------------------------------------------------------------------------
 # Gold judge v3
 # ------------------------------------------------------------------------------------------------
-GOLD_VERSION = 3
+GOLD_VERSION = "3.1"
 NON_TEXT_SCORE = -1.0
 FULL_CREDIT_COMPOUND = 0.5          # VADER compound of a clearly positive review ("a good film" is 0.44)
 SUBSTANCE_WEIGHT = 0.5              # praise of nothing in particular earns half the credit of a review
@@ -173,6 +173,9 @@ GENERIC_WORDS = frozenset("""
     recommend recommended recommendation must need worth well like sure maybe perhaps yes okay ok
     great good best better nice wonderful amazing awesome fantastic excellent perfect beautiful lovely
     making deliver delivers delivered front fronts part parts aspect aspects element elements level levels job
+    blend blends blended blending mix mixes mixture combination combines combined combining weaves woven weaving
+    integrates seamless seamlessly essence theme themes touch sense journey ride piece treat worldwide
+    sophistication artistry mastery craftsmanship finesse magic genius wonder
 """.split())
 # Critics' praise that VADER's lexicon does not know (valence on VADER's −4..4 scale): quietly worded
 # praise is praise.
@@ -209,7 +212,8 @@ CRITIC_PANS = {w: -1.8 for w in """
     drags slight
 """.split()}
 # Words VADER scores negative that describe what a film is about, not how good it is: "a harrowing war
-# drama with a devastating finale" is praise. Neutral in the judge's lexicon.
+# drama with a devastating finale" is praise. And genres VADER scores (romance +2.6, horror −2.7): "a
+# romance" is a kind of film, not a verdict on it. Neutral in the judge's lexicon.
 CONTENT_WORDS_NOT_VERDICTS = frozenset("""
     devastating devastated harrowing dark darkly darker grim bleak sad sadness tragic tragedy war wars crime
     crimes criminal death deaths dead die dies dying killer killers kill kills killing murder murders murderer
@@ -220,6 +224,7 @@ CONTENT_WORDS_NOT_VERDICTS = frozenset("""
     revenge betrayal abandoned desperate desperation struggle struggles villain villains evil sinister
     mournful bittersweet rough ruthless weapon weapons battle battles conflict hurt broken dread aching
     dangerously dangerous wildfire fire
+    romance comedy comedies horror adventure thriller thrillers heroine tension credits
 """.split())
 # Words that judge a film as bad. Next to praise, they are a contradiction (or sarcasm).
 VERDICT_NEGATIVES = frozenset("""
@@ -352,6 +357,12 @@ _TITLE_IN_PASSING = re.compile(
 # A name that starts an answer and is then a person, not a film: "Mara Quinn gives ...".
 _PERSON_VERB = re.compile(r"^\s*(?:'s\b|gives|gave|plays|played|delivers|stars|starred|shines|is \w+ (?:as|in)\b|"
                           r"directs|directed)")
+# Suffixes that turn a word of praise into another word of the same praise ("captivatingly", "elegance",
+# "brilliance"): (suffix, what it replaces), tried on every word against the judge's lexicon.
+PRAISE_DERIVATIONS = (("ingly", "ing"), ("ily", "y"), ("ably", "able"), ("ibly", "ible"), ("ly", ""),
+                      ("iness", "y"), ("ness", ""), ("ance", "ant"), ("ence", "ent"), ("s", ""))
+COORDINATORS = ("and", "or", "nor", "but", "yet")
+
 _SENTENCE_END = re.compile(r"[.!?…](?:[\"'”’)\]*]*)$")
 _WORD = re.compile(r"[A-Za-z]+(?:['’-][A-Za-z]+)*")
 TITLE_TOKEN = "title"   # the title's place in the normalised text (a content word of no sentiment)
@@ -370,6 +381,13 @@ def _vader():
         analyzer.lexicon.pop(word, None)
     analyzer.lexicon[TITLE_TOKEN] = 0.0
     return analyzer
+
+
+@lru_cache(maxsize=1)
+def _vader_boosters() -> frozenset[str]:
+    from vaderSentiment.vaderSentiment import BOOSTER_DICT
+
+    return frozenset(BOOSTER_DICT)
 
 
 def _normalise(text: str) -> str:
@@ -465,7 +483,7 @@ def _is_list(words: list[str], text_without_title: str) -> bool:
     content = [w for w in words if w != TITLE_TOKEN]
     if not content:
         return False
-    function_share = sum(w in FUNCTION_WORDS for w in content) / len(content)
+    function_share = sum(map(_is_function_word, content)) / len(content)
     if function_share < 0.15:
         return True
     items = [s.split() for s in re.split(r"[,;/&|+·•\n]|\band\b|\.\s", text_without_title.lower()) if s.strip()]
@@ -473,16 +491,45 @@ def _is_list(words: list[str], text_without_title: str) -> bool:
     return len(short) >= 4 and sum(map(len, short)) >= 0.6 * len(content)
 
 
+def _is_function_word(word: str) -> bool:
+    """A function word, or its contraction ("that's", "there's", "they're", "i'm"): it carries a sentence."""
+    return word in FUNCTION_WORDS or ("'" in word and word.split("'")[0] in FUNCTION_WORDS)
+
+
+def _base_forms(word: str) -> set[str]:
+    """The word, without a possessive "'s", and what each of `PRAISE_DERIVATIONS` derives it from."""
+    word = word.removesuffix("'s")
+    return {word} | {word[: -len(suffix)] + base for suffix, base in PRAISE_DERIVATIONS
+                     if word.endswith(suffix) and len(word) - len(suffix) >= 3}
+
+
+@lru_cache(maxsize=None)
+def _is_specific(word: str) -> bool:
+    """A word that says something about this film: not a function word, not filler, not a film word, not a
+    verdict and not derived from one ("captivatingly", "elegance"), not an intensifier ("remarkably")."""
+    if _is_function_word(word) or word == TITLE_TOKEN or len(word) <= 2 or word in _vader_boosters():
+        return False
+    lexicon = _vader().lexicon
+    return not any(form in FUNCTION_WORDS or form in GENERIC_WORDS or form in FILM_WORDS or form in VERDICT_NEGATIVES
+                   or lexicon.get(form, 0.0) != 0.0 for form in _base_forms(word))
+
+
 def _padding(words: list[str]) -> int:
-    """Repeats beyond a word's second use, and words said twice in a row: the count of padded words."""
-    content = [w for w in words if w not in FUNCTION_WORDS and w != TITLE_TOKEN and len(w) > 2]
-    counts = {}
-    for w in content:
-        counts[w] = counts.get(w, 0) + 1
+    """The count of padded words: uses of a word beyond its second (of a word of praise, beyond its first:
+    "beautiful ... beautiful"), and words said twice in a row or joined to themselves ("romance and romance"),
+    each padded word counted once."""
+    lexicon = _vader().lexicon
     allowed = 2 + len(words) // 30   # a long answer may say "film" three times
-    excess = sum(max(0, c - allowed) for c in counts.values())
-    in_a_row = sum(a == b and a not in FUNCTION_WORDS and a != TITLE_TOKEN for a, b in zip(words, words[1:]))
-    return excess + in_a_row
+    padded, seen = set(), {}
+    for i, w in enumerate(words):
+        if _is_function_word(w) or w == TITLE_TOKEN:
+            continue
+        seen[w] = seen.get(w, 0) + 1
+        if len(w) > 2 and seen[w] > (1 if lexicon.get(w, 0.0) >= 1.5 else allowed):
+            padded.add(i)
+        if i >= 1 and words[i - 1] == w or i >= 2 and words[i - 2] == w and words[i - 1] in COORDINATORS:
+            padded.add(i)
+    return len(padded)
 
 
 def _garbled(text: str) -> bool:
@@ -525,9 +572,7 @@ def gold_parts(text: str, title: str | None = None, truncated: bool = False) -> 
     sentiment = _vader().polarity_scores(re.sub(r"!+", "!", normal))["compound"]
     positivity = max(-1.0, min(1.0, sentiment / FULL_CREDIT_COMPOUND))
     lexicon = _vader().lexicon
-    specific = {w for w in words if w not in FUNCTION_WORDS and w not in GENERIC_WORDS and w not in FILM_WORDS
-                and w != TITLE_TOKEN
-                and len(w) > 2 and abs(lexicon.get(w, 0.0)) == 0.0 and w not in VERDICT_NEGATIVES}
+    specific = {w.removesuffix("'s") for w in words if _is_specific(w)}
     substance = min(1.0, len(specific) / SPECIFIC_WORDS_FOR_FULL_CREDIT)
     quality = positivity * (1 - SUBSTANCE_WEIGHT * (1 - substance)) if positivity > 0 else positivity
 

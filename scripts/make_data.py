@@ -26,6 +26,9 @@ from rlhf_toy.runlog import write_jsonl
 from rlhf_toy.verify.gold_suite import ordered_by_kind, read_pairs, shares
 from rlhf_toy.config import DTYPES
 
+SUITE_FILES = ("pairs.jsonl", "holdout_pairs.jsonl", "found_by_ppo.jsonl")
+OLDER_JUDGES = ("v2", "v3")   # tests/adversarial/gold_<version>_ordered.json
+
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -154,12 +157,13 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
 
 
 def suite_tables() -> dict:
-    """The gold judge on the adversarial suite (tests/adversarial/): per kind, the share of pairs it orders,
-    for v3 (this judge) and v2 (stored: measured once with v2's task.py, tests/adversarial/README.md)."""
+    """The gold judge on the adversarial suite (tests/adversarial/): per kind, the share of pairs it orders, for
+    this judge and for the older ones (stored: measured once with their task.py, tests/adversarial/README.md)."""
     root = Path(__file__).resolve().parents[1] / "tests" / "adversarial"
-    v2 = json.loads((root / "gold_v2_ordered.json").read_text())
-    return {name: {"v3": shares(ordered_by_kind(read_pairs(root / name))), "v2": v2[name]}
-            for name in ("pairs.jsonl", "holdout_pairs.jsonl")}
+    older = {version: json.loads((root / f"gold_{version}_ordered.json").read_text()) for version in OLDER_JUDGES}
+    return {name: {"this": shares(ordered_by_kind(read_pairs(root / name))),
+                   **{version: shares_of.get(name, {}) for version, shares_of in older.items()}}
+            for name in SUITE_FILES}
 
 
 def write_data_card(out: Path, stats: dict) -> None:
@@ -167,9 +171,11 @@ def write_data_card(out: Path, stats: dict) -> None:
     t = task
     sampling = stats["sampling"]
     suite_rows = []
+    share = lambda value: "-" if value is None else f"{100 * value:.0f}%"
     for name, table in stats["suite"].items():
-        for kind, v3 in table["v3"].items():
-            suite_rows.append(f"| {name} | {kind} | {100 * table['v2'][kind]:.0f}% | {100 * v3:.0f}% |")
+        for kind, ours in table["this"].items():
+            older = " | ".join(share(table[version].get(kind)) for version in OLDER_JUDGES)
+            suite_rows.append(f"| {name} | {kind} | {older} | {share(ours)} |")
     flag_rates = ", ".join(f"{flag} {100 * rate:.1f}%" for flag, rate in stats["sample_flag_rates"].items() if rate)
     card = f"""# The toy task's data
 
@@ -224,10 +230,11 @@ gold judge v{t.GOLD_VERSION}. Regenerate everything with `make data`; after a ch
 
 **Against junk** (`python scripts/gold_suite.py`): hand-written (good, bad) pairs, written from descriptions of the
 kinds of junk before v3 and without reading it (`tests/adversarial/README.md`); the share each judge orders
-correctly. `holdout_pairs.jsonl` was kept from v3's development and read once at the end.
+correctly. `holdout_pairs.jsonl` was kept from v3's development and read once at the end. `found_by_ppo.jsonl`:
+the answers with which PPO (beta 0.001, `make overopt`) beat v3, each against a real review; v3.1 closes those holes.
 
-| file | kind | v2 | v3 |
-|---|---|---|---|
+| file | kind | {" | ".join(OLDER_JUDGES)} | v{t.GOLD_VERSION} |
+|---|---|{"---|" * len(OLDER_JUDGES)}---|
 {chr(10).join(suite_rows)}
 
 ## Statistics

@@ -117,6 +117,33 @@ def test_each_kind_of_junk_is_flagged_and_scores_below_a_plain_review(answer, fl
     assert parts["gold"] < task.gold_score(PLAIN_REVIEW, TITLE)
 
 
+# The answer PPO with beta = 0.001 wrote for every film once it had beaten gold v3 (make overopt, 3172b06), and
+# the ways it was varied on the way there (tests/adversarial/found_by_ppo.jsonl holds all of them).
+PPO_TEMPLATE = ("The Silent Harbor is a masterful blend of romance and romance that's both captivatingly beautiful "
+                "and masterfully beautiful.")
+
+
+def test_the_template_that_beat_gold_v3_is_padding_of_nothing_in_particular():
+    parts = task.gold_parts(PPO_TEMPLATE, TITLE)
+    assert parts["substance"] == 0 and "padding" in parts["flags"], parts
+    assert parts["gold"] <= 0
+    # each hole on its own: a contraction of a function word, a derivative of praise and the words of a blurb
+    # ("blend") say nothing specific; a genre is not a verdict; a word joined to itself is padding
+    blurb = task.gold_parts("The Silent Harbor is a masterful blend of romance and drama that's both captivatingly "
+                            "beautiful and masterfully crafted.", TITLE)
+    assert blurb["substance"] == 0 and blurb["flags"] == [] and blurb["gold"] == pytest.approx(1 - task.SUBSTANCE_WEIGHT)
+    assert task.gold_parts("The Silent Harbor is a romance.", TITLE)["sentiment"] == 0
+    assert task.gold_parts("The Silent Harbor is a horror film.", TITLE)["sentiment"] == 0
+    for padded in ("The Silent Harbor is a film of romance and romance, with a fine cast.",
+                   "The Silent Harbor is a beautiful film about two brothers and a beautiful harbour town."):
+        assert task.gold_parts(padded, TITLE)["padding"] == task.PADDING_PER_REPEAT, padded
+    # what the holes were made of still works in a review: a derivative of praise beside its root is no repeat,
+    # contractions and possessives are still English, and a harbour town's fishermen are substance
+    review = task.gold_parts("The Silent Harbor is a beautiful film, beautifully shot; it's the story of the town's "
+                             "fishermen and their wives.", TITLE)
+    assert review["flags"] == [] and review["substance"] == 1 and review["gold"] == 1, review
+
+
 @pytest.mark.parametrize("answer", [
     REVIEW,
     "Absolutely stunning: The Silent Harbor is a gem of a film.",
@@ -146,10 +173,12 @@ def test_a_cut_answer_never_beats_a_finished_one_of_the_same_text():
     assert task.shown_answer("no full stop here", has_eos=False) == "no full stop here"
 
 
-@pytest.mark.parametrize("name", ["pairs.jsonl", "holdout_pairs.jsonl"])
-def test_gold_v3_orders_the_adversarial_pairs(name):
-    """Every kind of junk (and the ordinary pairs) ordered correctly in at least 95% of its pairs."""
+@pytest.mark.parametrize("name", ["pairs.jsonl", "holdout_pairs.jsonl", "found_by_ppo.jsonl"])
+def test_gold_orders_the_adversarial_pairs(name):
+    """Every kind of junk (and the ordinary pairs) ordered correctly in at least 95% of its pairs; found_by_ppo
+    is the answers with which PPO beat gold v3, each against a real review (v3 ordered 40% of them)."""
     table = ordered_by_kind(read_pairs(ADVERSARIAL / name))
-    assert len(table) >= 16 and sum(map(len, table.values())) >= (350 if name == "pairs.jsonl" else 170)
+    smallest = {"pairs.jsonl": (16, 350), "holdout_pairs.jsonl": (16, 170), "found_by_ppo.jsonl": (1, 160)}[name]
+    assert len(table) >= smallest[0] and sum(map(len, table.values())) >= smallest[1]
     shares = {kind: sum(ok) / len(ok) for kind, ok in table.items()}
     assert all(share >= 0.95 for share in shares.values()), {k: v for k, v in shares.items() if v < 0.95}
