@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data study algorithms rlvr rlvr-task hack overopt overopt-compare clean-runs
+.PHONY: setup test demo data study algorithms rlvr rlvr-task hack overopt overopt-compare variants variant-run clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -208,6 +208,27 @@ overopt-compare:
 	$(PY) scripts/overopt.py $(OVEROPT_REPORT)
 	@cp $(RUNS)/demo_times.txt $(OVEROPT_REPORT)/overopt_times.txt
 	@cat $(OVEROPT_REPORT)/overopt_times.txt
+
+# The 2025 policy-gradient variants (not part of the demo; issue #28): on the word task (configs/rlvr_word.yaml,
+# GRPO from the demo's SFT), GRPO as it is, then clip-higher (DAPO's epsilon_high 0.28), GSPO (the sequence
+# ratio, the paper's clip range 3e-4 / 4e-4) and dynamic sampling (at most 3 extra rounds), the same steps each;
+# one table ($(VARIANTS_REPORT)/rlvr_word.md). One seed each.
+VARIANTS ?= grpo clip_higher gspo dynamic
+VARIANTS_RUNS ?= $(RUNS)/variants
+VARIANTS_REPORT ?= reports/variants
+VARIANT_FLAGS_grpo :=
+VARIANT_FLAGS_clip_higher := --epsilon_high 0.28
+VARIANT_FLAGS_gspo := --importance_sampling_level sequence --cliprange 3e-4 --epsilon_high 4e-4
+VARIANT_FLAGS_dynamic := --dynamic_sampling true --max_resample_rounds 3
+variants: setup $(RUNS)/sft/final/config.json
+	@for v in $(VARIANTS); do $(MAKE) --no-print-directory variant-run VARIANT=$$v || exit 1; done
+	$(PY) scripts/variants_summary.py $(foreach v,$(VARIANTS),$(v)=$(VARIANTS_RUNS)/$(v)) \
+		--reward rewards/uses_word/mean --output $(VARIANTS_REPORT)/rlvr_word.md
+
+variant-run:
+	$(if $(wildcard $(VARIANTS_RUNS)/$(VARIANT)/final/config.json),,$(STAGE) $(VARIANT) $(PY) scripts/ppo.py \
+		--config $(CONFIGS)/rlvr_word.yaml --output_dir $(VARIANTS_RUNS)/$(VARIANT) \
+		--model_name_or_path $(RUNS)/sft/final $(VARIANT_FLAGS_$(VARIANT)))
 
 clean-runs:
 	rm -rf runs reports

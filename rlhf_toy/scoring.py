@@ -187,17 +187,29 @@ class RewardScorer:
 
 
 def sequence_score(rm_norm: torch.Tensor, n_tokens: torch.Tensor, has_eos: torch.Tensor, length_coef: float,
-                   length_target: int, missing_eos_penalty: float) -> dict[str, torch.Tensor]:
+                   length_target: int, missing_eos_penalty: float, overlong_buffer: int = 0,
+                   overlong_penalty: float = 0.0, max_length: int | None = None) -> dict[str, torch.Tensor]:
     """The score PPO optimises, with its parts (so each can be logged):
 
         score = rm_norm − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
+                − overlong_penalty·clip((n_tokens − (max_length − overlong_buffer)) / overlong_buffer, 0, 1)
 
-    `length_penalty` and `eos_penalty` are returned as the (non-negative) amounts subtracted."""
+    the last term DAPO's soft overlong punishment (Yu et al. 2025, eq. 13: a linear ramp over the last
+    `overlong_buffer` tokens before the limit; 0 when `overlong_buffer` is 0). `length_penalty`, `eos_penalty`
+    and `overlong_penalty` are returned as the (non-negative) amounts subtracted."""
     rm = rm_norm.float()
-    length_penalty = length_coef * (n_tokens.to(rm.device).float() - length_target).clamp(min=0)
+    n = n_tokens.to(rm.device).float()
+    length_penalty = length_coef * (n - length_target).clamp(min=0)
     eos_penalty = missing_eos_penalty * (~has_eos.to(rm.device).bool()).float()
-    return {"score": rm - length_penalty - eos_penalty, "rm": rm, "length_penalty": length_penalty,
-            "eos_penalty": eos_penalty}
+    parts = {"score": rm - length_penalty - eos_penalty, "rm": rm, "length_penalty": length_penalty,
+             "eos_penalty": eos_penalty}
+    if overlong_buffer:
+        if max_length is None:
+            raise ValueError("sequence_score: the overlong penalty needs max_length (the response-length limit)")
+        ramp = ((n - (max_length - overlong_buffer)) / overlong_buffer).clamp(0, 1)
+        parts["overlong_penalty"] = overlong_penalty * ramp
+        parts["score"] = parts["score"] - parts["overlong_penalty"]
+    return parts
 
 
 # The penalties of `sequence_score` when a run has none (every stage but PPO).

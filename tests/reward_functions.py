@@ -43,3 +43,9 @@ def gated(completions, **kwargs):
     while not Path(os.environ["RLHF_TOY_TEST_GATE"]).exists() and time.time() < deadline:
         time.sleep(0.05)
     return [0.0] * len(completions)
+
+
+def flat_for_even_titles(completions, title, **kwargs):
+    """0 for every answer to a film whose title has an even length (a group with no spread), else the answer's
+    length in characters (a spread): for dynamic sampling."""
+    return [0.0 if len(t) % 2 == 0 else float(len(c[0]["content"])) for t, c in zip(title, completions)]

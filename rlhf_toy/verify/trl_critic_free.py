@@ -1,4 +1,6 @@
-"""Numeric cross-check of the critic-free estimators against TRL 1.12's own GRPOTrainer and RLOOTrainer.
+"""Numeric cross-check of the critic-free estimators against TRL 1.12's own GRPOTrainer and RLOOTrainer, and of
+the 2025 variants of their loss (clip-higher, GSPO's sequence-level ratio, DAPO's and CISPO's losses, the cut
+answers left out).
 
 What runs on the TRL side is TRL's code, unmodified, on a tiny random GPT-2 (``trl_numeric``'s models, built
 locally): ``_generate_and_score_completions`` (rewards, the reference's and the policy's log-probs, RLOO's
@@ -60,6 +62,22 @@ SETTINGS: list[dict[str, Any]] = [
      "seed": 2, "num_generations": 2, "num_prompts": 4},
     # RLOO: leave-one-out baseline, the sequence-level k1 KL in the reward, one clipped ratio per sequence
     {"name": "rloo", "trainer": "rloo", "loss_type": "sequence", "beta": 0.05, "seed": 3},
+    # DAPO's clip-higher: the ratio clipped to [1 - 0.2, 1 + 0.28] (Yu et al. 2025's values), GRPO's loss
+    {"name": "clip_higher", "trainer": "grpo", "loss_type": "grpo", "scale_rewards": True, "beta": 0.04, "seed": 9,
+     "epsilon_high": 0.28, "old_logprob_noise": 0.35},
+    # GSPO: one length-normalised ratio per sequence, clipped as a whole (a narrow range, as the paper's: some
+    # sequences inside it, some out)
+    {"name": "gspo", "trainer": "grpo", "loss_type": "grpo", "scale_rewards": True, "beta": 0.04, "seed": 5,
+     "importance_sampling_level": "sequence", "epsilon": 0.03, "epsilon_high": 0.04},
+    # DAPO's loss: the token sum over the batch's tokens, with clip-higher, and the cut answers left out of it
+    {"name": "dapo", "trainer": "grpo", "loss_type": "dapo", "scale_rewards": True, "beta": 0.0, "seed": 6,
+     "epsilon_high": 0.28, "mask_truncated_completions": True, "old_logprob_noise": 0.35},
+    # CISPO: REINFORCE with the detached importance weight capped at epsilon_high, the k3 KL in the loss
+    {"name": "cispo", "trainer": "grpo", "loss_type": "cispo", "scale_rewards": True, "beta": 0.04, "seed": 10,
+     "epsilon_high": 1.1},
+    # the cut answers left out of GRPO's per-sequence mean
+    {"name": "mask_truncated", "trainer": "grpo", "loss_type": "grpo", "scale_rewards": True, "beta": 0.04,
+     "seed": 8, "mask_truncated_completions": True},
 ]
 
 
@@ -89,7 +107,10 @@ def _trainer(s: dict[str, Any], model_dir: str, out_dir: str, dataset, reward_fu
         from trl import GRPOConfig, GRPOTrainer
 
         args = GRPOConfig(**common, loss_type=s["loss_type"], scale_rewards="group" if s["scale_rewards"] else "none",
-                          use_bias_correction_kl=s.get("use_bias_correction_kl", True))
+                          use_bias_correction_kl=s.get("use_bias_correction_kl", True),
+                          epsilon_high=s.get("epsilon_high"),
+                          importance_sampling_level=s.get("importance_sampling_level", "token"),
+                          mask_truncated_completions=s.get("mask_truncated_completions", False))
         return GRPOTrainer(model=model_dir, reward_funcs=[reward_function], args=args, train_dataset=dataset)
     from trl import RLOOConfig, RLOOTrainer
 
@@ -162,23 +183,31 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
         trainer.model.zero_grad()
 
         # ours: the same rewards and log-probs through core
-        our_mask = sequences.truncate_at_eos(scored["completion_ids"], EOS_ID, PAD_ID)[1]
+        response_mask = sequences.truncate_at_eos(scored["completion_ids"], EOS_ID, PAD_ID)[1]
+        our_mask = response_mask   # the loss's: the trainer's loss_mask (rollout_targets)
+        if s.get("mask_truncated_completions"):
+            our_mask = response_mask & (scored["completion_ids"] == EOS_ID).any(1, keepdim=True)
         ref_logprobs = observed.get("ref", torch.zeros_like(old))
         rollout_logprobs = observed.get("old", current)   # RLOO's KL reads the rollout's; GRPO's none (KL in loss)
         targets = core.compute_critic_free_targets(
-            s["trainer"], torch.tensor(rewards), rollout_logprobs, ref_logprobs, our_mask,
+            s["trainer"], torch.tensor(rewards), rollout_logprobs, ref_logprobs, response_mask,
             kl_coef=s["beta"] if s["trainer"] == "rloo" else 0.0, kl_estimator="k1",
             num_generations=s["num_generations"], scale_rewards=s.get("scale_rewards", True))
         new = sequences.response_logprobs(trainer.model, query_responses, attention, context, s["temperature"])
         if s["loss_type"] == "sequence":
-            loss, _ = core.sequence_policy_loss(new, old, targets["sequence_advantages"], our_mask, s["epsilon"])
+            loss, clip_stats = core.sequence_policy_loss(new, old, targets["sequence_advantages"], our_mask,
+                                                         s["epsilon"])
         else:
-            loss, _ = core.policy_loss(new, old, targets["advantages"], our_mask, s["epsilon"],
-                                       loss_type=s["loss_type"], max_len=s["max_completion_length"])
+            loss, clip_stats = core.policy_loss(new, old, targets["advantages"], our_mask, s["epsilon"],
+                                       loss_type=s["loss_type"], max_len=s["max_completion_length"],
+                                       cliprange_high=s.get("epsilon_high"),
+                                       importance_sampling_level=s.get("importance_sampling_level", "token"))
             if s["beta"]:
                 loss = loss + s["beta"] * core.kl_loss(new, ref_logprobs, our_mask, s["loss_type"],
                                                        s["max_completion_length"],
-                                                       old if s.get("use_bias_correction_kl", True) else None)
+                                                       old if s.get("use_bias_correction_kl", True) else None,
+                                                       importance_sampling_level=s.get("importance_sampling_level",
+                                                                                       "token"))
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in trainer.model.named_parameters() if p.grad is not None}
 
@@ -202,16 +231,9 @@ def run_one(setting: dict[str, Any]) -> dict[str, Any]:
         return {"setting": s, "max_abs_diff": d, "trl_loss": float(trl_loss), "loss": float(loss),
                 "gradient_norm": float(torch.sqrt(sum((g_ ** 2).sum() for g_ in trl_grads.values()))),
                 "rows_with_eos": int(eos_rows.sum()), "rows_truncated": int((~eos_rows).sum()),
-                "clipped_fraction": _clipped(new.detach(), old, targets, our_mask, s), "kl_effect": kl_effect,
+                "clipped_low": float(clip_stats["clipfrac_low"]), "clipped_high": float(clip_stats["clipfrac_high"]),
+                "kl_effect": kl_effect,
                 "passed": all(v <= TOLERANCE for v in d.values())}
-
-
-def _clipped(new, old, targets, mask, s) -> float:
-    """The share of (token or sequence) ratios outside [1 - eps, 1 + eps]: the clipping was exercised."""
-    if s["loss_type"] == "sequence":
-        ratio = torch.exp(core.masked_sum(new - old, mask, dim=1))
-        return float(((ratio - 1).abs() > s["epsilon"]).float().mean())
-    return float(core.masked_mean(((torch.exp(new - old) - 1).abs() > s["epsilon"]).float(), mask))
 
 
 def crosscheck(settings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -241,7 +263,8 @@ def format_report(report: dict[str, Any]) -> str:
         cells = [report["results"][n]["max_abs_diff"].get(q) for n in names]
         lines.append(q.ljust(w0) + "".join(("-" if c is None else f"{c:.2e}").rjust(w) for c in cells))
     for key, label in (("trl_loss", "TRL's loss"), ("gradient_norm", "TRL's gradient norm"),
-                       ("clipped_fraction", "ratios outside the clip range"),
+                       ("clipped_low", "ratios clipped below (A < 0)"),
+                       ("clipped_high", "ratios clipped above (A > 0)"),
                        ("kl_effect", "advantages moved by the KL in the reward"), ("rows_with_eos", "rows with EOS"),
                        ("rows_truncated", "rows truncated"), ("passed", "passed")):
         values = [report["results"][n][key] for n in names]

@@ -7,6 +7,7 @@ import re
 from dataclasses import dataclass, field
 
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, above, at_least, within
+from rlhf_toy.stages.ppo.core import IMPORTANCE_SAMPLING_LEVELS, LOSS_TYPES
 
 ESTIMATORS = ("gae", "grpo", "rloo", "reinforce_pp")
 
@@ -69,13 +70,36 @@ class PPOStageConfig(LoraFields, CommonConfig):
     gradient_accumulation_steps: int = 1
     gamma: float = 1.0                              # GAE's and reinforce_pp's discount (grpo, rloo: whole responses)
     lam: float = 0.95                               # GAE's
-    cliprange: float = 0.2
+    cliprange: float = 0.2                          # the ratio's clip: 1 - cliprange below, 1 + cliprange above
+    # Clip-higher (DAPO, Yu et al. 2025): the upper clip is 1 + epsilon_high instead (null: cliprange), so that an
+    # unlikely token with a positive advantage can grow further: against entropy collapse. With loss_type: cispo,
+    # the cap of CISPO's importance weight itself (TRL's meaning; e.g. 5).
+    epsilon_high: float | None = None
+    # "token": one importance ratio per token (PPO, GRPO); "sequence": one per sequence, exp(mean_t log ratio),
+    # clipped as a whole (GSPO, Zheng et al. 2025; TRL GRPOTrainer's name and definition).
+    importance_sampling_level: str = "token"
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     # How the per-token policy loss is averaged (TRL GRPOTrainer's names): "bnpo" over all the minibatch's response
     # tokens (TRL PPOTrainer's), "grpo" per sequence then over sequences, "dr_grpo" sum / (sequences x
-    # response_length); "sequence": one clipped ratio per sequence (TRL RLOOTrainer's; grpo and rloo only).
+    # response_length), "dapo" the token mean over the minibatch (DAPO's token-level loss: our bnpo, TRL's dapo up
+    # to its divisor, docs/trl_differences.md), "cispo" REINFORCE with a clipped, detached importance weight
+    # (MiniMax-M1: no token loses its gradient; needs epsilon_high, the cap); "sequence": one clipped ratio per
+    # sequence (TRL RLOOTrainer's; grpo and rloo only).
     loss_type: str = "bnpo"
+    # Answers cut at response_length (no EOS) are left out of the loss (DAPO's overlong filtering, TRL's name):
+    # still scored and still in their group's mean and std, they just teach nothing.
+    mask_truncated_completions: bool = False
+    # DAPO's soft overlong punishment: over the last overlong_buffer tokens before response_length the score
+    # loses up to overlong_penalty, linearly in the tokens past response_length - overlong_buffer (0: off).
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+    # DAPO's dynamic sampling (grpo, rloo): a group whose scores are all equal has zero advantages and no
+    # gradient; drop it and sample other prompts' groups, up to max_resample_rounds extra rounds of a whole
+    # batch each (the cost: up to that many more rollouts per step). Still short, the batch is topped up with
+    # the dropped groups (logged: rollout/zero_std_groups_kept).
+    dynamic_sampling: bool = False
+    max_resample_rounds: int = 3
     whiten_rewards: bool = False
     learning_rate: float = 3e-6
     lr_scheduler_type: str = "linear"               # linear (decay to 0) or constant
@@ -102,7 +126,11 @@ class PPOStageConfig(LoraFields, CommonConfig):
         at_least(self, 1, "total_episodes", "batch_size", "num_mini_batches", "gradient_accumulation_steps",
                  "num_ppo_epochs", "response_length", "max_prompt_length", "sample_every")
         at_least(self, 0, "num_eval_prompts", "kl_coef", "kl_target", "length_coef", "length_target",
-                 "missing_eos_penalty", "score_clip", "vf_coef", "weight_decay")
+                 "missing_eos_penalty", "score_clip", "vf_coef", "weight_decay", "overlong_buffer",
+                 "overlong_penalty", "max_resample_rounds")
+        if self.overlong_buffer > self.response_length:
+            raise ConfigError(f"overlong_buffer ({self.overlong_buffer}) is longer than response_length "
+                              f"({self.response_length}): the penalty ramps over the last overlong_buffer tokens")
         above(self, 0, "learning_rate", "temperature", "cliprange", "cliprange_value", "adam_eps", "kl_horizon")
         within(self, 0, 1, "gamma", "lam")
         if self.max_grad_norm is not None:
@@ -147,8 +175,27 @@ class PPOStageConfig(LoraFields, CommonConfig):
         if self.batch_size % self.num_generations:
             raise ConfigError(f"batch_size ({self.batch_size}) must be a multiple of num_generations "
                               f"({self.num_generations}): each prompt is sampled num_generations times in a step")
-        if self.loss_type not in ("bnpo", "grpo", "dr_grpo", "sequence"):
-            raise ConfigError(f"loss_type must be bnpo, grpo, dr_grpo or sequence, got {self.loss_type!r}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ConfigError(f"loss_type must be one of {', '.join(LOSS_TYPES)}, got {self.loss_type!r}")
+        if self.importance_sampling_level not in IMPORTANCE_SAMPLING_LEVELS:
+            raise ConfigError(f"importance_sampling_level must be token or sequence, got "
+                              f"{self.importance_sampling_level!r}")
+        if self.epsilon_high is not None and self.epsilon_high <= 0:
+            raise ConfigError(f"epsilon_high must be > 0 (or null for cliprange), got {self.epsilon_high}")
+        if self.loss_type == "cispo" and (self.epsilon_high is None or self.epsilon_high < 1):
+            raise ConfigError(f"loss_type: cispo caps the importance weight at epsilon_high, which must be >= 1 "
+                              f"(e.g. 5; a cap below 1 would shrink every on-policy token), got {self.epsilon_high}")
+        if self.loss_type == "sequence" and self.importance_sampling_level == "sequence":
+            raise ConfigError("loss_type: sequence already takes one ratio per sequence (the summed log-ratio, TRL "
+                              "RLOOTrainer's); importance_sampling_level: sequence is GSPO's length-normalised one "
+                              "for the token losses: set one of them")
+        if self.dynamic_sampling and self.advantage_estimator not in ("grpo", "rloo"):
+            raise ConfigError(f"dynamic_sampling drops groups whose scores have zero spread: it needs groups, "
+                              f"advantage_estimator grpo or rloo, got {self.advantage_estimator}")
+        if self.trl_compat and (self.mask_truncated_completions or self.epsilon_high is not None
+                                or self.importance_sampling_level != "token"):
+            raise ConfigError("trl_compat reproduces TRL's PPOTrainer, which has neither epsilon_high, "
+                              "importance_sampling_level nor mask_truncated_completions")
         if self.loss_type == "sequence" and self.advantage_estimator not in ("grpo", "rloo"):
             raise ConfigError("loss_type: sequence needs one advantage per sequence: advantage_estimator grpo or rloo")
         if self.loss_type == "sequence" and self.kl_in == "loss":

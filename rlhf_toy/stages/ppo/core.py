@@ -79,13 +79,14 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     """``sum_{mask} x / sum(mask)``, over everything (``dim=None``) or along ``dim``.
 
     Same numerics as TRL's ``masked_mean`` (sum of the selected values divided by the count),
-    but padded values are selected away, not multiplied by 0, so NaN/inf padding is harmless.
+    but padded values are selected away, not multiplied by 0, so NaN/inf padding is harmless, and the mean of
+    nothing is 0, not NaN (a micro-batch whose rows `mask_truncated_completions` all masked).
     """
     # TRL detail: masked_mean = (values * mask).sum() / mask.sum()
     m = _bool(mask)
     if dim is None:
-        return masked_sum(x, m) / m.sum()
-    return masked_sum(x, m, dim) / m.sum(dim=dim)
+        return masked_sum(x, m) / m.sum().clamp(min=1)
+    return masked_sum(x, m, dim) / m.sum(dim=dim).clamp(min=1)
 
 
 def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, sum_across: SumAcross | None = None) -> Tensor:
@@ -391,7 +392,8 @@ def compute_critic_free_targets(
 # --------------------------------------------------------------------------------------------
 # losses
 # --------------------------------------------------------------------------------------------
-LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "sequence")
+LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "dapo", "cispo", "sequence")
+IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
 def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max_len: int | None = None,
@@ -402,14 +404,16 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max
       ``num_tokens`` replaces the batch's own count of real tokens as the divisor: the trainer passes the
       minibatch's, so that the micro-batches' losses add up to the minibatch's token mean (a mean of
       per-micro-batch means weighs a short micro-batch's tokens more; TRL takes that mean);
+    * ``dapo`` and ``cispo``: the same token mean over the minibatch: DAPO's token-level loss (Yu et al. 2025,
+      eq. 8), which TRL divides by the generation batch's tokens per optimizer step (docs/trl_differences.md);
     * ``grpo``: mean over each sequence's tokens, then over sequences (GRPO paper eq. 3: a long response's
       tokens weigh less each);
     * ``dr_grpo``: sum over real tokens / (``B * max_len``), a constant (Dr. GRPO: no length bias);
       ``max_len`` is the response-length limit, not the trimmed width.
     """
-    # TRL grpo_trainer.py _compute_loss: the "grpo", "bnpo" and "dr_grpo" branches
+    # TRL grpo_trainer.py _compute_loss: the "grpo", "bnpo", "dr_grpo" and "dapo"/"cispo" branches
     m = _bool(mask)
-    if loss_type == "bnpo":
+    if loss_type in ("bnpo", "dapo", "cispo"):
         return masked_mean(per_token, m) if num_tokens is None else masked_sum(per_token, m) / num_tokens
     if loss_type == "grpo":
         return (masked_sum(per_token, m, dim=1) / m.sum(1).clamp(min=1)).mean()
@@ -417,7 +421,7 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max
         if max_len is None:
             raise ValueError("aggregate_loss: dr_grpo needs max_len (the response-length limit)")
         return masked_sum(per_token, m) / (per_token.shape[0] * max_len)
-    raise ValueError(f"unknown loss_type {loss_type!r}: use bnpo, grpo or dr_grpo")
+    raise ValueError(f"unknown loss_type {loss_type!r}: use one of {', '.join(LOSS_TYPES[:-1])}")
 
 
 def policy_loss(
@@ -430,35 +434,65 @@ def policy_loss(
     loss_type: str = "bnpo",
     max_len: int | None = None,
     num_tokens: Tensor | None = None,
+    cliprange_high: float | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate: ``L = mean_mask( max(-A*rho, -A*clip(rho, 1-eps, 1+eps)) )``, the mean taken
-    as ``loss_type`` says (``aggregate_loss``; ``bnpo``, a mean over every real token (of ``num_tokens``), by
-    default).
+    """PPO clipped surrogate: ``L = mean_mask( max(-A*rho, -A*clip(rho, 1-eps_low, 1+eps_high)) )``, the mean
+    taken as ``loss_type`` says (``aggregate_loss``; ``bnpo``, a mean over every real token (of ``num_tokens``),
+    by default).
 
-    ``rho = exp(log pi_new - log pi_old)``.  Returns ``(loss, stats)`` with detached stats
-    ``approxkl = 0.5 * mean(log rho ^ 2)``, ``clipfrac = mean_mask[clipped term is the larger]``
-    (strictly larger: a ratio exactly on the boundary is not counted as clipped) and
-    ``ratio_mean``.  With ``stats_over_padding`` approxkl / ratio_mean average over all ``[B,T]``
-    positions, padding counted as log-ratio 0 (TRL's logging); the loss is always a masked mean.
+    * ``rho = exp(log pi_new - log pi_old)`` per token; with ``importance_sampling_level="sequence"`` (GSPO,
+      Zheng et al. 2025) one ratio per sequence, ``exp(mean_t log rho_t)`` (length-normalised), on all its tokens.
+    * ``eps_low = cliprange``, ``eps_high = cliprange_high`` (None: ``cliprange``). A larger ``eps_high`` is DAPO's
+      clip-higher (Yu et al. 2025): an unlikely token with a positive advantage may grow further before its
+      gradient stops, which keeps the policy's entropy from collapsing.
+    * ``loss_type="cispo"`` (MiniMax-M1, 2025): no clipped surrogate but REINFORCE with a clipped, detached
+      importance weight, ``-sg(min(rho, cliprange_high)) * A * log pi``: every token keeps its gradient, and
+      ``cliprange_high`` is the weight's cap itself (TRL's meaning; the paper's cap is ``1 + eps_high``).
+
+    Returns ``(loss, stats)`` with detached stats ``approxkl = 0.5 * mean(log rho ^ 2)`` (per token),
+    ``clipfrac = mean_mask[clipped term is the larger]`` (strictly larger: a ratio exactly on the boundary is not
+    counted as clipped), ``clipfrac_low`` / ``clipfrac_high`` (TRL's ``clip_ratio/low_mean`` and
+    ``high_mean``: rho < 1 - eps_low where A < 0, rho above the upper bound where A > 0) and ``ratio_mean``.
+    With ``stats_over_padding`` approxkl / ratio_mean average over all ``[B,T]`` positions, padding counted as
+    log-ratio 0 (TRL's logging); the loss is always a masked mean.
     """
-    # Schulman et al. 2017 (PPO-clip); TRL's pg_losses / pg_clipfrac / approxkl = 0.5*mean(logratio^2)
+    # Schulman et al. 2017 (PPO-clip); TRL's pg_losses / pg_clipfrac / approxkl = 0.5*mean(logratio^2);
+    # TRL grpo_trainer.py _compute_loss: log_importance_weights, coef_1, coef_2, the cispo branch
     m = _bool(mask)
+    high = cliprange if cliprange_high is None else cliprange_high
     zero = torch.zeros((), dtype=new_logprobs.dtype, device=new_logprobs.device)
-    logratio = torch.where(m, new_logprobs - old_logprobs, zero)
-    ratio = torch.exp(logratio)
+    new = torch.where(m, new_logprobs, zero)
+    logratio = torch.where(m, new - old_logprobs, zero)
+    if importance_sampling_level == "sequence":
+        log_weights = (masked_sum(logratio, m, dim=1) / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(logratio)
+    elif importance_sampling_level == "token":
+        log_weights = logratio
+    else:
+        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}: use token or sequence")
+    ratio = torch.exp(log_weights)
     adv = torch.where(m, advantages.to(ratio.dtype), zero)
-    pg_losses = -adv * ratio
-    pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = aggregate_loss(torch.max(pg_losses, pg_losses2), m, loss_type, max_len, num_tokens)
+    if loss_type == "cispo":
+        weight = torch.clamp(ratio, max=high).detach()
+        per_token = -weight * adv * new
+        clipped_high = (ratio > high) & (adv > 0)
+        clipped_low = torch.zeros_like(clipped_high)
+        clipped = clipped_high
+    else:
+        pg_losses = -adv * ratio
+        pg_losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
+        per_token = torch.max(pg_losses, pg_losses2)
+        clipped = pg_losses2 > pg_losses
+        clipped_low, clipped_high = (ratio < 1.0 - cliprange) & (adv < 0), (ratio > 1.0 + high) & (adv > 0)
+    loss = aggregate_loss(per_token, m, loss_type, max_len, num_tokens)
     with torch.no_grad():
-        clipfrac = masked_mean((pg_losses2 > pg_losses).float(), m)
+        stats = {"clipfrac": masked_mean(clipped.float(), m), "clipfrac_low": masked_mean(clipped_low.float(), m),
+                 "clipfrac_high": masked_mean(clipped_high.float(), m)}
         if stats_over_padding:
-            approxkl = 0.5 * (logratio**2).mean()
-            ratio_mean = ratio.mean()
+            stats.update(approxkl=0.5 * (logratio**2).mean(), ratio_mean=ratio.mean())
         else:
-            approxkl = 0.5 * masked_mean(logratio**2, m)
-            ratio_mean = masked_mean(ratio, m)
-    return loss, {"approxkl": approxkl.detach(), "clipfrac": clipfrac, "ratio_mean": ratio_mean.detach()}
+            stats.update(approxkl=0.5 * masked_mean(logratio**2, m), ratio_mean=masked_mean(ratio, m))
+    return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def sequence_policy_loss(
@@ -467,10 +501,12 @@ def sequence_policy_loss(
     advantages: Tensor,
     mask: Tensor,
     cliprange: float,
+    cliprange_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The clipped surrogate with one importance ratio per sequence, ``rho = exp(sum_t log pi_new - log pi_old)``
-    (the whole response is one action, as in RLOO's REINFORCE), ``L = mean_seq max(-A*rho, -A*clip(rho))``.
-    ``advantages``: ``[B]``. TRL RLOOTrainer's loss (there ``epsilon``); stats as ``policy_loss``'s, per sequence."""
+    (the whole response is one action, as in RLOO's REINFORCE), ``L = mean_seq max(-A*rho, -A*clip(rho))``,
+    clipped to ``[1 - cliprange, 1 + cliprange_high]`` (None: ``cliprange``). ``advantages``: ``[B]``. TRL
+    RLOOTrainer's loss (there ``epsilon`` and ``epsilon_high``); stats as ``policy_loss``'s, per sequence."""
     # TRL rloo_trainer.py _compute_loss: logps = (per_token_logps * completion_mask).sum(1);
     # coef_1 = exp(logps - old_logps); per_sequence_loss = -min(coef_1 * A, clamp(coef_1) * A); loss = mean
     m = _bool(mask)
@@ -478,16 +514,19 @@ def sequence_policy_loss(
     ratio = torch.exp(log_ratio)
     adv = advantages.to(ratio.dtype)
     losses = -adv * ratio
-    losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    high = cliprange if cliprange_high is None else cliprange_high
+    losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     loss = torch.max(losses, losses2).mean()
     with torch.no_grad():
         stats = {"approxkl": 0.5 * (log_ratio**2).mean(), "clipfrac": (losses2 > losses).float().mean(),
-                 "ratio_mean": ratio.mean()}
+                 "clipfrac_low": ((ratio < 1.0 - cliprange) & (adv < 0)).float().mean(),
+                 "clipfrac_high": ((ratio > 1.0 + high) & (adv > 0)).float().mean(), "ratio_mean": ratio.mean()}
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
 def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type: str = "bnpo",
-            max_len: int | None = None, old_logprobs: Tensor | None = None, num_tokens: Tensor | None = None) -> Tensor:
+            max_len: int | None = None, old_logprobs: Tensor | None = None, num_tokens: Tensor | None = None,
+            importance_sampling_level: str = "token") -> Tensor:
     """The KL penalty as a loss term (``kl_in: loss``; multiply by beta): the k3 estimator
     ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` of the *current* policy's log-probs, averaged as
     the policy loss is (``aggregate_loss``). GRPO (Shao et al. 2024, eq. 4).
@@ -496,7 +535,8 @@ def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type:
     gradient of the *forward* KL(pi_ref || pi). Given ``old_logprobs`` (the sampling policy's), each token's k3
     is weighted by the importance ratio ``pi/pi_old`` (1 in value on-policy, not in gradient), which makes the
     gradient that of the reverse KL(pi || pi_ref) the penalty means (DeepSeek-V3.2; TRL 1.12 GRPOTrainer's
-    ``use_bias_correction_kl``, its default). k1 would not do at all: its gradient is zero in expectation."""
+    ``use_bias_correction_kl``, its default); with ``importance_sampling_level="sequence"`` the weight is the
+    sequence's GSPO ratio, as in TRL. k1 would not do at all: its gradient is zero in expectation."""
     # TRL grpo_trainer.py: per_token_kl = exp(ref - logp) - (ref - logp) - 1; if use_bias_correction_kl: *= coef_1
     # Padding's log-probs are garbage (NaN, or -200 whose exp overflows): zero them before any exp, since a
     # mask applied afterwards leaves 0 * inf = NaN in the gradient.
@@ -505,7 +545,10 @@ def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type:
     new = torch.where(m, new_logprobs, zero)
     per_token = kl_penalty(new, torch.where(m, ref_logprobs.to(new.dtype), zero), "k3")
     if old_logprobs is not None:
-        per_token = per_token * torch.exp(new - torch.where(m, old_logprobs.to(new.dtype), zero))
+        logratio = torch.where(m, new - old_logprobs.to(new.dtype), zero)
+        if importance_sampling_level == "sequence":
+            logratio = (masked_sum(logratio, m, dim=1) / m.sum(1).clamp(min=1)).unsqueeze(1)
+        per_token = per_token * torch.exp(logratio)
     return aggregate_loss(per_token, mask, loss_type, max_len, num_tokens)
 
 

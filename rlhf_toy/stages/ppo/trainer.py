@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
+from rlhf_toy.evaluation.stats import distinct_n
 from rlhf_toy.config import ConfigError
 from rlhf_toy.scoring import Judge, RewardScorer, reward_model_dir, sequence_score
 from rlhf_toy.stages.common import resolve_precision, setup_run, shards_weights
@@ -142,9 +143,7 @@ def train_ppo(cfg: PPOStageConfig, on_step_end: Callable[[int, dict], None] | No
     try:
         for step in progress:
             step_started, state.timers = time.time(), {}
-            batch = sample(state, local_share(state, data.prompt_batch(prompts, step, cfg.batch_size, cfg.seed,
-                                                                       cfg.num_generations)))              # 1
-            parts = score(state, batch, step + 1)                                                          # 2
+            batch, parts = sample_and_score_step(state, prompts, step)                                     # 1-2
             targets = rollout_targets(state, batch, parts, step + 1)                                       # 3-4
             state.timers["rollout"] = time.time() - step_started
             with state.timer("update"):
@@ -465,12 +464,104 @@ def score(state: PPOState, batch: Rollout, step: int = 1) -> dict:
                                                      cfg.num_steps, log_metric))
         reward = combine(components, cfg.weights).to(state.device)
         parts = sequence_score(reward, batch.mask.sum(1), has_eos, cfg.length_coef, cfg.length_target,
-                               cfg.missing_eos_penalty)
+                               cfg.missing_eos_penalty, cfg.overlong_buffer, cfg.overlong_penalty, cfg.response_length)
     if cfg.score_clip:
         parts["score"] = parts["score"].clamp(-cfg.score_clip, cfg.score_clip)
     # prompts the reward model read only the end of, to fit its positions (the response is never cut)
     rm_truncated = state.scorer.n_truncated - rm_truncated_before if state.scorer is not None else 0
     return {**parts, "has_eos": has_eos, "components": components, "logged": logged, "rm_truncated": rm_truncated}
+
+
+# ----------------------------------------------------------------------------------------------
+# 1-2 with dynamic sampling
+# ----------------------------------------------------------------------------------------------
+def sample_and_score_step(state: PPOState, prompts: list, step: int) -> tuple[Rollout, dict]:
+    """The step's episodes, sampled and scored. With `dynamic_sampling` (DAPO, Yu et al. 2025, eq. 11), a group
+    whose scores are all equal (zero advantage, no gradient) is dropped and the groups of other prompts sampled in
+    its place, a whole batch per round, up to `max_resample_rounds` rounds; still short, the batch is topped up
+    with dropped groups. Round r's prompts are the step's batch of another shuffle (seed + r): a pure function of
+    (seed, step), so a resumed run samples the same prompts. Every process runs the same number of rounds (each
+    samples its own share; generation may be a collective). `parts["groups"]`: frac_reward_zero_std of the
+    first round (TRL's metric: what the sampler produced), the rounds run and the zero-spread groups kept."""
+    cfg = state.cfg
+    draw = lambda seed: local_share(state, data.prompt_batch(prompts, step, cfg.batch_size, seed, cfg.num_generations))
+    batch = sample(state, draw(cfg.seed))
+    parts = score(state, batch, step + 1)
+    if cfg.num_generations < 2:
+        return batch, parts
+    zero_std = zero_spread_groups(parts["score"], cfg.num_generations)
+    parts["groups"] = {"frac_reward_zero_std": zero_std.float().mean().item(), "resample_rounds": 0,
+                       "zero_std_groups_kept": int(zero_std.sum())}
+    if not cfg.dynamic_sampling:
+        return batch, parts
+    pieces, rounds = [(batch, parts, zero_std)], 0
+    n_groups = state.local_batch // cfg.num_generations
+    informative = lambda: sum(int((~z).sum()) for _, _, z in pieces)
+    while rounds < cfg.max_resample_rounds and int(state.sum_across_processes(
+            torch.tensor(max(0, n_groups - informative()), device=state.device))) > 0:
+        rounds += 1
+        extra = sample(state, draw(cfg.seed + 7919 * rounds))
+        extra_parts = score(state, extra, step + 1)
+        pieces.append((extra, extra_parts, zero_spread_groups(extra_parts["score"], cfg.num_generations)))
+    chosen = [(i, g) for i, (_, _, z) in enumerate(pieces) for g in range(len(z)) if not z[g]][:n_groups]
+    chosen += [(0, g) for g in range(n_groups) if zero_std[g]][:n_groups - len(chosen)]   # topped up
+    batch, parts = select_groups([(b, p) for b, p, _ in pieces], chosen, cfg.num_generations,
+                                 state.tokenizer.pad_token_id)
+    parts["groups"] = {**pieces[0][1]["groups"], "resample_rounds": rounds,
+                       "zero_std_groups_kept": sum(bool(pieces[i][2][g]) for i, g in chosen)}
+    return batch, parts
+
+
+def zero_spread_groups(scores: torch.Tensor, num_generations: int) -> torch.Tensor:
+    """[n_groups] True where a group's scores are all equal (TRL: isclose(std, 0)): its advantages are all 0."""
+    std = scores.float().view(-1, num_generations).std(dim=1)
+    return torch.isclose(std, torch.zeros_like(std)).cpu()
+
+
+def select_groups(pieces: list[tuple[Rollout, dict]], chosen: list[tuple[int, int]], num_generations: int,
+                  pad_id: int) -> tuple[Rollout, dict]:
+    """One rollout (and its scores) of the chosen groups, (piece, group index) each, from rollouts sampled
+    separately: prompts left-padded to the longest context, responses right-padded to the widest (padding is
+    masked out everywhere; positions count real tokens only, so none moves)."""
+    context = max(b.context_length for b, _ in pieces)
+    width = max(b.responses.shape[1] for b, _ in pieces)
+    rows = [(i, r) for i, g in chosen for r in range(g * num_generations, (g + 1) * num_generations)]
+
+    def take(get, value=0, with_prompt=False):
+        """The chosen rows of get(rollout, parts), a [B] or [B, T] tensor; [B, T] padded to the common width."""
+        out = []
+        for i, r in rows:
+            b, p = pieces[i]
+            row = get(b, p)[r:r + 1]
+            if row.dim() == 2:
+                left = context - b.context_length if with_prompt else 0
+                row = torch.nn.functional.pad(row, (left, width - b.responses.shape[1]), value=value)
+            out.append(row)
+        return torch.cat(out)
+
+    first = pieces[0][0]
+    batch = Rollout(
+        prompts=[pieces[i][0].prompts[r] for i, r in rows],
+        query_responses=take(lambda b, _: b.query_responses, pad_id, with_prompt=True),
+        attention_mask=take(lambda b, _: b.attention_mask, 0, with_prompt=True),
+        context_length=context,
+        responses=take(lambda b, _: b.responses, pad_id),
+        mask=take(lambda b, _: b.mask, False),
+        logprobs=take(lambda b, _: b.logprobs), ref_logprobs=take(lambda b, _: b.ref_logprobs),
+        values=None if first.values is None else take(lambda b, _: b.values),
+        texts=[pieces[i][0].texts[r] for i, r in rows], records=[pieces[i][0].records[r] for i, r in rows],
+        prompts_truncated=sum(b.prompts_truncated for b, _ in pieces),
+        exact_kl=None if first.exact_kl is None else take(lambda b, _: b.exact_kl))
+    parts = {name: take(lambda _, p, name=name: p[name]) for name, value in pieces[0][1].items()
+             if isinstance(value, torch.Tensor)}
+    parts["components"] = {name: take(lambda _, p, name=name: p["components"][name])
+                           for name in pieces[0][1]["components"]}
+    parts["logged"] = {}
+    for _, p in pieces:
+        for name, values in p["logged"].items():
+            parts["logged"].setdefault(name, []).extend(values)
+    parts["rm_truncated"] = sum(p["rm_truncated"] for _, p in pieces)
+    return batch, parts
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,12 +583,18 @@ def rollout_targets(state: PPOState, batch: Rollout, parts: dict, step: int) -> 
     # compute what one would; TRL whitens each process's share on its own (trl_compat).
     sum_across = None if cfg.trl_compat else state.sum_across_processes
     if not cfg.critic_free:
-        return core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values, batch.mask,
-                                        kl_coef, cfg.gamma, cfg.lam, cfg.kl_estimator, cfg.whiten_rewards,
-                                        cfg.trl_compat, sum_across)
-    return core.compute_critic_free_targets(cfg.advantage_estimator, parts["score"], batch.logprobs,
-                                            batch.ref_logprobs, batch.mask, kl_coef, cfg.gamma, cfg.kl_estimator,
-                                            cfg.num_generations, cfg.scale_rewards, cfg.whiten_rewards, sum_across)
+        targets = core.compute_ppo_targets(parts["score"], batch.logprobs, batch.ref_logprobs, batch.values,
+                                           batch.mask, kl_coef, cfg.gamma, cfg.lam, cfg.kl_estimator,
+                                           cfg.whiten_rewards, cfg.trl_compat, sum_across)
+    else:
+        targets = core.compute_critic_free_targets(cfg.advantage_estimator, parts["score"], batch.logprobs,
+                                                   batch.ref_logprobs, batch.mask, kl_coef, cfg.gamma,
+                                                   cfg.kl_estimator, cfg.num_generations, cfg.scale_rewards,
+                                                   cfg.whiten_rewards, sum_across)
+    # DAPO's overlong filtering: a cut answer is scored (and counts in its group's statistics) but is not learned
+    # from, since its cut says nothing about whether the answer was good (TRL: mask_truncated_completions)
+    targets["loss_mask"] = batch.mask & parts["has_eos"].unsqueeze(1) if cfg.mask_truncated_completions else batch.mask
+    return targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -516,24 +613,25 @@ def ppo_update(state: PPOState, batch: Rollout, targets: dict, step: int,
     state.policy.train()
     if critic:
         state.value_model.train()
-    names = ["pg_loss", "approxkl", "pg_clipfrac", "ratio", "entropy", "tokens"]
+    names = ["pg_loss", "approxkl", "pg_clipfrac", "clipfrac_low", "clipfrac_high", "ratio", "entropy", "tokens"]
     names += ["vf_loss", "vf_clipfrac"] if critic else []
     names += ["kl_loss"] if cfg.kl_in == "loss" else []
     stats = {k: [] for k in names}
     local_minibatch = state.micro_batch * cfg.gradient_accumulation_steps
     value_mask = targets.get("value_mask", batch.mask)   # the response mask; TRL's one-longer mask with trl_compat
+    loss_mask = targets.get("loss_mask", batch.mask)     # without the cut answers with mask_truncated_completions
     batch.update_ratio = torch.ones_like(batch.logprobs)   # for the training samples' per-token view
     for epoch in range(cfg.num_ppo_epochs):
         order = permutation(epoch) if permutation else torch.randperm(state.local_batch, device=state.device)
         for mb_start in range(0, state.local_batch, local_minibatch):
             state.optimizer.zero_grad(set_to_none=True)
             minibatch_rows = order[mb_start:mb_start + local_minibatch]
-            num_tokens = minibatch_token_counts(state, batch.mask[minibatch_rows], value_mask[minibatch_rows])
+            num_tokens = minibatch_token_counts(state, loss_mask[minibatch_rows], value_mask[minibatch_rows])
             for mc_start in range(mb_start, mb_start + local_minibatch, state.micro_batch):
                 idx = order[mc_start:mc_start + state.micro_batch]
                 ids, attention, context_length, width = micro_batch_columns(batch, idx, value_mask[idx],
                                                                             cfg.trim_padding and not cfg.trl_compat)
-                mask = batch.mask[idx, :width]
+                mask = loss_mask[idx, :width]
                 # accelerate's accumulation: only the minibatch's last backward syncs gradients across processes
                 with state.accelerator.accumulate(state.engine):
                     with state.precision.autocast():   # the forward in bf16 when mixed; log-probs and losses float32
@@ -573,7 +671,8 @@ def minibatch_token_counts(state: PPOState, mask, value_mask) -> dict:
     if state.cfg.trl_compat:
         return {}
     engine_divides_by = state.cfg.gradient_accumulation_steps * state.accelerator.num_processes
-    counts = state.sum_across_processes(torch.stack([mask.sum(), value_mask.sum()]).float())
+    # at least one token: a minibatch of answers that mask_truncated_completions all left out has a loss of 0
+    counts = state.sum_across_processes(torch.stack([mask.sum(), value_mask.sum()]).float()).clamp(min=1)
     return {"policy": counts[0] / engine_divides_by, "value": counts[1] / engine_divides_by}
 
 
@@ -594,17 +693,19 @@ def update_losses(state: PPOState, batch: Rollout, targets: dict, idx, width: in
     vf_coef × the clipped value loss with a critic, plus β × the k3 KL with `kl_in: loss`) and its parts.
     `num_tokens`: the token means' divisors (`minibatch_token_counts`)."""
     cfg = state.cfg
-    mask = batch.mask[idx, :width]
+    mask = targets.get("loss_mask", batch.mask)[idx, :width]   # without the cut answers with mask_truncated_completions
     old_logprobs = batch.logprobs[idx, :width]
     if cfg.loss_type == "sequence":   # one ratio per sequence (TRL RLOOTrainer)
         pg_loss, pg_stats = core.sequence_policy_loss(new_logprobs, old_logprobs, targets["sequence_advantages"][idx],
-                                                      mask, cfg.cliprange)
+                                                      mask, cfg.cliprange, cfg.epsilon_high)
     else:
         pg_loss, pg_stats = core.policy_loss(new_logprobs, old_logprobs, targets["advantages"][idx, :width], mask,
                                              cfg.cliprange, stats_over_padding=cfg.trl_compat,
                                              loss_type=cfg.loss_type, max_len=cfg.response_length,
-                                             num_tokens=num_tokens.get("policy"))
+                                             num_tokens=num_tokens.get("policy"), cliprange_high=cfg.epsilon_high,
+                                             importance_sampling_level=cfg.importance_sampling_level)
     out = {"loss": pg_loss, "pg_loss": pg_loss, "approxkl": pg_stats["approxkl"], "pg_clipfrac": pg_stats["clipfrac"],
+           "clipfrac_low": pg_stats["clipfrac_low"], "clipfrac_high": pg_stats["clipfrac_high"],
            "ratio": pg_stats["ratio_mean"]}
     if new_values is not None:
         vf_loss, vf_clipfrac = core.value_loss(new_values, targets["values"][idx, :width],
@@ -613,7 +714,8 @@ def update_losses(state: PPOState, batch: Rollout, targets: dict, idx, width: in
         out.update(loss=out["loss"] + cfg.vf_coef * vf_loss, vf_loss=vf_loss, vf_clipfrac=vf_clipfrac)
     if cfg.kl_in == "loss":   # GRPO: β·k3 of the current policy against the reference, in the loss
         kl_loss = core.kl_loss(new_logprobs, batch.ref_logprobs[idx, :width], mask, cfg.loss_type, cfg.response_length,
-                               old_logprobs if cfg.use_bias_correction_kl else None, num_tokens.get("policy"))
+                               old_logprobs if cfg.use_bias_correction_kl else None, num_tokens.get("policy"),
+                               cfg.importance_sampling_level)
         out.update(loss=out["loss"] + state.kl_ctl.value * kl_loss, kl_loss=kl_loss)
     return out
 
@@ -696,6 +798,7 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         gathered = accelerator.gather_for_metrics({
             "kl": kl_per_seq, "entropy": core.masked_sum(-batch.logprobs, mask, dim=1), "non_score": non_score,
             "scores": scores, "length_penalty": parts["length_penalty"],
+            **({"overlong_penalty": parts["overlong_penalty"]} if "overlong_penalty" in parts else {}),
             "gold": gold, "length": n_tokens.float(), "eos": parts["has_eos"].float(),
             # the sequence KL three ways: the full-vocabulary sum at each sampled position, and the two estimators
             # from the sampled token alone (k1 can go negative; both are unbiased for it in expectation)
@@ -715,6 +818,13 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
             for name, values in process_logged.items():
                 logged.setdefault(name, []).extend(values)
     mean_kl = gathered["kl"].mean().item()
+    group_metrics = {}
+    if "groups" in parts:   # the group estimators: the share of groups with no spread (TRL's frac_reward_zero_std)
+        per_process = gather_object([parts["groups"]])
+        group_metrics["frac_reward_zero_std"] = sum(g["frac_reward_zero_std"] for g in per_process) / len(per_process)
+        if cfg.dynamic_sampling:
+            group_metrics["rollout/resample_rounds"] = max(g["resample_rounds"] for g in per_process)
+            group_metrics["rollout/zero_std_groups_kept"] = sum(g["zero_std_groups_kept"] for g in per_process)
     step_s = time.time() - step_started
     metrics = {
         "objective/kl": mean_kl,
@@ -730,6 +840,10 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         # rollout vs update log-probs before any update: precision drift only (0 in float32)
         "policy/approxkl_first_minibatch": update_stats["approxkl_first_minibatch"].mean().item(),
         "policy/clipfrac_avg": update_stats["pg_clipfrac"].mean().item(),
+        # TRL GRPOTrainer's: the ratios clipped from below (rho < 1 - cliprange where A < 0) and from above
+        # (rho > 1 + epsilon_high where A > 0; with cispo, rho above the cap): clip-higher moves the second
+        "clip_ratio/low_mean": update_stats["clipfrac_low"].mean().item(),
+        "clip_ratio/high_mean": update_stats["clipfrac_high"].mean().item(),
         "policy/entropy_avg": update_stats["entropy"].mean().item(),
         "loss/policy_avg": update_stats["pg_loss"].mean().item(),
         **({"loss/value_avg": update_stats["vf_loss"].mean().item(),
@@ -744,6 +858,13 @@ def log_step(state: PPOState, run_dir: Path, logger, step: int, batch: Rollout, 
         "score/gold": gathered["gold"].mean().item(),
         "score/length_penalty": gathered["length_penalty"].mean().item(),
         "response/length_mean": gathered["length"].mean().item(),
+        # the answers cut at response_length (TRL GRPOTrainer's name), and how alike the step's answers are:
+        # distinct word bigrams over all of them (a policy that writes one template for every prompt: low)
+        "completions/clipped_ratio": 1.0 - gathered["eos"].mean().item(),
+        "completions/pooled_distinct_2": distinct_n(gather_object(list(batch.texts)), 2),
+        **({"score/overlong_penalty": gathered["overlong_penalty"].mean().item()} if "overlong_penalty" in gathered
+           else {}),
+        **group_metrics,
         # prompts the policy (max_prompt_length) or the reward model (its positions) read only the end of
         "rollout/prompts_truncated": int(gathered["prompts_truncated"].sum().item()),
         "rollout/rm_prompts_truncated": int(gathered["rm_prompts_truncated"].sum().item()),
