@@ -5,7 +5,7 @@ SETUP_STAMP := .venv/.setup-done
 # A package index for torch (e.g. https://download.pytorch.org/whl/cpu; see setup), or empty for pip's default.
 TORCH_INDEX ?=
 
-.PHONY: setup test demo data study algorithms rlvr rlvr-task hack overopt overopt-compare variants variant-run clean-runs
+.PHONY: setup test demo data study algorithms rlvr rlvr-task hack overopt overopt-compare variants variant-run variant-summary clean-runs
 
 setup: $(SETUP_STAMP)
 
@@ -209,26 +209,37 @@ overopt-compare:
 	@cp $(RUNS)/demo_times.txt $(OVEROPT_REPORT)/overopt_times.txt
 	@cat $(OVEROPT_REPORT)/overopt_times.txt
 
-# The 2025 policy-gradient variants (not part of the demo; issue #28): on the word task (configs/rlvr_word.yaml,
-# GRPO from the demo's SFT), GRPO as it is, then clip-higher (DAPO's epsilon_high 0.28), GSPO (the sequence
-# ratio, the paper's clip range 3e-4 / 4e-4) and dynamic sampling (at most 3 extra rounds), the same steps each;
-# one table ($(VARIANTS_REPORT)/rlvr_word.md). One seed each.
+# The 2025 policy-gradient variants (not part of the demo; issue #28): on each RLVR task (VARIANT_TASKS: the word
+# task configs/rlvr_word.yaml and the sums configs/rlvr.yaml, GRPO from the demo's SFT), GRPO as it is, then
+# clip-higher (DAPO's epsilon_high 0.28), GSPO (the sequence ratio, the paper's clip range 3e-4 / 4e-4) and dynamic
+# sampling (at most 3 extra rounds), the same steps each; one table per task ($(VARIANTS_REPORT)/TASK.md), and for
+# the sums pass@k (k = 1, 4, 16 from 16 answers per eval prompt) of the SFT model and each run
+# ($(VARIANTS_REPORT)/rlvr_pass_at_k.md). One seed each.
 VARIANTS ?= grpo clip_higher gspo dynamic
+VARIANT_TASKS ?= rlvr_word rlvr
 VARIANTS_RUNS ?= $(RUNS)/variants
 VARIANTS_REPORT ?= reports/variants
 VARIANT_FLAGS_grpo :=
 VARIANT_FLAGS_clip_higher := --epsilon_high 0.28
 VARIANT_FLAGS_gspo := --importance_sampling_level sequence --cliprange 3e-4 --epsilon_high 4e-4
 VARIANT_FLAGS_dynamic := --dynamic_sampling true --max_resample_rounds 3
+VARIANT_SUCCESS_rlvr_word := rewards/uses_word/mean
+VARIANT_SUCCESS_rlvr := rewards/correct_sum/mean
 variants: setup $(RUNS)/sft/final/config.json
-	@for v in $(VARIANTS); do $(MAKE) --no-print-directory variant-run VARIANT=$$v || exit 1; done
-	$(PY) scripts/variants_summary.py $(foreach v,$(VARIANTS),$(v)=$(VARIANTS_RUNS)/$(v)) \
-		--reward rewards/uses_word/mean --output $(VARIANTS_REPORT)/rlvr_word.md
+	@for t in $(VARIANT_TASKS); do for v in $(VARIANTS); do \
+		$(MAKE) --no-print-directory variant-run TASK=$$t VARIANT=$$v || exit 1; done; done
+	@for t in $(VARIANT_TASKS); do $(MAKE) --no-print-directory variant-summary TASK=$$t || exit 1; done
+	$(PY) scripts/pass_at_k.py --config $(CONFIGS)/rlvr.yaml --models sft=$(RUNS)/sft \
+		$(foreach v,$(VARIANTS),$(v)=$(VARIANTS_RUNS)/rlvr/$(v)) --n 16 --k 1 4 16 --output $(VARIANTS_REPORT)/rlvr_pass_at_k.md
 
 variant-run:
-	$(if $(wildcard $(VARIANTS_RUNS)/$(VARIANT)/final/config.json),,$(STAGE) $(VARIANT) $(PY) scripts/ppo.py \
-		--config $(CONFIGS)/rlvr_word.yaml --output_dir $(VARIANTS_RUNS)/$(VARIANT) \
+	$(if $(wildcard $(VARIANTS_RUNS)/$(TASK)/$(VARIANT)/final/config.json),,$(STAGE) $(TASK)/$(VARIANT) $(PY) scripts/ppo.py \
+		--config $(CONFIGS)/$(TASK).yaml --output_dir $(VARIANTS_RUNS)/$(TASK)/$(VARIANT) \
 		--model_name_or_path $(RUNS)/sft/final $(VARIANT_FLAGS_$(VARIANT)))
+
+variant-summary:
+	$(PY) scripts/variants_summary.py $(foreach v,$(VARIANTS),$(v)=$(VARIANTS_RUNS)/$(TASK)/$(v)) \
+		--reward $(VARIANT_SUCCESS_$(TASK)) --output $(VARIANTS_REPORT)/$(TASK).md
 
 clean-runs:
 	rm -rf runs reports

@@ -49,3 +49,9 @@ def flat_for_even_titles(completions, title, **kwargs):
     """0 for every answer to a film whose title has an even length (a group with no spread), else the answer's
     length in characters (a spread): for dynamic sampling."""
     return [0.0 if len(t) % 2 == 0 else float(len(c[0]["content"])) for t, c in zip(title, completions)]
+
+
+def first_token_even(completions, completion_ids, **kwargs):
+    """1 when the answer's first token id is even, else 0: a check some sampled answers pass and some fail (the tiny
+    model's answers all run to the limit, so their length cannot split them), for pass@k."""
+    return [float(len(ids) > 0 and ids[0] % 2 == 0) for ids in completion_ids]
