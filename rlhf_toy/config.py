@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from rlhf_toy.data import not_utf8
+
 
 class ConfigError(ValueError):
     """Bad configuration; the message names the file or flag and the key at fault."""
@@ -26,9 +28,9 @@ class ConfigError(ValueError):
 
 # Keys that were renamed: a config that still uses one gets told the new name.
 RENAMED_KEYS = {
-    "num_sample_prompts": "num_eval_prompts",     # SFT, DPO: the eval prompts sampled before and after
-    "num_eval_samples": "num_eval_prompts",       # reward: the eval prompts sampled for the Spearman correlation
-    "num_steps": "total_episodes",                # run-level cross-check: total_episodes = num_steps × batch_size
+    "num_sample_prompts": "num_eval_prompts",  # SFT, DPO: the eval prompts sampled before and after
+    "num_eval_samples": "num_eval_prompts",  # reward: the eval prompts sampled for the Spearman correlation
+    "num_steps": "total_episodes",  # run-level cross-check: total_episodes = num_steps × batch_size
 }
 
 
@@ -67,7 +69,7 @@ def _convert(value, annotation, key: str, where: str):
                 return False
             raise ValueError(value)
         if annotation in (int, float, str):
-            if annotation in (int, float) and isinstance(value, bool):   # YAML `true` is not the number 1
+            if annotation in (int, float) and isinstance(value, bool):  # YAML `true` is not the number 1
                 raise ValueError(value)
             if annotation is int and isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -86,7 +88,9 @@ def parse_config(cls, argv=None):
         print(f"usage: --config FILE.yaml [--field value ...]\n\nfields of {cls.__name__}:")
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            print(f"  --{f.name} ({getattr(types_[f.name], '__name__', types_[f.name])}, default {default!r})")
+            print(
+                f"  --{f.name} ({getattr(types_[f.name], '__name__', types_[f.name])}, default {default!r})"
+            )
         raise SystemExit(0)
 
     flags: dict = {}
@@ -94,7 +98,9 @@ def parse_config(cls, argv=None):
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"command line: unexpected argument {arg!r} (flags look like --learning_rate 1e-5)")
+            raise ConfigError(
+                f"command line: unexpected argument {arg!r} (flags look like --learning_rate 1e-5)"
+            )
         key, _, inline = arg[2:].partition("=")
         key = key.replace("-", "_")
         if inline:
@@ -117,8 +123,6 @@ def parse_config(cls, argv=None):
         try:
             loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
         except UnicodeDecodeError as error:
-            from rlhf_toy.data import not_utf8
-
             raise ConfigError(not_utf8(path, error)) from None
         except yaml.YAMLError as error:
             raise ConfigError(f"{path}: not valid YAML: {error}") from None
@@ -211,18 +215,18 @@ class CommonConfig:
     model_name_or_path: str = "embedded:smollm2-135m-instruct"
     output_dir: str = "runs/default"
     seed: int = 0
-    device: str = "auto"            # auto = cuda, then mps, then cpu
-    dtype: str = "auto"             # auto = bfloat16-mixed where the device has native bf16, else float32
-    num_threads: int = 0            # torch CPU threads; 0 = torch's default
+    device: str = "auto"  # auto = cuda, then mps, then cpu
+    dtype: str = "auto"  # auto = bfloat16-mixed where the device has native bf16, else float32
+    num_threads: int = 0  # torch CPU threads; 0 = torch's default
     logging_steps: int = 1
-    save_steps: int = 20            # checkpoint every N optimizer steps (resume restarts from the last one)
+    save_steps: int = 20  # checkpoint every N optimizer steps (resume restarts from the last one)
     save_total_limit: int = 2
     report_to: str = "tensorboard"  # or "none"
-    resume: bool = True             # false: never continue a run (an existing one is refused; see rundir)
-    overwrite_output_dir: bool = False   # HF's name: delete the run in output_dir and start again
+    resume: bool = True  # false: never continue a run (an existing one is refused; see rundir)
+    overwrite_output_dir: bool = False  # HF's name: delete the run in output_dir and start again
 
     def validate(self):
-        check_finite(self)   # first: every range check below assumes a number
+        check_finite(self)  # first: every range check below assumes a number
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}; got {self.dtype!r}")
         check_device(self.device)
@@ -258,12 +262,13 @@ class LoraFields:
 class TrainerFields:
     """The optimisation fields of the stages built on an HF/TRL trainer (SFT, reward, DPO); a stage
     overrides a default by declaring the field again. `stages.trainer_fields` passes them on."""
+
     learning_rate: float = 5e-5
     num_train_epochs: float = 1.0
     max_steps: int = -1
     per_device_train_batch_size: int = 8
     gradient_accumulation_steps: int = 1
-    warmup_steps: float = 0.0           # an int counts steps; a float in [0, 1) is a fraction of the run
+    warmup_steps: float = 0.0  # an int counts steps; a float in [0, 1) is a fraction of the run
     lr_scheduler_type: str = "linear"
     weight_decay: float = 0.0
 
@@ -273,13 +278,16 @@ class TrainerFields:
         if self.learning_rate <= 0:
             raise ConfigError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.max_steps == 0 or self.max_steps < -1:
-            raise ConfigError(f"max_steps must be a number of steps > 0, or -1 (num_train_epochs decides); "
-                              f"got {self.max_steps}")
+            raise ConfigError(
+                f"max_steps must be a number of steps > 0, or -1 (num_train_epochs decides); "
+                f"got {self.max_steps}"
+            )
         if self.max_steps == -1 and self.num_train_epochs <= 0:
             raise ConfigError(f"num_train_epochs must be > 0, got {self.num_train_epochs}")
         if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ConfigError(f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps} "
-                              f"and {self.weight_decay}")
+            raise ConfigError(
+                f"warmup_steps and weight_decay must be >= 0, got {self.warmup_steps} and {self.weight_decay}"
+            )
 
 
 def positive_float(text: str) -> float:

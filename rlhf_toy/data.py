@@ -30,7 +30,11 @@ def load_records(source: str, required_fields=(), split: str = "train") -> list[
         raise DataError(f"{source} is a directory, not a dataset file (.jsonl, .json or .parquet)")
     if path.exists():
         records = _read_local(path)
-    elif path.suffix in (".jsonl", ".json", ".parquet") or "/" in source and source.startswith((".", "/", "data/")):
+    elif (
+        path.suffix in (".jsonl", ".json", ".parquet")
+        or "/" in source
+        and source.startswith((".", "/", "data/"))
+    ):
         raise DataError(f"dataset file {source} does not exist")
     else:
         records = _read_hub(source, split)
@@ -45,8 +49,10 @@ def load_records(source: str, required_fields=(), split: str = "train") -> list[
             if field not in record:
                 raise DataError(f"{where}: missing field {field!r} (has: {', '.join(record) or 'nothing'})")
             if record[field] is None or (isinstance(record[field], (str, list)) and not record[field]):
-                raise DataError(f"{where}: field {field!r} is empty ({json.dumps(record[field])}): it needs text or "
-                                "a list of {'role', 'content'} messages")
+                raise DataError(
+                    f"{where}: field {field!r} is empty ({json.dumps(record[field])}): it needs text or "
+                    "a list of {'role', 'content'} messages"
+                )
             _check_text_or_messages(record[field], f"{where}: field {field!r}")
     return records
 
@@ -54,14 +60,18 @@ def load_records(source: str, required_fields=(), split: str = "train") -> list[
 def _check_text_or_messages(value, where: str) -> None:
     if isinstance(value, str):
         return
-    if isinstance(value, list) and all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                       and isinstance(m.get("content"), str) for m in value):
+    if isinstance(value, list) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in value
+    ):
         return
-    raise DataError(f"{where} must be a string or a list of {{'role': str, 'content': str}} messages, got {str(value)[:80]!r}")
+    raise DataError(
+        f"{where} must be a string or a list of {{'role': str, 'content': str}} messages, got {str(value)[:80]!r}"
+    )
 
 
 def not_utf8(path, error: UnicodeDecodeError, line_number: int | None = None) -> str:
-    """"FILE:LINE: not UTF-8 text (byte 0x.. at column N)" for a decode error in a whole file's bytes
+    """ "FILE:LINE: not UTF-8 text (byte 0x.. at column N)" for a decode error in a whole file's bytes
     (or, with `line_number`, in that line's)."""
     raw = error.object
     line_start = raw.rfind(b"\n", 0, error.start) + 1
@@ -135,7 +145,9 @@ def load_prompts(source: str) -> list[list[dict]]:
     return [as_messages(r["prompt"], "user") for r in load_prompt_records(source)]
 
 
-def load_prompts_and_titles(source: str, limit: int | None = None) -> tuple[list[list[dict]], list[str | None]]:
+def load_prompts_and_titles(
+    source: str, limit: int | None = None
+) -> tuple[list[list[dict]], list[str | None]]:
     """The first `limit` prompts (all when None) and the film title each record carries (the gold judge's
     on-topic term), None where a record has none: any prompts file works, without that term."""
     return prompts_and_titles(load_prompt_records(source)[:limit], source)
@@ -156,14 +168,14 @@ def load_prompt_records(source: str) -> list[dict]:
     return load_records(source, PROMPT_FIELDS)
 
 
-def prompt_batch(prompts: list, step: int, batch_size: int, seed: int, num_generations: int = 1) -> list:
+def prompt_batch(prompts: list, step: int, *, batch_size: int, seed: int, num_generations: int = 1) -> list:
     """The prompts of training step `step`: consecutive slices of a seeded shuffle, reshuffled every
     pass over the data. A pure function of (seed, step), so a resumed run draws exactly the batches it
     would have, and the TRL cross-check can feed TRL the same ones. With `num_generations` > 1 the step
     draws batch_size / num_generations prompts and repeats each that many times, next to each other (the
     groups of GRPO and RLOO; TRL's RepeatSampler)."""
     n_prompts = batch_size // num_generations
-    orders = {}   # pass -> its shuffle; a batch that crosses the end of a pass continues into the next one's
+    orders = {}  # pass -> its shuffle; a batch that crosses the end of a pass continues into the next one's
 
     def drawn(position: int) -> dict:
         epoch, offset = divmod(position, len(prompts))

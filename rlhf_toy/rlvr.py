@@ -53,16 +53,23 @@ WORD_PROMPT = "Write a one-sentence review of the film \"{title}\" that uses the
 
 def uses_word(prompts, completions, word, **kwargs) -> list[float]:
     """1.0 when the answer has the word (`word`, the record's column) as a word, any case, else 0.0."""
-    return [float(re.search(rf"\b{re.escape(w)}\b", _text(c), re.IGNORECASE) is not None)
-            for c, w in zip(completions, word)]
+    return [
+        float(re.search(rf"\b{re.escape(w)}\b", _text(c), re.IGNORECASE) is not None)
+        for c, w in zip(completions, word)
+    ]
 
 
 def quotes_word(prompts, completions, word, **kwargs) -> list[float]:
     """1.0 when the answer talks about the word rather than using it: "the word brilliant", or the word in
     quotes, which is how the prompt's own phrase comes back ("A one-sentence review of X that uses the word
     'brilliant' is a masterpiece."). `uses_word` accepts that; a monitor with weight 0 shows how often."""
-    return [float(re.search(rf"\bword\W+{re.escape(w)}\b|['\"“‘]{re.escape(w)}['\"”’]", _text(c), re.IGNORECASE)
-                  is not None) for c, w in zip(completions, word)]
+    return [
+        float(
+            re.search(rf"\bword\W+{re.escape(w)}\b|['\"“‘]{re.escape(w)}['\"”’]", _text(c), re.IGNORECASE)
+            is not None
+        )
+        for c, w in zip(completions, word)
+    ]
 
 
 def _text(completion) -> str:
@@ -75,15 +82,23 @@ def make_prompts(low: int, high: int, n_eval_pairs: int, seed: int) -> tuple[lis
     eval prompts is asked in training in the same order of terms. Each record: prompt, answer, a, b."""
     pairs = [(a, b) for a in range(low, high + 1) for b in range(low, high + 1)]
     random.Random(seed).shuffle(pairs)
-    records = [{"prompt": [{"role": "user", "content": PROMPT.format(a=a, b=b)}], "answer": a + b, "a": a, "b": b}
-               for a, b in pairs]
+    records = [
+        {"prompt": [{"role": "user", "content": PROMPT.format(a=a, b=b)}], "answer": a + b, "a": a, "b": b}
+        for a, b in pairs
+    ]
     return records[n_eval_pairs:], records[:n_eval_pairs]
 
 
 def word_prompts(film_records: list[dict], word: str) -> list[dict]:
     """One word-task prompt per film prompt record (its title): prompt, title, word."""
-    return [{"prompt": [{"role": "user", "content": WORD_PROMPT.format(title=r["title"], word=word)}],
-             "title": r["title"], "word": word} for r in film_records]
+    return [
+        {
+            "prompt": [{"role": "user", "content": WORD_PROMPT.format(title=r["title"], word=word)}],
+            "title": r["title"],
+            "word": word,
+        }
+        for r in film_records
+    ]
 
 
 def write_prompts(out_dir: Path, splits: dict[str, list[dict]]) -> dict:

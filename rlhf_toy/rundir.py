@@ -40,24 +40,37 @@ from rlhf_toy.config import ConfigError, save_config
 # between the sessions of one run. (`eval_steps`: how often the trainer's eval loss is logged, not
 # what it trains on; `sample_every`: how often PPO writes samples.jsonl; `trim_padding` and `compile`:
 # how fast PPO's update runs, not what it computes.)
-OUTPUT_ONLY = ("output_dir", "overwrite_output_dir", "resume", "device", "num_threads", "logging_steps",
-               "save_steps", "save_total_limit", "report_to", "eval_steps", "sample_every", "trim_padding",
-               "compile")
+OUTPUT_ONLY = (
+    "output_dir",
+    "overwrite_output_dir",
+    "resume",
+    "device",
+    "num_threads",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "eval_steps",
+    "sample_every",
+    "trim_padding",
+    "compile",
+)
 # How long a run trains: raising one extends a run from its last checkpoint.
 LENGTH = ("max_steps", "num_train_epochs", "total_episodes")
-FINISHED_FILE = "finished.json"   # written last by every stage: the run is complete
-LOCK_FILE = ".lock"               # held (flock) by the process training in the directory; holds its pid
-_held_locks: dict = {}            # run directory -> the open lock file this process holds
+FINISHED_FILE = "finished.json"  # written last by every stage: the run is complete
+LOCK_FILE = ".lock"  # held (flock) by the process training in the directory; holds its pid
+_held_locks: dict = {}  # run directory -> the open lock file this process holds
 
 
 @dataclass
 class RunStart:
     """What `prepare_run_dir` decided for a run directory."""
+
     run_dir: Path
-    action: str                      # "new", "overwrite", "resume", "extend" or "finished"
-    checkpoint: Path | None = None   # the checkpoint to continue from (resume, extend)
-    step: int = 0                    # its step; 0 = from the start
-    message: str | None = None       # what the stage prints about it (its main process)
+    action: str  # "new", "overwrite", "resume", "extend" or "finished"
+    checkpoint: Path | None = None  # the checkpoint to continue from (resume, extend)
+    step: int = 0  # its step; 0 = from the start
+    message: str | None = None  # what the stage prints about it (its main process)
 
     @property
     def finished(self) -> bool:
@@ -79,6 +92,12 @@ class RunStart:
                 if step > self.step:
                     shutil.rmtree(directory)
         return self.run_dir
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a launched group (`accelerate launch` and torchrun set RANK), or the only process. Under
+    several processes the TRL trainers share the training; sampling, summaries and files are rank 0's."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _lock_key(run_dir) -> str:
@@ -119,31 +138,41 @@ def _refuse_if_locked(run_dir: Path) -> None:
 
 
 def _in_use(run_dir: Path, holder: str) -> str:
-    return (f"{run_dir} is in use: process {holder or '(unknown pid)'} is training in it (it holds "
-            f"{run_dir / LOCK_FILE}). Wait for it to finish or stop it (a stopped process lets go of the lock), "
-            "or choose another output_dir")
+    return (
+        f"{run_dir} is in use: process {holder or '(unknown pid)'} is training in it (it holds "
+        f"{run_dir / LOCK_FILE}). Wait for it to finish or stop it (a stopped process lets go of the lock), "
+        "or choose another output_dir"
+    )
 
 
 def prepare_run_dir(cfg) -> RunStart:
     """Apply the rule to `cfg.output_dir` (see the module docstring). Writes nothing; raises ConfigError."""
-    from rlhf_toy.stages.common import is_main_process
 
     run_dir = Path(cfg.output_dir)
     _check_writable(run_dir)
-    if is_main_process():   # the other processes of a launch read the directory after their main one took the lock
+    if (
+        is_main_process()
+    ):  # the other processes of a launch read the directory after their main one took the lock
         _refuse_if_locked(run_dir)
     config_path = run_dir / "config.yaml"
     if not config_path.exists():
         if run_dir.is_dir() and any(p.name != LOCK_FILE for p in run_dir.iterdir()):
-            raise ConfigError(f"output_dir {run_dir} is not empty and holds no run (no config.yaml): "
-                              "choose another output_dir")
+            raise ConfigError(
+                f"output_dir {run_dir} is not empty and holds no run (no config.yaml): "
+                "choose another output_dir"
+            )
         return RunStart(run_dir, "new")
     if cfg.overwrite_output_dir:
-        return RunStart(run_dir, "overwrite",
-                        message=f"--overwrite_output_dir: the run in {run_dir} is deleted and started again")
+        return RunStart(
+            run_dir,
+            "overwrite",
+            message=f"--overwrite_output_dir: the run in {run_dir} is deleted and started again",
+        )
     if not cfg.resume:
-        raise ConfigError(f"{run_dir} already holds a run; --resume false would mix two runs in one directory: "
-                          "pass --overwrite_output_dir to start it again, or choose another output_dir")
+        raise ConfigError(
+            f"{run_dir} already holds a run; --resume false would mix two runs in one directory: "
+            "pass --overwrite_output_dir to start it again, or choose another output_dir"
+        )
 
     lengths = "/".join(f for f in LENGTH if hasattr(cfg, f))
     differ, longer = compare_configs(_read_config(config_path), cfg)
@@ -151,14 +180,22 @@ def prepare_run_dir(cfg) -> RunStart:
         raise ConfigError(
             f"{run_dir} holds a run with another config ({'; '.join(differ)}): pass --overwrite_output_dir to "
             f"start it again, or choose another output_dir (of its training fields, only a raised {lengths} "
-            "continues an existing run)")
+            "continues an existing run)"
+        )
     finished = run_dir / FINISHED_FILE
     if finished.exists() and not longer:
         checkpoint = runlog.last_checkpoint(run_dir / "checkpoints")
         done = json.loads(finished.read_text()).get("step")
-        return RunStart(run_dir, "finished", checkpoint, runlog.checkpoint_step(checkpoint) if checkpoint else 0,
-                        message=(f"run in {run_dir} is finished ({done} steps); nothing to do (raise {lengths} to "
-                                 "extend it, or pass --overwrite_output_dir to start it again)"))
+        return RunStart(
+            run_dir,
+            "finished",
+            checkpoint,
+            runlog.checkpoint_step(checkpoint) if checkpoint else 0,
+            message=(
+                f"run in {run_dir} is finished ({done} steps); nothing to do (raise {lengths} to "
+                "extend it, or pass --overwrite_output_dir to start it again)"
+            ),
+        )
     checkpoint, passed_over = None, []
     for _, candidate in reversed(runlog.checkpoints(run_dir / "checkpoints")):
         damage = runlog.checkpoint_damage(candidate)
@@ -168,9 +205,17 @@ def prepare_run_dir(cfg) -> RunStart:
         passed_over.append(f"checkpoint {candidate.name} cannot be loaded ({damage}), so it is passed over")
     step = runlog.checkpoint_step(checkpoint) if checkpoint is not None else 0
     action = "extend" if longer else "resume"
-    return RunStart(run_dir, action, checkpoint, step, message="".join(f"warning: {line}\n" for line in passed_over) + (
-        f"{action}: the run in {run_dir} continues from {checkpoint.name if checkpoint else 'its start'}"
-        + (f" ({', '.join(longer)})" if longer else "")))
+    return RunStart(
+        run_dir,
+        action,
+        checkpoint,
+        step,
+        message="".join(f"warning: {line}\n" for line in passed_over)
+        + (
+            f"{action}: the run in {run_dir} continues from {checkpoint.name if checkpoint else 'its start'}"
+            + (f" ({', '.join(longer)})" if longer else "")
+        ),
+    )
 
 
 def compare_configs(old: dict, cfg) -> tuple[list[str], list[str]]:
@@ -178,9 +223,11 @@ def compare_configs(old: dict, cfg) -> tuple[list[str], list[str]]:
     as "field old -> new". A field the old config lacks (added since) counts as its default."""
     # Through YAML, as config.yaml was written, so types compare alike (tuples, floats).
     new = yaml.safe_load(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(cfg)
-                if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(cfg)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    }
     differ, longer = [], []
     for name, value in new.items():
         before = old.get(name, defaults.get(name))
@@ -208,7 +255,7 @@ def _same(a, b) -> bool:
 def _grows(name: str, before, after) -> bool:
     if not isinstance(before, (int, float)) or not isinstance(after, (int, float)):
         return False
-    if name == "max_steps" and (before <= 0 or after <= 0):   # -1: the epochs decide; not comparable
+    if name == "max_steps" and (before <= 0 or after <= 0):  # -1: the epochs decide; not comparable
         return False
     return after > before
 
@@ -221,6 +268,7 @@ def mark_finished(run_dir: Path, step: int) -> None:
 def releases_lock(stage):
     """A stage function (cfg -> ...) that lets go of its output_dir's lock when it returns or raises, so that one
     process can run a stage again, or another process run it, without ending first (tests, notebooks)."""
+
     @functools.wraps(stage)
     def run(cfg, *args, **kwargs):
         try:
@@ -229,6 +277,7 @@ def releases_lock(stage):
             handle = _held_locks.pop(_lock_key(cfg.output_dir), None)
             if handle is not None:
                 handle.close()
+
     return run
 
 
@@ -236,11 +285,15 @@ def _read_config(path: Path) -> dict:
     try:
         loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path} is not a readable config ({type(error).__name__}): pass "
-                          "--overwrite_output_dir to start the run again") from None
+        raise ConfigError(
+            f"{path} is not a readable config ({type(error).__name__}): pass "
+            "--overwrite_output_dir to start the run again"
+        ) from None
     if not isinstance(loaded, dict):
-        raise ConfigError(f"{path} is not a config (expected field: value lines): pass --overwrite_output_dir "
-                          "to start the run again")
+        raise ConfigError(
+            f"{path} is not a config (expected field: value lines): pass --overwrite_output_dir "
+            "to start the run again"
+        )
     return loaded
 
 

@@ -23,11 +23,13 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from rlhf_toy import models
+from rlhf_toy.data import DataError
+
 
 def read_jsonl(path) -> list[dict]:
     """The records of an append-only JSONL file. A torn last line (a process killed mid-write: no newline after
     it, not valid JSON) is dropped; a bad line anywhere else is a DataError naming it."""
-    from rlhf_toy.data import DataError
 
     path = Path(path)
     if not path.exists():
@@ -42,9 +44,11 @@ def read_jsonl(path) -> list[dict]:
             records.append(json.loads(line))
         except json.JSONDecodeError as error:
             if number == len(lines) and not text.endswith("\n"):
-                break   # torn: the write it belonged to never finished
-            raise DataError(f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); the file is "
-                            "damaged: delete that line, or pass --overwrite_output_dir to start the run again") from None
+                break  # torn: the write it belonged to never finished
+            raise DataError(
+                f"{path}:{number}: not valid JSON ({error.msg} at column {error.colno}); the file is "
+                "damaged: delete that line, or pass --overwrite_output_dir to start the run again"
+            ) from None
     return records
 
 
@@ -75,7 +79,9 @@ def cut_back(run_dir, step: int) -> None:
         _write_jsonl(metrics, [r for r in read_jsonl(metrics) if _kept(r, step) and "summary" not in r])
     samples = run_dir / "samples.jsonl"
     if samples.exists():
-        _write_jsonl(samples, [r for r in read_jsonl(samples) if _kept(r, step) and r.get("stage") != "after"])
+        _write_jsonl(
+            samples, [r for r in read_jsonl(samples) if _kept(r, step) and r.get("stage") != "after"]
+        )
 
 
 WALL_KEY = "time/wall_s"
@@ -96,16 +102,20 @@ class MetricsLogger:
             self.truncate_after(resume_step)
         # Every record's `time/wall_s`: seconds since the run began, summed over its sessions (a resumed run
         # goes on from its last kept record), so curves of runs of different kinds can share a wall-clock axis.
-        self.wall_offset = max((r[WALL_KEY] for r in read_jsonl(self.path) if isinstance(r.get(WALL_KEY), (int, float))),
-                               default=0.0)
+        self.wall_offset = max(
+            (r[WALL_KEY] for r in read_jsonl(self.path) if isinstance(r.get(WALL_KEY), (int, float))),
+            default=0.0,
+        )
         self.started = time.perf_counter()
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             # purge_step: TensorBoard hides the events at and past it that earlier sessions wrote.
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"),
-                                        purge_step=None if resume_step is None else resume_step + 1)
+            self.writer = SummaryWriter(
+                log_dir=str(Path(run_dir) / "tensorboard"),
+                purge_step=None if resume_step is None else resume_step + 1,
+            )
 
     def truncate_after(self, step: int) -> None:
         _write_jsonl(self.path, [r for r in read_jsonl(self.path) if _kept(r, step) and "summary" not in r])
@@ -126,7 +136,8 @@ class MetricsLogger:
 
 
 def flatten(summary: dict) -> dict:
-    """A summary's numbers as one flat record for metrics.jsonl: {"before": {"gold_mean": x}} -> {"before/gold_mean": x}."""
+    """A summary's numbers as one flat record for metrics.jsonl:
+    {"before": {"gold_mean": x}} -> {"before/gold_mean": x}."""
     out = {}
     for key, value in summary.items():
         if isinstance(value, dict):
@@ -219,13 +230,13 @@ def environment(precision) -> dict:
     import transformers
     import trl
 
-    from rlhf_toy import models
-
     root = Path(__file__).resolve().parents[1]
 
     def git(*args) -> str:
         try:
-            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10).stdout.strip()
+            return subprocess.run(
+                ["git", *args], cwd=root, capture_output=True, text=True, timeout=10
+            ).stdout.strip()
         except OSError:
             return ""
 
@@ -233,22 +244,36 @@ def environment(precision) -> dict:
     # Changed tracked files, reports excluded: a report rewrites its own committed files before it is done.
     if commit and git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)reports"):
         commit += " (with uncommitted changes)"
-    cpu = next((line.split(":", 1)[1].strip() for line in _read_text("/proc/cpuinfo").splitlines()
-                if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in _read_text("/proc/cpuinfo").splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
         "dtype": precision.name,
-        "device": precision.device_type + (f" ({torch.cuda.get_device_name()})" if precision.device_type == "cuda" else ""),
-        "cpu": cpu, "cpu_native_bf16": models.cpu_has_native_bf16(), "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-        "python": platform.python_version(), "commit": commit or "unknown",
+        "device": precision.device_type
+        + (f" ({torch.cuda.get_device_name()})" if precision.device_type == "cuda" else ""),
+        "cpu": cpu,
+        "cpu_native_bf16": models.cpu_has_native_bf16(),
+        "cpu_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "trl": trl.__version__,
+        "python": platform.python_version(),
+        "commit": commit or "unknown",
     }
 
 
 def environment_line(env: dict) -> str:
     """`environment()` as one line for a report's notes."""
-    return (f"Environment: dtype {env['dtype']} on {env['device']}; CPU {env['cpu']} (native bf16: "
-            f"{'yes' if env['cpu_native_bf16'] else 'no'}, {env['cpu_threads']} threads); torch {env['torch']}, "
-            f"transformers {env['transformers']}, trl {env['trl']}; commit {env['commit']}.")
+    return (
+        f"Environment: dtype {env['dtype']} on {env['device']}; CPU {env['cpu']} (native bf16: "
+        f"{'yes' if env['cpu_native_bf16'] else 'no'}, {env['cpu_threads']} threads); torch {env['torch']}, "
+        f"transformers {env['transformers']}, trl {env['trl']}; commit {env['commit']}."
+    )
 
 
 def _read_text(path: str) -> str:

@@ -50,16 +50,19 @@ def encode_for_reward(tokenizer, prompt, response: str, max_length: int) -> tupl
     its own (as the policy generated it, after the prompt) and always ends in EOS. When the whole does
     not fit, the prompt loses its beginning, never the response."""
     response = response.strip()
-    prompt_ids = tokenizer(sequences.prompt_text(tokenizer, data.as_messages(prompt, "user")),
-                           add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(
+        sequences.prompt_text(tokenizer, data.as_messages(prompt, "user")), add_special_tokens=False
+    )["input_ids"]
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"] if response else []
     response_ids = response_ids + [tokenizer.eos_token_id]
     room = max_length - len(response_ids)
     if room < 0:
-        raise ValueError(f"a response of {len(response_ids)} tokens (EOS included) does not fit max_length="
-                         f"{max_length}; responses are never truncated, so raise max_length")
+        raise ValueError(
+            f"a response of {len(response_ids)} tokens (EOS included) does not fit max_length="
+            f"{max_length}; responses are never truncated, so raise max_length"
+        )
     truncated = len(prompt_ids) > room
-    return (prompt_ids[len(prompt_ids) - room:] if room else []) + response_ids, truncated
+    return (prompt_ids[len(prompt_ids) - room :] if room else []) + response_ids, truncated
 
 
 def pad_right(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +109,8 @@ def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidde
     if models.is_adapter_dir(resolved):
         raise models.ModelNotFoundError(
             f"{path} is a LoRA adapter; a reward model (and its init) is a full model directory, such as a "
-            "run's final/ (where every stage saves its LoRA run merged)")
+            "run's final/ (where every stage saves its LoRA run merged)"
+        )
     overrides = {"num_labels": 1}
     if num_hidden_layers:
         n_blocks = AutoConfig.from_pretrained(resolved).num_hidden_layers
@@ -119,18 +123,11 @@ def load_reward_model(path, device: str = "auto", dtype: str = "auto", num_hidde
     hf_logging.set_verbosity_error()
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
-            resolved, dtype=models.resolve_precision(dtype, torch_device).weights, **overrides)
+            resolved, dtype=models.resolve_precision(dtype, torch_device).weights, **overrides
+        )
     finally:
         hf_logging.set_verbosity(verbosity)
     return model.to(torch_device)
-
-
-def align_with_tokenizer(model, tokenizer) -> None:
-    """Embeddings sized for a pad token the tokenizer added, and the pad id the score is located by
-    (sequence classification reads the last token that is not pad; pad must not be EOS)."""
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.pad_token_id = tokenizer.pad_token_id
 
 
 class RewardScorer:
@@ -140,22 +137,34 @@ class RewardScorer:
     most `max_length` tokens and never more than the model has positions for; `n_truncated` counts prompts
     (over this scorer's lifetime) that lost their beginning to fit."""
 
-    def __init__(self, path: str, device: str = "auto", dtype: str = "auto", batch_size: int = 16,
-                 max_length: int = 512, *, require_normalization: bool = True):
+    def __init__(
+        self,
+        path: str,
+        device: str = "auto",
+        dtype: str = "auto",
+        batch_size: int = 16,
+        max_length: int = 512,
+        *,
+        require_normalization: bool = True,
+    ):
         self.path = reward_model_dir(path)
-        models.check_kind(str(self.path), models.REWARD_MODEL)   # before the normalisation's own complaint
+        models.check_kind(str(self.path), models.REWARD_MODEL)  # before the normalisation's own complaint
         # Only calibration itself scores without a normalisation (it is what creates one).
-        self.normalization = (read_normalization(self.path) if require_normalization or
-                              (self.path / NORMALIZATION_FILE).exists() else {"gain": 1.0, "bias": 0.0})
+        self.normalization = (
+            read_normalization(self.path)
+            if require_normalization or (self.path / NORMALIZATION_FILE).exists()
+            else {"gain": 1.0, "bias": 0.0}
+        )
         self.gain = float(self.normalization["gain"])
         self.bias = float(self.normalization["bias"])
         self.tokenizer = models.load_tokenizer(str(self.path))
         self.model = load_reward_model(self.path, device, dtype).eval()
         self.precision = models.resolve_precision(dtype, self.model.device)
         if self.model.config.num_labels != 1:
-            raise models.ModelNotFoundError(f"{self.path} is not a reward model (num_labels="
-                                            f"{self.model.config.num_labels}, expected 1)")
-        align_with_tokenizer(self.model, self.tokenizer)
+            raise models.ModelNotFoundError(
+                f"{self.path} is not a reward model (num_labels={self.model.config.num_labels}, expected 1)"
+            )
+        models.align_with_tokenizer(self.model, self.tokenizer)
         self.device = next(self.model.parameters()).device
         self.batch_size = batch_size
         config = self.model.config
@@ -169,13 +178,15 @@ class RewardScorer:
             raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
         if not prompts:
             return torch.zeros(0)
-        encoded = [encode_for_reward(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)]
+        encoded = [
+            encode_for_reward(self.tokenizer, p, r, self.max_length) for p, r in zip(prompts, responses)
+        ]
         self.n_truncated += sum(truncated for _, truncated in encoded)
         # Batch similar lengths together (less padding), then restore the caller's order.
         order = sorted(range(len(encoded)), key=lambda i: len(encoded[i][0]))
         scores = torch.empty(len(encoded), dtype=torch.float32)
         for start in range(0, len(order), self.batch_size):
-            index = order[start:start + self.batch_size]
+            index = order[start : start + self.batch_size]
             ids, mask = pad_right([encoded[i][0] for i in index], self.tokenizer.pad_token_id)
             with self.precision.autocast():
                 logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)).logits
@@ -186,9 +197,18 @@ class RewardScorer:
         return self.score_raw(prompts, responses) * self.gain + self.bias
 
 
-def sequence_score(rm_norm: torch.Tensor, n_tokens: torch.Tensor, has_eos: torch.Tensor, length_coef: float,
-                   length_target: int, missing_eos_penalty: float, overlong_buffer: int = 0,
-                   overlong_penalty: float = 0.0, max_length: int | None = None) -> dict[str, torch.Tensor]:
+def sequence_score(
+    rm_norm: torch.Tensor,
+    n_tokens: torch.Tensor,
+    has_eos: torch.Tensor,
+    *,
+    length_coef: float,
+    length_target: int,
+    missing_eos_penalty: float,
+    overlong_buffer: int = 0,
+    overlong_penalty: float = 0.0,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
     """The score PPO optimises, with its parts (so each can be logged):
 
         score = rm_norm − length_coef·max(0, n_tokens − length_target) − missing_eos_penalty·[no EOS]
@@ -201,11 +221,17 @@ def sequence_score(rm_norm: torch.Tensor, n_tokens: torch.Tensor, has_eos: torch
     n = n_tokens.to(rm.device).float()
     length_penalty = length_coef * (n - length_target).clamp(min=0)
     eos_penalty = missing_eos_penalty * (~has_eos.to(rm.device).bool()).float()
-    parts = {"score": rm - length_penalty - eos_penalty, "rm": rm, "length_penalty": length_penalty,
-             "eos_penalty": eos_penalty}
+    parts = {
+        "score": rm - length_penalty - eos_penalty,
+        "rm": rm,
+        "length_penalty": length_penalty,
+        "eos_penalty": eos_penalty,
+    }
     if overlong_buffer:
         if max_length is None:
-            raise ValueError("sequence_score: the overlong penalty needs max_length (the response-length limit)")
+            raise ValueError(
+                "sequence_score: the overlong penalty needs max_length (the response-length limit)"
+            )
         ramp = ((n - (max_length - overlong_buffer)) / overlong_buffer).clamp(0, 1)
         parts["overlong_penalty"] = overlong_penalty * ramp
         parts["score"] = parts["score"] - parts["overlong_penalty"]
@@ -238,10 +264,21 @@ class Judge:
     """Gold always; the reward model (and PPO's length/EOS penalties) when one is given and exists.
     `reward_model`: a reward model directory, an already loaded `RewardScorer`, or None."""
 
-    def __init__(self, reward_model: "str | RewardScorer | None", device: str = "auto", dtype: str = "auto",
-                 length_coef: float = 0.0, length_target: int = 0, missing_eos_penalty: float = 0.0):
-        self.penalties = {"length_coef": length_coef, "length_target": length_target,
-                          "missing_eos_penalty": missing_eos_penalty}
+    def __init__(
+        self,
+        reward_model: str | RewardScorer | None,
+        *,
+        device: str = "auto",
+        dtype: str = "auto",
+        length_coef: float = 0.0,
+        length_target: int = 0,
+        missing_eos_penalty: float = 0.0,
+    ):
+        self.penalties = {
+            "length_coef": length_coef,
+            "length_target": length_target,
+            "missing_eos_penalty": missing_eos_penalty,
+        }
         self.scorer, self.note, self.path = None, None, None
         if isinstance(reward_model, RewardScorer):
             self.scorer, self.path = reward_model, str(reward_model.path)
@@ -251,16 +288,21 @@ class Judge:
             return
         path = Path(reward_model)
         if not has_reward_model(path):
-            self.note = f"no reward model at {reward_model} (train one with scripts/train_reward.py): rm_mean and score_mean are null"
+            self.note = (
+                f"no reward model at {reward_model} (train one with scripts/train_reward.py): "
+                "rm_mean and score_mean are null"
+            )
             return
         self.scorer = RewardScorer(str(path), device=device, dtype=dtype)
         self.path = str(path)
 
-    def score(self, prompts, responses, n_tokens, has_eos, titles=None) -> list[dict]:
+    def score(self, prompts, responses, n_tokens, has_eos, *, titles=None) -> list[dict]:
         rows = []
         for response, title in zip(responses, titles or [None] * len(responses)):
             parts = task.gold_parts(response, title)
-            rows.append({"gold": parts["gold"], "gold_parts": {k: v for k, v in parts.items() if k != "gold"}})
+            rows.append(
+                {"gold": parts["gold"], "gold_parts": {k: v for k, v in parts.items() if k != "gold"}}
+            )
         if self.scorer is None:
             for row in rows:
                 row.update(rm=None, score=None, length_penalty=None, eos_penalty=None)

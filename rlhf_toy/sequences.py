@@ -25,11 +25,11 @@ Tensor = torch.Tensor
 
 @dataclass
 class Sample:
-    prompt: list            # the chat messages
-    response: str           # decoded text, special tokens removed, stripped
-    response_ids: list      # generated token ids up to and including the first EOS (nothing after it)
+    prompt: list  # the chat messages
+    response: str  # decoded text, special tokens removed, stripped
+    response_ids: list  # generated token ids up to and including the first EOS (nothing after it)
     has_eos: bool
-    prompt_truncated: bool = False   # the prompt was longer than max_prompt_length and kept only its end
+    prompt_truncated: bool = False  # the prompt was longer than max_prompt_length and kept only its end
 
 
 # ------------------------------------------------------------------------------------------------
@@ -42,7 +42,9 @@ def prompt_text(tokenizer, messages) -> str:
 def prompt_ids(tokenizer, messages, max_prompt_length: int) -> list[int]:
     """A prompt's ids; a prompt longer than `max_prompt_length` keeps its end (the part the response
     continues from)."""
-    return tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"][-max_prompt_length:]
+    return tokenizer(prompt_text(tokenizer, messages), add_special_tokens=False)["input_ids"][
+        -max_prompt_length:
+    ]
 
 
 def encode_prompts(tokenizer, prompts, max_prompt_length: int, device=None):
@@ -63,7 +65,9 @@ def pad_responses(response_ids: list[list[int]], pad_token_id: int, device=None)
     """Right-padded responses and their mask (True on real tokens). An empty response keeps one
     masked-out slot, so every row has a width."""
     width = max(1, max(len(r) for r in response_ids))
-    responses = torch.tensor([list(r) + [pad_token_id] * (width - len(r)) for r in response_ids], device=device)
+    responses = torch.tensor(
+        [list(r) + [pad_token_id] * (width - len(r)) for r in response_ids], device=device
+    )
     mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in response_ids], device=device)
     return responses, mask
 
@@ -119,8 +123,8 @@ def exact_kl(z: Tensor, z_ref: Tensor, rows_at_once: int = 8) -> Tensor:
     [rows, T, V] temporaries. What the k1 and k3 estimators estimate from the one sampled token."""
     out = []
     for start in range(0, z.shape[0], rows_at_once):
-        log_p = torch.log_softmax(z[start:start + rows_at_once].float(), dim=-1)
-        log_q = torch.log_softmax(z_ref[start:start + rows_at_once].float(), dim=-1)
+        log_p = torch.log_softmax(z[start : start + rows_at_once].float(), dim=-1)
+        log_q = torch.log_softmax(z_ref[start : start + rows_at_once].float(), dim=-1)
         out.append((log_p.exp() * (log_p - log_q)).sum(-1))
     return torch.cat(out)
 
@@ -143,62 +147,116 @@ def model_inputs(input_ids: Tensor, attention_mask: Tensor) -> dict:
     """A left-padded batch as the model sees it (lm-human-preferences / TRL's `forward`): position ids
     count real tokens only, and masked positions hold token 0 (never attended; only their own outputs,
     which no loss reads except TRL's one-past-the-end value, depend on it)."""
-    return {"input_ids": input_ids.masked_fill(attention_mask == 0, 0), "attention_mask": attention_mask,
-            "position_ids": attention_mask.cumsum(1) - attention_mask.long()}
+    return {
+        "input_ids": input_ids.masked_fill(attention_mask == 0, 0),
+        "attention_mask": attention_mask,
+        "position_ids": attention_mask.cumsum(1) - attention_mask.long(),
+    }
 
 
-def response_logits(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float,
-                    value_head=None):
+def response_logits(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    context_length: int,
+    *,
+    temperature: float,
+    value_head=None,
+):
     """Scaled float32 logits ``[B, T_resp, V]`` that predict each response token of ``input_ids``
     (prompt left-padded to ``context_length``, response after it). With a shared critic's
     ``value_head``, also the values V(s_t) from the same trunk: ``(logits, values)``."""
     # logits_to_keep: the LM head (hidden × vocab, the largest matmul) and its backward run only on the
     # positions that predict response tokens; with a chat template the prompt is most of the sequence.
-    out = model(**model_inputs(input_ids, attention_mask), logits_to_keep=input_ids.shape[1] - context_length + 1,
-                output_hidden_states=value_head is not None)
+    out = model(
+        **model_inputs(input_ids, attention_mask),
+        logits_to_keep=input_ids.shape[1] - context_length + 1,
+        output_hidden_states=value_head is not None,
+    )
     logits = scale_logits(out.logits[:, :-1], temperature)
     if value_head is None:
         return logits
     # hidden_states[-1] is the trunk's output after the final norm, the input of the LM head
-    return logits, value_head(out.hidden_states[-1][:, context_length - 1:-1]).squeeze(-1).float()
+    return logits, value_head(out.hidden_states[-1][:, context_length - 1 : -1]).squeeze(-1).float()
 
 
-def response_logprobs(model, input_ids: Tensor, attention_mask: Tensor, context_length: int, temperature: float) -> Tensor:
+def response_logprobs(
+    model, input_ids: Tensor, attention_mask: Tensor, context_length: int, *, temperature: float
+) -> Tensor:
     """Per-token log-probs ``[B, T_resp]`` of the response part of ``input_ids`` (see ``response_logits``)."""
-    logits = response_logits(model, input_ids, attention_mask, context_length, temperature)
+    logits = response_logits(model, input_ids, attention_mask, context_length, temperature=temperature)
     return logprobs_from_scaled(logits, input_ids[:, context_length:])
 
 
 @torch.no_grad()
-def sequence_logprobs(model, tokenizer, prompts, response_ids, *, temperature: float,
-                      max_prompt_length: int = 256, batch_size: int = 16, precision=None) -> list[float]:
+def sequence_logprobs(
+    model,
+    tokenizer,
+    prompts,
+    response_ids,
+    *,
+    temperature: float,
+    max_prompt_length: int = 256,
+    batch_size: int = 16,
+    precision=None,
+) -> list[float]:
     """Σ_t log π(y_t | x, y_<t) of each response (token ids) under ``model`` at temperature T
     (``precision``: a ``models.Precision`` whose autocast the forward passes run in; none: as loaded)."""
-    return token_logprobs(model, tokenizer, prompts, response_ids, temperature=temperature,
-                          max_prompt_length=max_prompt_length, batch_size=batch_size, precision=precision)[0]
+    return token_logprobs(
+        model,
+        tokenizer,
+        prompts,
+        response_ids,
+        temperature=temperature,
+        max_prompt_length=max_prompt_length,
+        batch_size=batch_size,
+        precision=precision,
+    )[0]
 
 
 @torch.no_grad()
-def token_logprobs(model, tokenizer, prompts, response_ids, *, temperature: float, max_prompt_length: int = 256,
-                   batch_size: int = 16, precision=None) -> tuple[list[float], list[list[float]]]:
+def token_logprobs(
+    model,
+    tokenizer,
+    prompts,
+    response_ids,
+    *,
+    temperature: float,
+    max_prompt_length: int = 256,
+    batch_size: int = 16,
+    precision=None,
+) -> tuple[list[float], list[list[float]]]:
     """(Σ_t log π(y_t | x, y_<t) of each response, each response's log π(y_t | x, y_<t) token by token), from
     one forward pass per batch, as in ``sequence_logprobs``."""
     device = next(model.parameters()).device
     totals, per_token = [], []
     for start in range(0, len(prompts), batch_size):
-        queries, query_mask, _ = encode_prompts(tokenizer, prompts[start:start + batch_size], max_prompt_length, device)
-        responses, mask = pad_responses(response_ids[start:start + batch_size], tokenizer.pad_token_id, device)
+        queries, query_mask, _ = encode_prompts(
+            tokenizer, prompts[start : start + batch_size], max_prompt_length, device
+        )
+        responses, mask = pad_responses(
+            response_ids[start : start + batch_size], tokenizer.pad_token_id, device
+        )
         ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
         with autocast(precision):
-            logprobs = response_logprobs(model, ids, attention, queries.shape[1], temperature)
+            logprobs = response_logprobs(model, ids, attention, queries.shape[1], temperature=temperature)
         totals += torch.where(mask, logprobs, torch.zeros((), device=device)).sum(1).tolist()
         per_token += [row[:n].tolist() for row, n in zip(logprobs.float(), mask.sum(1).tolist())]
     return totals, per_token
 
 
 @torch.no_grad()
-def token_view(model, ref, tokenizer, prompt, response_ids: list[int], *, temperature: float,
-               max_prompt_length: int = 256, precision=None) -> list[dict]:
+def token_view(
+    model,
+    ref,
+    tokenizer,
+    prompt,
+    response_ids: list[int],
+    *,
+    temperature: float,
+    max_prompt_length: int = 256,
+    precision=None,
+) -> list[dict]:
     """One answer token by token: {token, logp, ref_logp, k1 = logp − ref_logp (the KL penalty PPO's reward pays
     on that token), exact_kl (the full-vocabulary KL at that position)} under `model` and its reference `ref`
     (one tokenizer), at the sampling temperature."""
@@ -207,13 +265,20 @@ def token_view(model, ref, tokenizer, prompt, response_ids: list[int], *, temper
     responses, mask = pad_responses([response_ids], tokenizer.pad_token_id, device)
     ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
     with autocast(precision):
-        z = response_logits(model, ids, attention, queries.shape[1], temperature)
-        z_ref = response_logits(ref, ids, attention, queries.shape[1], temperature)
+        z = response_logits(model, ids, attention, queries.shape[1], temperature=temperature)
+        z_ref = response_logits(ref, ids, attention, queries.shape[1], temperature=temperature)
         logp, ref_logp = logprobs_from_scaled(z, responses)[0], logprobs_from_scaled(z_ref, responses)[0]
     exact = exact_kl(z, z_ref)[0]
-    return [{"token": tokenizer.decode([token]), "logp": logp[t].item(), "ref_logp": ref_logp[t].item(),
-             "k1": (logp[t] - ref_logp[t]).item(), "exact_kl": exact[t].item()}
-            for t, token in enumerate(response_ids)]
+    return [
+        {
+            "token": tokenizer.decode([token]),
+            "logp": logp[t].item(),
+            "ref_logp": ref_logp[t].item(),
+            "k1": (logp[t] - ref_logp[t]).item(),
+            "exact_kl": exact[t].item(),
+        }
+        for t, token in enumerate(response_ids)
+    ]
 
 
 def autocast(precision):
@@ -225,10 +290,22 @@ def autocast(precision):
 # sampling
 # ------------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: float = 0.7,
-             top_k: int = 0, top_p: float = 1.0, batch_size: int = 16, seed: int = 0,
-             max_prompt_length: int = 256, progress: str | None = None, precision=None,
-             synced_gpus: bool = False) -> list[Sample]:
+def generate(
+    model,
+    tokenizer,
+    prompts,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.7,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    batch_size: int = 16,
+    seed: int = 0,
+    max_prompt_length: int = 256,
+    progress: str | None = None,
+    precision=None,
+    synced_gpus: bool = False,
+) -> list[Sample]:
     """Sample one response per prompt. Same prompts, settings and seed give the same samples (on one kind
     of CPU or GPU: bf16 numerics differ between hardware). ``precision``: as in ``sequence_logprobs``.
     ``synced_gpus``: a model whose weights are sharded across processes (FSDP, ZeRO-3) generates in step with the
@@ -240,23 +317,36 @@ def generate(model, tokenizer, prompts, *, max_new_tokens: int, temperature: flo
     model.eval()
     batches = range(0, len(prompts), batch_size)
     for start in tqdm(batches, desc=progress, disable=progress is None, unit="batch"):
-        batch = prompts[start:start + batch_size]
+        batch = prompts[start : start + batch_size]
         input_ids, attention_mask, truncated = encode_prompts(tokenizer, batch, max_prompt_length, device)
         # One seed per batch drawn from the run seed: a batch's samples do not depend on what ran before.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
         with autocast(precision):
             out = model.generate(
-                input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0, temperature=temperature if temperature > 0 else None,
-                top_k=top_k, top_p=top_p, pad_token_id=tokenizer.pad_token_id,
-                eos_token_id=tokenizer.eos_token_id, synced_gpus=synced_gpus,
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=temperature > 0,
+                temperature=temperature if temperature > 0 else None,
+                top_k=top_k,
+                top_p=top_p,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                synced_gpus=synced_gpus,
             )
-        responses, mask = truncate_at_eos(out[:, input_ids.shape[1]:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+        responses, mask = truncate_at_eos(
+            out[:, input_ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
+        )
         for messages, row, n, cut in zip(batch, responses.tolist(), mask.sum(1).tolist(), truncated):
-            ids = row[:n]   # up to the first EOS; a sampled pad token is part of the answer, not its end
-            samples.append(Sample(
-                prompt=messages, response=tokenizer.decode(ids, skip_special_tokens=True).strip(),
-                response_ids=ids, has_eos=tokenizer.eos_token_id in ids, prompt_truncated=cut,
-            ))
+            ids = row[:n]  # up to the first EOS; a sampled pad token is part of the answer, not its end
+            samples.append(
+                Sample(
+                    prompt=messages,
+                    response=tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    response_ids=ids,
+                    has_eos=tokenizer.eos_token_id in ids,
+                    prompt_truncated=cut,
+                )
+            )
     model.train(was_training)
     return samples

@@ -22,7 +22,9 @@ from rlhf_toy import runlog
 
 def episodes_per_s(run_dir: Path) -> float | None:
     records = runlog.read_jsonl(run_dir / "metrics.jsonl")
-    speeds = [r["perf/episodes_per_s"] for r in records if isinstance(r.get("perf/episodes_per_s"), (int, float))]
+    speeds = [
+        r["perf/episodes_per_s"] for r in records if isinstance(r.get("perf/episodes_per_s"), (int, float))
+    ]
     if speeds:
         return statistics.median(speeds)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -32,7 +34,9 @@ def episodes_per_s(run_dir: Path) -> float | None:
 
 
 def peak_rss_mb(log: Path) -> float | None:
-    match = re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text()) if log.exists() else None
+    match = (
+        re.search(r"Maximum resident set size \(kbytes\): (\d+)", log.read_text()) if log.exists() else None
+    )
     return int(match.group(1)) / 1024 if match else None
 
 
@@ -43,19 +47,29 @@ def main(argv=None) -> str:
     p.add_argument("--memory_logs", required=True, help="folder of NAME.time files (/usr/bin/time -v output)")
     args = p.parse_args(argv)
     report = json.loads((Path(args.report) / "compare.json").read_text())
-    lines = [f"# PPO, its critic-free successors and DPO ({report['settings']['headline_split']} prompts)", "",
-             "| run | gold | KL to ref | win rate vs ref | EOS rate | pooled distinct-2 | episodes/s (median step) "
-             "| peak RSS, short run (MB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# PPO, its critic-free successors and DPO ({report['settings']['headline_split']} prompts)",
+        "",
+        "| run | gold | KL to ref | win rate vs ref | EOS rate | pooled distinct-2 | episodes/s (median step) "
+        "| peak RSS, short run (MB) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for run in map(Path, args.runs):
         m = report["runs"].get(run.name, {})
         speed, rss = episodes_per_s(run), peak_rss_mb(Path(args.memory_logs) / f"{run.name}.time")
         cell = lambda v, f: "—" if v is None else format(v, f)
-        lines.append(f"| {run.name} | {cell(m.get('gold_mean'), '.3f')} | {cell(m.get('kl_to_ref'), '.2f')} | "
-                     f"{cell(m.get('win_rate_vs_ref'), '.3f')} | {cell(m.get('eos_rate'), '.3f')} | "
-                     f"{cell(m.get('corpus_distinct_2'), '.3f')} | {cell(speed, '.3f')} | {cell(rss, '.0f')} |")
-    lines += ["", "episodes/s: PPO-family runs, the median of `perf/episodes_per_s` over steps (rollout and update; "
-              "evaluation excluded); DPO, trained pairs per second of training. Peak RSS: `/usr/bin/time -v` of a "
-              "two-step run of each (loading, the first steps; no evaluation).", ""]
+        lines.append(
+            f"| {run.name} | {cell(m.get('gold_mean'), '.3f')} | {cell(m.get('kl_to_ref'), '.2f')} | "
+            f"{cell(m.get('win_rate_vs_ref'), '.3f')} | {cell(m.get('eos_rate'), '.3f')} | "
+            f"{cell(m.get('corpus_distinct_2'), '.3f')} | {cell(speed, '.3f')} | {cell(rss, '.0f')} |"
+        )
+    lines += [
+        "",
+        "episodes/s: PPO-family runs, the median of `perf/episodes_per_s` over steps (rollout and update; "
+        "evaluation excluded); DPO, trained pairs per second of training. Peak RSS: `/usr/bin/time -v` of a "
+        "two-step run of each (loading, the first steps; no evaluation).",
+        "",
+    ]
     text = "\n".join(lines)
     (Path(args.report) / "algorithms.md").write_text(text)
     print(text)

@@ -29,53 +29,98 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 # SmolLM2-135M's architecture (its config.json), with random weights: no download, the same FLOPs.
-SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192,
-                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)
+SMOLLM2_135M = dict(
+    vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    max_position_embeddings=8192,
+    rope_theta=100000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=True,
+)
 
 
 def tiny_pipeline(work: Path) -> dict:
     import yaml
+    from safetensors import safe_open
 
+    from rlhf_toy import runlog
     from rlhf_toy.config import parse_config
     from rlhf_toy.stages.dpo import DPOStageConfig, run_dpo
     from rlhf_toy.stages.ppo.config import PPOStageConfig
     from rlhf_toy.stages.ppo.trainer import train_ppo
     from rlhf_toy.stages.reward import RewardStageConfig, train_reward
     from rlhf_toy.stages.sft import SFTStageConfig, run_sft
-    from rlhf_toy import runlog
-    from safetensors import safe_open
 
     def flags(name, **extra):
-        values = {"config": ROOT / f"configs/tiny/{name}.yaml", "output_dir": work / name, "dtype": "auto",
-                  "device": "auto", **extra}
+        values = {
+            "config": ROOT / f"configs/tiny/{name}.yaml",
+            "output_dir": work / name,
+            "dtype": "auto",
+            "device": "auto",
+            **extra,
+        }
         return [x for k, v in values.items() for x in (f"--{k}", str(v))]
 
     data = {"dataset": ROOT / "data/sft.jsonl", "eval_prompts": ROOT / "data/prompts_eval.jsonl"}
     timings, result = {}, {}
     for name, cls, run, extra in (
-            ("sft", SFTStageConfig, run_sft, {"max_steps": 8, **data}),
-            ("reward", RewardStageConfig, train_reward, {"model_name_or_path": work / "sft/final", "max_steps": 8,
-                                                         "policy_model": work / "sft/final"}),
-            ("ppo", PPOStageConfig, train_ppo, {"model_name_or_path": work / "sft/final", "total_episodes": 32,
-                                                "reward_model_path": work / "reward/final"}),
-            ("dpo", DPOStageConfig, run_dpo, {"model_name_or_path": work / "sft/final", "max_steps": 8,
-                                              "reward_model": work / "reward/final"})):
+        ("sft", SFTStageConfig, run_sft, {"max_steps": 8, **data}),
+        (
+            "reward",
+            RewardStageConfig,
+            train_reward,
+            {"model_name_or_path": work / "sft/final", "max_steps": 8, "policy_model": work / "sft/final"},
+        ),
+        (
+            "ppo",
+            PPOStageConfig,
+            train_ppo,
+            {
+                "model_name_or_path": work / "sft/final",
+                "total_episodes": 32,
+                "reward_model_path": work / "reward/final",
+            },
+        ),
+        (
+            "dpo",
+            DPOStageConfig,
+            run_dpo,
+            {"model_name_or_path": work / "sft/final", "max_steps": 8, "reward_model": work / "reward/final"},
+        ),
+    ):
         tick = time.time()
         run(parse_config(cls, flags(name, **extra)))
         timings[name] = round(time.time() - tick, 1)
         final = work / name / "final" / "model.safetensors"
         with safe_open(str(final), "pt") as f:
             dtypes = sorted({str(f.get_tensor(k).dtype) for k in f.keys()})
-        result[name] = {"dtype": yaml.safe_load((work / name / "config.yaml").read_text())["dtype"],
-                        "saved_weights": dtypes, "wall_s": timings[name]}
-    ppo_metrics = [r for r in runlog.read_jsonl(work / "ppo/metrics.jsonl") if "policy/approxkl_first_minibatch" in r]
-    result["ppo"]["approxkl_first_minibatch_max"] = max(r["policy/approxkl_first_minibatch"] for r in ppo_metrics)
+        result[name] = {
+            "dtype": yaml.safe_load((work / name / "config.yaml").read_text())["dtype"],
+            "saved_weights": dtypes,
+            "wall_s": timings[name],
+        }
+    ppo_metrics = [
+        r for r in runlog.read_jsonl(work / "ppo/metrics.jsonl") if "policy/approxkl_first_minibatch" in r
+    ]
+    result["ppo"]["approxkl_first_minibatch_max"] = max(
+        r["policy/approxkl_first_minibatch"] for r in ppo_metrics
+    )
     return result
 
 
-def update_speed(device: torch.device, dtype_name: str, steps: int, batch: int = 32, prompt: int = 96,
-                 response: int = 40) -> dict:
+def update_speed(
+    device: torch.device,
+    dtype_name: str,
+    *,
+    steps: int,
+    batch: int = 32,
+    prompt: int = 96,
+    response: int = 40,
+) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf_toy import models
@@ -84,14 +129,15 @@ def update_speed(device: torch.device, dtype_name: str, steps: int, batch: int =
     precision = models.resolve_precision(dtype_name, device)
     torch.manual_seed(0)
     policy = LlamaForCausalLM(LlamaConfig(**SMOLLM2_135M)).to(device, precision.weights)
-    critic = LlamaForSequenceClassification(LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": 12}, num_labels=1,
-                                                        pad_token_id=0)).to(device, precision.weights)
+    critic = LlamaForSequenceClassification(
+        LlamaConfig(**{**SMOLLM2_135M, "num_hidden_layers": 12}, num_labels=1, pad_token_id=0)
+    ).to(device, precision.weights)
     parameters = [p for m in (policy, critic) for p in m.parameters()]
     optimizer = torch.optim.AdamW(parameters, lr=1e-6, fused=device.type in ("cpu", "cuda"))
     ids = torch.randint(1, 49152, (batch, prompt + response), device=device)
     attention = torch.ones_like(ids)
     times = []
-    for _ in range(steps + 1):   # the first is warm-up
+    for _ in range(steps + 1):  # the first is warm-up
         if device.type == "cuda":
             torch.cuda.synchronize()
         tick = time.perf_counter()
@@ -104,13 +150,19 @@ def update_speed(device: torch.device, dtype_name: str, steps: int, batch: int =
             torch.cuda.synchronize()
         times.append(time.perf_counter() - tick)
     step_s = statistics.median(times[1:])
-    nonembedding = sum(p.numel() for n, p in policy.named_parameters() if "embed" not in n) + \
-        sum(p.numel() for n, p in critic.named_parameters() if "embed" not in n and "score" not in n)
+    nonembedding = sum(p.numel() for n, p in policy.named_parameters() if "embed" not in n) + sum(
+        p.numel() for n, p in critic.named_parameters() if "embed" not in n and "score" not in n
+    )
     flops = 6 * nonembedding * ids.numel()
     peak = matmul_flops(device, precision.compute)
     del policy, critic, optimizer
-    return {"dtype": precision.name, "step_s": round(step_s, 4), "model_tflops": round(flops / step_s / 1e12, 2),
-            "matmul_peak_tflops": round(peak / 1e12, 1), "mfu": round(flops / step_s / peak, 3)}
+    return {
+        "dtype": precision.name,
+        "step_s": round(step_s, 4),
+        "model_tflops": round(flops / step_s / 1e12, 2),
+        "matmul_peak_tflops": round(peak / 1e12, 1),
+        "mfu": round(flops / step_s / peak, 3),
+    }
 
 
 def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -128,11 +180,13 @@ def matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - tick)
-    return 2 * n ** 3 / statistics.median(times[1:])
+    return 2 * n**3 / statistics.median(times[1:])
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--steps", type=int, default=4, help="timed update steps per precision")
     parser.add_argument("--out", default=None)
     parser.add_argument("--skip_pipeline", action="store_true")
@@ -145,7 +199,9 @@ def main(argv=None) -> int:
     if not args.skip_pipeline:
         with tempfile.TemporaryDirectory() as work:
             report["tiny_pipeline"] = tiny_pipeline(Path(work))
-    report["update_speed"] = [update_speed(device, name, args.steps) for name in ("float32", "bfloat16-mixed")]
+    report["update_speed"] = [
+        update_speed(device, name, steps=args.steps) for name in ("float32", "bfloat16-mixed")
+    ]
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:

@@ -38,8 +38,11 @@ def run(args: list, log: Path) -> None:
 def steps(run_dir: Path) -> list[dict]:
     from rlhf_toy import runlog
 
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
-            for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/scores" in r]
+    return [
+        {k: v for k, v in r.items() if not k.startswith(("time/", "perf/"))}
+        for r in runlog.read_jsonl(run_dir / "metrics.jsonl")
+        if "objective/scores" in r
+    ]
 
 
 def differences(run_dir: Path, reference: Path) -> dict:
@@ -47,11 +50,17 @@ def differences(run_dir: Path, reference: Path) -> dict:
     from safetensors.torch import load_file
 
     ours, theirs = steps(run_dir), steps(reference)
-    assert len(ours) == len(theirs) and all(a.keys() == b.keys() for a, b in zip(ours, theirs)), "different metrics"
+    assert len(ours) == len(theirs) and all(a.keys() == b.keys() for a, b in zip(ours, theirs)), (
+        "different metrics"
+    )
     metrics = max(abs(a[k] - b[k]) / max(1.0, abs(b[k])) for a, b in zip(ours, theirs) for k in b)
     summaries = [json.loads((d / "summary.json").read_text()) for d in (run_dir, reference)]
-    evaluations = max(abs(summaries[0][w][k] - summaries[1][w][k]) for w in ("before", "after")
-                      for k, v in summaries[1][w].items() if isinstance(v, (int, float)))
+    evaluations = max(
+        abs(summaries[0][w][k] - summaries[1][w][k])
+        for w in ("before", "after")
+        for k, v in summaries[1][w].items()
+        if isinstance(v, (int, float))
+    )
     weights = [load_file(d / "final/model.safetensors") for d in (run_dir, reference)]
     assert weights[0].keys() == weights[1].keys(), "final/ holds different tensors"
     final = max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[1])
@@ -60,7 +69,9 @@ def differences(run_dir: Path, reference: Path) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--engines", nargs="+", default=["fsdp", "zero3"], help="configs/accelerate/ENGINE.yaml")
+    parser.add_argument(
+        "--engines", nargs="+", default=["fsdp", "zero3"], help="configs/accelerate/ENGINE.yaml"
+    )
     parser.add_argument("--num_processes", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("/tmp/check_engines"))
     args = parser.parse_args()
@@ -68,19 +79,66 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
     python = [sys.executable]
-    run(python + ["scripts/sft.py", "--config", "configs/tiny/sft.yaml", "--output_dir", out / "sft",
-                  "--num_eval_prompts", "0", "--max_steps", "12"], out / "sft.log")
-    run(python + ["scripts/train_reward.py", "--config", "configs/tiny/reward.yaml", "--output_dir", out / "reward",
-                  "--model_name_or_path", out / "sft/final", "--policy_model", out / "sft/final",
-                  "--num_eval_prompts", "0"], out / "reward.log")
-    ppo = ["scripts/ppo.py", "--config", "configs/tiny/ppo.yaml", "--model_name_or_path", out / "sft/final",
-           "--reward_model_path", out / "reward/final", "--prompts", "data/prompts_train.jsonl",
-           "--eval_prompts", "data/prompts_eval.jsonl", "--total_episodes", 32, "--save_steps", 2]
+    run(
+        python
+        + [
+            "scripts/sft.py",
+            "--config",
+            "configs/tiny/sft.yaml",
+            "--output_dir",
+            out / "sft",
+            "--num_eval_prompts",
+            "0",
+            "--max_steps",
+            "12",
+        ],
+        out / "sft.log",
+    )
+    run(
+        python
+        + [
+            "scripts/train_reward.py",
+            "--config",
+            "configs/tiny/reward.yaml",
+            "--output_dir",
+            out / "reward",
+            "--model_name_or_path",
+            out / "sft/final",
+            "--policy_model",
+            out / "sft/final",
+            "--num_eval_prompts",
+            "0",
+        ],
+        out / "reward.log",
+    )
+    ppo = [
+        "scripts/ppo.py",
+        "--config",
+        "configs/tiny/ppo.yaml",
+        "--model_name_or_path",
+        out / "sft/final",
+        "--reward_model_path",
+        out / "reward/final",
+        "--prompts",
+        "data/prompts_train.jsonl",
+        "--eval_prompts",
+        "data/prompts_eval.jsonl",
+        "--total_episodes",
+        32,
+        "--save_steps",
+        2,
+    ]
     run(python + ppo + ["--output_dir", out / "plain"], out / "plain.log")
     report = {}
     for engine in args.engines:
-        launch = python + ["-m", "accelerate.commands.launch", "--config_file", f"configs/accelerate/{engine}.yaml",
-                           "--num_processes", args.num_processes]
+        launch = python + [
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"configs/accelerate/{engine}.yaml",
+            "--num_processes",
+            args.num_processes,
+        ]
         whole, killed = out / engine, out / f"{engine}-killed"
         run(launch + ppo + ["--output_dir", whole], out / f"{engine}.log")
         shutil.copytree(whole, killed)
@@ -90,14 +148,20 @@ def main() -> None:
         run(launch + ppo + ["--output_dir", killed], out / f"{engine}-killed.log")
         resumed = "resuming from" in (out / f"{engine}-killed.log").read_text()
         bf16 = out / f"{engine}-bf16-shared-critic"
-        run(launch + ppo + ["--output_dir", bf16, "--dtype", "bfloat16-mixed", "--critic", "shared"],
-            out / f"{bf16.name}.log")
-        shards = whole / "checkpoints/step-4/engine"   # DDP has none: rank 0 saves the one copy
-        report[engine] = {"checkpoint_engine_files": sorted(p.name for p in shards.iterdir()) if shards.exists() else [],
-                          "vs_plain": differences(whole, out / "plain"), "resumed_from_step_2": resumed,
-                          "resumed_vs_never_stopped": differences(killed, whole),
-                          "bf16_shared_critic_last_step": {k: steps(bf16)[-1][k] for k in ("objective/scores",
-                                                                                          "objective/kl")}}
+        run(
+            launch + ppo + ["--output_dir", bf16, "--dtype", "bfloat16-mixed", "--critic", "shared"],
+            out / f"{bf16.name}.log",
+        )
+        shards = whole / "checkpoints/step-4/engine"  # DDP has none: rank 0 saves the one copy
+        report[engine] = {
+            "checkpoint_engine_files": sorted(p.name for p in shards.iterdir()) if shards.exists() else [],
+            "vs_plain": differences(whole, out / "plain"),
+            "resumed_from_step_2": resumed,
+            "resumed_vs_never_stopped": differences(killed, whole),
+            "bf16_shared_critic_last_step": {
+                k: steps(bf16)[-1][k] for k in ("objective/scores", "objective/kl")
+            },
+        }
     print(json.dumps(report, indent=2))
     (out / "check_engines.json").write_text(json.dumps(report, indent=2) + "\n")
 

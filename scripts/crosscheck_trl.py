@@ -2,13 +2,14 @@
 """Check the hand-written PPO (rlhf_toy.stages.ppo.core) against TRL 1.12's PPOTrainer.
 
     python scripts/crosscheck_trl.py --numeric [--settings trl_defaults,k3_whiten_rewards] [--json out.json]
-    python scripts/crosscheck_trl.py --config configs/crosscheck.yaml [--output_dir reports/crosscheck] [--field value ...]
+    python scripts/crosscheck_trl.py --config configs/crosscheck.yaml [--output_dir reports/crosscheck] \\
+        [--field value ...]
 
---numeric: run TRL's own PPOTrainer.train() for one iteration per setting on a tiny random GPT-2
-(built locally, no download), observe its tensors, feed the same inputs to our core functions
-and print max |ours - TRL| per quantity per setting, including one PPO step through our trainer itself
-(`trainer step:` line: every tensor, the gradients before each optimizer step and the updated weights), and where our defaults differ from TRL
-by design. Then the critic-free estimators against TRL's GRPOTrainer (loss_type grpo, dr_grpo, bnpo) and
+--numeric: run TRL's own PPOTrainer.train() for one iteration per setting on a tiny random GPT-2 (built
+locally, no download), observe its tensors, feed the same inputs to our core functions and print max |ours -
+TRL| per quantity per setting, including one PPO step through our trainer itself (`trainer step:` line: every
+tensor, the gradients before each optimizer step and the updated weights), and where our defaults differ from
+TRL by design. Then the critic-free estimators against TRL's GRPOTrainer (loss_type grpo, dr_grpo, bnpo) and
 RLOOTrainer (rlhf_toy.verify.trl_critic_free): advantages, loss and its gradient from the same rewards and
 log-probs. Exit status 1 if a tolerance fails.
 
@@ -35,7 +36,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--numeric" not in argv and "--list" not in argv:
         return run_level(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--numeric", action="store_true", help="numeric cross-check of the PPO math (the default mode)")
+    ap.add_argument(
+        "--numeric", action="store_true", help="numeric cross-check of the PPO math (the default mode)"
+    )
     ap.add_argument("--settings", default=None, help="comma-separated setting names (default: all)")
     ap.add_argument("--list", action="store_true", help="list the settings and exit")
     ap.add_argument("--json", default=None, help="also write the full report to this JSON file")

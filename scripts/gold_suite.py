@@ -30,11 +30,17 @@ def load_judge(path: str | None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--pairs", default="tests/adversarial/pairs.jsonl")
     parser.add_argument("--judge", default=None, help="a task.py to load instead of rlhf_toy.task")
-    parser.add_argument("--show", default=None, help="print the misordered pairs of this kind ('all': every kind)")
-    parser.add_argument("--save", default=None, help="add the shares to this JSON file, under the pairs file's name")
+    parser.add_argument(
+        "--show", default=None, help="print the misordered pairs of this kind ('all': every kind)"
+    )
+    parser.add_argument(
+        "--save", default=None, help="add the shares to this JSON file, under the pairs file's name"
+    )
     args = parser.parse_args(argv)
     judge, pairs = load_judge(args.judge), read_pairs(args.pairs)
     table = ordered_by_kind(pairs, judge)
@@ -51,8 +57,10 @@ def main(argv=None):
         if args.show in ("all", pair["kind"]):
             good, bad = (judge.gold_parts(pair[s], pair["title"]) for s in ("good", "bad"))
             if not good["gold"] > bad["gold"]:
-                print(f"\n[{pair['kind']}] {pair['title']}\n  good {good['gold']:+.3f} {good.get('flags')}: "
-                      f"{pair['good']}\n  bad  {bad['gold']:+.3f} {bad.get('flags')}: {pair['bad']}")
+                print(
+                    f"\n[{pair['kind']}] {pair['title']}\n  good {good['gold']:+.3f} {good.get('flags')}: "
+                    f"{pair['good']}\n  bad  {bad['gold']:+.3f} {bad.get('flags')}: {pair['bad']}"
+                )
 
 
 if __name__ == "__main__":

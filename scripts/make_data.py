@@ -22,21 +22,26 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import models, sequences, task
+from rlhf_toy.config import DTYPES
 from rlhf_toy.runlog import write_jsonl
 from rlhf_toy.verify.gold_suite import ordered_by_kind, read_pairs, shares
-from rlhf_toy.config import DTYPES
 
 SUITE_FILES = ("pairs.jsonl", "holdout_pairs.jsonl", "found_by_ppo.jsonl")
-OLDER_JUDGES = ("v2", "v3")   # tests/adversarial/gold_<version>_ordered.json
+OLDER_JUDGES = ("v2", "v3")  # tests/adversarial/gold_<version>_ordered.json
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", default=models.DEFAULT_MODEL)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="data")
-    parser.add_argument("--relabel", action="store_true",
-                        help="skip sampling: relabel the stored samples (OUT/samples.jsonl) with the current gold judge")
+    parser.add_argument(
+        "--relabel",
+        action="store_true",
+        help="skip sampling: relabel the stored samples (OUT/samples.jsonl) with the current gold judge",
+    )
     parser.add_argument("--n_train", type=int, default=600)
     parser.add_argument("--n_eval", type=int, default=72)
     parser.add_argument("--n_test", type=int, default=128)
@@ -46,8 +51,12 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--dtype", default="auto", choices=DTYPES,
-                        help="auto: bfloat16-mixed where the hardware has native bf16, float32 elsewhere")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        choices=DTYPES,
+        help="auto: bfloat16-mixed where the hardware has native bf16, float32 elsewhere",
+    )
     # Labelers prefer the higher-gold response with probability sigmoid((g_a - g_b) / temperature).
     parser.add_argument("--label_temperature", type=float, default=0.1)
     args = parser.parse_args(argv)
@@ -58,10 +67,19 @@ def main(argv=None):
     else:
         sampling = sample(args, out)
     started = time.time()
-    stats = label(out, seed=sampling["seed"], pairs_per_prompt=args.pairs_per_prompt,
-                  label_temperature=args.label_temperature)
-    stats = {"command": command, "sampling": sampling, **stats, "labelling_seconds": time.time() - started,
-             "suite": suite_tables()}
+    stats = label(
+        out,
+        seed=sampling["seed"],
+        pairs_per_prompt=args.pairs_per_prompt,
+        label_temperature=args.label_temperature,
+    )
+    stats = {
+        "command": command,
+        "sampling": sampling,
+        **stats,
+        "labelling_seconds": time.time() - started,
+        "suite": suite_tables(),
+    }
     (out / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     write_data_card(out, stats)
     print(json.dumps(stats, indent=2))
@@ -73,7 +91,9 @@ def sample(args, out: Path) -> dict:
     started = time.time()
     torch.manual_seed(args.seed)
     out.mkdir(parents=True, exist_ok=True)
-    train_prompts, eval_prompts, test_prompts = task.make_prompts(args.n_train, args.n_eval, args.n_test, args.seed)
+    train_prompts, eval_prompts, test_prompts = task.make_prompts(
+        args.n_train, args.n_eval, args.n_test, args.seed
+    )
     write_jsonl(out / "prompts_train.jsonl", train_prompts)
     write_jsonl(out / "prompts_eval.jsonl", eval_prompts)
     write_jsonl(out / "prompts_test.jsonl", test_prompts)
@@ -83,20 +103,42 @@ def sample(args, out: Path) -> dict:
     model = models.load_causal_lm(args.model, tokenizer, dtype=precision.name)
     repeated = [row for row in train_prompts for _ in range(args.samples_per_prompt)]
     samples = sequences.generate(
-        model, tokenizer, [row["prompt"] for row in repeated], max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size, seed=args.seed,
-        progress="sampling train prompts", precision=precision,
+        model,
+        tokenizer,
+        [row["prompt"] for row in repeated],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        progress="sampling train prompts",
+        precision=precision,
     )
-    write_jsonl(out / "samples.jsonl", [
-        {"prompt": row["prompt"], "title": row["title"], "response": s.response, "has_eos": s.has_eos,
-         "tokens": len(s.response_ids)}
-        for row, s in zip(repeated, samples)
-    ])
+    write_jsonl(
+        out / "samples.jsonl",
+        [
+            {
+                "prompt": row["prompt"],
+                "title": row["title"],
+                "response": s.response,
+                "has_eos": s.has_eos,
+                "tokens": len(s.response_ids),
+            }
+            for row, s in zip(repeated, samples)
+        ],
+    )
     return {
-        "model": args.model, "seed": args.seed, "dtype": precision.name,   # what ran, not what was asked
-        "prompts_train": len(train_prompts), "prompts_eval": len(eval_prompts), "prompts_test": len(test_prompts),
-        "samples_per_prompt": args.samples_per_prompt, "max_new_tokens": args.max_new_tokens,
-        "temperature": args.temperature, "top_p": args.top_p, "batch_size": args.batch_size,
+        "model": args.model,
+        "seed": args.seed,
+        "dtype": precision.name,  # what ran, not what was asked
+        "prompts_train": len(train_prompts),
+        "prompts_eval": len(eval_prompts),
+        "prompts_test": len(test_prompts),
+        "samples_per_prompt": args.samples_per_prompt,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_p": args.top_p,
+        "batch_size": args.batch_size,
         "minutes": (time.time() - started) / 60,
     }
 
@@ -106,7 +148,7 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
     and Bradley-Terry-drawn preference labels. Deterministic given the samples and the seed."""
     rows = [json.loads(line) for line in open(out / "samples.jsonl")]
     groups: dict[str, list[dict]] = {}
-    for row in rows:   # samples of one prompt are consecutive; dicts keep that order
+    for row in rows:  # samples of one prompt are consecutive; dicts keep that order
         groups.setdefault(json.dumps(row["prompt"]), []).append(row)
     rng = random.Random(seed)
     sft_rows, pref_rows, flips = [], [], 0
@@ -121,21 +163,29 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
             demo_parts.append(task.gold_parts(best[1], title))
             sft_rows.append({"prompt": prompt, "completion": [{"role": "assistant", "content": best[1]}]})
         for chosen, rejected, gold_chosen, gold_rejected, chosen_cut, rejected_cut in task.label_pairs(
-                answers, title, rng, pairs_per_prompt, label_temperature):
+            answers, title, rng, pairs_per_prompt=pairs_per_prompt, label_temperature=label_temperature
+        ):
             flips += gold_chosen < gold_rejected
             cut_pairs += chosen_cut or rejected_cut
             unfinished_pairs += any(not task.ends_a_sentence(t) for t in (chosen, rejected))
-            pref_rows.append({
-                "prompt": prompt, "title": title,
-                "chosen": [{"role": "assistant", "content": chosen}],
-                "rejected": [{"role": "assistant", "content": rejected}],
-                "gold_chosen": round(gold_chosen, 4), "gold_rejected": round(gold_rejected, 4),
-            })
+            pref_rows.append(
+                {
+                    "prompt": prompt,
+                    "title": title,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                    "gold_chosen": round(gold_chosen, 4),
+                    "gold_rejected": round(gold_rejected, 4),
+                }
+            )
     write_jsonl(out / "sft.jsonl", sft_rows)
     write_jsonl(out / "preferences.jsonl", pref_rows)
     return {
-        "samples": len(rows), "sft_demonstrations": len(sft_rows), "preference_pairs": len(pref_rows),
-        "pairs_per_prompt": pairs_per_prompt, "label_temperature": label_temperature,
+        "samples": len(rows),
+        "sft_demonstrations": len(sft_rows),
+        "preference_pairs": len(pref_rows),
+        "pairs_per_prompt": pairs_per_prompt,
+        "label_temperature": label_temperature,
         "label_noise_rate": flips / max(1, len(pref_rows)),
         "pairs_with_a_cut_side": cut_pairs / max(1, len(pref_rows)),
         "pairs_with_a_side_ending_mid_sentence": unfinished_pairs / max(1, len(pref_rows)),
@@ -147,8 +197,10 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
         "sample_flattery_rate": statistics.mean(bool(p["flattery_reason"]) for p in all_parts),
         "sample_junk_rate": statistics.mean(task.is_junk(p) for p in all_parts),
         "demo_junk_rate": statistics.mean(task.is_junk(p) for p in demo_parts),
-        "sample_flag_rates": {flag: statistics.mean(flag in p["flags"] for p in all_parts)
-                              for flag in [*task.PENALTIES, "padding", "non_text"]},
+        "sample_flag_rates": {
+            flag: statistics.mean(flag in p["flags"] for p in all_parts)
+            for flag in [*task.PENALTIES, "padding", "non_text"]
+        },
         "demo_on_topic_rate": statistics.mean(bool(p["on_topic"]) for p in demo_parts),
         "demo_flattery_rate": statistics.mean(bool(p["flattery_reason"]) for p in demo_parts),
         "sample_eos_rate": sum(r["has_eos"] for r in rows) / len(rows),
@@ -160,10 +212,16 @@ def suite_tables() -> dict:
     """The gold judge on the adversarial suite (tests/adversarial/): per kind, the share of pairs it orders, for
     this judge and for the older ones (stored: measured once with their task.py, tests/adversarial/README.md)."""
     root = Path(__file__).resolve().parents[1] / "tests" / "adversarial"
-    older = {version: json.loads((root / f"gold_{version}_ordered.json").read_text()) for version in OLDER_JUDGES}
-    return {name: {"this": shares(ordered_by_kind(read_pairs(root / name))),
-                   **{version: shares_of.get(name, {}) for version, shares_of in older.items()}}
-            for name in SUITE_FILES}
+    older = {
+        version: json.loads((root / f"gold_{version}_ordered.json").read_text()) for version in OLDER_JUDGES
+    }
+    return {
+        name: {
+            "this": shares(ordered_by_kind(read_pairs(root / name))),
+            **{version: shares_of.get(name, {}) for version, shares_of in older.items()},
+        }
+        for name in SUITE_FILES
+    }
 
 
 def write_data_card(out: Path, stats: dict) -> None:
@@ -176,7 +234,9 @@ def write_data_card(out: Path, stats: dict) -> None:
         for kind, ours in table["this"].items():
             older = " | ".join(share(table[version].get(kind)) for version in OLDER_JUDGES)
             suite_rows.append(f"| {name} | {kind} | {older} | {share(ours)} |")
-    flag_rates = ", ".join(f"{flag} {100 * rate:.1f}%" for flag, rate in stats["sample_flag_rates"].items() if rate)
+    flag_rates = ", ".join(
+        f"{flag} {100 * rate:.1f}%" for flag, rate in stats["sample_flag_rates"].items() if rate
+    )
     card = f"""# The toy task's data
 
 Sampled by `python scripts/make_data.py` (model `{sampling["model"]}`, seed {sampling["seed"]}, {sampling["dtype"]}):

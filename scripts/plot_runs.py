@@ -1,6 +1,6 @@
 """Overlay PPO runs' training curves: RM score, gold, response length and KL per step.
 
-    python scripts/plot_runs.py runs/ppo runs/ppo_hack --output reports/hacking/curves.png
+python scripts/plot_runs.py runs/ppo runs/ppo_hack --output reports/hacking/curves.png
 """
 
 import argparse
@@ -13,12 +13,18 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from rlhf_toy.runlog import read_jsonl  # noqa: E402
 
-PANELS = [("score/rm", "RM score (normalised)"), ("score/gold", "gold (never a reward)"),
-          ("response/length_mean", "response length (tokens)"), ("objective/kl", "KL to reference (nats)")]
+PANELS = [
+    ("score/rm", "RM score (normalised)"),
+    ("score/gold", "gold (never a reward)"),
+    ("response/length_mean", "response length (tokens)"),
+    ("objective/kl", "KL to reference (nats)"),
+]
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="run directories, or LABEL=DIR")
     parser.add_argument("--output", required=True)
     args = parser.parse_args(argv)
@@ -30,7 +36,9 @@ def main(argv=None):
         if not records:
             raise SystemExit(f"error: {path}/metrics.jsonl has no PPO steps")
         for ax, (key, title) in zip(axes, PANELS):
-            ax.plot([r["step"] for r in records], [r[key] for r in records], marker=".", label=label or path.name)
+            ax.plot(
+                [r["step"] for r in records], [r[key] for r in records], marker=".", label=label or path.name
+            )
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("PPO step")
     axes[0].legend(fontsize=8)

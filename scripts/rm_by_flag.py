@@ -23,10 +23,14 @@ from rlhf_toy.stages.reward import clean_pairs, held_out_calibration
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("reward_model")
     parser.add_argument("--dataset", default="data/preferences.jsonl")
-    parser.add_argument("--samples", default="data/samples.jsonl", help="which answers were cut at the token limit")
+    parser.add_argument(
+        "--samples", default="data/samples.jsonl", help="which answers were cut at the token limit"
+    )
     parser.add_argument("--eval_fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--plot", help="write the reliability diagram here (a .png)")
@@ -34,15 +38,19 @@ def main(argv=None):
     records = data.load_records(args.dataset, data.PREFERENCE_FIELDS)
     pairs, _ = clean_pairs(records, args.dataset)
     _, held_out = data.split_records(pairs, args.eval_fraction, args.seed)
-    cut = {task.shown_answer(s["response"], s["has_eos"]): not s["has_eos"]
-           for s in map(json.loads, Path(args.samples).read_text().splitlines())}
+    cut = {
+        task.shown_answer(s["response"], s["has_eos"]): not s["has_eos"]
+        for s in map(json.loads, Path(args.samples).read_text().splitlines())
+    }
     scorer = RewardScorer(args.reward_model)
     prompts = [p["prompt"] for p in held_out]
     raw_chosen = scorer.score_raw(prompts, [p["chosen"] for p in held_out])
     raw_rejected = scorer.score_raw(prompts, [p["rejected"] for p in held_out])
-    chosen_rm = (raw_chosen * scorer.gain + scorer.bias).tolist()   # = scorer.score
+    chosen_rm = (raw_chosen * scorer.gain + scorer.bias).tolist()  # = scorer.score
     rejected_rm = (raw_rejected * scorer.gain + scorer.bias).tolist()
-    title_of = {json.dumps(r["prompt"]): r.get("title") for r in records}   # clean_pairs keeps only what TRL reads
+    title_of = {
+        json.dumps(r["prompt"]): r.get("title") for r in records
+    }  # clean_pairs keeps only what TRL reads
     groups, n_pairs = defaultdict(list), 0
     for pair, rm_c, rm_r in zip(held_out, chosen_rm, rejected_rm):
         if pair["gold_chosen"] == pair["gold_rejected"]:
@@ -58,12 +66,18 @@ def main(argv=None):
     for kind, agree in sorted(groups.items(), key=lambda kv: -len(kv[1])):
         print(f"| {kind} | {len(agree)} | {sum(agree) / len(agree):.2f} |")
     print(f"\n{n_pairs} held-out pairs without a gold tie; a pair counts under each flag it differs in.")
-    calibration = held_out_calibration(raw_chosen.tolist(), raw_rejected.tolist(), held_out, args.dataset, args.plot)
-    print(f"\ncalibration on all {len(held_out)} held-out pairs (both orders): ECE {calibration['ece']:.3f}\n")
+    calibration = held_out_calibration(
+        raw_chosen.tolist(), raw_rejected.tolist(), pairs=held_out, dataset=args.dataset, plot_path=args.plot
+    )
+    print(
+        f"\ncalibration on all {len(held_out)} held-out pairs (both orders): ECE {calibration['ece']:.3f}\n"
+    )
     print("| RM's P(a ≻ b) | pairs | mean P | labels chose a | gold's P |\n|---|---|---|---|---|")
     for b in calibration["bins"]:
-        print(f"| {b['low']:.1f}-{b['high']:.1f} | {b['n']} | {b['confidence']:.3f} | {b['frequency']:.3f} | "
-              f"{b.get('reference', float('nan')):.3f} |")
+        print(
+            f"| {b['low']:.1f}-{b['high']:.1f} | {b['n']} | {b['confidence']:.3f} | {b['frequency']:.3f} | "
+            f"{b.get('reference', float('nan')):.3f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -22,35 +22,50 @@ def summarize_run(run_dir: Path, reward: str) -> dict:
     mean_of = lambda key: statistics.mean(r[key] for r in steps) if all(key in r for r in steps) else None
     return {
         "steps": len(steps),
-        "success_before": summary["before"].get(reward), "success_after": summary["after"].get(reward),
-        "distinct_2_before": summary["before"]["corpus_distinct_2"], "distinct_2_after": summary["after"]["corpus_distinct_2"],
-        "entropy_first": steps[0]["policy/entropy_avg"], "entropy_last": steps[-1]["policy/entropy_avg"],
+        "success_before": summary["before"].get(reward),
+        "success_after": summary["after"].get(reward),
+        "distinct_2_before": summary["before"]["corpus_distinct_2"],
+        "distinct_2_after": summary["after"]["corpus_distinct_2"],
+        "entropy_first": steps[0]["policy/entropy_avg"],
+        "entropy_last": steps[-1]["policy/entropy_avg"],
         "train_distinct_2_last": steps[-1].get("completions/pooled_distinct_2"),
         "frac_reward_zero_std": mean_of("frac_reward_zero_std"),
-        "clip_low": mean_of("clip_ratio/low_mean"), "clip_high": mean_of("clip_ratio/high_mean"),
+        "clip_low": mean_of("clip_ratio/low_mean"),
+        "clip_high": mean_of("clip_ratio/high_mean"),
         "resample_rounds": sum(r.get("rollout/resample_rounds", 0) for r in steps),
         "wall_s": steps[-1]["time/wall_s"],
+        # the median step (its rollout, dynamic sampling's extra rounds included, and its update): robust to a
+        # few steps that shared the machine, where the wall time is not
+        "median_step_s": statistics.median(r["time/rollout_s"] + r["time/update_s"] for r in steps),
     }
 
 
 def table(rows: dict[str, dict], reward: str) -> str:
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
-    lines = [f"| run | {reward} before → after | pooled distinct-2 (eval) before → after | entropy first → last step "
-             f"| train distinct-2, last step | frac_reward_zero_std | clip low / high | extra rounds | wall |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"| run | {reward} before → after | pooled distinct-2 (eval) before → after | entropy first → last step "
+        f"| train distinct-2, last step | frac_reward_zero_std | clip low / high | extra rounds | median step | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {fmt(r['success_before'])} → {fmt(r['success_after'])} | "
-                     f"{fmt(r['distinct_2_before'])} → {fmt(r['distinct_2_after'])} | "
-                     f"{fmt(r['entropy_first'])} → {fmt(r['entropy_last'])} | {fmt(r['train_distinct_2_last'])} | "
-                     f"{fmt(r['frac_reward_zero_std'])} | {fmt(r['clip_low'], '.4f')} / {fmt(r['clip_high'], '.4f')} | "
-                     f"{r['resample_rounds']} | {r['wall_s'] / 60:.1f} min |")
+        lines.append(
+            f"| {name} | {fmt(r['success_before'])} → {fmt(r['success_after'])} | "
+            f"{fmt(r['distinct_2_before'])} → {fmt(r['distinct_2_after'])} | "
+            f"{fmt(r['entropy_first'])} → {fmt(r['entropy_last'])} | {fmt(r['train_distinct_2_last'])} | "
+            f"{fmt(r['frac_reward_zero_std'])} | {fmt(r['clip_low'], '.4f')} / {fmt(r['clip_high'], '.4f')} | "
+            f"{r['resample_rounds']} | {r['median_step_s']:.1f} s | {r['wall_s'] / 60:.1f} min |"
+        )
     return "\n".join(lines)
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("runs", nargs="+", help="NAME=RUN_DIR")
-    parser.add_argument("--reward", default="rewards/uses_word/mean", help="the success metric in summary.json")
+    parser.add_argument(
+        "--reward", default="rewards/uses_word/mean", help="the success metric in summary.json"
+    )
     parser.add_argument("--output", default=None, help="write the table (and a .json beside it) here")
     args = parser.parse_args(argv)
     runs = dict(entry.split("=", 1) for entry in args.runs)

@@ -34,8 +34,14 @@ def run_script():
     import subprocess
 
     def run(name, *args, check=True, timeout=300):
-        result = subprocess.run([sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
-                                cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / f"{name}.py"), *map(str, args)],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=os.environ.copy(),
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stderr[-3000:]}")
         return result
@@ -57,7 +63,9 @@ def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float 
 
     deadline = time.time() + timeout
     while newest_step() < step:
-        assert time.time() < deadline and process.poll() is None, f"no checkpoint at step >= {step} before the run ended"
+        assert time.time() < deadline and process.poll() is None, (
+            f"no checkpoint at step >= {step} before the run ended"
+        )
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     process.wait()
@@ -67,8 +75,11 @@ def snapshot(directory: Path) -> dict:
     """Every file under `directory` and a hash of its bytes: equal snapshots, untouched files."""
     import hashlib
 
-    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -94,22 +105,64 @@ def pipeline(tmp_path_factory):
     write("sft.jsonl", [{**r, "completion": answer([GOOD, BAD][i % 2])} for i, r in enumerate(train)])
     write("prompts.jsonl", evals)
     write("pairs.jsonl", [{**r, "chosen": answer(GOOD), "rejected": answer(BAD)} for r in train])
-    run_sft(parse_config(SFTStageConfig, [
-        "--config", str(ROOT / "configs/tiny/sft.yaml"), "--dataset", str(tmp / "sft.jsonl"), "--output_dir",
-        str(tmp / "sft"), "--num_eval_prompts", "0", "--eval_fraction", "0", "--max_steps", "30",
-        "--learning_rate", "1e-2"]))
-    train_reward(parse_config(RewardStageConfig, [
-        "--config", str(ROOT / "configs/tiny/reward.yaml"), "--model_name_or_path", str(tmp / "sft/final"),
-        "--policy_model", str(tmp / "sft/final"), "--dataset", str(tmp / "pairs.jsonl"), "--train_prompts",
-        str(tmp / "prompts.jsonl"), "--eval_prompts", str(tmp / "prompts.jsonl"), "--output_dir", str(tmp / "rm"),
-        "--num_eval_prompts", "0", "--max_steps", "20"]))
+    run_sft(
+        parse_config(
+            SFTStageConfig,
+            [
+                "--config",
+                str(ROOT / "configs/tiny/sft.yaml"),
+                "--dataset",
+                str(tmp / "sft.jsonl"),
+                "--output_dir",
+                str(tmp / "sft"),
+                "--num_eval_prompts",
+                "0",
+                "--eval_fraction",
+                "0",
+                "--max_steps",
+                "30",
+                "--learning_rate",
+                "1e-2",
+            ],
+        )
+    )
+    train_reward(
+        parse_config(
+            RewardStageConfig,
+            [
+                "--config",
+                str(ROOT / "configs/tiny/reward.yaml"),
+                "--model_name_or_path",
+                str(tmp / "sft/final"),
+                "--policy_model",
+                str(tmp / "sft/final"),
+                "--dataset",
+                str(tmp / "pairs.jsonl"),
+                "--train_prompts",
+                str(tmp / "prompts.jsonl"),
+                "--eval_prompts",
+                str(tmp / "prompts.jsonl"),
+                "--output_dir",
+                str(tmp / "rm"),
+                "--num_eval_prompts",
+                "0",
+                "--max_steps",
+                "20",
+            ],
+        )
+    )
     return tmp
 
 
 def tiny_flags(pipeline, out, **overrides):
-    flags = {"config": ROOT / "configs/tiny/ppo.yaml", "model_name_or_path": pipeline / "sft/final",
-             "reward_model_path": pipeline / "rm/final", "output_dir": out, "prompts": pipeline / "prompts.jsonl",
-             "eval_prompts": pipeline / "prompts.jsonl"}
+    flags = {
+        "config": ROOT / "configs/tiny/ppo.yaml",
+        "model_name_or_path": pipeline / "sft/final",
+        "reward_model_path": pipeline / "rm/final",
+        "output_dir": out,
+        "prompts": pipeline / "prompts.jsonl",
+        "eval_prompts": pipeline / "prompts.jsonl",
+    }
     flags.update(overrides)
     return [str(x) for key, value in flags.items() for x in (f"--{key}", value)]
 

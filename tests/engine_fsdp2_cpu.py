@@ -19,7 +19,6 @@ from pathlib import Path
 import accelerate
 import transformers.trainer
 import yaml
-
 from conftest import ROOT
 
 
@@ -27,10 +26,15 @@ def fsdp2_plugin():
     """accelerate's FSDP plugin with the settings of the shipped configs/accelerate/fsdp.yaml."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    settings = {key.removeprefix("fsdp_"): value
-                for key, value in yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())["fsdp_config"].items()}
-    return FullyShardedDataParallelPlugin(fsdp_version=settings.pop("version"), cpu_offload=settings.pop("offload_params"),
-                                          **settings)
+    settings = {
+        key.removeprefix("fsdp_"): value
+        for key, value in yaml.safe_load((ROOT / "configs/accelerate/fsdp.yaml").read_text())[
+            "fsdp_config"
+        ].items()
+    }
+    return FullyShardedDataParallelPlugin(
+        fsdp_version=settings.pop("version"), cpu_offload=settings.pop("offload_params"), **settings
+    )
 
 
 class FSDP2OnCPU(accelerate.Accelerator):
@@ -49,17 +53,16 @@ class FSDP2OnCPU(accelerate.Accelerator):
 
 
 if __name__ == "__main__":
-    accelerate.Accelerator = transformers.trainer.Accelerator = FSDP2OnCPU   # PPO's and the HF Trainer's
+    accelerate.Accelerator = transformers.trainer.Accelerator = FSDP2OnCPU  # PPO's and the HF Trainer's
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "update":
+        import engine_ppo_update
         import torch
         import torch.distributed as dist
-
-        import engine_ppo_update
 
         weights = engine_ppo_update.update(Path(args[0]), Path(args[1]))
         if dist.get_rank() == 0:
             torch.save(weights, Path(args[1]) / "weights.pt")
-    else:   # scripts/MODE.py with its flags, as a user runs it
+    else:  # scripts/MODE.py with its flags, as a user runs it
         sys.argv = [str(ROOT / "scripts" / f"{mode}.py"), *args]
         runpy.run_path(sys.argv[0], run_name="__main__")

@@ -1,6 +1,6 @@
 """Reward functions written for TRL's GRPOTrainer (its signature, nothing of rlhf_toy), for the PPO tests."""
 
-CALLS = []   # what each call received, for the tests to check
+CALLS = []  # what each call received, for the tests to check
 
 
 def short_and_on_title(prompts, completions, title, completion_ids, trainer_state, log_metric, **kwargs):
@@ -8,8 +8,18 @@ def short_and_on_title(prompts, completions, title, completion_ids, trainer_stat
     texts = [c[0]["content"] for c in completions]
     rewards = [float(t.lower() in x.lower()) - 0.1 * max(0, len(x.split()) - 3) for t, x in zip(title, texts)]
     log_metric("short_and_on_title/words", sum(len(x.split()) for x in texts) / len(texts))
-    CALLS.append({"prompts": prompts, "completions": completions, "title": title, "completion_ids": completion_ids,
-                  "step": trainer_state.global_step, "other": sorted(kwargs), "rewards": rewards, "texts": texts})
+    CALLS.append(
+        {
+            "prompts": prompts,
+            "completions": completions,
+            "title": title,
+            "completion_ids": completion_ids,
+            "step": trainer_state.global_step,
+            "other": sorted(kwargs),
+            "rewards": rewards,
+            "texts": texts,
+        }
+    )
     return rewards
 
 

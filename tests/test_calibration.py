@@ -16,9 +16,11 @@ def test_a_calibrated_predictor_has_ece_near_zero_and_a_miscalibrated_one_does_n
     calibrated = stats.reliability(predicted, outcomes)
     assert calibrated["ece"] < 0.01 and sum(b["n"] for b in calibrated["bins"]) == 40000
     for b in calibrated["bins"]:
-        assert b["low"] <= b["confidence"] < b["high"] and b["frequency"] == pytest.approx(b["confidence"], abs=0.03)
+        assert b["low"] <= b["confidence"] < b["high"] and b["frequency"] == pytest.approx(
+            b["confidence"], abs=0.03
+        )
     # Overconfident: it says p**0.3 where the truth is p. The mean gap |p - p**0.3| over uniform p is 0.27.
-    overconfident = stats.reliability([p ** 0.3 for p in predicted], outcomes)
+    overconfident = stats.reliability([p**0.3 for p in predicted], outcomes)
     assert overconfident["ece"] == pytest.approx(0.27, abs=0.03)
 
 
@@ -35,13 +37,13 @@ def test_pairs_drawn_from_the_models_own_bradley_terry_probabilities_are_calibra
     for _ in range(20000):
         a, b = rng.gauss(0, 1.5), rng.gauss(0, 1.5)
         p_a = 1 / (1 + math.exp(-(a - b)))
-        preferred_a = rng.random() < p_a          # the labeler draws from the model's own P
+        preferred_a = rng.random() < p_a  # the labeler draws from the model's own P
         chosen.append(a if preferred_a else b)
         rejected.append(b if preferred_a else a)
         gold_p.append(p_a if preferred_a else 1 - p_a)
     result = stats.pair_calibration(chosen, rejected, gold_p)
     assert result["n"] == 40000 and result["ece"] < 0.015
-    for b in result["bins"]:   # gold's probability is the model's here: the two curves coincide
+    for b in result["bins"]:  # gold's probability is the model's here: the two curves coincide
         assert b["reference"] == pytest.approx(b["confidence"], abs=1e-9)
     # A model twice as sure as the labels (scores doubled) is overconfident: a larger ECE.
     assert stats.pair_calibration([2 * c for c in chosen], [2 * r for r in rejected])["ece"] > 0.05

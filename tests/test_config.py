@@ -16,14 +16,16 @@ def write(tmp_path, text):
 def test_precedence_defaults_then_yaml_then_flags(tmp_path):
     path = write(tmp_path, "learning_rate: 1.0e-4\nmax_steps: 7\n")
     cfg = parse_config(SFTStageConfig, ["--config", str(path), "--max_steps", "9"])
-    assert cfg.learning_rate == 1e-4          # from YAML
-    assert cfg.max_steps == 9                 # the flag wins over YAML
+    assert cfg.learning_rate == 1e-4  # from YAML
+    assert cfg.max_steps == 9  # the flag wins over YAML
     assert cfg.per_device_train_batch_size == SFTStageConfig().per_device_train_batch_size  # default
 
 
 def test_unknown_yaml_key_names_file_and_nearest(tmp_path):
     path = write(tmp_path, "learnin_rate: 1.0e-4\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'learnin_rate'; did you mean 'learning_rate'"):
+    with pytest.raises(
+        ConfigError, match=r"c\.yaml: unknown key 'learnin_rate'; did you mean 'learning_rate'"
+    ):
         parse_config(SFTStageConfig, ["--config", str(path)])
 
 
@@ -44,7 +46,9 @@ def test_bad_type_and_missing_value_and_missing_file(tmp_path):
 
 
 def test_bool_flags_and_resolved_config_written(tmp_path):
-    cfg = parse_config(SFTStageConfig, ["--use_lora", "--resume=false", "--output_dir", str(tmp_path / "run")])
+    cfg = parse_config(
+        SFTStageConfig, ["--use_lora", "--resume=false", "--output_dir", str(tmp_path / "run")]
+    )
     assert cfg.use_lora is True and cfg.resume is False
     written = yaml.safe_load(save_config(cfg, cfg.output_dir).read_text())
     assert written == dataclasses.asdict(cfg)
@@ -70,7 +74,9 @@ def test_config_file_that_is_not_utf8_names_line_and_column(tmp_path):
 
 
 def test_dtype_device_and_trainer_numbers_are_checked_when_parsed():
-    with pytest.raises(ConfigError, match="dtype must be one of auto, float32, bfloat16-mixed, bfloat16, float16; got 'fp16'"):
+    with pytest.raises(
+        ConfigError, match="dtype must be one of auto, float32, bfloat16-mixed, bfloat16, float16; got 'fp16'"
+    ):
         parse_config(SFTStageConfig, ["--dtype", "fp16"])
     with pytest.raises(ConfigError, match="device must be one of auto, cpu, cuda, cuda:N, mps; got 'gpu'"):
         parse_config(SFTStageConfig, ["--device", "gpu"])
@@ -89,8 +95,16 @@ def test_dtype_device_and_trainer_numbers_are_checked_when_parsed():
 
 def test_a_bad_value_is_one_line_on_the_command_line_and_writes_nothing(tmp_path, run_script):
     out = tmp_path / "run"
-    result = run_script("sft", "--config", "configs/tiny/sft.yaml", "--output_dir", out,
-                        "--per_device_train_batch_size", "-1", check=False)
+    result = run_script(
+        "sft",
+        "--config",
+        "configs/tiny/sft.yaml",
+        "--output_dir",
+        out,
+        "--per_device_train_batch_size",
+        "-1",
+        check=False,
+    )
     assert result.returncode == 2, result.stderr[-2000:]
     assert result.stderr == "error: per_device_train_batch_size must be >= 1, got -1\n"
     assert not out.exists()

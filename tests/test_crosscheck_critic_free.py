@@ -26,17 +26,28 @@ def test_advantages_loss_and_gradient_equal_trl(report, name):
     # what was compared is not trivial: a real loss and gradient, clipped ratios, stopped and truncated responses
     assert abs(result["trl_loss"]) > 1e-3 and result["gradient_norm"] > 1
     assert result["clipped_low"] + result["clipped_high"] > 0.01
-    if result["setting"].get("epsilon_high"):   # the upper side, which clip-higher and CISPO's cap move, binds
+    if result["setting"].get("epsilon_high"):  # the upper side, which clip-higher and CISPO's cap move, binds
         assert result["clipped_high"] > 0.01
     assert result["rows_with_eos"] > 0 and result["rows_truncated"] > 0
 
 
 def test_settings_cover_what_they_claim(report):
     settings = {n: r["setting"] for n, r in report["results"].items()}
-    assert {s["loss_type"] for s in settings.values()} == {"grpo", "dr_grpo", "bnpo", "dapo", "cispo", "sequence"}
+    assert {s["loss_type"] for s in settings.values()} == {
+        "grpo",
+        "dr_grpo",
+        "bnpo",
+        "dapo",
+        "cispo",
+        "sequence",
+    }
     assert {s.get("importance_sampling_level", "token") for s in settings.values()} == {"token", "sequence"}
     assert any(s.get("mask_truncated_completions") for s in settings.values())
-    kl_weights = {s.get("use_bias_correction_kl", True) for s in settings.values() if s["beta"] and s["trainer"] == "grpo"}
+    kl_weights = {
+        s.get("use_bias_correction_kl", True)
+        for s in settings.values()
+        if s["beta"] and s["trainer"] == "grpo"
+    }
     assert kl_weights == {True, False}
     assert not settings["dr_grpo"]["scale_rewards"] and settings["grpo"]["scale_rewards"]
     # RLOO's sequence-level KL in the reward moved its advantages, and agrees with the KL TRL logs

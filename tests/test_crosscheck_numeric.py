@@ -33,7 +33,9 @@ def test_equal_to_trl_in_compat_mode(name):
     res = result(name)
     bad = {k: v for k, v in res["max_abs_diff"].items() if not v <= X.tolerance(k)}
     assert not bad, f"{name}: quantities beyond their tolerance: {bad}"
-    assert sum(X.tolerance(k) > 0 for k in res["max_abs_diff"]) == len(X.ROUND_OFF_QUANTITIES) == 2   # the rest: 0
+    assert (
+        sum(X.tolerance(k) > 0 for k in res["max_abs_diff"]) == len(X.ROUND_OFF_QUANTITIES) == 2
+    )  # the rest: 0
     # the same mask and TRL's one-longer mask, from our EOS-based construction
     assert res["max_abs_diff"]["mask (count of differing positions)"] == 0
     # one step of the trainer itself (its forwards, its minibatch/accumulation loop, its AdamW) gives TRL's
@@ -50,7 +52,9 @@ def test_settings_exercise_what_they_claim():
     r = {n: result(n) for n in NAMES}
     # responses with and without EOS, padded batches
     assert sum(x["batch"]["rows_with_eos"] for x in r.values()) > 0
-    assert r["trl_defaults"]["batch"]["rows_with_eos"] > 0 and r["trl_defaults"]["batch"]["rows_truncated"] > 0
+    assert (
+        r["trl_defaults"]["batch"]["rows_with_eos"] > 0 and r["trl_defaults"]["batch"]["rows_truncated"] > 0
+    )
     assert r["trl_defaults"]["batch"]["padded_positions"] > 0
     assert r["no_eos_truncation"]["batch"]["padded_positions"] == 0
     # clipping actually happens (the clip fractions are compared on non-trivial values)
@@ -64,7 +68,10 @@ def test_settings_exercise_what_they_claim():
     for n in ("accumulate_2x2_k1", "accumulate_2x2_k3"):
         assert r[n]["update"]["micro_batches"] == 8 and r[n]["update"]["optimizer_steps"] == 2
         assert r[n]["batch"]["rows_with_eos"] > 0 and r[n]["batch"]["rows_truncated"] > 0
-    assert {r[n]["setting"]["kl_estimator"] for n in ("accumulate_2x2_k1", "accumulate_2x2_k3")} == {"k1", "k3"}
+    assert {r[n]["setting"]["kl_estimator"] for n in ("accumulate_2x2_k1", "accumulate_2x2_k3")} == {
+        "k1",
+        "k3",
+    }
 
 
 def test_differences_by_design_are_where_we_say():

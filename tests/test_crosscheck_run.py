@@ -7,8 +7,8 @@ import os
 
 import pytest
 import torch
-
 from conftest import ROOT
+
 from rlhf_toy import data, models, sequences
 from rlhf_toy.verify.trl_run import CURVES, make_tiny_reward_model, normalised_reward_model_for_trl
 
@@ -34,20 +34,35 @@ def test_folded_reward_model_matches_normalised_scorer(tiny_rm):
     responses = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in resp])
     rm = normalised_reward_model_for_trl(tiny_rm, torch.float32, 2.0, 0.5)
     with torch.no_grad():
-        _, trl_scores, _ = get_reward(rm, torch.cat([queries, responses], 1), tok.pad_token_id, queries.shape[1])
+        _, trl_scores, _ = get_reward(
+            rm, torch.cat([queries, responses], 1), tok.pad_token_id, queries.shape[1]
+        )
     ours = RewardScorer(str(tiny_rm), device="cpu", dtype="float32").score(prompts, texts)
     assert torch.allclose(trl_scores, ours, atol=1e-4), (trl_scores, ours)
 
 
 def test_tiny_run_level_crosscheck(tiny_rm, tmp_path, run_script):
     out = tmp_path / "report"
-    result = run_script("crosscheck_trl", "--config", ROOT / "configs/tiny/crosscheck.yaml",
-                        "--reward_model_path", tiny_rm, "--output_dir", out, "--work_dir", tmp_path / "work",
-                        "--total_episodes", 24, "--num_eval_prompts", 4, timeout=240)
+    result = run_script(
+        "crosscheck_trl",
+        "--config",
+        ROOT / "configs/tiny/crosscheck.yaml",
+        "--reward_model_path",
+        tiny_rm,
+        "--output_dir",
+        out,
+        "--work_dir",
+        tmp_path / "work",
+        "--total_episodes",
+        24,
+        "--num_eval_prompts",
+        4,
+        timeout=240,
+    )
     assert "Run-level cross-check" in result.stdout
     md = (out / "crosscheck.md").read_text()
     assert "TRL after" in md and "ours after" in md and "episodes/s" in md
-    assert "Environment: dtype float32 on cpu" in md   # the tiny config pins float32, whatever the CPU
+    assert "Environment: dtype float32 on cpu" in md  # the tiny config pins float32, whatever the CPU
     assert (out / "crosscheck.png").stat().st_size > 10_000
     report = json.loads((out / "crosscheck.json").read_text())
     assert report["same_prompt_batches"] is True

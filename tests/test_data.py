@@ -7,7 +7,10 @@ import pytest
 from rlhf_toy import data, task
 from rlhf_toy.data import DataError, load_records
 
-GOOD = {"prompt": [{"role": "user", "content": "Review X"}], "completion": [{"role": "assistant", "content": "Fine."}]}
+GOOD = {
+    "prompt": [{"role": "user", "content": "Review X"}],
+    "completion": [{"role": "assistant", "content": "Fine."}],
+}
 
 
 def write_lines(tmp_path, lines, name="d.jsonl"):
@@ -70,10 +73,21 @@ def test_shipped_data_matches_the_design(tmp_path):
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1] / "data"
-    splits = {name: load_records(str(root / f"prompts_{name}.jsonl"), data.PROMPT_FIELDS) for name in ("train", "eval", "test")}
-    assert len(splits["train"]) >= 600 and len(splits["eval"]) + len(splits["test"]) >= 200 and len(splits["test"]) >= 128
+    splits = {
+        name: load_records(str(root / f"prompts_{name}.jsonl"), data.PROMPT_FIELDS)
+        for name in ("train", "eval", "test")
+    }
+    assert (
+        len(splits["train"]) >= 600
+        and len(splits["eval"]) + len(splits["test"]) >= 200
+        and len(splits["test"]) >= 128
+    )
     titles = {name: {r["title"] for r in rows} for name, rows in splits.items()}
-    assert not titles["train"] & titles["eval"] and not titles["train"] & titles["test"] and not titles["eval"] & titles["test"]
+    assert (
+        not titles["train"] & titles["eval"]
+        and not titles["train"] & titles["test"]
+        and not titles["eval"] & titles["test"]
+    )
     assert len(load_records(str(root / "sft.jsonl"), data.SFT_FIELDS)) >= 600
     prefs = load_records(str(root / "preferences.jsonl"), data.PREFERENCE_FIELDS)
     assert len(prefs) >= 2000
@@ -85,10 +99,16 @@ def test_shipped_data_matches_the_design(tmp_path):
 
     for name in ("samples.jsonl", "stats.json"):
         shutil.copy(root / name, tmp_path / name)
-    subprocess.run([sys.executable, str(root.parent / "scripts/make_data.py"), "--relabel", "--out", str(tmp_path)],
-                   check=True, capture_output=True, cwd=root.parent)
+    subprocess.run(
+        [sys.executable, str(root.parent / "scripts/make_data.py"), "--relabel", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        cwd=root.parent,
+    )
     for name in ("sft.jsonl", "preferences.jsonl"):
-        assert (tmp_path / name).read_text() == (root / name).read_text(), f"{name} is not what the judge labels"
+        assert (tmp_path / name).read_text() == (root / name).read_text(), (
+            f"{name} is not what the judge labels"
+        )
 
 
 def test_shipped_pairs_show_finished_answers_and_cut_ones_lose():
@@ -101,7 +121,7 @@ def test_shipped_pairs_show_finished_answers_and_cut_ones_lose():
     sides = [(p["chosen"][0]["content"], p["rejected"][0]["content"]) for p in prefs]
     assert sum(not task.ends_a_sentence(t) for pair in sides for t in pair) < 0.05 * 2 * len(sides)
     mixed = [(cut[c], cut[r]) for c, r in sides if cut[c] != cut[r]]
-    assert len(mixed) > 200 and sum(c for c, _ in mixed) < 0.35 * len(mixed)   # the finished side wins mostly
+    assert len(mixed) > 200 and sum(c for c, _ in mixed) < 0.35 * len(mixed)  # the finished side wins mostly
 
 
 def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):
@@ -118,7 +138,9 @@ def test_bytes_that_are_not_utf8_name_file_line_and_column(tmp_path):
 def test_json_error_message_says_at_once(tmp_path):
     # json's own message for a raw control character ends in "at": the error must not read "at at".
     path = write_lines(tmp_path, ['{"prompt": "a\tb", "completion": "x"}'])
-    with pytest.raises(DataError, match=r"d\.jsonl:1: not valid JSON \(Invalid control character at column 14\)") as error:
+    with pytest.raises(
+        DataError, match=r"d\.jsonl:1: not valid JSON \(Invalid control character at column 14\)"
+    ) as error:
         load_records(str(path), data.SFT_FIELDS)
     assert "at at" not in str(error.value)
 
@@ -130,11 +152,15 @@ def test_prompt_batches_draw_each_prompt_once_per_pass_across_the_boundary(batch
     prompts = [{"prompt": f"p{i}"} for i in range(10)]
     per_step = batch_size // num_generations
     steps = 30 // per_step + 1
-    drawn = [r["prompt"] for step in range(steps)
-             for r in data.prompt_batch(prompts, step, batch_size, seed=3, num_generations=num_generations)
-             ][::num_generations]
+    drawn = [
+        r["prompt"]
+        for step in range(steps)
+        for r in data.prompt_batch(
+            prompts, step, batch_size=batch_size, seed=3, num_generations=num_generations
+        )
+    ][::num_generations]
     for passes in (1, 2, 3):
-        first = drawn[:10 * passes]
+        first = drawn[: 10 * passes]
         assert sorted(first) == sorted(f"p{i}" for i in range(10) for _ in range(passes)), passes
     # The second pass is a new shuffle, not the first one again
     assert drawn[10:20] != drawn[:10]

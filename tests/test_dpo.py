@@ -3,9 +3,9 @@ import math
 import subprocess
 import sys
 
+from conftest import ROOT, kill_after_checkpoint
 from transformers import AutoModelForCausalLM
 
-from conftest import ROOT, kill_after_checkpoint
 from rlhf_toy import models, runlog, task
 
 GOOD, BAD = "a wonderful film .", "a terrible boring film ."
@@ -15,10 +15,21 @@ def write_preferences(tmp_path, n=64):
     """Pairs the tiny word-level model can learn: a fixed positive answer preferred to a negative one."""
     train, evals, _ = task.make_prompts(n, 8, 0, seed=1)
     prefs = tmp_path / "preferences.jsonl"
-    prefs.write_text("".join(json.dumps({**row, "chosen": [{"role": "assistant", "content": GOOD}],
-                                         "rejected": [{"role": "assistant", "content": BAD}],
-                                         "gold_chosen": task.gold_score(GOOD), "gold_rejected": task.gold_score(BAD)}) + "\n"
-                             for row in train))
+    prefs.write_text(
+        "".join(
+            json.dumps(
+                {
+                    **row,
+                    "chosen": [{"role": "assistant", "content": GOOD}],
+                    "rejected": [{"role": "assistant", "content": BAD}],
+                    "gold_chosen": task.gold_score(GOOD),
+                    "gold_rejected": task.gold_score(BAD),
+                }
+            )
+            + "\n"
+            for row in train
+        )
+    )
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(row) + "\n" for row in evals))
     return prefs, prompts
@@ -41,8 +52,13 @@ def make_tiny_reward_model(path):
 
 def tiny_args(tmp_path, out, **overrides):
     prefs, prompts = write_preferences(tmp_path)
-    args = {"config": ROOT / "configs/tiny/dpo.yaml", "dataset": prefs, "eval_prompts": prompts,
-            "output_dir": out, "reward_model": "none"}
+    args = {
+        "config": ROOT / "configs/tiny/dpo.yaml",
+        "dataset": prefs,
+        "eval_prompts": prompts,
+        "output_dir": out,
+        "reward_model": "none",
+    }
     args.update(overrides)
     return [x for key, value in args.items() for x in (f"--{key}", value)]
 
@@ -70,7 +86,9 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
         assert r["gold"] == task.gold_parts(r["response"], title)["gold"], r
     assert len({r["rm"] for r in rows}) > 1 and all(math.isfinite(r["rm"]) for r in rows)
     points = [r for r in records if "sample_stage" in r]
-    assert [r["step"] for r in points] == [0, 12] and all("score/gold" in r and "score/rm" in r for r in points)
+    assert [r["step"] for r in points] == [0, 12] and all(
+        "score/gold" in r and "score/rm" in r for r in points
+    )
     model = AutoModelForCausalLM.from_pretrained(out / "final")
     assert type(model).__name__ == "GPT2LMHeadModel"
     assert (out / "config.yaml").exists() and list((out / "tensorboard").iterdir())
@@ -78,8 +96,19 @@ def test_tiny_dpo_margin_grows_and_samples_are_scored(tmp_path, run_script):
 
 def test_tiny_dpo_ipo_with_lora_saves_a_merged_model(tmp_path, run_script):
     out = tmp_path / "run"
-    run_script("dpo", *tiny_args(tmp_path, out, max_steps=4, loss_type="ipo", beta=0.5, use_lora="true",
-                                 lora_r=4, num_eval_prompts=0))
+    run_script(
+        "dpo",
+        *tiny_args(
+            tmp_path,
+            out,
+            max_steps=4,
+            loss_type="ipo",
+            beta=0.5,
+            use_lora="true",
+            lora_r=4,
+            num_eval_prompts=0,
+        ),
+    )
     assert "loss_type: ipo" in (out / "config.yaml").read_text()
     assert len([r for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]) == 4
     model = AutoModelForCausalLM.from_pretrained(out / "final")
@@ -93,21 +122,31 @@ def test_dpo_bad_loss_type_names_the_nearest():
     from rlhf_toy.stages.dpo import DPOStageConfig
 
     with pytest.raises(ConfigError, match="did you mean 'sigmoid'"):
-        parse_config(DPOStageConfig, ["--config", str(ROOT / "configs/tiny/dpo.yaml"), "--loss_type", "sigmod"])
+        parse_config(
+            DPOStageConfig, ["--config", str(ROOT / "configs/tiny/dpo.yaml"), "--loss_type", "sigmod"]
+        )
     assert parse_config(DPOStageConfig, ["--loss_type", "sigmoid,sft"]).loss_types == ["sigmoid", "sft"]
 
 
 def test_dpo_killed_and_resumed_loses_and_repeats_no_step(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(ROOT / "scripts/dpo.py"), *map(str, tiny_args(
-        tmp_path, out, max_steps=24, save_steps=5, num_eval_prompts=0, per_device_train_batch_size=2))]
+    cmd = [
+        sys.executable,
+        str(ROOT / "scripts/dpo.py"),
+        *map(
+            str,
+            tiny_args(
+                tmp_path, out, max_steps=24, save_steps=5, num_eval_prompts=0, per_device_train_batch_size=2
+            ),
+        ),
+    ]
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     kill_after_checkpoint(process, out / "checkpoints", 10)
     assert max(r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl")) < 24
 
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True)
     steps = [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl") if "loss" in r]
-    assert steps == list(range(1, 25))          # every step once: none lost, none repeated
+    assert steps == list(range(1, 25))  # every step once: none lost, none repeated
     assert (out / "final/model.safetensors").exists()
 
 
@@ -125,11 +164,15 @@ def test_pairs_without_a_preference_are_dropped_and_counted(tmp_path):
     mixed.write_text("".join(json.dumps(r) + "\n" for r in same[:3] + rows[3:]))
     all_same.write_text("".join(json.dumps(r) + "\n" for r in same))
     out = tmp_path / "run"
-    train, held_out, stats = load_pairs(parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, dataset=mixed))]))
+    train, held_out, stats = load_pairs(
+        parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, dataset=mixed))])
+    )
     assert stats["pairs_identical_dropped"] == 3 and len(train) + len(held_out) == len(rows) - 3
     assert all(p["chosen"] != p["rejected"] for p in train + held_out)
     # All of them: DPO's loss would sit at log 2 throughout; a one-line error instead, nothing written.
-    with pytest.raises(DataError, match=rf"same\.jsonl: no usable pairs \(all {len(rows)} have chosen == rejected\)"):
+    with pytest.raises(
+        DataError, match=rf"same\.jsonl: no usable pairs \(all {len(rows)} have chosen == rejected\)"
+    ):
         run_dpo(parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, dataset=all_same))]))
     assert not out.exists()
 
@@ -143,10 +186,16 @@ def test_dpo_with_frozen_bottom_layers_trains_only_the_blocks_above(tmp_path):
     from rlhf_toy.stages.dpo import DPOStageConfig, run_dpo
 
     out = tmp_path / "run"
-    run_dpo(parse_config(DPOStageConfig, list(map(str, tiny_args(tmp_path, out, max_steps=2, num_eval_prompts=0,
-                                                                  freeze_bottom_layers=1)))))
+    run_dpo(
+        parse_config(
+            DPOStageConfig,
+            list(map(str, tiny_args(tmp_path, out, max_steps=2, num_eval_prompts=0, freeze_bottom_layers=1))),
+        )
+    )
     before = load_file(f"{models.resolve_model_path('tiny-random-gpt2')}/model.safetensors")
     after = load_file(out / "final/model.safetensors")
     for frozen in ("transformer.h.0.attn.c_attn.weight", "transformer.wpe.weight"):
         assert torch.equal(before[frozen], after[frozen])
-    assert not torch.equal(before["transformer.h.1.attn.c_attn.weight"], after["transformer.h.1.attn.c_attn.weight"])
+    assert not torch.equal(
+        before["transformer.h.1.attn.c_attn.weight"], after["transformer.h.1.attn.c_attn.weight"]
+    )

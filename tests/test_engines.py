@@ -10,17 +10,23 @@ import shutil
 import subprocess
 import sys
 
+import engine_ppo_update
 import pytest
 import torch
-
-import engine_ppo_update
 from conftest import ROOT, tiny_flags
+
 from rlhf_toy import rundir, runlog
 
 
 def launch(*args, timeout=300):
-    result = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *map(str, args)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    result = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=os.environ.copy(),
+    )
     return result
 
 
@@ -33,8 +39,16 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
     # the shipped DDP config, as a user launches it (on a machine without GPUs: a gloo group on the CPU); each
     # process's minibatch in 2 micro-batches of one episode, the one process's in one of four: the whitening, the
     # token means and the accumulation must all count the global minibatch for the weights to agree
-    result = launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", "--num_processes", 2,
-                    ROOT / "tests/engine_ppo_update.py", pipeline, tmp_path, 2)   # also checks average_gradients
+    result = launch(
+        "--config_file",
+        ROOT / "configs/accelerate/ddp.yaml",
+        "--num_processes",
+        2,
+        ROOT / "tests/engine_ppo_update.py",
+        pipeline,
+        tmp_path,
+        2,
+    )  # also checks average_gradients
     assert result.returncode == 0, result.stderr[-3000:]
     two = torch.load(tmp_path / "weights.pt")
     one = engine_ppo_update.update(pipeline, tmp_path / "one")
@@ -45,17 +59,36 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
 def test_grpo_update_on_two_processes_equals_one(pipeline, tmp_path):
     """GRPO (its loss, the KL in it) data parallel: each process's share is one prompt's whole group of 4, and
     the weights after the update are one process's with both groups."""
-    grpo = {"advantage_estimator": "grpo", "num_generations": 4, "kl_in": "loss", "kl_estimator": "k3",
-            "loss_type": "grpo"}
-    result = launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", "--num_processes", 2,
-                    ROOT / "tests/engine_ppo_update.py", pipeline, tmp_path, 1, *[x for kv in grpo.items() for x in kv])
+    grpo = {
+        "advantage_estimator": "grpo",
+        "num_generations": 4,
+        "kl_in": "loss",
+        "kl_estimator": "k3",
+        "loss_type": "grpo",
+    }
+    result = launch(
+        "--config_file",
+        ROOT / "configs/accelerate/ddp.yaml",
+        "--num_processes",
+        2,
+        ROOT / "tests/engine_ppo_update.py",
+        pipeline,
+        tmp_path,
+        1,
+        *[x for kv in grpo.items() for x in kv],
+    )
     assert result.returncode == 0, result.stderr[-3000:]
-    two, one = torch.load(tmp_path / "weights.pt"), engine_ppo_update.update(pipeline, tmp_path / "one", **grpo)
+    two, one = (
+        torch.load(tmp_path / "weights.pt"),
+        engine_ppo_update.update(pipeline, tmp_path / "one", **grpo),
+    )
     assert len(one) == len(two)
     assert largest_difference(one, two) < 1e-6
 
 
-@pytest.mark.parametrize("overrides", [{}, {"advantage_estimator": "reinforce_pp", "kl_in": "loss", "kl_estimator": "k3"}])
+@pytest.mark.parametrize(
+    "overrides", [{}, {"advantage_estimator": "reinforce_pp", "kl_in": "loss", "kl_estimator": "k3"}]
+)
 def test_gradient_accumulation_gives_the_minibatch_token_mean(pipeline, tmp_path, overrides):
     """A minibatch of 4 episodes in 4 micro-batches of one updates the weights as in one micro-batch: bnpo (the
     policy, value and KL losses) is the mean over the minibatch's tokens, whatever each micro-batch's length."""
@@ -70,17 +103,26 @@ def test_policy_and_critic_gradients_are_clipped_each_on_its_own(pipeline, tmp_p
     from transformers import AutoModelForCausalLM
 
     initial = [p.detach() for p in AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").parameters()]
-    small, large = (engine_ppo_update.update(pipeline, tmp_path / f"vf{vf_coef}", 1, vf_coef=vf_coef, max_grad_norm=0.01)
-                    for vf_coef in (0.01, 100.0))
-    policy = slice(0, len(initial))   # the trainable parameters are the policy's, then the critic's
-    assert largest_difference(small[policy], initial) > 1e-3         # the policy learned
-    assert largest_difference(small[policy], large[policy]) < 1e-7   # by the same step, whatever vf_coef
+    small, large = (
+        engine_ppo_update.update(pipeline, tmp_path / f"vf{vf_coef}", 1, vf_coef=vf_coef, max_grad_norm=0.01)
+        for vf_coef in (0.01, 100.0)
+    )
+    policy = slice(0, len(initial))  # the trainable parameters are the policy's, then the critic's
+    assert largest_difference(small[policy], initial) > 1e-3  # the policy learned
+    assert largest_difference(small[policy], large[policy]) < 1e-7  # by the same step, whatever vf_coef
 
 
 def fsdp2(*args, timeout=300):
     """tests/engine_fsdp2_cpu.py on 2 CPU processes: a stage (here PPO) under accelerate's FSDP2 engine."""
-    return launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", "--num_processes", 2,
-                  ROOT / "tests/engine_fsdp2_cpu.py", *args, timeout=timeout)
+    return launch(
+        "--config_file",
+        ROOT / "configs/accelerate/ddp.yaml",
+        "--num_processes",
+        2,
+        ROOT / "tests/engine_fsdp2_cpu.py",
+        *args,
+        timeout=timeout,
+    )
 
 
 def test_ppo_update_under_fsdp2_equals_one_process(pipeline, tmp_path):
@@ -94,8 +136,11 @@ def test_ppo_update_under_fsdp2_equals_one_process(pipeline, tmp_path):
 def run_ppo(pipeline, out, engine: str):
     """The tiny PPO (4 steps, checkpoints every 2, evaluations) on 2 processes under `ddp` or `fsdp2`."""
     flags = tiny_flags(pipeline, out, total_episodes=32, save_steps=2)
-    result = (fsdp2("ppo", *flags) if engine == "fsdp2" else
-              launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags))
+    result = (
+        fsdp2("ppo", *flags)
+        if engine == "fsdp2"
+        else launch("--config_file", ROOT / "configs/accelerate/ddp.yaml", ROOT / "scripts/ppo.py", *flags)
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -109,9 +154,16 @@ def killed_after_step_2(run_dir, copy):
     return copy
 
 
-def steps(run_dir):   # every step's metrics but timings
-    return [{k: v for k, v in r.items() if not k.startswith(("time/", "perf/episodes_per_s", "perf/tokens_per_s"))}
-            for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/scores" in r]
+def steps(run_dir):  # every step's metrics but timings
+    return [
+        {
+            k: v
+            for k, v in r.items()
+            if not k.startswith(("time/", "perf/episodes_per_s", "perf/tokens_per_s"))
+        }
+        for r in runlog.read_jsonl(run_dir / "metrics.jsonl")
+        if "objective/scores" in r
+    ]
 
 
 def final_weights(run_dir):
@@ -142,7 +194,11 @@ def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, ddp_ru
     fsdp2_run = tmp_path / "fsdp2"
     run_ppo(pipeline, fsdp2_run, "fsdp2")
     assert sorted(p.name for p in (fsdp2_run / "checkpoints/step-4/engine").iterdir()) == [
-        "optimizer_0", "pytorch_model_fsdp_0", "random_states_0.pkl", "random_states_1.pkl"]
+        "optimizer_0",
+        "pytorch_model_fsdp_0",
+        "random_states_0.pkl",
+        "random_states_1.pkl",
+    ]
     ddp_steps, fsdp2_steps = steps(ddp_run), steps(fsdp2_run)
     assert len(ddp_steps) == len(fsdp2_steps) == 4
     for ours, theirs in zip(fsdp2_steps, ddp_steps):
@@ -152,7 +208,7 @@ def test_ppo_under_fsdp2_equals_ddp_and_resumes_from_its_shards(pipeline, ddp_ru
     for when in ("before", "after"):
         assert summaries[0][when] == pytest.approx(summaries[1][when], rel=1e-5, abs=1e-6)
     ddp_final, fsdp2_final = final_weights(ddp_run), final_weights(fsdp2_run)
-    assert fsdp2_final.keys() == ddp_final.keys()   # the tied LM head written once, as from the whole model
+    assert fsdp2_final.keys() == ddp_final.keys()  # the tied LM head written once, as from the whole model
     assert max((fsdp2_final[k] - ddp_final[k]).abs().max().item() for k in ddp_final) < 1e-5
 
     killed = killed_after_step_2(fsdp2_run, tmp_path / "killed")
@@ -166,7 +222,7 @@ def test_lora_under_an_engine_that_shards_the_weights_is_refused(pipeline, tmp_p
     result = launch("--config_file", ROOT / "configs/accelerate/fsdp.yaml", ROOT / "scripts/ppo.py", *flags)
     assert result.returncode != 0
     assert "error: use_lora under FSDP, which shards the weights" in result.stderr
-    assert not (tmp_path / "ppo").exists()   # refused before anything was written
+    assert not (tmp_path / "ppo").exists()  # refused before anything was written
     # ZeRO-3 as `accelerate launch --config_file zero3.yaml` sets it (its launcher needs DeepSpeed installed)
     from rlhf_toy.config import ConfigError
     from rlhf_toy.stages.common import check_engine
@@ -175,7 +231,7 @@ def test_lora_under_an_engine_that_shards_the_weights_is_refused(pipeline, tmp_p
     monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
     with pytest.raises(ConfigError, match="use_lora under DeepSpeed ZeRO-3"):
         check_engine(torch.device("cuda"), use_lora=True)
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")   # ZeRO-2 keeps whole weights: LoRA is fine
+    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "2")  # ZeRO-2 keeps whole weights: LoRA is fine
     with pytest.raises(ConfigError, match="accelerate runs on GPUs only"):
         check_engine(torch.device("cpu"), use_lora=True)
 
@@ -185,7 +241,12 @@ def test_launch_configs_accelerate_cannot_run_here_are_refused(pipeline, tmp_pat
     result = launch("--config_file", ROOT / "configs/accelerate/fsdp.yaml", ROOT / "scripts/ppo.py", *flags)
     assert result.returncode != 0
     assert "error: the launch config asks for FSDP, which accelerate runs on GPUs only" in result.stderr
-    assert not (tmp_path / "ppo").exists()   # refused before anything was written
-    if importlib.util.find_spec("deepspeed") is None:   # accelerate's launcher says it first
-        result = launch("--config_file", ROOT / "configs/accelerate/zero2.yaml", ROOT / "scripts/ppo.py", *flags)
-        assert result.returncode != 0 and "DeepSpeed is not installed => run `pip3 install deepspeed`" in result.stderr
+    assert not (tmp_path / "ppo").exists()  # refused before anything was written
+    if importlib.util.find_spec("deepspeed") is None:  # accelerate's launcher says it first
+        result = launch(
+            "--config_file", ROOT / "configs/accelerate/zero2.yaml", ROOT / "scripts/ppo.py", *flags
+        )
+        assert (
+            result.returncode != 0
+            and "DeepSpeed is not installed => run `pip3 install deepspeed`" in result.stderr
+        )

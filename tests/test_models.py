@@ -13,7 +13,9 @@ def test_tiny_model_builds_offline_with_distinct_pad():
     assert type(model).__name__ == "GPT2LMHeadModel"
     assert tokenizer.pad_token_id != tokenizer.eos_token_id
     assert tokenizer.padding_side == "left"
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("Assistant: ")
 
 
@@ -45,12 +47,19 @@ def test_unknown_embedded_model():
 
 def test_auto_precision_is_bf16_mixed_only_where_the_cpu_has_native_bf16(monkeypatch):
     cpu = torch.device("cpu")
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)   # e.g. an AVX2-only laptop
-    assert models.resolve_precision("auto", cpu) == models.Precision("float32", torch.float32, torch.float32, "cpu")
-    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)    # AVX512-BF16 or AMX
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)  # e.g. an AVX2-only laptop
+    assert models.resolve_precision("auto", cpu) == models.Precision(
+        "float32", torch.float32, torch.float32, "cpu"
+    )
+    monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: True)  # AVX512-BF16 or AMX
     mixed = models.resolve_precision("auto", cpu)
-    assert (mixed.name, mixed.weights, mixed.compute, mixed.mixed) == ("bfloat16-mixed", torch.float32, torch.bfloat16, True)
-    with mixed.autocast():   # float32 weights, bf16 matmuls
+    assert (mixed.name, mixed.weights, mixed.compute, mixed.mixed) == (
+        "bfloat16-mixed",
+        torch.float32,
+        torch.bfloat16,
+        True,
+    )
+    with mixed.autocast():  # float32 weights, bf16 matmuls
         assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.bfloat16
     # named precisions are taken as given, whatever the hardware
     monkeypatch.setattr(models, "cpu_has_native_bf16", lambda: False)
@@ -58,9 +67,11 @@ def test_auto_precision_is_bf16_mixed_only_where_the_cpu_has_native_bf16(monkeyp
     pure = models.resolve_precision("bfloat16", cpu)
     assert (pure.weights, pure.compute, pure.mixed) == (torch.bfloat16, torch.bfloat16, False)
     assert models.resolve_precision("float16", cpu).weights == torch.float16
-    with models.resolve_precision("float32", cpu).autocast():   # no autocast: float32 stays float32
+    with models.resolve_precision("float32", cpu).autocast():  # no autocast: float32 stays float32
         assert torch.nn.Linear(4, 4)(torch.ones(2, 4)).dtype == torch.float32
-    with pytest.raises(ValueError, match="dtype must be one of auto, float32, bfloat16-mixed, bfloat16, float16"):
+    with pytest.raises(
+        ValueError, match="dtype must be one of auto, float32, bfloat16-mixed, bfloat16, float16"
+    ):
         models.resolve_precision("float8", cpu)
 
 
@@ -87,10 +98,12 @@ def test_long_prompt_is_truncated_from_the_left():
     tokenizer = models.load_tokenizer(models.TINY_MODEL)
     long_prompt = [{"role": "user", "content": " ".join(["film"] * 300)}]
     short_prompt = [{"role": "user", "content": "film"}]
-    ids, mask, truncated = sequences.encode_prompts(tokenizer, [long_prompt, short_prompt], max_prompt_length=16)
+    ids, mask, truncated = sequences.encode_prompts(
+        tokenizer, [long_prompt, short_prompt], max_prompt_length=16
+    )
     assert truncated == [True, False] and ids.shape == (2, 16)
-    assert tokenizer.decode(ids[0]).endswith("Assistant:")    # the end of the prompt is kept
-    assert mask[1].sum() < 16 and mask[1, -1] == 1             # left padding
+    assert tokenizer.decode(ids[0]).endswith("Assistant:")  # the end of the prompt is kept
+    assert mask[1].sum() < 16 and mask[1, -1] == 1  # left padding
 
 
 def test_generation_is_seeded():

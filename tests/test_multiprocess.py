@@ -11,16 +11,26 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 from safetensors.torch import load_file
 
-from conftest import ROOT
 from rlhf_toy import models, runlog
 
 
 def launch(script, *args, timeout=300):
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           str(ROOT / "scripts" / f"{script}.py"), *map(str, args)]
-    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        str(ROOT / "scripts" / f"{script}.py"),
+        *map(str, args),
+    ]
+    result = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=os.environ.copy()
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -28,17 +38,46 @@ def launch(script, *args, timeout=300):
 def stage_args(tmp, stage: str, out) -> list:
     """Each stage's flags (a few steps of the tiny configs); the later stages start from the 2-process SFT."""
     return {
-        "sft": ["--config", ROOT / "configs/tiny/sft.yaml", "--model_name_or_path", tmp / "base", "--max_steps", 4,
-                "--num_eval_prompts", 4],
-        "train_reward": ["--config", ROOT / "configs/tiny/reward.yaml", "--model_name_or_path", tmp / "sft/final",
-                         "--policy_model", tmp / "sft/final", "--max_steps", 4, "--num_eval_prompts", 8,
-                         "--num_norm_samples", 8],
-        "dpo": ["--config", ROOT / "configs/tiny/dpo.yaml", "--model_name_or_path", tmp / "sft/final", "--reward_model",
-                tmp / "rm/final", "--max_steps", 4, "--num_eval_prompts", 4],
+        "sft": [
+            "--config",
+            ROOT / "configs/tiny/sft.yaml",
+            "--model_name_or_path",
+            tmp / "base",
+            "--max_steps",
+            4,
+            "--num_eval_prompts",
+            4,
+        ],
+        "train_reward": [
+            "--config",
+            ROOT / "configs/tiny/reward.yaml",
+            "--model_name_or_path",
+            tmp / "sft/final",
+            "--policy_model",
+            tmp / "sft/final",
+            "--max_steps",
+            4,
+            "--num_eval_prompts",
+            8,
+            "--num_norm_samples",
+            8,
+        ],
+        "dpo": [
+            "--config",
+            ROOT / "configs/tiny/dpo.yaml",
+            "--model_name_or_path",
+            tmp / "sft/final",
+            "--reward_model",
+            tmp / "rm/final",
+            "--max_steps",
+            4,
+            "--num_eval_prompts",
+            4,
+        ],
     }[stage] + ["--output_dir", out]
 
 
-RUNS = {"sft": "sft", "rm": "train_reward", "dpo": "dpo"}   # run directory -> script
+RUNS = {"sft": "sft", "rm": "train_reward", "dpo": "dpo"}  # run directory -> script
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +103,23 @@ def one_process_runs(runs):
     from rlhf_toy.stages.reward import RewardStageConfig, train_reward
     from rlhf_toy.stages.sft import SFTStageConfig, run_sft
 
-    stages = {"sft": (SFTStageConfig, run_sft), "train_reward": (RewardStageConfig, train_reward),
-              "dpo": (DPOStageConfig, run_dpo)}
+    stages = {
+        "sft": (SFTStageConfig, run_sft),
+        "train_reward": (RewardStageConfig, train_reward),
+        "dpo": (DPOStageConfig, run_dpo),
+    }
     for run, script in RUNS.items():
         config_class, stage = stages[script]
-        stage(parse_config(config_class, [*map(str, stage_args(runs, script, runs / f"{run}_1")),
-                                          "--gradient_accumulation_steps", "2"]))
+        stage(
+            parse_config(
+                config_class,
+                [
+                    *map(str, stage_args(runs, script, runs / f"{run}_1")),
+                    "--gradient_accumulation_steps",
+                    "2",
+                ],
+            )
+        )
     return runs
 
 
@@ -83,8 +133,11 @@ def test_trl_stages_train_on_two_processes_and_write_once(runs, stage):
     steps = [r["step"] for r in runlog.read_jsonl(run / "metrics.jsonl") if "loss" in r]
     assert steps == [1, 2, 3, 4]
     stages = [r["stage"] for r in runlog.read_jsonl(run / "samples.jsonl")]
-    expected = {"sft": {"before": 4, "after": 4}, "rm": {"calibration": 8, "eval": 8},
-                "dpo": {"before": 4, "after": 4}}[stage]
+    expected = {
+        "sft": {"before": 4, "after": 4},
+        "rm": {"calibration": 8, "eval": 8},
+        "dpo": {"before": 4, "after": 4},
+    }[stage]
     assert {s: stages.count(s) for s in expected} == expected and len(stages) == sum(expected.values())
     if stage == "rm":
         assert json.loads((run / "final/reward_normalization.json").read_text())["n_samples"] == 8
@@ -93,7 +146,9 @@ def test_trl_stages_train_on_two_processes_and_write_once(runs, stage):
 @pytest.mark.parametrize("stage", ["sft", "rm", "dpo"])
 def test_two_processes_train_as_one_process_with_the_same_global_batch(one_process_runs, stage):
     two, one = one_process_runs / stage, one_process_runs / f"{stage}_1"
-    losses = [[r["loss"] for r in runlog.read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (two, one)]
+    losses = [
+        [r["loss"] for r in runlog.read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (two, one)
+    ]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     weights = [load_file(run / "final/model.safetensors") for run in (two, one)]
     assert weights[0].keys() == weights[1].keys()
@@ -107,13 +162,24 @@ def test_under_fsdp2_each_stage_trains_as_under_ddp(runs, stage):
     once) as under DDP. Only the evaluation before training is missing: the HF Trainer cannot evaluate an FSDP model
     it has not prepared with its optimizer (`evaluate_before_training`)."""
     script = RUNS[stage]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "configs/accelerate/ddp.yaml"),
-           "--num_processes", "2", str(ROOT / "tests/engine_fsdp2_cpu.py"), script,
-           *map(str, stage_args(runs, script, runs / f"{stage}_fsdp2"))]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs/accelerate/ddp.yaml"),
+        "--num_processes",
+        "2",
+        str(ROOT / "tests/engine_fsdp2_cpu.py"),
+        script,
+        *map(str, stage_args(runs, script, runs / f"{stage}_fsdp2")),
+    ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=os.environ.copy())
     assert result.returncode == 0, result.stderr[-3000:]
     fsdp2, ddp = runs / f"{stage}_fsdp2", runs / stage
-    losses = [[r["loss"] for r in runlog.read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (fsdp2, ddp)]
+    losses = [
+        [r["loss"] for r in runlog.read_jsonl(run / "metrics.jsonl") if "loss" in r] for run in (fsdp2, ddp)
+    ]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], rel=1e-5)
     weights = [load_file(run / "final/model.safetensors") for run in (fsdp2, ddp)]
     assert weights[0].keys() == weights[1].keys()

@@ -24,17 +24,44 @@ def test_estimator_refuses_k_above_n():
 @pytest.fixture
 def task(tmp_path):
     prompts = tmp_path / "eval.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": a + 1}) + "\n" for a in range(3)))
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"What is {a} + 1?", "answer": a + 1}) + "\n" for a in range(3))
+    )
     config = tmp_path / "task.yaml"
-    config.write_text(yaml.safe_dump({"eval_prompts": str(prompts), "rewards": ["reward_functions:first_token_even"],
-                                      "response_length": 6, "temperature": 1.0, "max_prompt_length": 32}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "eval_prompts": str(prompts),
+                "rewards": ["reward_functions:first_token_even"],
+                "response_length": 6,
+                "temperature": 1.0,
+                "max_prompt_length": 32,
+            }
+        )
+    )
     return config
 
 
 def test_pass_at_k_on_the_tiny_model(task, tmp_path):
     out = tmp_path / "report" / "pass.md"
-    results = main(["--config", str(task), "--models", "tiny-random-gpt2", "--n", "8", "--k", "1", "2", "8",
-                    "--batch_size", "5", "--output", str(out)])
+    results = main(
+        [
+            "--config",
+            str(task),
+            "--models",
+            "tiny-random-gpt2",
+            "--n",
+            "8",
+            "--k",
+            "1",
+            "2",
+            "8",
+            "--batch_size",
+            "5",
+            "--output",
+            str(out),
+        ]
+    )
     r = results["tiny-random-gpt2"]
     assert len(r["counts"]) == 3 and all(0 <= c <= 8 for c in r["counts"])
     # pass@1 is the share of passing answers; pass@n the share of prompts solved at least once; k only helps.
@@ -43,17 +70,25 @@ def test_pass_at_k_on_the_tiny_model(task, tmp_path):
     assert r["pass_at_k"]["1"] <= r["pass_at_k"]["2"] <= r["pass_at_k"]["8"]
     assert 0 < sum(r["counts"]) < 24, "the check should split the tiny model's answers"
     assert "| tiny-random-gpt2 |" in out.read_text()
-    assert json.loads(out.with_suffix(".json").read_text())["models"]["tiny-random-gpt2"]["counts"] == r["counts"]
+    assert (
+        json.loads(out.with_suffix(".json").read_text())["models"]["tiny-random-gpt2"]["counts"]
+        == r["counts"]
+    )
     # Same seed and batch size, same counts: the table is reproducible.
-    again = main(["--config", str(task), "--models", "tiny-random-gpt2", "--n", "8", "--k", "1", "--batch_size", "5"])
+    again = main(
+        ["--config", str(task), "--models", "tiny-random-gpt2", "--n", "8", "--k", "1", "--batch_size", "5"]
+    )
     assert again["tiny-random-gpt2"]["counts"] == r["counts"]
 
 
-@pytest.mark.parametrize("change,message", [
-    (dict(rewards=["rm"]), "'rewards' names no check"),
-    (dict(rewards=["reward_functions:no_such_function"]), "no function 'no_such_function'"),
-    (dict(eval_prompts="nowhere.jsonl"), "nowhere.jsonl"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(rewards=["rm"]), "'rewards' names no check"),
+        (dict(rewards=["reward_functions:no_such_function"]), "no function 'no_such_function'"),
+        (dict(eval_prompts="nowhere.jsonl"), "nowhere.jsonl"),
+    ],
+)
 def test_bad_task_config_is_named(task, change, message):
     config = yaml.safe_load(task.read_text())
     task.write_text(yaml.safe_dump({**config, **change}))

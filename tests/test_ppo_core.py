@@ -21,11 +21,15 @@ def t(x, dtype=F):
 def test_logprobs_from_logits_with_temperature():
     logits = t([[[0.0, math.log(3.0)]]])  # p = [1/4, 3/4] at T = 1
     tokens = torch.tensor([[1]])
-    assert sequences.logprobs_from_logits(logits, tokens, 1.0).item() == pytest.approx(math.log(0.75), abs=1e-6)
+    assert sequences.logprobs_from_logits(logits, tokens, 1.0).item() == pytest.approx(
+        math.log(0.75), abs=1e-6
+    )
     # T = 2: z = [0, log(3)/2] -> p(1) = sqrt(3) / (1 + sqrt(3)); TRL divides by T + 1e-7
     expect = math.log(math.sqrt(3) / (1 + math.sqrt(3)))
     assert sequences.logprobs_from_logits(logits, tokens, 2.0).item() == pytest.approx(expect, abs=1e-6)
-    assert sequences.logprobs_from_logits(logits, torch.tensor([[0]]), 1.0).item() == pytest.approx(math.log(0.25), abs=1e-6)
+    assert sequences.logprobs_from_logits(logits, torch.tensor([[0]]), 1.0).item() == pytest.approx(
+        math.log(0.25), abs=1e-6
+    )
 
 
 def test_entropy_from_logits():
@@ -60,9 +64,17 @@ def test_masked_whiten_of_a_single_real_token_is_zero_not_nan():
     assert core.masked_whiten(x, mask).tolist() == [[0.0, 0.0, 0.0]]
     assert core.masked_whiten(x, mask, shift_mean=False).tolist() == [[2.5, 0.0, 0.0]]
     # and through compute_ppo_targets, where the run used to stop with a non-finite error
-    targets = core.compute_ppo_targets(torch.tensor([1.0]), torch.tensor([[-0.5]]), torch.tensor([[-0.7]]),
-                                       torch.tensor([[0.2]]), torch.tensor([[True]]), 0.05, 1.0, 0.95,
-                                       whiten_rewards=True)
+    targets = core.compute_ppo_targets(
+        torch.tensor([1.0]),
+        torch.tensor([[-0.5]]),
+        torch.tensor([[-0.7]]),
+        torch.tensor([[0.2]]),
+        torch.tensor([[True]]),
+        kl_coef=0.05,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=True,
+    )
     assert all(torch.isfinite(v).all() for v in targets.values())
 
 
@@ -176,17 +188,23 @@ def test_compute_rewards_score_on_last_real_token():
     kl = torch.full((2, 4), 0.5)
     mask = t([[1, 1, 0, 0], [1, 1, 1, 1]], torch.bool)
     rewards, nsr = core.compute_rewards(scores, kl, mask, kl_coef=0.1)
-    assert rewards.tolist() == [pytest.approx([-0.05, 1.95, 0, 0]), pytest.approx([-0.05, -0.05, -0.05, 2.95])]
+    assert rewards.tolist() == [
+        pytest.approx([-0.05, 1.95, 0, 0]),
+        pytest.approx([-0.05, -0.05, -0.05, 2.95]),
+    ]
     assert nsr.tolist() == [pytest.approx([-0.05, -0.05, 0, 0]), pytest.approx([-0.05] * 4)]
     # TRL's position: one past the last real token when it fits (row 0 -> index 2), else the last (row 1)
     trl_idx = core.last_token_index(core.extend_mask_by_one(mask))
     assert trl_idx.tolist() == [2, 3]
-    r_trl, _ = core.compute_rewards(scores, kl, mask, 0.1, score_index=trl_idx)
-    assert r_trl.tolist() == [pytest.approx([-0.05, -0.05, 2.0, 0]), pytest.approx([-0.05, -0.05, -0.05, 2.95])]
+    r_trl, _ = core.compute_rewards(scores, kl, mask, kl_coef=0.1, score_index=trl_idx)
+    assert r_trl.tolist() == [
+        pytest.approx([-0.05, -0.05, 2.0, 0]),
+        pytest.approx([-0.05, -0.05, -0.05, 2.95]),
+    ]
     # garbage KL on padding changes nothing
     kl_g = kl.clone()
     kl_g[0, 2:] = float("nan")
-    assert torch.equal(core.compute_rewards(scores, kl_g, mask, 0.1)[0], rewards)
+    assert torch.equal(core.compute_rewards(scores, kl_g, mask, kl_coef=0.1)[0], rewards)
 
 
 # --------------------------------------------------------------------------------------------
@@ -217,7 +235,7 @@ def test_gae_three_tokens_by_hand():
 def test_gae_gamma_lam_one_is_reward_to_go_minus_value():
     rewards = t([[1.0, 2.0, 3.0]])
     values = t([[0.5, 0.5, 0.5]])
-    adv, ret = core.gae(rewards, values, torch.ones(1, 3, dtype=torch.bool), 1.0, 1.0)
+    adv, ret = core.gae(rewards, values, torch.ones(1, 3, dtype=torch.bool), gamma=1.0, lam=1.0)
     assert ret[0].tolist() == pytest.approx([6.0, 5.0, 3.0])
     assert adv[0].tolist() == pytest.approx([5.5, 4.5, 2.5])
 
@@ -230,9 +248,9 @@ def test_gae_equals_the_explicit_sum_of_discounted_deltas():
     rewards, values = torch.randn(B, T, generator=g), torch.randn(B, T, generator=g)
     lengths = [6, 4, 1]
     mask = torch.arange(T).expand(B, T) < torch.tensor(lengths)[:, None]
-    adv, ret = core.gae(rewards, values, mask, gamma, lam)
+    adv, ret = core.gae(rewards, values, mask, gamma=gamma, lam=lam)
     for b, n in enumerate(lengths):
-        v = values[b, :n].tolist() + [0.0]   # the state after the last real token is terminal
+        v = values[b, :n].tolist() + [0.0]  # the state after the last real token is terminal
         deltas = [rewards[b, t].item() + gamma * v[t + 1] - v[t] for t in range(n)]
         for t in range(n):
             expect = sum((gamma * lam) ** k * deltas[t + k] for k in range(n - t))
@@ -249,13 +267,13 @@ def test_policy_loss_by_hand():
     old = t([[0.0]])
     new = t([[math.log(1.5)]])  # ratio 1.5
     # A = +1: max(-1.5, -clip(1.5) = -1.2) = -1.2, clipped
-    loss, st = core.policy_loss(new, old, t([[1.0]]), mask, 0.2)
+    loss, st = core.policy_loss(new, old, t([[1.0]]), mask, cliprange=0.2)
     assert loss.item() == pytest.approx(-1.2, abs=1e-6)
     assert st["clipfrac"].item() == 1.0
     assert st["approxkl"].item() == pytest.approx(0.5 * math.log(1.5) ** 2, abs=1e-7)
     assert st["ratio_mean"].item() == pytest.approx(1.5, abs=1e-6)
     # A = -1: max(1.5, 1.2) = 1.5, the pessimistic term is the unclipped one
-    loss, st = core.policy_loss(new, old, t([[-1.0]]), mask, 0.2)
+    loss, st = core.policy_loss(new, old, t([[-1.0]]), mask, cliprange=0.2)
     assert loss.item() == pytest.approx(1.5, abs=1e-6)
     assert st["clipfrac"].item() == 0.0
 
@@ -268,7 +286,7 @@ def test_policy_loss_clipping_exactly_at_the_boundary():
     eps = r - 1.0  # exact in float64, so 1 + eps == r: the ratio sits exactly on the boundary
     adv = t([[2.0]])
     new = new_at.clone().requires_grad_(True)
-    loss, st = core.policy_loss(new, old, adv, mask, eps)
+    loss, st = core.policy_loss(new, old, adv, mask, cliprange=eps)
     assert st["clipfrac"].item() == 0.0  # on the boundary: not clipped (strict >, as TRL)
     assert loss.item() == pytest.approx(-2.0 * r, abs=1e-6)
     loss.backward()
@@ -276,27 +294,27 @@ def test_policy_loss_clipping_exactly_at_the_boundary():
     # a hair beyond the boundary (ratio 1.25 * (1 + 1e-6), ~10 float32 ulps): clipped, no gradient
     beyond = (new_at + 1e-6).requires_grad_(True)
     assert torch.exp(beyond).item() > r
-    loss2, st2 = core.policy_loss(beyond, old, adv, mask, eps)
+    loss2, st2 = core.policy_loss(beyond, old, adv, mask, cliprange=eps)
     assert st2["clipfrac"].item() == 1.0
     loss2.backward()
     assert beyond.grad.item() == 0.0
     # lower boundary with negative advantage
     new_lo = torch.log(t([[0.75]]))
     r_lo = torch.exp(new_lo).item()
-    _, st3 = core.policy_loss(new_lo, old, t([[-1.0]]), mask, 1.0 - r_lo)
+    _, st3 = core.policy_loss(new_lo, old, t([[-1.0]]), mask, cliprange=1.0 - r_lo)
     assert st3["clipfrac"].item() == 0.0
 
 
 def test_value_loss_by_hand():
     mask = torch.ones(1, 1, dtype=torch.bool)
     # V = 1.0, V_old = 0.5, R = 2, eps 0.2: clipped V = 0.7; max((1-2)^2 = 1, (0.7-2)^2 = 1.69) -> 0.5 * 1.69
-    loss, cf = core.value_loss(t([[1.0]]), t([[0.5]]), t([[2.0]]), mask, 0.2)
+    loss, cf = core.value_loss(t([[1.0]]), t([[0.5]]), t([[2.0]]), mask, cliprange_value=0.2)
     assert loss.item() == pytest.approx(0.845, abs=1e-6) and cf.item() == 1.0
     # V = 0.6 inside the clip range: 0.5 * (0.6 - 2)^2 = 0.98, not clipped
-    loss, cf = core.value_loss(t([[0.6]]), t([[0.5]]), t([[2.0]]), mask, 0.2)
+    loss, cf = core.value_loss(t([[0.6]]), t([[0.5]]), t([[2.0]]), mask, cliprange_value=0.2)
     assert loss.item() == pytest.approx(0.98, abs=1e-6) and cf.item() == 0.0
     # V = 3.0 moved past the return: clipped V = 0.7 is further from R -> the clipped term wins
-    loss, cf = core.value_loss(t([[3.0]]), t([[0.5]]), t([[2.0]]), mask, 0.2)
+    loss, cf = core.value_loss(t([[3.0]]), t([[0.5]]), t([[2.0]]), mask, cliprange_value=0.2)
     assert loss.item() == pytest.approx(0.845, abs=1e-6) and cf.item() == 1.0
 
 
@@ -332,8 +350,8 @@ def test_padding_garbage_changes_nothing(trl_compat, whiten_rewards):
             whiten_rewards=whiten_rewards, trl_compat=trl_compat,
         )  # fmt: skip
         nlp = nlp.clone().requires_grad_(True)
-        pg, st = core.policy_loss(nlp, lp, out["advantages"], mask, 0.2)
-        vf, vcf = core.value_loss(nv, out["values"], out["returns"], out["value_mask"], 0.2)
+        pg, st = core.policy_loss(nlp, lp, out["advantages"], mask, cliprange=0.2)
+        vf, vcf = core.value_loss(nv, out["values"], out["returns"], out["value_mask"], cliprange_value=0.2)
         pg.backward()
         return out, pg, st, vf, vcf, nlp.grad
 
@@ -363,7 +381,7 @@ def test_padding_garbage_changes_nothing(trl_compat, whiten_rewards):
 # --------------------------------------------------------------------------------------------
 # critic-free estimators: a group of 4 rewards by hand
 # --------------------------------------------------------------------------------------------
-GROUP = [1.0, 2.0, 3.0, 6.0]   # mean 3, deviations -2 -1 0 3, unbiased variance 14/3
+GROUP = [1.0, 2.0, 3.0, 6.0]  # mean 3, deviations -2 -1 0 3, unbiased variance 14/3
 
 
 def test_grpo_advantages_of_a_group_of_four_by_hand():
@@ -371,11 +389,15 @@ def test_grpo_advantages_of_a_group_of_four_by_hand():
     expect = [d / (std + 1e-4) for d in (-2, -1, 0, 3)]
     assert core.grpo_advantages(t(GROUP), 4).tolist() == pytest.approx(expect, abs=1e-6)
     # Dr. GRPO: no division by the std
-    assert core.grpo_advantages(t(GROUP), 4, scale_rewards=False).tolist() == pytest.approx([-2, -1, 0, 3], abs=1e-6)
+    assert core.grpo_advantages(t(GROUP), 4, scale_rewards=False).tolist() == pytest.approx(
+        [-2, -1, 0, 3], abs=1e-6
+    )
     # two groups of two are normalised each on its own: (r - mean) / (std + eps), std of a pair = |a - b| / sqrt 2
     two = core.grpo_advantages(t(GROUP), 2).tolist()
     s1, s2 = 1 / math.sqrt(2), 3 / math.sqrt(2)
-    assert two == pytest.approx([-0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4), -1.5 / (s2 + 1e-4), 1.5 / (s2 + 1e-4)], abs=1e-6)
+    assert two == pytest.approx(
+        [-0.5 / (s1 + 1e-4), 0.5 / (s1 + 1e-4), -1.5 / (s2 + 1e-4), 1.5 / (s2 + 1e-4)], abs=1e-6
+    )
     # a group whose samples all scored the same has nothing to learn: advantage 0, not NaN
     assert core.grpo_advantages(t([2.0, 2.0, 2.0, 2.0]), 4).tolist() == [0.0] * 4
     with pytest.raises(ValueError, match="do not split into groups of num_generations=3"):
@@ -386,20 +408,27 @@ def test_rloo_advantages_of_a_group_of_four_by_hand():
     # each reward minus the mean of the other three: 1 - 11/3, 2 - 10/3, 3 - 3, 6 - 2
     assert core.rloo_advantages(t(GROUP), 4).tolist() == pytest.approx([-8 / 3, -4 / 3, 0.0, 4.0], abs=1e-6)
     # = G/(G-1) (r - mean)
-    assert core.rloo_advantages(t(GROUP), 4).tolist() == pytest.approx([4 / 3 * d for d in (-2, -1, 0, 3)], abs=1e-6)
+    assert core.rloo_advantages(t(GROUP), 4).tolist() == pytest.approx(
+        [4 / 3 * d for d in (-2, -1, 0, 3)], abs=1e-6
+    )
     assert core.rloo_advantages(t(GROUP), 2).tolist() == pytest.approx([-1.0, 1.0, -3.0, 3.0], abs=1e-6)
 
 
 def test_discounted_returns_and_reinforce_pp_by_hand():
-    rewards = t([[0.0, 0.0, 1.0, 99.0], [1.0, 1.0, 1.0, 1.0]])   # 99 is padding
+    rewards = t([[0.0, 0.0, 1.0, 99.0], [1.0, 1.0, 1.0, 1.0]])  # 99 is padding
     mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]]).bool()
     returns = core.discounted_returns(rewards, mask, 0.5)
     torch.testing.assert_close(returns, t([[0.25, 0.5, 1.0, 0.0], [1.875, 1.75, 1.5, 1.0]]))
     # reinforce_pp: per-token rewards (-beta*kl, the score on the last token), their reward-to-go, whitened over
     # the batch's real tokens
-    logprobs, ref = t([[-1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]), t([[-1.5, -1.0, -1.0, 0.0], [-1.0] * 4])
-    out = core.compute_critic_free_targets("reinforce_pp", t([1.0, 4.0]), logprobs, ref, mask, kl_coef=0.2, gamma=0.5)
-    by_hand = t([[-0.1, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 4.0]])   # kl 0.5 on row 0 token 0
+    logprobs, ref = (
+        t([[-1.0, -1.0, -1.0, 0.0], [-1.0, -1.0, -1.0, -1.0]]),
+        t([[-1.5, -1.0, -1.0, 0.0], [-1.0] * 4]),
+    )
+    out = core.compute_critic_free_targets(
+        "reinforce_pp", t([1.0, 4.0]), logprobs, ref, mask, kl_coef=0.2, gamma=0.5
+    )
+    by_hand = t([[-0.1, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 4.0]])  # kl 0.5 on row 0 token 0
     torch.testing.assert_close(out["rewards"], by_hand)
     g = [[-0.1 + 0.5 * 0.5, 0.5, 1.0], [0.5, 1.0, 2.0, 4.0]]
     flat = t(g[0] + g[1])
@@ -415,11 +444,15 @@ def test_group_estimators_compare_sequence_returns_kl_included(estimator):
     sequence, the same on each of its tokens, 0 on padding."""
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]]).bool()
     logprobs = t([[-1.0, -2.0, 0.0], [-1.0, -1.0, -1.0], [-0.5, 0.0, 0.0], [-1.0, -1.0, -1.0]])
-    ref = logprobs - t([[0.5, 0.5, 7.0], [0.0, 1.0, 0.0], [2.0, 7.0, 7.0], [0.0, 0.0, 0.0]])   # k1 = logp - ref
+    ref = logprobs - t(
+        [[0.5, 0.5, 7.0], [0.0, 1.0, 0.0], [2.0, 7.0, 7.0], [0.0, 0.0, 0.0]]
+    )  # k1 = logp - ref
     scores = t(GROUP)
-    out = core.compute_critic_free_targets(estimator, scores, logprobs, ref, mask, kl_coef=0.5, num_generations=4)
+    out = core.compute_critic_free_targets(
+        estimator, scores, logprobs, ref, mask, kl_coef=0.5, num_generations=4
+    )
     sequence_kl = [1.0, 1.0, 2.0, 0.0]
-    returns = t([s - 0.5 * k for s, k in zip(GROUP, sequence_kl)])   # 0.5, 1.5, 2.0, 6.0
+    returns = t([s - 0.5 * k for s, k in zip(GROUP, sequence_kl)])  # 0.5, 1.5, 2.0, 6.0
     assert core.sequence_rewards(out["rewards"], mask).tolist() == pytest.approx(returns.tolist(), abs=1e-6)
     expect = core.grpo_advantages(returns, 4) if estimator == "grpo" else core.rloo_advantages(returns, 4)
     assert out["sequence_advantages"].tolist() == pytest.approx(expect.tolist(), abs=1e-6)
@@ -427,15 +460,21 @@ def test_group_estimators_compare_sequence_returns_kl_included(estimator):
 
 
 def test_loss_aggregation_by_hand():
-    per_token = t([[1.0, 3.0, 50.0], [2.0, 2.0, 2.0]])   # 50 is padding
+    per_token = t([[1.0, 3.0, 50.0], [2.0, 2.0, 2.0]])  # 50 is padding
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
-    assert core.aggregate_loss(per_token, mask, "bnpo").item() == pytest.approx(10 / 5)        # token mean
-    assert core.aggregate_loss(per_token, mask, "grpo").item() == pytest.approx((2 + 2) / 2)   # sequence means
+    assert core.aggregate_loss(per_token, mask, loss_type="bnpo").item() == pytest.approx(
+        10 / 5
+    )  # token mean
+    assert core.aggregate_loss(per_token, mask, loss_type="grpo").item() == pytest.approx(
+        (2 + 2) / 2
+    )  # sequence means
     per_token = t([[1.0, 5.0, 50.0], [2.0, 2.0, 2.0]])
-    assert core.aggregate_loss(per_token, mask, "grpo").item() == pytest.approx((3 + 2) / 2)
-    assert core.aggregate_loss(per_token, mask, "dr_grpo", max_len=4).item() == pytest.approx(12 / (2 * 4))
+    assert core.aggregate_loss(per_token, mask, loss_type="grpo").item() == pytest.approx((3 + 2) / 2)
+    assert core.aggregate_loss(per_token, mask, loss_type="dr_grpo", max_len=4).item() == pytest.approx(
+        12 / (2 * 4)
+    )
     with pytest.raises(ValueError, match="dr_grpo needs max_len"):
-        core.aggregate_loss(per_token, mask, "dr_grpo")
+        core.aggregate_loss(per_token, mask, loss_type="dr_grpo")
 
 
 @pytest.mark.parametrize("fill", [float("nan"), -200.0, 200.0])
@@ -464,7 +503,7 @@ def test_kl_loss_padding_garbage_changes_nothing(fill, corrected):
 def test_sequence_policy_loss_and_kl_loss_by_hand():
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]]).bool()
     old = t([[-1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])
-    new = old + t([[0.1, 0.2, 9.0], [0.0, -0.05, 0.0]])   # sequence log-ratios 0.3 and -0.05 (padding ignored)
+    new = old + t([[0.1, 0.2, 9.0], [0.0, -0.05, 0.0]])  # sequence log-ratios 0.3 and -0.05 (padding ignored)
     adv = t([1.0, -2.0])
     loss, stats = core.sequence_policy_loss(new, old, adv, mask, cliprange=0.2)
     r0, r1 = math.exp(0.3), math.exp(-0.05)
@@ -476,10 +515,12 @@ def test_sequence_policy_loss_and_kl_loss_by_hand():
     ref = t([[-1.0, -1.0, 0.0], [-2.0, -1.0, -1.0]])
     logp = old.clone().requires_grad_(True)
     kl = core.kl_loss(logp, ref, mask)
-    k3 = math.exp(-1.0) + 1.0 - 1.0   # row 1 token 0: logr = -1
+    k3 = math.exp(-1.0) + 1.0 - 1.0  # row 1 token 0: logr = -1
     assert kl.item() == pytest.approx(k3 / 5, abs=1e-6)
     kl.backward()
-    assert logp.grad[1, 0] > 0 and logp.grad[0].abs().sum() == 0   # lower log pi where pi > pi_ref; none where equal
+    assert (
+        logp.grad[1, 0] > 0 and logp.grad[0].abs().sum() == 0
+    )  # lower log pi where pi > pi_ref; none where equal
     # d k3 / d log pi = 1 - pi_ref/pi = 1 - e^-1 on that token; weighted by the ratio pi/pi_old (1 in value here),
     # the gradient gains k3 * d log(ratio) = e^-1: 1 in all, the reverse KL's gradient (TRL's use_bias_correction_kl)
     assert logp.grad[1, 0].item() == pytest.approx((1 - math.exp(-1)) / 5, abs=1e-6)
@@ -494,8 +535,8 @@ def test_exact_kl_is_the_full_vocabulary_sum_by_hand():
     from rlhf_toy import sequences
 
     p, q = torch.tensor([0.7, 0.2, 0.1]), torch.tensor([0.5, 0.25, 0.25])
-    by_hand = sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(p, q))   # 0.0920...
-    z, z_ref = p.log().reshape(1, 1, 3) + 3.0, q.log().reshape(1, 1, 3) - 1.0      # logits: any shift
+    by_hand = sum(float(a) * math.log(float(a) / float(b)) for a, b in zip(p, q))  # 0.0920...
+    z, z_ref = p.log().reshape(1, 1, 3) + 3.0, q.log().reshape(1, 1, 3) - 1.0  # logits: any shift
     kl = sequences.exact_kl(z.expand(10, 2, 3), z_ref.expand(10, 2, 3), rows_at_once=3)
     assert kl.shape == (10, 2) and torch.allclose(kl, torch.full((10, 2), by_hand), atol=1e-6)
     assert sequences.exact_kl(z, z)[0, 0].item() == pytest.approx(0, abs=1e-7)

@@ -8,8 +8,8 @@ import subprocess
 import pytest
 import torch
 import yaml
-
 from conftest import ROOT
+
 from rlhf_toy import rundir, runlog
 from rlhf_toy.config import ConfigError, parse_config, save_config
 from rlhf_toy.stages.ppo.config import PPOStageConfig
@@ -17,8 +17,10 @@ from rlhf_toy.stages.sft import SFTStageConfig
 
 
 def sft_cfg(out, *flags):
-    return parse_config(SFTStageConfig, ["--config", str(ROOT / "configs/tiny/sft.yaml"), "--output_dir", str(out),
-                                         *map(str, flags)])
+    return parse_config(
+        SFTStageConfig,
+        ["--config", str(ROOT / "configs/tiny/sft.yaml"), "--output_dir", str(out), *map(str, flags)],
+    )
 
 
 def fake_run(out, *flags, finished=True, step=12):
@@ -49,10 +51,25 @@ def test_new_and_empty_directories_start_a_run_and_nothing_is_written(tmp_path):
 def test_same_config_finished_resumes_nothing_and_output_fields_may_change(tmp_path):
     out = tmp_path / "run"
     fake_run(out)
-    start = rundir.prepare_run_dir(sft_cfg(out, "--logging_steps", 5, "--save_steps", 3, "--report_to", "tensorboard",
-                                           "--num_threads", 1, "--device", "cpu", "--eval_steps", 4))
+    start = rundir.prepare_run_dir(
+        sft_cfg(
+            out,
+            "--logging_steps",
+            5,
+            "--save_steps",
+            3,
+            "--report_to",
+            "tensorboard",
+            "--num_threads",
+            1,
+            "--device",
+            "cpu",
+            "--eval_steps",
+            4,
+        )
+    )
     assert start.finished and "is finished (12 steps); nothing to do" in start.message
-    (out / rundir.FINISHED_FILE).unlink()   # killed before its end: resumed from its last checkpoint
+    (out / rundir.FINISHED_FILE).unlink()  # killed before its end: resumed from its last checkpoint
     start = rundir.prepare_run_dir(sft_cfg(out))
     assert (start.action, start.step, start.checkpoint.name) == ("resume", 12, "checkpoint-12")
 
@@ -83,17 +100,21 @@ def test_a_longer_run_extends_and_begin_cuts_the_append_only_files_back(tmp_path
     start = rundir.prepare_run_dir(cfg)
     assert (start.action, start.step) == ("extend", 12) and "max_steps 12 -> 20" in start.message
     start.begin(cfg)
-    assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl")] == list(range(1, 13))   # no summary, no 13
+    assert [r["step"] for r in runlog.read_jsonl(out / "metrics.jsonl")] == list(
+        range(1, 13)
+    )  # no summary, no 13
     assert [r["stage"] for r in runlog.read_jsonl(out / "samples.jsonl")] == ["before"]
     assert yaml.safe_load((out / "config.yaml").read_text())["max_steps"] == 20
     assert not (out / rundir.FINISHED_FILE).exists()
 
 
 def test_ppo_samples_are_cut_back_to_the_resumed_step(tmp_path):
-    cfg = parse_config(PPOStageConfig, ["--config", str(ROOT / "configs/tiny/ppo.yaml"), "--output_dir", str(tmp_path)])
+    cfg = parse_config(
+        PPOStageConfig, ["--config", str(ROOT / "configs/tiny/ppo.yaml"), "--output_dir", str(tmp_path)]
+    )
     save_config(cfg, tmp_path)
     (tmp_path / "checkpoints/step-4").mkdir(parents=True)
-    torch.save({"step": 4}, tmp_path / "checkpoints/step-4/trainer_state.pt")   # loadable: a zip file
+    torch.save({"step": 4}, tmp_path / "checkpoints/step-4/trainer_state.pt")  # loadable: a zip file
     runlog.append_jsonl(tmp_path / "samples.jsonl", [{"step": s, "prompt": "p"} for s in (2, 2, 4, 4, 6, 6)])
     start = rundir.prepare_run_dir(cfg)
     assert (start.action, start.step) == ("resume", 4)
@@ -107,14 +128,19 @@ def test_overwrite_starts_clean(tmp_path):
     cfg = sft_cfg(out, "--learning_rate", 5e-5, "--overwrite_output_dir")
     start = rundir.prepare_run_dir(cfg)
     assert start.action == "overwrite" and start.checkpoint is None
-    assert (out / "checkpoints").exists()        # nothing deleted before the stage's inputs are checked
+    assert (out / "checkpoints").exists()  # nothing deleted before the stage's inputs are checked
     start.begin(cfg)
-    assert sorted(p.name for p in out.iterdir()) == [rundir.LOCK_FILE, "config.yaml"]   # the lock: this process's
+    assert sorted(p.name for p in out.iterdir()) == [
+        rundir.LOCK_FILE,
+        "config.yaml",
+    ]  # the lock: this process's
 
 
 def test_an_unwritable_output_dir_is_named(tmp_path):
     (tmp_path / "file.txt").write_text("x")
-    with pytest.raises(ConfigError, match=r"output_dir .*file\.txt/run: .*file\.txt is a file, not a directory"):
+    with pytest.raises(
+        ConfigError, match=r"output_dir .*file\.txt/run: .*file\.txt is a file, not a directory"
+    ):
         rundir.prepare_run_dir(sft_cfg(tmp_path / "file.txt/run"))
     assert (tmp_path / "file.txt").read_text() == "x"
 
@@ -126,13 +152,20 @@ def test_tensorboard_is_cut_back_on_resume(tmp_path):
     for step in range(1, 6):
         logger.log(step, {"x": float(step)})
     logger.close()
-    logger = runlog.MetricsLogger(tmp_path, tensorboard=True, resume_step=3)   # resumed from step 3
+    logger = runlog.MetricsLogger(tmp_path, tensorboard=True, resume_step=3)  # resumed from step 3
     for step in range(4, 7):
         logger.log(step, {"x": 10.0 + step})
     logger.close()
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
-    assert [(e.step, e.value) for e in events.Scalars("x")] == [(1, 1), (2, 2), (3, 3), (4, 14), (5, 15), (6, 16)]
+    assert [(e.step, e.value) for e in events.Scalars("x")] == [
+        (1, 1),
+        (2, 2),
+        (3, 3),
+        (4, 14),
+        (5, 15),
+        (6, 16),
+    ]
     assert [r["step"] for r in runlog.read_jsonl(tmp_path / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
 
 
@@ -151,17 +184,30 @@ def test_make_demo_redoes_a_stage_whose_config_changed(tmp_path):
         time.sleep(0.02)
     report.mkdir()
     (report / "report.html").write_text("")
-    argv = ["make", "-n", "-C", str(ROOT), "demo", f"CONFIGS={configs}", f"RUNS={runs}", f"REPORT={report}",
-            "SETUP_STAMP=Makefile"]
+    argv = [
+        "make",
+        "-n",
+        "-C",
+        str(ROOT),
+        "demo",
+        f"CONFIGS={configs}",
+        f"RUNS={runs}",
+        f"REPORT={report}",
+        "SETUP_STAMP=Makefile",
+    ]
 
-    def stages():   # the stages `make demo` would run, in order, and whether each starts clean
+    def stages():  # the stages `make demo` would run, in order, and whether each starts clean
         out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
-        return [re.search(r"' stage (\w+)", line).group(1) + (" overwrite" if "--overwrite_output_dir" in line else "")
-                for line in out.splitlines() if "' stage " in line]
+        return [
+            re.search(r"' stage (\w+)", line).group(1)
+            + (" overwrite" if "--overwrite_output_dir" in line else "")
+            for line in out.splitlines()
+            if "' stage " in line
+        ]
 
     assert stages() == []
     later = time.time() + 2
     os.utime(configs / "reward.yaml", (later, later))
     assert stages() == ["reward overwrite", "ppo overwrite", "dpo overwrite", "compare"]
-    shutil.rmtree(runs / "sft/final")     # never finished (killed): redone without overwriting, to resume
+    shutil.rmtree(runs / "sft/final")  # never finished (killed): redone without overwriting, to resume
     assert stages()[0] == "sft"

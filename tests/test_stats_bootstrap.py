@@ -12,16 +12,26 @@ from rlhf_toy.evaluation import stats
 
 def as_rows(golds: np.ndarray, rewards: np.ndarray | None = None, order_seed: int = 0) -> list[dict]:
     """golds[p, j] (prompt p, sample j) as compare's scored rows, in a shuffled order (the pairing is by key)."""
-    rows = [{"prompt_id": p, "sample": j, "gold": float(golds[p, j]),
-             **({"rewards": {"r": float(rewards[p, j])}} if rewards is not None else {})}
-            for p in range(golds.shape[0]) for j in range(golds.shape[1])]
+    rows = [
+        {
+            "prompt_id": p,
+            "sample": j,
+            "gold": float(golds[p, j]),
+            **({"rewards": {"r": float(rewards[p, j])}} if rewards is not None else {}),
+        }
+        for p in range(golds.shape[0])
+        for j in range(golds.shape[1])
+    ]
     random.Random(order_seed).shuffle(rows)
     return rows
 
 
 def percentile_interval(boot: np.ndarray) -> list[float]:
     """The 95% percentile interval: the 2.5% and 97.5% order statistics, rounded outwards."""
-    return [float(np.percentile(boot, 2.5, method="lower")), float(np.percentile(boot, 97.5, method="higher"))]
+    return [
+        float(np.percentile(boot, 2.5, method="lower")),
+        float(np.percentile(boot, 97.5, method="higher")),
+    ]
 
 
 def prompt_resamples(n_prompts: int, n_bootstrap: int, seed: int) -> np.ndarray:
@@ -39,8 +49,14 @@ def paired_bootstrap_by_hand(a: np.ndarray, b: np.ndarray, n_bootstrap: int, see
     w = ((a > b) + 0.5 * (a == b)).mean(axis=1)
     idx = prompt_resamples(len(d), n_bootstrap, seed)
     d_lo, d_hi = percentile_interval(d[idx].mean(axis=1))
-    return {"n_prompts": len(d), "gold_diff": d.mean(), "gold_diff_ci95": [d_lo, d_hi], "win_rate": w.mean(),
-            "win_rate_ci95": percentile_interval(w[idx].mean(axis=1)), "significant": d_lo > 0 or d_hi < 0}
+    return {
+        "n_prompts": len(d),
+        "gold_diff": d.mean(),
+        "gold_diff_ci95": [d_lo, d_hi],
+        "win_rate": w.mean(),
+        "win_rate_ci95": percentile_interval(w[idx].mean(axis=1)),
+        "significant": d_lo > 0 or d_hi < 0,
+    }
 
 
 def assert_same(got: dict, want: dict) -> None:
@@ -59,13 +75,24 @@ def test_paired_bootstrap_matches_one_written_from_its_definition():
     reward_a, reward_b = rng.integers(0, 2, (15, 3)).astype(float), rng.integers(0, 2, (15, 3)).astype(float)
     got = stats.paired_comparison(as_rows(a, reward_a, 1), as_rows(b, reward_b, 2), n_bootstrap=2000, seed=7)
     want = paired_bootstrap_by_hand(a, b, 2000, 7)
-    assert (a == b).any() and 0 < want["win_rate"] < 1       # the case has ties, wins and losses
+    assert (a == b).any() and 0 < want["win_rate"] < 1  # the case has ties, wins and losses
     assert_same(got, want)
     reward = paired_bootstrap_by_hand(reward_a, reward_b, 2000, 7)
-    assert_same(got["rewards"]["r"], {"n_prompts": 15, "diff": reward["gold_diff"], "diff_ci95": reward["gold_diff_ci95"],
-                                      "significant": reward["significant"]})
-    summary = stats.summarize([{**r, "response": "x", "has_eos": True} for r in as_rows(a)],
-                              [{**r, "response": "x", "has_eos": True} for r in as_rows(b)], n_bootstrap=2000, seed=7)
+    assert_same(
+        got["rewards"]["r"],
+        {
+            "n_prompts": 15,
+            "diff": reward["gold_diff"],
+            "diff_ci95": reward["gold_diff_ci95"],
+            "significant": reward["significant"],
+        },
+    )
+    summary = stats.summarize(
+        [{**r, "response": "x", "has_eos": True} for r in as_rows(a)],
+        [{**r, "response": "x", "has_eos": True} for r in as_rows(b)],
+        n_bootstrap=2000,
+        seed=7,
+    )
     assert summary["win_rate_vs_ref"] == pytest.approx(want["win_rate"], rel=1e-12)
     assert summary["win_rate_vs_ref_ci95"] == pytest.approx(want["win_rate_ci95"], rel=1e-12, abs=1e-12)
 
@@ -94,7 +121,9 @@ def test_the_bootstrap_is_paired_a_shared_prompt_effect_cancels():
     # The unpaired interval of the same data, by hand: it straddles zero.
     draw = np.random.default_rng(2).integers(0, 40, size=(2, 1000, 40))
     means_a, means_b = a.mean(axis=1), b.mean(axis=1)
-    unpaired_lo, unpaired_hi = percentile_interval(means_a[draw[0]].mean(axis=1) - means_b[draw[1]].mean(axis=1))
+    unpaired_lo, unpaired_hi = percentile_interval(
+        means_a[draw[0]].mean(axis=1) - means_b[draw[1]].mean(axis=1)
+    )
     assert unpaired_lo < 0 < unpaired_hi
 
 
@@ -102,22 +131,32 @@ def test_too_few_resamples_are_refused():
     """A 95% percentile interval of a few resamples is an artefact of them (one resample: zero width, and it
     need not contain the estimate); below stats.MIN_BOOTSTRAP every bootstrap refuses."""
     rows = as_rows(np.array([[0.1, 0.2], [0.3, 0.5]]))
-    for call in (lambda n: stats.paired_comparison(rows, rows, n_bootstrap=n),
-                 lambda n: stats.summarize([{**r, "response": "x", "has_eos": True} for r in rows],
-                                           [{**r, "response": "x", "has_eos": True} for r in rows], n_bootstrap=n)):
+    for call in (
+        lambda n: stats.paired_comparison(rows, rows, n_bootstrap=n),
+        lambda n: stats.summarize(
+            [{**r, "response": "x", "has_eos": True} for r in rows],
+            [{**r, "response": "x", "has_eos": True} for r in rows],
+            n_bootstrap=n,
+        ),
+    ):
         for n in (0, 1, stats.MIN_BOOTSTRAP - 1):
             with pytest.raises(ValueError, match=f"n_bootstrap must be >= {stats.MIN_BOOTSTRAP}, got {n}"):
                 call(n)
         call(stats.MIN_BOOTSTRAP)
-    assert stats.summarize([{**r, "response": "x", "has_eos": True} for r in rows])["gold_mean"] == pytest.approx(0.275)
+    assert stats.summarize([{**r, "response": "x", "has_eos": True} for r in rows])[
+        "gold_mean"
+    ] == pytest.approx(0.275)
 
 
 def test_kl_standard_error_counts_a_prompt_once():
     """Samples of one prompt share it: the ± of kl_to_ref is the standard error of the mean of per-prompt means
     (with one sample per prompt, the plain standard error of the mean, as before)."""
+
     def rows(kls, prompt_ids=None):
-        return [{"kl": kl, "response": "x", "has_eos": True, **({"prompt_id": p} if prompt_ids else {})}
-                for kl, p in zip(kls, prompt_ids or kls)]
+        return [
+            {"kl": kl, "response": "x", "has_eos": True, **({"prompt_id": p} if prompt_ids else {})}
+            for kl, p in zip(kls, prompt_ids or kls)
+        ]
 
     one_each = [1.0, 3.0, 2.0, 6.0]
     plain_se = np.std(one_each, ddof=1) / math.sqrt(4)
@@ -129,5 +168,7 @@ def test_kl_standard_error_counts_a_prompt_once():
     summary = stats.summarize(rows(kls, ids))
     assert summary["kl_to_ref"] == pytest.approx(np.mean(kls))
     assert summary["kl_to_ref_se"] == pytest.approx(np.std(per_prompt, ddof=1) / math.sqrt(4), rel=1e-12)
-    assert summary["kl_to_ref_se"] > 1.3 * np.std(kls, ddof=1) / math.sqrt(8)   # what counting rows would say
-    assert stats.summarize(rows([2.0, 2.5], [0, 0]))["kl_to_ref_se"] is None     # one prompt: no spread to measure
+    assert summary["kl_to_ref_se"] > 1.3 * np.std(kls, ddof=1) / math.sqrt(8)  # what counting rows would say
+    assert (
+        stats.summarize(rows([2.0, 2.5], [0, 0]))["kl_to_ref_se"] is None
+    )  # one prompt: no spread to measure

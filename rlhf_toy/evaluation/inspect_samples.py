@@ -44,20 +44,32 @@ def _num(value):
 
 
 def _normalise(row: dict, label: str) -> dict:
-    return {"label": label, "prompt": _prompt_text(row.get("prompt", "")), "response": str(row.get("response", "")),
-            "gold": _num(row.get("gold")), "rm": _num(row.get("rm")), "score": _num(row.get("score")),
-            "length_penalty": _num(row.get("length_penalty")), "kl": _num(row.get("kl")),
-            "n_tokens": row.get("n_tokens"), "has_eos": row.get("has_eos"), "prompt_id": row.get("prompt_id"),
-            "sample": row.get("sample") or 0, "tokens": row.get("tokens") or _view_rows(row.get("token_view")),
-            "rewards": {k: _num(v) for k, v in _dict(row.get("rewards")).items()}}
+    return {
+        "label": label,
+        "prompt": _prompt_text(row.get("prompt", "")),
+        "response": str(row.get("response", "")),
+        "gold": _num(row.get("gold")),
+        "rm": _num(row.get("rm")),
+        "score": _num(row.get("score")),
+        "length_penalty": _num(row.get("length_penalty")),
+        "kl": _num(row.get("kl")),
+        "n_tokens": row.get("n_tokens"),
+        "has_eos": row.get("has_eos"),
+        "prompt_id": row.get("prompt_id"),
+        "sample": row.get("sample") or 0,
+        "tokens": row.get("tokens") or _view_rows(row.get("token_view")),
+        "rewards": {k: _num(v) for k, v in _dict(row.get("rewards")).items()},
+    }
 
 
 def _view_rows(view) -> list[dict] | None:
     """A stored per-token view (columns: {"token": [...], "k1": [...], ...}) as one dict per token."""
     if not isinstance(view, dict) or not isinstance(view.get("token"), list):
         return None
-    return [{name: view[name][t] for name in view if isinstance(view[name], list) and t < len(view[name])}
-            for t in range(len(view["token"]))]
+    return [
+        {name: view[name][t] for name in view if isinstance(view[name], list) and t < len(view[name])}
+        for t in range(len(view["token"]))
+    ]
 
 
 def _dict(value) -> dict:
@@ -87,23 +99,36 @@ def load_samples(sources: list[str], include_checkpoints: bool = False) -> list[
     rows = []
     for source in sources:
         path = Path(source)
-        if (path / "samples").is_dir():               # a compare report
+        if (path / "samples").is_dir():  # a compare report
             report = path / "compare.json"
             wanted = list(json.loads(report.read_text())["runs"]) if report.exists() else None
-            metas = {json.loads(m.read_text())["label"]: m.with_name(m.name.replace(".meta.json", ".jsonl"))
-                     for m in sorted((path / "samples").glob("*.meta.json"))}
-            labels = [l for l in metas if wanted is None or l in wanted or (include_checkpoints and "@" in l)]
+            metas = {
+                json.loads(m.read_text())["label"]: m.with_name(m.name.replace(".meta.json", ".jsonl"))
+                for m in sorted((path / "samples").glob("*.meta.json"))
+            }
+            labels = [
+                name
+                for name in metas
+                if wanted is None or name in wanted or (include_checkpoints and "@" in name)
+            ]
             if wanted:
-                labels.sort(key=lambda l: (wanted.index(l.split("@")[0]) if l.split("@")[0] in wanted else 99, l))
+                labels.sort(
+                    key=lambda name: (
+                        wanted.index(name.split("@")[0]) if name.split("@")[0] in wanted else 99,
+                        name,
+                    )
+                )
             for label in labels:
                 rows += [_normalise(r, label) for r in _read(metas[label])]
-        elif (path / "samples.jsonl").exists():       # a run directory
+        elif (path / "samples.jsonl").exists():  # a run directory
             rows += [_normalise(r, path.name) for r in _latest(_read(path / "samples.jsonl"))]
         elif path.suffix == ".jsonl" and path.exists():
             rows += [_normalise(r, r.get("label", path.stem)) for r in _latest(_read(path))]
         else:
-            raise InspectError(f"{source}: no samples here (expected a compare report with samples/, a run "
-                               "directory with samples.jsonl, or a .jsonl file)")
+            raise InspectError(
+                f"{source}: no samples here (expected a compare report with samples/, a run "
+                "directory with samples.jsonl, or a .jsonl file)"
+            )
     if not rows:
         raise InspectError("no samples in " + ", ".join(sources))
     return rows
@@ -122,17 +147,18 @@ def sample_prompt(args) -> list[dict]:
     prompt `--samples` times, scored by the gold judge and, when there is one, the reward model."""
     from rlhf_toy import models, sequences
     from rlhf_toy.evaluation.compare import CompareError, load_model_and_tokenizer, resolve_entries
-    from rlhf_toy.evaluation.sample_and_score import sample_and_score
+    from rlhf_toy.evaluation.sample_and_score import Sampling, sample_and_score
     from rlhf_toy.scoring import Judge
 
     title = args.title or quoted_title(args.prompt)
     precision = models.resolve_precision(args.dtype, models.pick_device("auto"))
     try:
         judge = Judge(args.reward_model, dtype=precision.name)
-    except models.ModelNotFoundError as error:   # a causal LM given as --reward_model, among others
+    except models.ModelNotFoundError as error:  # a causal LM given as --reward_model, among others
         raise InspectError(str(error)) from None
     if judge.note:
         print(f"note: {judge.note}", file=sys.stderr)
+
     def load(spec):
         try:
             entry = resolve_entries(spec, args.base or models.DEFAULT_MODEL, 0)[0]
@@ -145,23 +171,49 @@ def sample_prompt(args) -> list[dict]:
     ref = ref_tokenizer = None
     if args.tokens:
         if not args.ref:
-            raise InspectError("--tokens measures each token against a reference: name it with --ref (e.g. runs/sft)")
+            raise InspectError(
+                "--tokens measures each token against a reference: name it with --ref (e.g. runs/sft)"
+            )
         _, ref, ref_tokenizer = load(args.ref)
     prompt = [{"role": "user", "content": args.prompt}]
     rows = []
     for spec in args.sources:
         entry, model, tokenizer = load(spec)
         if args.tokens and models.tokenizer_difference(tokenizer, ref_tokenizer) is not None:
-            raise InspectError(f"--tokens: {spec} and --ref {args.ref} have different tokenizers, so no token of one "
-                               "is a token of the other")
-        _, scored = sample_and_score(model, tokenizer, [prompt] * args.samples,
-                                     titles=[title] * args.samples, judge=judge, max_new_tokens=args.max_new_tokens,
-                                     temperature=args.temperature, batch_size=args.samples, seed=args.seed,
-                                     precision=precision, ref=ref, ref_tokenizer=ref_tokenizer, keep_ids=args.tokens)
+            raise InspectError(
+                f"--tokens: {spec} and --ref {args.ref} have different tokenizers, so no token of one "
+                "is a token of the other"
+            )
+        _, scored = sample_and_score(
+            model,
+            tokenizer,
+            [prompt] * args.samples,
+            Sampling(
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                batch_size=args.samples,
+                seed=args.seed,
+                precision=precision,
+            ),
+            titles=[title] * args.samples,
+            judge=judge,
+            ref=ref,
+            ref_tokenizer=ref_tokenizer,
+            keep_ids=args.tokens,
+        )
         for row in scored if args.tokens else ():
-            row["tokens"] = sequences.token_view(model, ref, tokenizer, prompt, row["response_ids"],
-                                                 temperature=args.temperature, precision=precision)
-        rows += [_normalise({**row, "prompt_id": 0, "sample": j}, entry.label) for j, row in enumerate(scored)]
+            row["tokens"] = sequences.token_view(
+                model,
+                ref,
+                tokenizer,
+                prompt,
+                row["response_ids"],
+                temperature=args.temperature,
+                precision=precision,
+            )
+        rows += [
+            _normalise({**row, "prompt_id": 0, "sample": j}, entry.label) for j, row in enumerate(scored)
+        ]
     return rows
 
 
@@ -169,7 +221,9 @@ def group_by_prompt(rows: list[dict]) -> list[dict]:
     """One entry per prompt text, ids in order of first appearance (a compare report's own ids when it has them)."""
     groups: dict = {}
     for row in rows:
-        group = groups.setdefault(row["prompt"], {"prompt": row["prompt"], "rows": [], "id": row["prompt_id"]})
+        group = groups.setdefault(
+            row["prompt"], {"prompt": row["prompt"], "rows": [], "id": row["prompt_id"]}
+        )
         group["rows"].append(row)
     for i, group in enumerate(groups.values()):
         if group["id"] is None:
@@ -182,10 +236,12 @@ def add_disagreement(groups: list[dict]) -> bool:
     scored = [r for g in groups for r in g["rows"] if r["rm"] is not None and r["gold"] is not None]
     if len(scored) < 2:
         return False
+
     def z(key):
         values = [r[key] for r in scored]
         mean, std = statistics.mean(values), statistics.pstdev(values) or 1.0
         return lambda v: (v - mean) / std
+
     z_rm, z_gold = z("rm"), z("gold")
     for group in groups:
         for r in group["rows"]:
@@ -215,8 +271,16 @@ class Style:
 
 # The per-token columns a view may have, in order, with their headings: sampling now (--prompt) measures log π,
 # log π_ref, k1 and the exact KL; compare's stored samples hold k1; PPO's training samples add what the update used.
-TOKEN_HEADINGS = {"logp": "log π", "ref_logp": "log π_ref", "k1": "k1", "exact_kl": "exact KL",
-                  "advantage": "advantage", "value": "value", "ratio": "ratio", "reward": "reward"}
+TOKEN_HEADINGS = {
+    "logp": "log π",
+    "ref_logp": "log π_ref",
+    "k1": "k1",
+    "exact_kl": "exact KL",
+    "advantage": "advantage",
+    "value": "value",
+    "ratio": "ratio",
+    "reward": "reward",
+}
 
 
 def token_table(tokens: list[dict], indent: str, style: Style) -> list[str]:
@@ -227,12 +291,22 @@ def token_table(tokens: list[dict], indent: str, style: Style) -> list[str]:
     columns = [name for name in TOKEN_HEADINGS if name in tokens[0]]
     lines = [indent + style(f"{'token':<16}" + "".join(f"{TOKEN_HEADINGS[c]:>11}" for c in columns), "dim")]
     for t in tokens:
-        row = f"{t['token']!r:<16}" + "".join(f"{t[c]:>+11.3f}" if c == "k1" else f"{t[c]:>11.3f}" for c in columns)
+        row = f"{t['token']!r:<16}" + "".join(
+            f"{t[c]:>+11.3f}" if c == "k1" else f"{t[c]:>11.3f}" for c in columns
+        )
         lines.append(indent + (style(row, "yellow") if abs(t.get("k1", 0.0)) > 1 else row))
     totals = {c: sum(t[c] for t in tokens) for c in ("k1", "exact_kl") if c in columns}
-    lines.append(indent + style(f"{'sum':<16}" + "".join(
-        (f"{totals[c]:>+11.3f}" if c == "k1" else f"{totals[c]:>11.3f}") if c in totals else " " * 11
-        for c in columns), "dim"))
+    lines.append(
+        indent
+        + style(
+            f"{'sum':<16}"
+            + "".join(
+                (f"{totals[c]:>+11.3f}" if c == "k1" else f"{totals[c]:>11.3f}") if c in totals else " " * 11
+                for c in columns
+            ),
+            "dim",
+        )
+    )
     return lines
 
 
@@ -243,14 +317,19 @@ def render(groups: list[dict], width: int, style: Style, show_tokens: bool = Fal
     for group in groups:
         head = f"#{group['id']}  "
         disagreement = group.get("disagreement")
-        tail = f"  (RM−gold disagreement {disagreement:+.2f})" if disagreement not in (None, -math.inf) else ""
+        tail = (
+            f"  (RM−gold disagreement {disagreement:+.2f})" if disagreement not in (None, -math.inf) else ""
+        )
         # Wrap the prompt with its tail, then colour the pieces (escape codes must not count as width).
         lines = textwrap.wrap(group["prompt"] + tail, width=max(20, width - len(head)))
         out.append(style("━" * min(width, 100), "dim"))
         for i, line in enumerate(lines):
             cut = line.find(tail.strip()) if tail and tail.strip() in line else len(line)
-            out.append((style(head, "bold", "cyan") if i == 0 else " " * len(head))
-                       + style(line[:cut], "bold") + style(line[cut:], "yellow"))
+            out.append(
+                (style(head, "bold", "cyan") if i == 0 else " " * len(head))
+                + style(line[:cut], "bold")
+                + style(line[cut:], "yellow")
+            )
         for r in group["rows"]:
             parts = [f"gold {style.score(r['gold'])}", f"RM {style.score(r['rm'])}"]
             if r["length_penalty"] is not None:
@@ -262,15 +341,27 @@ def render(groups: list[dict], width: int, style: Style, show_tokens: bool = Fal
             if r["n_tokens"] is not None:
                 parts.append(f"{r['n_tokens']} tok" + ("" if r["has_eos"] in (True, None) else " no EOS"))
             # reward functions (compare --rewards, PPO's samples): a verifiable check's verdict beside gold
-            parts += [f"{name} {value:g}" for name, value in r["rewards"].items() if name != "rm" and value is not None]
+            parts += [
+                f"{name} {value:g}"
+                for name, value in r["rewards"].items()
+                if name != "rm" and value is not None
+            ]
             if r.get("disagreement") is not None and r["disagreement"] > 1.5:
                 parts.append(style("RM ≫ gold", "yellow", "bold"))
-            suffix = f"#{r['sample']}" if r["sample"] else ""   # the j-th sample of a prompt
-            name = r["label"][:label_width - len(suffix)] + suffix
+            suffix = f"#{r['sample']}" if r["sample"] else ""  # the j-th sample of a prompt
+            name = r["label"][: label_width - len(suffix)] + suffix
             out.append(f"  {style(name.ljust(label_width), 'bold')}  " + "  ".join(parts))
             text = r["response"] or "(empty)"
-            out.append(textwrap.fill(text, width=width, initial_indent=indent, subsequent_indent=indent,
-                                     break_long_words=True, replace_whitespace=True))
+            out.append(
+                textwrap.fill(
+                    text,
+                    width=width,
+                    initial_indent=indent,
+                    subsequent_indent=indent,
+                    break_long_words=True,
+                    replace_whitespace=True,
+                )
+            )
             if show_tokens and r.get("tokens"):
                 out += token_table(r["tokens"], indent, style)
         out.append("")
@@ -278,31 +369,56 @@ def render(groups: list[dict], width: int, style: Style, show_tokens: bool = Fal
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog=__doc__.split("\n\n", 1)[1])
-    p.add_argument("sources", nargs="+", help="compare reports, run directories or samples .jsonl files; with "
-                   "--prompt: the runs to sample (run or model directories, model names, `base`)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
+    p.add_argument(
+        "sources",
+        nargs="+",
+        help="compare reports, run directories or samples .jsonl files; with "
+        "--prompt: the runs to sample (run or model directories, model names, `base`)",
+    )
     p.add_argument("--prompt", help="sample each run on this prompt now, instead of reading stored samples")
-    p.add_argument("--title", help="with --prompt: the film, for gold's on-topic term (default: the prompt's "
-                   "first \"quoted\" part; none: no on-topic term)")
+    p.add_argument(
+        "--title",
+        help="with --prompt: the film, for gold's on-topic term (default: the prompt's "
+        'first "quoted" part; none: no on-topic term)',
+    )
     p.add_argument("--samples", type=int, default=2, help="with --prompt: answers per run")
     p.add_argument("--temperature", type=positive_float, default=0.7)
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--reward_model", default="runs/reward/final", help="with --prompt: the RM that scores "
-                   "(`none`: gold only)")
-    p.add_argument("--tokens", action="store_true", help="each answer token by token. With --prompt, against --ref: "
-                   "log π, log π_ref, their difference k1 (the KL penalty PPO's reward pays on it) and the exact KL "
-                   "over the whole vocabulary at that position. Stored samples: their k1 (compare) and, in PPO's "
-                   "training samples, the advantage, value, ratio at the update and per-token reward")
-    p.add_argument("--ref", help="with --tokens: the reference model (a run, a model directory or name, `base`)")
-    p.add_argument("--base", default=None, help="with --prompt: the model `base` stands for (default: the embedded one)")
+    p.add_argument(
+        "--reward_model",
+        default="runs/reward/final",
+        help="with --prompt: the RM that scores (`none`: gold only)",
+    )
+    p.add_argument(
+        "--tokens",
+        action="store_true",
+        help="each answer token by token. With --prompt, against --ref: "
+        "log π, log π_ref, their difference k1 (the KL penalty PPO's reward pays on it) and the exact KL "
+        "over the whole vocabulary at that position. Stored samples: their k1 (compare) and, in PPO's "
+        "training samples, the advantage, value, ratio at the update and per-token reward",
+    )
+    p.add_argument(
+        "--ref", help="with --tokens: the reference model (a run, a model directory or name, `base`)"
+    )
+    p.add_argument(
+        "--base", default=None, help="with --prompt: the model `base` stands for (default: the embedded one)"
+    )
     p.add_argument("--dtype", default="auto", choices=DTYPES)
     p.add_argument("--grep", help="only prompts whose text contains this (case-insensitive)")
     p.add_argument("--id", type=int, nargs="+", help="only these prompt ids")
     p.add_argument("--runs", nargs="+", help="only these run labels")
-    p.add_argument("--sort", choices=("id", "disagreement", "gold", "rm"), default="id",
-                   help="disagreement: RM far above gold first; gold: worst gold first; rm: highest RM first")
+    p.add_argument(
+        "--sort",
+        choices=("id", "disagreement", "gold", "rm"),
+        default="id",
+        help="disagreement: RM far above gold first; gold: worst gold first; rm: highest RM first",
+    )
     p.add_argument("--limit", type=int, default=0, help="show at most N prompts (0 = all)")
     p.add_argument("--checkpoints", action="store_true", help="include a compare report's checkpoint samples")
     p.add_argument("--width", type=int, default=0, help="text width (default: the terminal's, at most 110)")
@@ -328,19 +444,27 @@ def run_inspect(args, stream=None) -> str:
         groups = [g for g in groups if g["id"] in set(args.id)]
     if args.sort == "disagreement":
         if not has_rm:
-            raise InspectError("these samples have no RM scores, so there is no reward-gold disagreement to sort by "
-                               "(run compare.py with --reward_model)")
+            raise InspectError(
+                "these samples have no RM scores, so there is no reward-gold disagreement to sort by "
+                "(run compare.py with --reward_model)"
+            )
         groups.sort(key=lambda g: -g["disagreement"])
     elif args.sort == "gold":
-        groups.sort(key=lambda g: min((r["gold"] for r in g["rows"] if r["gold"] is not None), default=math.inf))
+        groups.sort(
+            key=lambda g: min((r["gold"] for r in g["rows"] if r["gold"] is not None), default=math.inf)
+        )
     elif args.sort == "rm":
-        groups.sort(key=lambda g: -max((r["rm"] for r in g["rows"] if r["rm"] is not None), default=-math.inf))
+        groups.sort(
+            key=lambda g: -max((r["rm"] for r in g["rows"] if r["rm"] is not None), default=-math.inf)
+        )
     if args.limit:
         groups = groups[: args.limit]
     if not groups:
         raise InspectError("no prompt matches the filters")
     width = args.width or min(110, shutil.get_terminal_size((100, 24)).columns)
-    colour = args.color == "always" or (args.color == "auto" and stream.isatty() and not os.environ.get("NO_COLOR"))
+    colour = args.color == "always" or (
+        args.color == "auto" and stream.isatty() and not os.environ.get("NO_COLOR")
+    )
     text = render(groups, width, Style(colour), show_tokens=args.tokens)
     print(text, file=stream)
     return text
@@ -354,6 +478,6 @@ def main(argv=None) -> str:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
         raise SystemExit(2) from None
-    except BrokenPipeError:   # `| head`
+    except BrokenPipeError:  # `| head`
         sys.stderr.close()
         return ""

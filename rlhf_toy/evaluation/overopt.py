@@ -41,7 +41,7 @@ def _features(d: np.ndarray, form: str) -> np.ndarray:
     if form == "bon":
         return np.stack([d, -d * d], axis=1)
     if form == "rl":
-        safe = np.where(d > 0, d, 1.0)   # d log d -> 0 as d -> 0
+        safe = np.where(d > 0, d, 1.0)  # d log d -> 0 as d -> 0
         return np.stack([d, -d * np.log(safe)], axis=1)
     raise ValueError(f"unknown form {form!r}; one of {sorted(FORMS)}")
 
@@ -63,10 +63,16 @@ def fit_gao(d, gain, form: str) -> dict:
     (alpha, beta), *_ = np.linalg.lstsq(X, gain, rcond=None)
     residual = gain - X @ np.array([alpha, beta])
     total = float(((gain - gain.mean()) ** 2).sum())
-    r2 = 1.0 - float((residual ** 2).sum()) / total if total > 0 else None
+    r2 = 1.0 - float((residual**2).sum()) / total if total > 0 else None
     peak = gao_peak(float(alpha), float(beta), form)
-    return {"form": FORMS[form], "alpha": float(alpha), "beta": float(beta), "r2": r2, "peak_d": peak,
-            "peak_gain": None if peak is None else float(gao_curve([peak], alpha, beta, form)[0])}
+    return {
+        "form": FORMS[form],
+        "alpha": float(alpha),
+        "beta": float(beta),
+        "r2": r2,
+        "peak_d": peak,
+        "peak_gain": None if peak is None else float(gao_curve([peak], alpha, beta, form)[0]),
+    }
 
 
 def gao_peak(alpha: float, beta: float, form: str) -> float | None:
@@ -83,8 +89,14 @@ def gao_peak(alpha: float, beta: float, form: str) -> float | None:
 # ----------------------------------------------------------------------------------------------
 def _point(label: str, metrics: dict, **extra) -> dict:
     kl = metrics.get("kl_to_ref")
-    return {"label": label, "kl": kl, "d": math.sqrt(max(kl, 0.0)) if kl is not None else None,
-            "gold": metrics.get("gold_mean"), "rm": metrics.get("rm_mean"), **extra}
+    return {
+        "label": label,
+        "kl": kl,
+        "d": math.sqrt(max(kl, 0.0)) if kl is not None else None,
+        "gold": metrics.get("gold_mean"),
+        "rm": metrics.get("rm_mean"),
+        **extra,
+    }
 
 
 def study_points(table: dict, ref_label: str) -> dict:
@@ -104,10 +116,14 @@ def study_points(table: dict, ref_label: str) -> dict:
     if origin is None and ref_label in runs:
         origin = _point(ref_label, runs[ref_label], n=1)
     if origin is None:
-        raise OveroptError("the report has no point at d = 0: add bon:1 (or the reference) to compare's --runs")
+        raise OveroptError(
+            "the report has no point at d = 0: add bon:1 (or the reference) to compare's --runs"
+        )
     if len(bon) < 3:
-        raise OveroptError(f"the report has {len(bon)} best-of-n runs; the study fits them from at least 3 "
-                           "(compare --runs bon:1 bon:2 bon:4 ...)")
+        raise OveroptError(
+            f"the report has {len(bon)} best-of-n runs; the study fits them from at least 3 "
+            "(compare --runs bon:1 bon:2 bon:4 ...)"
+        )
     for label, path in rl.items():
         start = {key: value for key, value in origin.items() if key != "n"}
         rl[label] = [{**start, "label": f"{label}@0", "step": 0}] + [p for p in path if p["d"] is not None]
@@ -125,7 +141,9 @@ def fit_points(points: list[dict], origin: dict, form: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # The samples past the peak
 # ----------------------------------------------------------------------------------------------
-def past_peak_samples(report_dir: Path, path: list[dict], fit: dict | None, prompt_ids: set, limit: int) -> dict:
+def past_peak_samples(
+    report_dir: Path, path: list[dict], *, fit: dict | None, prompt_ids: set, limit: int
+) -> dict:
     """The samples of the points of one RL run past its fitted peak (or, when it has none inside the path,
     of its last point), sorted by RM − gold: the answers the reward model likes and the judge does not."""
     peak = fit["peak_d"] if fit else None
@@ -134,11 +152,21 @@ def past_peak_samples(report_dir: Path, path: list[dict], fit: dict | None, prom
     for point in beyond:
         for row in runlog.read_jsonl(report_dir / "samples" / f"{samples_key(point['label'])}.jsonl"):
             if row["prompt_id"] in prompt_ids and row.get("rm") is not None:
-                rows.append({"label": point["label"], "rm": row["rm"], "gold": row["gold"],
-                             "flags": row.get("gold_parts", {}).get("flags", []), "response": row["response"]})
+                rows.append(
+                    {
+                        "label": point["label"],
+                        "rm": row["rm"],
+                        "gold": row["gold"],
+                        "flags": row.get("gold_parts", {}).get("flags", []),
+                        "response": row["response"],
+                    }
+                )
     rows.sort(key=lambda r: r["gold"] - r["rm"])
-    return {"past_peak": peak is not None and any(p["d"] > peak for p in path),
-            "points": [p["label"] for p in beyond], "rows": rows[:limit]}
+    return {
+        "past_peak": peak is not None and any(p["d"] > peak for p in path),
+        "points": [p["label"] for p in beyond],
+        "rows": rows[:limit],
+    }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +174,7 @@ def past_peak_samples(report_dir: Path, path: list[dict], fit: dict | None, prom
 # ----------------------------------------------------------------------------------------------
 def plot_study(points: dict, fits: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -158,14 +187,21 @@ def plot_study(points: dict, fits: dict, path: Path) -> None:
         d = [p["d"] for p in line]
         gold_ax.plot(d, [p["gold"] for p in line], marker, color=color, ms=4, alpha=0.8, label=label)
         rm_ax.plot(d, [p["rm"] for p in line], marker, color=color, ms=4, alpha=0.8, label=label)
-        if fit:   # drawn a quarter past the method's own points: further out it is extrapolation
+        if fit:  # drawn a quarter past the method's own points: further out it is extrapolation
             grid = np.linspace(0, max(d) * 1.25, 200)
-            gold_ax.plot(grid, origin["gold"] + gao_curve(grid, fit["alpha"], fit["beta"], form), ":", color=color,
-                         label=f"{label} fit: {fit['form']}")
+            gold_ax.plot(
+                grid,
+                origin["gold"] + gao_curve(grid, fit["alpha"], fit["beta"], form),
+                ":",
+                color=color,
+                label=f"{label} fit: {fit['form']}",
+            )
             if fit["peak_d"] is not None and fit["peak_d"] <= grid[-1]:
                 gold_ax.axvline(fit["peak_d"], color=color, alpha=0.3, ls="--")
     for p in points["bon"]:
-        gold_ax.annotate(f"n={p['n']}", (p["d"], p["gold"]), textcoords="offset points", xytext=(3, -10), fontsize=7)
+        gold_ax.annotate(
+            f"n={p['n']}", (p["d"], p["gold"]), textcoords="offset points", xytext=(3, -10), fontsize=7
+        )
     gold_ax.set_ylabel("gold mean (the simulated human)")
     gold_ax.set_title("gold vs d = √KL (dotted: Gao et al.'s fits; dashed: their peaks)", fontsize=9)
     rm_ax.set_ylabel("reward model (normalised): the proxy optimised")
@@ -180,35 +216,61 @@ def plot_study(points: dict, fits: dict, path: Path) -> None:
 
 
 def study_markdown(result: dict) -> str:
-    lines = [f"# Overoptimisation: gold and RM against d = √KL ({result['split']} prompts, n = {result['n_prompts']})", "",
-             "![gold and RM against √KL](overopt.png)", "",
-             "| method | point | KL | d = √KL | gold | RM |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Overoptimisation: gold and RM against d = √KL ({result['split']} prompts, n = {result['n_prompts']})",
+        "",
+        "![gold and RM against √KL](overopt.png)",
+        "",
+        "| method | point | KL | d = √KL | gold | RM |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, path in [("best-of-n", result["points"]["bon"])] + list(result["points"]["rl"].items()):
         for p in path:
             point = f"n = {p['n']}" if "n" in p else f"step {p['step'] if p['step'] is not None else 'final'}"
-            lines.append(f"| {name} | {point} | {_fmt(p['kl'], 2)} | {_fmt(p['d'], 2)} | {_fmt(p['gold'])} | {_fmt(p['rm'])} |")
-    lines += ["", "Gao et al.'s forms fitted to the gold gain over the reference, R(d) = gold(d) − gold(0):", "",
-              "| method | form | α | β | R² | peak d* | KL* = d*² | gold at the peak |", "|---|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {name} | {point} | {_fmt(p['kl'], 2)} | {_fmt(p['d'], 2)} | {_fmt(p['gold'])} | {_fmt(p['rm'])} |"
+            )
+    lines += [
+        "",
+        "Gao et al.'s forms fitted to the gold gain over the reference, R(d) = gold(d) − gold(0):",
+        "",
+        "| method | form | α | β | R² | peak d* | KL* = d*² | gold at the peak |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for name, fit in result["fits"].items():
         if fit is None:
             lines.append(f"| {name} | (fewer than 4 points: not fitted) | | | | | | |")
             continue
         peak = fit["peak_d"]
         gold_peak = None if peak is None else result["points"]["origin"]["gold"] + fit["peak_gain"]
-        lines.append(f"| {name} | {fit['form']} | {_fmt(fit['alpha'])} | {_fmt(fit['beta'])} | {_fmt(fit['r2'], 2)} | "
-                     f"{_fmt(peak, 2) if peak is not None else 'none (only rises)'} | "
-                     f"{_fmt(peak * peak, 1) if peak is not None and math.isfinite(peak) else '—'} | {_fmt(gold_peak)} |")
+        lines.append(
+            f"| {name} | {fit['form']} | {_fmt(fit['alpha'])} | {_fmt(fit['beta'])} | {_fmt(fit['r2'], 2)} | "
+            f"{_fmt(peak, 2) if peak is not None else 'none (only rises)'} | "
+            f"{_fmt(peak * peak, 1) if peak is not None and math.isfinite(peak) else '—'} | {_fmt(gold_peak)} |"
+        )
     for label, samples in result["samples"].items():
         fit = result["fits"].get(label)
-        where = ("past the fitted peak" if samples["past_peak"] else
-                 "at the last point (too few points to fit)" if fit is None else
-                 "at the last point (the fitted curve only rises)" if fit["peak_d"] is None else
-                 "at the last point (gold had not reached its fitted peak)")
-        lines += ["", f"## {label}: the answers {where}, sorted by RM − gold ({', '.join(samples['points'])})", "",
-                  "| point | RM | gold | flags | answer |", "|---|---|---|---|---|"]
+        where = (
+            "past the fitted peak"
+            if samples["past_peak"]
+            else "at the last point (too few points to fit)"
+            if fit is None
+            else "at the last point (the fitted curve only rises)"
+            if fit["peak_d"] is None
+            else "at the last point (gold had not reached its fitted peak)"
+        )
+        lines += [
+            "",
+            f"## {label}: the answers {where}, sorted by RM − gold ({', '.join(samples['points'])})",
+            "",
+            "| point | RM | gold | flags | answer |",
+            "|---|---|---|---|---|",
+        ]
         for r in samples["rows"]:
             answer = r["response"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r['label']} | {_fmt(r['rm'], 2)} | {_fmt(r['gold'], 2)} | {', '.join(r['flags'])} | {answer} |")
+            lines.append(
+                f"| {r['label']} | {_fmt(r['rm'], 2)} | {_fmt(r['gold'], 2)} | {', '.join(r['flags'])} | {answer} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -218,18 +280,34 @@ def run_study(report_dir: Path, split: str | None, n_samples: int) -> dict:
         raise OveroptError(f"{compare_path}: no compare report there (make overopt writes one)")
     report = json.loads(compare_path.read_text())
     split = split or report["settings"]["headline_split"]
-    table = report["splits"].get(split) if report.get("splits") else (
-        {"runs": report["runs"], "n_prompts": report["settings"]["n_prompts"]}
-        if split == report["settings"]["headline_split"] else None)
+    table = (
+        report["splits"].get(split)
+        if report.get("splits")
+        else (
+            {"runs": report["runs"], "n_prompts": report["settings"]["n_prompts"]}
+            if split == report["settings"]["headline_split"]
+            else None
+        )
+    )
     if table is None:
-        raise OveroptError(f"--split {split}: the report has the splits {sorted(report.get('splits') or [split])}")
+        raise OveroptError(
+            f"--split {split}: the report has the splits {sorted(report.get('splits') or [split])}"
+        )
     points = study_points(table, report["ref"])
     fits = {"best-of-n": fit_points(points["bon"], points["origin"], "bon")}
     fits.update({label: fit_points(path, points["origin"], "rl") for label, path in points["rl"].items()})
     prompt_ids = _split_prompt_ids(report, split)
-    samples = {label: past_peak_samples(report_dir, path, fits[label], prompt_ids, n_samples)
-               for label, path in points["rl"].items()}
-    result = {"split": split, "n_prompts": table.get("n_prompts"), "points": points, "fits": fits, "samples": samples}
+    samples = {
+        label: past_peak_samples(report_dir, path, fit=fits[label], prompt_ids=prompt_ids, limit=n_samples)
+        for label, path in points["rl"].items()
+    }
+    result = {
+        "split": split,
+        "n_prompts": table.get("n_prompts"),
+        "points": points,
+        "fits": fits,
+        "samples": samples,
+    }
     (report_dir / "overopt.json").write_text(json.dumps(result, indent=2) + "\n")
     (report_dir / "overopt.md").write_text(study_markdown(result))
     plot_study(points, fits, report_dir / "overopt.png")
@@ -240,8 +318,11 @@ def _split_prompt_ids(report: dict, split: str) -> set:
     """The prompt ids of a split: compare numbers prompts across its --prompts files in order."""
     start = 0
     for path in report["settings"]["prompts"]:
-        n = report["splits"][Path(path).stem.removeprefix("prompts_")]["n_prompts"] if report.get("splits") \
+        n = (
+            report["splits"][Path(path).stem.removeprefix("prompts_")]["n_prompts"]
+            if report.get("splits")
             else report["settings"]["n_prompts"]
+        )
         if Path(path).stem.removeprefix("prompts_") == split:
             return set(range(start, start + n))
         start += n
@@ -251,8 +332,12 @@ def _split_prompt_ids(report: dict, split: str) -> set:
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("report_dir", type=Path, help="a compare output directory (compare.json, samples/)")
-    p.add_argument("--split", default=None, help="the prompts split to read (default: the report's headline one)")
-    p.add_argument("--samples", type=_int_at_least(0), default=12, help="answers listed per RL run past its peak")
+    p.add_argument(
+        "--split", default=None, help="the prompts split to read (default: the report's headline one)"
+    )
+    p.add_argument(
+        "--samples", type=_int_at_least(0), default=12, help="answers listed per RL run past its peak"
+    )
     args = p.parse_args(argv)
     try:
         result = run_study(args.report_dir, args.split, args.samples)

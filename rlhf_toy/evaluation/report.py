@@ -25,10 +25,20 @@ def _fmt(value, digits=3) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
-TABLE_COLUMNS = [("gold_mean", "gold"), ("rm_mean", "RM"), ("score_mean", "RM − penalties"), ("kl_to_ref", "KL to ref"),
-                 ("win_rate_vs_ref", "win rate vs ref (95% CI)"), ("length_mean", "length (tokens)"),
-                 ("eos_rate", "EOS rate"), ("on_topic_rate", "on-topic"), ("flattery_rate", "flattery"),
-                 ("junk_rate", "junk"), ("distinct_2", "distinct-2"), ("corpus_distinct_2", "pooled distinct-2")]
+TABLE_COLUMNS = [
+    ("gold_mean", "gold"),
+    ("rm_mean", "RM"),
+    ("score_mean", "RM − penalties"),
+    ("kl_to_ref", "KL to ref"),
+    ("win_rate_vs_ref", "win rate vs ref (95% CI)"),
+    ("length_mean", "length (tokens)"),
+    ("eos_rate", "EOS rate"),
+    ("on_topic_rate", "on-topic"),
+    ("flattery_rate", "flattery"),
+    ("junk_rate", "junk"),
+    ("distinct_2", "distinct-2"),
+    ("corpus_distinct_2", "pooled distinct-2"),
+]
 
 
 def _cell(metrics: dict, key: str) -> str:
@@ -42,36 +52,50 @@ def _cell(metrics: dict, key: str) -> str:
 
 def _reward_names(items) -> list[str]:
     """The reward functions' names (compare's --rewards) in runs' metrics or pairs."""
-    return sorted({key.split("/")[1] for item in items for key in item if key.startswith("rewards/")} |
-                  {name for item in items for name in item.get("rewards") or {}})
+    return sorted(
+        {key.split("/")[1] for item in items for key in item if key.startswith("rewards/")}
+        | {name for item in items for name in item.get("rewards") or {}}
+    )
 
 
 def markdown_table(report: dict) -> str:
-    columns = TABLE_COLUMNS + [(f"rewards/{name}/mean", name) for name in _reward_names(report["runs"].values())]
+    columns = TABLE_COLUMNS + [
+        (f"rewards/{name}/mean", name) for name in _reward_names(report["runs"].values())
+    ]
     head = "| run | " + " | ".join(title for _, title in columns) + " |"
     lines = [head, "|" + "---|" * (len(columns) + 1)]
     for label, metrics in report["runs"].items():
         lines.append(f"| {label} | " + " | ".join(_cell(metrics, k) for k, _ in columns) + " |")
     ckpt_lines = []
-    for label, metrics in report["runs"].items():
+    for metrics in report["runs"].values():
         for ckpt in metrics.get("checkpoints", []):
             ckpt_lines.append(f"| {ckpt['label']} | " + " | ".join(_cell(ckpt, k) for k, _ in columns) + " |")
     if ckpt_lines:
-        lines += ["", "Kept checkpoints:", "", head.replace("| run |", "| checkpoint |"),
-                  "|" + "---|" * (len(columns) + 1), *ckpt_lines]
+        lines += [
+            "",
+            "Kept checkpoints:",
+            "",
+            head.replace("| run |", "| checkpoint |"),
+            "|" + "---|" * (len(columns) + 1),
+            *ckpt_lines,
+        ]
     return "\n".join(lines)
 
 
 def flags_table(report: dict) -> str:
     """Per run, the share of its answers gold flags with each kind of junk (`task.PENALTIES`' names)."""
-    runs = {label: {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("junk/")}
-            for label, m in report["runs"].items()}
+    runs = {
+        label: {k.split("/", 1)[1]: v for k, v in m.items() if k.startswith("junk/")}
+        for label, m in report["runs"].items()
+    }
     flags = sorted({flag for shares in runs.values() for flag in shares})
     if not flags:
         return ""
     lines = ["| run | " + " | ".join(flags) + " |", "|" + "---|" * (len(flags) + 1)]
-    lines += [f"| {label} | " + " | ".join(_fmt(shares.get(flag, 0.0)) for flag in flags) + " |"
-              for label, shares in runs.items()]
+    lines += [
+        f"| {label} | " + " | ".join(_fmt(shares.get(flag, 0.0)) for flag in flags) + " |"
+        for label, shares in runs.items()
+    ]
     return "\n".join(lines)
 
 
@@ -81,18 +105,27 @@ def _difference(diff: float, interval: list, significant: bool) -> str:
 
 def pairs_table(pairs: list[dict]) -> str:
     names = _reward_names(pairs)
-    lines = ["| a − b | gold difference (95% CI) | win rate of a (95% CI) | "
-             + "".join(f"{name} difference (95% CI) | " for name in names) + "prompts |",
-             "|---|---|---|" + "---|" * len(names) + "---|"]
+    lines = [
+        "| a − b | gold difference (95% CI) | win rate of a (95% CI) | "
+        + "".join(f"{name} difference (95% CI) | " for name in names)
+        + "prompts |",
+        "|---|---|---|" + "---|" * len(names) + "---|",
+    ]
     for p in pairs:
         if not p.get("n_prompts"):
             continue
         wlo, whi = p["win_rate_ci95"]
         rewards = [(p.get("rewards") or {}).get(name) or {} for name in names]
-        lines.append(f"| {p['a']} − {p['b']} | {_difference(p['gold_diff'], p['gold_diff_ci95'], p['significant'])} | "
-                     f"{p['win_rate']:.3f} [{wlo:.2f}, {whi:.2f}] | "
-                     + "".join((_difference(r["diff"], r["diff_ci95"], r["significant"]) if r.get("n_prompts") else "—")
-                               + " | " for r in rewards) + f"{p['n_prompts']} |")
+        lines.append(
+            f"| {p['a']} − {p['b']} | {_difference(p['gold_diff'], p['gold_diff_ci95'], p['significant'])} | "
+            f"{p['win_rate']:.3f} [{wlo:.2f}, {whi:.2f}] | "
+            + "".join(
+                (_difference(r["diff"], r["diff_ci95"], r["significant"]) if r.get("n_prompts") else "—")
+                + " | "
+                for r in rewards
+            )
+            + f"{p['n_prompts']} |"
+        )
     return "\n".join(lines)
 
 
@@ -101,13 +134,19 @@ def pairs_in_words(pairs: list[dict]) -> str:
     pairs = [p for p in pairs if p.get("n_prompts")]
     if not pairs:
         return ""
-    said = lambda p: f"{p['a']} − {p['b']} ({p['gold_diff']:+.3f} [{p['gold_diff_ci95'][0]:+.3f}, {p['gold_diff_ci95'][1]:+.3f}])"
+    said = lambda p: (
+        f"{p['a']} − {p['b']} ({p['gold_diff']:+.3f} [{p['gold_diff_ci95'][0]:+.3f}, {p['gold_diff_ci95'][1]:+.3f}])"
+    )
     clear = [said(p) for p in pairs if p["significant"]]
     unclear = [f"{p['a']} − {p['b']}" for p in pairs if not p["significant"]]
-    return ("Differences in gold whose 95% interval excludes zero (* above): " + ("; ".join(clear) or "none") + ". "
-            + ("Not separable from zero on these prompts: " + ", ".join(unclear) + ". " if unclear else "")
-            + f"Each interval is a paired bootstrap over prompts; there is no correction for the {len(pairs)} comparisons "
-              "made, so about one in twenty intervals of pairs that truly do not differ would exclude zero by chance.")
+    return (
+        "Differences in gold whose 95% interval excludes zero (* above): "
+        + ("; ".join(clear) or "none")
+        + ". "
+        + ("Not separable from zero on these prompts: " + ", ".join(unclear) + ". " if unclear else "")
+        + f"Each interval is a paired bootstrap over prompts; there is no correction for the {len(pairs)} comparisons "
+        "made, so about one in twenty intervals of pairs that truly do not differ would exclude zero by chance."
+    )
 
 
 def compare_markdown(report: dict) -> str:
@@ -116,69 +155,124 @@ def compare_markdown(report: dict) -> str:
     headline = s.get("headline_split")
     out = ["# Comparison", ""]
     if report.get("splits"):
-        out += [f"## {headline} prompts ({report['splits'][headline]['n_prompts']}): the headline numbers", ""]
-    out += [markdown_table(report), "", "Every run against every other, same prompts and seeds (a − b):", "",
-            pairs_table(report.get("pairs", [])), "", pairs_in_words(report.get("pairs", [])), ""]
+        out += [
+            f"## {headline} prompts ({report['splits'][headline]['n_prompts']}): the headline numbers",
+            "",
+        ]
+    out += [
+        markdown_table(report),
+        "",
+        "Every run against every other, same prompts and seeds (a − b):",
+        "",
+        pairs_table(report.get("pairs", [])),
+        "",
+        pairs_in_words(report.get("pairs", [])),
+        "",
+    ]
     if flags_table(report):
-        out += ["What gold flags, per kind of junk (share of each run's answers; an answer can have several):", "",
-                flags_table(report), ""]
+        out += [
+            "What gold flags, per kind of junk (share of each run's answers; an answer can have several):",
+            "",
+            flags_table(report),
+            "",
+        ]
     for name, table in (report.get("splits") or {}).items():
         if name == headline:
             continue
         sub = {**report, "runs": table["runs"]}
-        out += [f"## {name} prompts ({table['n_prompts']})" + (": all files pooled" if name == "all" else ""), "",
-                markdown_table(sub), "", pairs_table(table["pairs"]), "", pairs_in_words(table["pairs"]), ""]
+        out += [
+            f"## {name} prompts ({table['n_prompts']})" + (": all files pooled" if name == "all" else ""),
+            "",
+            markdown_table(sub),
+            "",
+            pairs_table(table["pairs"]),
+            "",
+            pairs_in_words(table["pairs"]),
+            "",
+        ]
     out += ["## Method", ""] + [f"- {n}" for n in method_notes(report)]
-    out += ["", "Plots: `frontier.png` (gold vs KL), `curves.png` (training curves); samples side by side in "
-            "`report.html`; every scored sample in `samples/`.", ""]
+    out += [
+        "",
+        "Plots: `frontier.png` (gold vs KL), `curves.png` (training curves); samples side by side in "
+        "`report.html`; every scored sample in `samples/`.",
+        "",
+    ]
     return "\n".join(out)
 
 
 def method_notes(report: dict) -> list[str]:
     s = report["settings"]
     files = s["prompts"] if isinstance(s["prompts"], str) else ", ".join(s["prompts"])
-    return [
-        f"Prompts: {files} ({s['n_prompts']} prompts × {s['samples_per_prompt']} sample(s) each"
-        + (f"; the tables up front are the {s['headline_split']} split's" if report.get("splits") else "")
-        + "). Every model "
-        f"samples with temperature {s['temperature']}, at most {s['max_new_tokens']} new tokens, no top-k/top-p, and the "
-        "same per-batch seeds (common random numbers).",
-        f"Reference: {report['ref']} ({report['ref_model']}).",
-        "KL to ref: sequence KL(π‖π_ref) estimated on π's own samples as the mean over samples of "
-        "Σ_t [log π(y_t|x,y<t) − log π_ref(y_t|x,y<t)] over the response tokens (EOS included), both log-probs "
-        "taken at the sampling temperature (logits / T), so it is the KL between the distributions the samples come "
-        "from; ± is one standard error.",
-        f"Win rate vs ref: by gold, against the reference's answer to the same prompt with the same seed; ties count "
-        f"half; 95% percentile bootstrap over prompts ({s['n_bootstrap']} resamples).",
-        "distinct-2: distinct word bigrams / all word bigrams of each answer, averaged; pooled distinct-2: the same "
-        "over all the run's answers together, so a run that tells every prompt the same thing scores low. length: "
-        "response tokens (EOS included). EOS rate: share of responses that ended with EOS within the token limit.",
-        "on-topic: share of answers that name the film asked about (the exact title, whole words, any case; — where "
-        "the prompts carry no title); flattery: share of answers that talk to or about the user or themselves instead "
-        "of the film (flattery, assistant-speak, not having seen it, talk about the answer); junk: share of answers "
-        "gold flags with any kind of junk (docs/gold_judge.md): the gold judge's terms (`rlhf_toy/task.py`).",
-        "a − b: the mean over prompts of the gold difference between a's and b's answers to the same prompt and "
-        "seed, and how often a's answer has the higher gold (ties half), each with a 95% paired percentile "
-        f"bootstrap interval over prompts ({s['n_bootstrap']} resamples).",
-        *([f"Reward functions ({', '.join(s['rewards'])}): every answer scored as PPO's training scores it, from its "
-           "prompt record's columns; the column is their mean over answers, a − b its paired difference (bootstrap "
-           "as for gold)."] if s.get("rewards") else []),
-        "RM: " + (f"{report['reward_model']} (normalised: mean 0, std 1 on SFT samples); RM − penalties subtracts "
-                  f"{report['penalties']['length_coef']}·max(0, tokens − {report['penalties']['length_target']}) and "
-                  f"{report['penalties']['missing_eos_penalty']} for a missing EOS (PPO's training score)."
-                  if report.get("reward_model") else "none."),
-    ] + report.get("notes", []) + ([runlog.environment_line(report["environment"])] if "environment" in report else [])
+    return (
+        [
+            f"Prompts: {files} ({s['n_prompts']} prompts × {s['samples_per_prompt']} sample(s) each"
+            + (f"; the tables up front are the {s['headline_split']} split's" if report.get("splits") else "")
+            + "). Every model "
+            f"samples with temperature {s['temperature']}, at most {s['max_new_tokens']} new tokens, no "
+            "top-k/top-p, and the "
+            "same per-batch seeds (common random numbers).",
+            f"Reference: {report['ref']} ({report['ref_model']}).",
+            "KL to ref: sequence KL(π‖π_ref) estimated on π's own samples as the mean over samples of "
+            "Σ_t [log π(y_t|x,y<t) − log π_ref(y_t|x,y<t)] over the response tokens (EOS included), both log-probs "
+            "taken at the sampling temperature (logits / T), so it is the KL between the distributions the "
+            "samples come "
+            "from; ± is one standard error.",
+            "Win rate vs ref: by gold, against the reference's answer to the same prompt with the same "
+            "seed; ties count "
+            f"half; 95% percentile bootstrap over prompts ({s['n_bootstrap']} resamples).",
+            "distinct-2: distinct word bigrams / all word bigrams of each answer, averaged; pooled "
+            "distinct-2: the same "
+            "over all the run's answers together, so a run that tells every prompt the same thing scores low. length: "
+            "response tokens (EOS included). EOS rate: share of responses that ended with EOS within the token limit.",
+            "on-topic: share of answers that name the film asked about (the exact title, whole words, any "
+            "case; — where "
+            "the prompts carry no title); flattery: share of answers that talk to or about the user or "
+            "themselves instead "
+            "of the film (flattery, assistant-speak, not having seen it, talk about the answer); junk: "
+            "share of answers "
+            "gold flags with any kind of junk (docs/gold_judge.md): the gold judge's terms (`rlhf_toy/task.py`).",
+            "a − b: the mean over prompts of the gold difference between a's and b's answers to the same prompt and "
+            "seed, and how often a's answer has the higher gold (ties half), each with a 95% paired percentile "
+            f"bootstrap interval over prompts ({s['n_bootstrap']} resamples).",
+            *(
+                [
+                    f"Reward functions ({', '.join(s['rewards'])}): every answer scored as PPO's training "
+                    "scores it, from its "
+                    "prompt record's columns; the column is their mean over answers, a − b its paired "
+                    "difference (bootstrap "
+                    "as for gold)."
+                ]
+                if s.get("rewards")
+                else []
+            ),
+            "RM: "
+            + (
+                f"{report['reward_model']} (normalised: mean 0, std 1 on SFT samples); RM − penalties subtracts "
+                f"{report['penalties']['length_coef']}·max(0, tokens − {report['penalties']['length_target']}) and "
+                f"{report['penalties']['missing_eos_penalty']} for a missing EOS (PPO's training score)."
+                if report.get("reward_model")
+                else "none."
+            ),
+        ]
+        + report.get("notes", [])
+        + ([runlog.environment_line(report["environment"])] if "environment" in report else [])
+    )
 
 
 def plot_frontier(report: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for i, (label, m) in enumerate(report["runs"].items()):
         color = f"C{i % 10}"
-        points = [(c["step"], c["kl_to_ref"], c["gold_mean"]) for c in m.get("checkpoints", []) if c["kl_to_ref"] is not None]
+        points = [
+            (c["step"], c["kl_to_ref"], c["gold_mean"])
+            for c in m.get("checkpoints", [])
+            if c["kl_to_ref"] is not None
+        ]
         if m["kl_to_ref"] is not None:
             points.append((math.inf, m["kl_to_ref"], m["gold_mean"]))
         if not points:
@@ -187,7 +281,9 @@ def plot_frontier(report: dict, path: Path) -> None:
         ax.plot([p[1] for p in points], [p[2] for p in points], "-", color=color, alpha=0.4)
         ax.plot([p[1] for p in points[:-1]], [p[2] for p in points[:-1]], "o", color=color, ms=4, alpha=0.6)
         ax.plot([points[-1][1]], [points[-1][2]], "o", color=color, ms=9, label=label)
-        ax.annotate(label, (points[-1][1], points[-1][2]), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        ax.annotate(
+            label, (points[-1][1], points[-1][2]), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     ax.set_xlabel("KL to reference (nats per sequence)")
     ax.set_ylabel("gold mean")
     ax.set_title("gold vs KL (small dots: kept checkpoints)")
@@ -203,27 +299,44 @@ def plot_curves(curves: dict, path: Path, wall_curves: dict | None = None) -> No
     """Training curves of the runs overlaid on episodes, {run: {panel: [(episodes, value)]}}, and below them
     on wall-clock seconds when `wall_curves` (the same shape, `training_curves(..., axis="wall")`) is given."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [(curves, "episodes (answers scored; DPO: pairs seen)")]
-    if wall_curves:   # runs trained before metrics carried time/wall_s have none
+    if wall_curves:  # runs trained before metrics carried time/wall_s have none
         rows.append((wall_curves, "wall-clock seconds of training (evaluations included)"))
-    fig, grid = plt.subplots(len(rows), len(CURVES), figsize=(4.2 * len(CURVES), 3.6 * len(rows)), squeeze=False)
+    fig, grid = plt.subplots(
+        len(rows), len(CURVES), figsize=(4.2 * len(CURVES), 3.6 * len(rows)), squeeze=False
+    )
     for axes, (row_curves, xlabel) in zip(grid, rows):
         for ax, (title, _) in zip(axes, CURVES):
-            for i, (run, panels) in enumerate(curves.items()):   # one colour per run in both rows
+            for i, run in enumerate(curves):  # one colour per run in both rows
                 points = row_curves.get(run, {}).get(title)
                 if points:
-                    ax.plot([p[0] for p in points], [p[1] for p in points], "-o" if len(points) < 12 else "-",
-                            ms=3, color=f"C{i % 10}", label=run)
+                    ax.plot(
+                        [p[0] for p in points],
+                        [p[1] for p in points],
+                        "-o" if len(points) < 12 else "-",
+                        ms=3,
+                        color=f"C{i % 10}",
+                        label=run,
+                    )
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             if ax.lines:
                 ax.legend(fontsize=8)
             else:
-                ax.text(0.5, 0.5, "no run logged this", ha="center", va="center", transform=ax.transAxes, color="gray")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "no run logged this",
+                    ha="center",
+                    va="center",
+                    transform=ax.transAxes,
+                    color="gray",
+                )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -238,13 +351,19 @@ def training_curves(run_dirs: dict, axis: str = "episodes") -> dict:
     for run, run_dir in run_dirs.items():
         records = runlog.read_jsonl(run_dir / "metrics.jsonl")
         per_step = examples_per_step(run_dir)
-        x_of = ((lambda r: r.get(runlog.WALL_KEY)) if axis == "wall" else
-                (lambda r: r.get("episode", r["step"] * per_step)))
+        x_of = (
+            (lambda r: r.get(runlog.WALL_KEY))
+            if axis == "wall"
+            else (lambda r: r.get("episode", r["step"] * per_step))  # noqa: B023 (used in this iteration)
+        )
         panels = {}
         for title, keys in CURVES:
             for key in keys:
-                points = [(x_of(r), r[key]) for r in records
-                          if isinstance(r.get(key), (int, float)) and "step" in r and x_of(r) is not None]
+                points = [
+                    (x_of(r), r[key])
+                    for r in records
+                    if isinstance(r.get(key), (int, float)) and "step" in r and x_of(r) is not None
+                ]
                 if points:
                     panels[title] = points
                     break
@@ -271,7 +390,11 @@ def examples_per_step(run_dir: Path) -> int:
         processes = int(json.loads((run_dir / "summary.json").read_text()).get("num_processes") or 1)
     except (OSError, ValueError):
         processes = 1
-    return int(config["per_device_train_batch_size"]) * int(config.get("gradient_accumulation_steps", 1)) * processes
+    return (
+        int(config["per_device_train_batch_size"])
+        * int(config.get("gradient_accumulation_steps", 1))
+        * processes
+    )
 
 
 # The per-token view: each answer token is a span holding its view's columns (k1 = log π − log π_ref, the KL
@@ -301,16 +424,23 @@ document.addEventListener('DOMContentLoaded', () => {   // report.html#column=ad
   colourTokens();
 });
 """
-TOKEN_LEGEND = ("colour each token by <select id='column' onchange='colourTokens()'><option value='k1' selected>"
-                "log π − log π_ref (the KL penalty it pays)</option><option value='advantage'>the advantage (PPO's "
-                "training samples)</option><option value='value'>the value V(s_t)</option><option value='ratio'>the "
-                "ratio π/π_old at the update</option><option value='reward'>the per-token reward</option>"
-                "<option value='none'>nothing</option></select> (hover a token for its numbers) <span id='legend'>"
-                "<span style='background:rgba(220,50,47,.75)'>above</span>"
-                "<span style='background:rgba(38,139,210,.75)'>below</span></span>")
+TOKEN_LEGEND = (
+    "colour each token by <select id='column' onchange='colourTokens()'><option value='k1' selected>"
+    "log π − log π_ref (the KL penalty it pays)</option><option value='advantage'>the advantage (PPO's "
+    "training samples)</option><option value='value'>the value V(s_t)</option><option value='ratio'>the "
+    "ratio π/π_old at the update</option><option value='reward'>the per-token reward</option>"
+    "<option value='none'>nothing</option></select> (hover a token for its numbers) <span id='legend'>"
+    "<span style='background:rgba(220,50,47,.75)'>above</span>"
+    "<span style='background:rgba(38,139,210,.75)'>below</span></span>"
+)
 # What each column of a per-token view is (samples' `token_view`: compare's k1; PPO's training samples add the rest).
-TOKEN_COLUMNS = {"k1": "log π − log π_ref", "advantage": "advantage", "value": "value V(s_t)",
-                 "ratio": "ratio π/π_old at the update", "reward": "reward (−β·k1, + the score on the last token)"}
+TOKEN_COLUMNS = {
+    "k1": "log π − log π_ref",
+    "advantage": "advantage",
+    "value": "value V(s_t)",
+    "ratio": "ratio π/π_old at the update",
+    "reward": "reward (−β·k1, + the score on the last token)",
+}
 
 
 def token_spans(row: dict) -> str:
@@ -332,16 +462,21 @@ def last_training_samples(run_dirs: dict, per_run: int) -> dict:
     """{run: the first `per_run` samples of its last sampled step that have a per-token view} (PPO's samples.jsonl)."""
     found = {}
     for run, run_dir in run_dirs.items():
-        rows = [r for r in runlog.read_jsonl(run_dir / "samples.jsonl") if isinstance(r.get("token_view"), dict)]
+        rows = [
+            r for r in runlog.read_jsonl(run_dir / "samples.jsonl") if isinstance(r.get("token_view"), dict)
+        ]
         if rows:
             last = max(r.get("step", 0) for r in rows)
             found[run] = [r for r in rows if r.get("step", 0) == last][:per_run]
     return found
 
 
-def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: int, training: dict | None = None) -> Path:
+def write_html(
+    report: dict, rows_by_label: dict, out_dir: Path, *, max_prompts: int, training: dict | None = None
+) -> Path:
     """report.html: the tables, the plots, the samples (each answer's tokens coloured, `token_spans`) and, from
     `training` ({run: rows}, `last_training_samples`), PPO's last training samples with their per-token view."""
+
     def img(name):
         encoded = base64.b64encode((out_dir / name).read_bytes()).decode()
         return f'<img src="data:image/png;base64,{encoded}" alt="{name}">'
@@ -358,36 +493,57 @@ def write_html(report: dict, rows_by_label: dict, out_dir: Path, max_prompts: in
         "<table><tr><th>run</th>" + "".join(f"<th>{e(t)}</th>" for _, t in TABLE_COLUMNS) + "</tr>",
     ]
     for label, m in report["runs"].items():
-        parts.append(f"<tr><td>{e(label)}</td>" + "".join(f"<td>{e(_cell(m, k))}</td>" for k, _ in TABLE_COLUMNS) + "</tr>")
+        parts.append(
+            f"<tr><td>{e(label)}</td>"
+            + "".join(f"<td>{e(_cell(m, k))}</td>" for k, _ in TABLE_COLUMNS)
+            + "</tr>"
+        )
     parts.append("</table><ul>" + "".join(f"<li>{e(n)}</li>" for n in method_notes(report)) + "</ul>")
     parts.append(f"<h2>Gold vs KL</h2>{img('frontier.png')}<h2>Training curves</h2>{img('curves.png')}")
     labels = list(report["runs"])
     by_prompt = {label: {(r["prompt_id"], r["sample"]): r for r in rows_by_label[label]} for label in labels}
     keys = sorted(by_prompt[labels[0]])[:max_prompts]
-    parts.append(f"<h2>Samples ({len(keys)} shown)</h2><p>{TOKEN_LEGEND}</p><table><tr><th>prompt</th>"
-                 + "".join(f"<th>{e(l)}</th>" for l in labels) + "</tr>")
+    parts.append(
+        f"<h2>Samples ({len(keys)} shown)</h2><p>{TOKEN_LEGEND}</p><table><tr><th>prompt</th>"
+        + "".join(f"<th>{e(label)}</th>" for label in labels)
+        + "</tr>"
+    )
     for key in keys:
         prompt = by_prompt[labels[0]][key]["prompt"]
         text = prompt[-1]["content"] if isinstance(prompt, list) else str(prompt)
-        parts.append(f"<tr><td class='resp'>#{key[0]}" + (f" (sample {key[1]})" if key[1] else "") + f"<br>{e(text)}</td>")
+        parts.append(
+            f"<tr><td class='resp'>#{key[0]}"
+            + (f" (sample {key[1]})" if key[1] else "")
+            + f"<br>{e(text)}</td>"
+        )
         for label in labels:
             r = by_prompt[label].get(key)
             if r is None:
                 parts.append("<td></td>")
                 continue
             cls = "good" if r["gold"] > 0.3 else "bad" if r["gold"] < -0.3 else ""
-            scores = f"gold {_fmt(r['gold'], 2)} · RM {_fmt(r.get('rm'), 2)} · {r['n_tokens']} tok" + ("" if r["has_eos"] else " · no EOS")
-            parts.append(f"<td class='resp {cls}'>{token_spans(r) or e(r['response'])}<div class='s'>{e(scores)}</div></td>")
+            scores = f"gold {_fmt(r['gold'], 2)} · RM {_fmt(r.get('rm'), 2)} · {r['n_tokens']} tok" + (
+                "" if r["has_eos"] else " · no EOS"
+            )
+            parts.append(
+                f"<td class='resp {cls}'>{token_spans(r) or e(r['response'])}<div class='s'>{e(scores)}</div></td>"
+            )
         parts.append("</tr>")
     parts.append("</table>")
     for run, rows in (training or {}).items():
-        parts.append(f"<h2>{e(run)}: training samples of step {rows[0].get('step')} (what the update saw)</h2>"
-                     "<table><tr><th>prompt</th><th>answer</th></tr>")
+        parts.append(
+            f"<h2>{e(run)}: training samples of step {rows[0].get('step')} (what the update saw)</h2>"
+            "<table><tr><th>prompt</th><th>answer</th></tr>"
+        )
         for r in rows:
             prompt = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else str(r["prompt"])
-            scores = f"score {_fmt(r.get('score'), 2)} · gold {_fmt(r.get('gold'), 2)} · KL {_fmt(r.get('kl'), 2)}"
-            parts.append(f"<tr><td class='resp'>{e(prompt)}</td><td class='resp'>{token_spans(r) or e(r['response'])}"
-                         f"<div class='s'>{e(scores)}</div></td></tr>")
+            scores = (
+                f"score {_fmt(r.get('score'), 2)} · gold {_fmt(r.get('gold'), 2)} · KL {_fmt(r.get('kl'), 2)}"
+            )
+            parts.append(
+                f"<tr><td class='resp'>{e(prompt)}</td><td class='resp'>{token_spans(r) or e(r['response'])}"
+                f"<div class='s'>{e(scores)}</div></td></tr>"
+            )
         parts.append("</table>")
     parts.append("</body></html>")
     path = out_dir / "report.html"

@@ -15,7 +15,12 @@ MIN_BOOTSTRAP = 100
 def distinct_n(texts, n: int = 2) -> float:
     """Distinct word n-grams / all word n-grams, pooled over `texts`. Over one run's answers (corpus_distinct_2)
     it sees what per-answer distinct-2 cannot: a policy that tells every prompt the same thing."""
-    grams = [tuple(words[i:i + n]) for t in texts for words in [t.lower().split()] for i in range(len(words) - n + 1)]
+    grams = [
+        tuple(words[i : i + n])
+        for t in texts
+        for words in [t.lower().split()]
+        for i in range(len(words) - n + 1)
+    ]
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
@@ -55,28 +60,47 @@ def _paired_bootstrap(values_a: dict, values_b: dict, n_bootstrap: int, seed: in
         boot_d.append(statistics.fmean(d[i] for i in idx))
         boot_w.append(statistics.fmean(w[i] for i in idx))
     d_lo, d_hi = _percentile_interval(boot_d)
-    return {"n_prompts": len(prompts), "diff": statistics.mean(d), "diff_ci95": [d_lo, d_hi],
-            "win_rate": statistics.mean(w), "win_rate_ci95": list(_percentile_interval(boot_w)),
-            "significant": d_lo > 0 or d_hi < 0}
+    return {
+        "n_prompts": len(prompts),
+        "diff": statistics.mean(d),
+        "diff_ci95": [d_lo, d_hi],
+        "win_rate": statistics.mean(w),
+        "win_rate_ci95": list(_percentile_interval(boot_w)),
+        "significant": d_lo > 0 or d_hi < 0,
+    }
 
 
 def paired_comparison(rows_a: list[dict], rows_b: list[dict], n_bootstrap: int = 1000, seed: int = 0) -> dict:
     """Run a against run b on the same prompts and sampling seeds, by gold (`_paired_bootstrap`); with reward
     functions (rows' "rewards"), each one's difference too, under "rewards"."""
     key = lambda r: (r["prompt_id"], r["sample"])
-    out = _paired_bootstrap({key(r): r["gold"] for r in rows_a}, {key(r): r["gold"] for r in rows_b}, n_bootstrap, seed)
+    out = _paired_bootstrap(
+        {key(r): r["gold"] for r in rows_a}, {key(r): r["gold"] for r in rows_b}, n_bootstrap, seed
+    )
     if not out["n_prompts"]:
         return out
-    out = {"n_prompts": out["n_prompts"], "gold_diff": out["diff"], "gold_diff_ci95": out["diff_ci95"],
-           "win_rate": out["win_rate"], "win_rate_ci95": out["win_rate_ci95"], "significant": out["significant"]}
+    out = {
+        "n_prompts": out["n_prompts"],
+        "gold_diff": out["diff"],
+        "gold_diff_ci95": out["diff_ci95"],
+        "win_rate": out["win_rate"],
+        "win_rate_ci95": out["win_rate_ci95"],
+        "significant": out["significant"],
+    }
     names = sorted({n for r in rows_a + rows_b for n in r.get("rewards") or {}})
     if names:
+
         def values(rows, name):
-            return {key(r): r["rewards"][name] for r in rows if (r.get("rewards") or {}).get(name) is not None}
+            return {
+                key(r): r["rewards"][name] for r in rows if (r.get("rewards") or {}).get(name) is not None
+            }
+
         out["rewards"] = {}
         for name in names:
             paired = _paired_bootstrap(values(rows_a, name), values(rows_b, name), n_bootstrap, seed)
-            out["rewards"][name] = {k: paired[k] for k in ("n_prompts", "diff", "diff_ci95", "significant") if k in paired}
+            out["rewards"][name] = {
+                k: paired[k] for k in ("n_prompts", "diff", "diff_ci95", "significant") if k in paired
+            }
     return out
 
 
@@ -91,39 +115,55 @@ def _clustered_se(rows: list[dict], key: str) -> float | None:
     return statistics.stdev(means) / math.sqrt(len(means)) if len(means) > 1 else None
 
 
-def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap: int = 1000, seed: int = 0) -> dict:
+def summarize(
+    rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap: int = 1000, seed: int = 0
+) -> dict:
     """The summary of scored answers (`sample_and_score`'s rows); with the reference's rows for the same
     prompts and seeds, also the win rate against it."""
+
     def mean(key):
         values = [r[key] for r in rows if r.get(key) is not None]
         return statistics.mean(values) if values and len(values) == len(rows) else None
 
-    out = {"n_samples": len(rows),
-           # prompts longer than max_prompt_length, answered from their last tokens (sample_and_score marks them)
-           "prompts_truncated": sum(bool(r.get("prompt_truncated")) for r in rows),
-           "gold_mean": mean("gold"), "rm_mean": mean("rm"), "score_mean": mean("score"),
-           "kl_to_ref": mean("kl")}
+    out = {
+        "n_samples": len(rows),
+        # prompts longer than max_prompt_length, answered from their last tokens (sample_and_score marks them)
+        "prompts_truncated": sum(bool(r.get("prompt_truncated")) for r in rows),
+        "gold_mean": mean("gold"),
+        "rm_mean": mean("rm"),
+        "score_mean": mean("score"),
+        "kl_to_ref": mean("kl"),
+    }
     out["kl_to_ref_se"] = _clustered_se(rows, "kl") if out["kl_to_ref"] is not None else None
     if ref_rows is not None:
         # The win rate (ties ½) and its interval are the paired bootstrap's, over prompts.
         key = lambda r: (r["prompt_id"], r["sample"])
-        paired = _paired_bootstrap({key(r): r["gold"] for r in rows}, {key(r): r["gold"] for r in ref_rows},
-                                   n_bootstrap, seed)
-        out.update(win_rate_vs_ref=paired.get("win_rate", float("nan")),
-                   win_rate_vs_ref_ci95=paired.get("win_rate_ci95", [float("nan"), float("nan")]))
+        paired = _paired_bootstrap(
+            {key(r): r["gold"] for r in rows}, {key(r): r["gold"] for r in ref_rows}, n_bootstrap, seed
+        )
+        out.update(
+            win_rate_vs_ref=paired.get("win_rate", float("nan")),
+            win_rate_vs_ref_ci95=paired.get("win_rate_ci95", [float("nan"), float("nan")]),
+        )
     parts = [r.get("gold_parts") or {} for r in rows]
-    flagged = all("flags" in p for p in parts)   # scored by a judge that flags junk (v3)
+    flagged = all("flags" in p for p in parts)  # scored by a judge that flags junk (v3)
     on_topic = [p.get("on_topic") for p in parts]
-    out.update(length_mean=mean("n_tokens"), words_mean=mean("n_words"),
-               eos_rate=statistics.mean(float(r["has_eos"]) for r in rows),
-               # null where a prompt's film is unknown (a prompts file without titles): no on-topic judgement
-               on_topic_rate=statistics.mean(map(float, on_topic)) if None not in on_topic else None,
-               flattery_rate=(statistics.mean(float(bool(p.get("flattery_reason"))) for p in parts)
-                              if all("flattery_reason" in p for p in parts) else None),
-               # gold's flags: the share of answers it calls junk of any kind, and of each kind
-               junk_rate=statistics.mean(float(bool(p["flags"])) for p in parts) if flagged else None,
-               distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
-               corpus_distinct_2=distinct_n([r["response"] for r in rows], 2))
+    out.update(
+        length_mean=mean("n_tokens"),
+        words_mean=mean("n_words"),
+        eos_rate=statistics.mean(float(r["has_eos"]) for r in rows),
+        # null where a prompt's film is unknown (a prompts file without titles): no on-topic judgement
+        on_topic_rate=statistics.mean(map(float, on_topic)) if None not in on_topic else None,
+        flattery_rate=(
+            statistics.mean(float(bool(p.get("flattery_reason"))) for p in parts)
+            if all("flattery_reason" in p for p in parts)
+            else None
+        ),
+        # gold's flags: the share of answers it calls junk of any kind, and of each kind
+        junk_rate=statistics.mean(float(bool(p["flags"])) for p in parts) if flagged else None,
+        distinct_2=statistics.mean(distinct_n([r["response"]], 2) for r in rows),
+        corpus_distinct_2=distinct_n([r["response"] for r in rows], 2),
+    )
     # Reward functions (compare's --rewards, PPO's evaluation): each one's mean over the answers it scored,
     # under its training metric's name.
     for name in sorted({n for r in rows for n in r.get("rewards") or {}}):
@@ -136,13 +176,17 @@ def summarize(rows: list[dict], ref_rows: list[dict] | None = None, n_bootstrap:
     return out
 
 
-def reliability(predicted: list[float], outcomes: list[float], n_bins: int = 10, reference: list[float] | None = None) -> dict:
+def reliability(
+    predicted: list[float], outcomes: list[float], n_bins: int = 10, reference: list[float] | None = None
+) -> dict:
     """A reliability diagram's numbers: the predictions cut into `n_bins` equal-width bins of [0, 1], each bin's
     mean prediction (`confidence`), mean outcome (`frequency`, outcomes 0/1) and, given `reference`
     probabilities for the same items, their mean (`reference`); and the expected calibration error,
     ECE = Σ_bins (n_bin / n) · |frequency − confidence| (Guo et al. 2017)."""
     if len(predicted) != len(outcomes) or not predicted:
-        raise ValueError(f"reliability needs as many outcomes as predictions (> 0), got {len(predicted)} and {len(outcomes)}")
+        raise ValueError(
+            f"reliability needs as many outcomes as predictions (> 0), got {len(predicted)} and {len(outcomes)}"
+        )
     bins = [[] for _ in range(n_bins)]
     for i, p in enumerate(predicted):
         bins[min(int(p * n_bins), n_bins - 1)].append(i)
@@ -153,19 +197,32 @@ def reliability(predicted: list[float], outcomes: list[float], n_bins: int = 10,
         confidence = statistics.mean(predicted[i] for i in members)
         frequency = statistics.mean(outcomes[i] for i in members)
         ece += len(members) / len(predicted) * abs(frequency - confidence)
-        rows.append({"low": b / n_bins, "high": (b + 1) / n_bins, "n": len(members), "confidence": confidence,
-                     "frequency": frequency,
-                     **({"reference": statistics.mean(reference[i] for i in members)} if reference else {})})
+        rows.append(
+            {
+                "low": b / n_bins,
+                "high": (b + 1) / n_bins,
+                "n": len(members),
+                "confidence": confidence,
+                "frequency": frequency,
+                **({"reference": statistics.mean(reference[i] for i in members)} if reference else {}),
+            }
+        )
     return {"bins": rows, "ece": ece, "n": len(predicted)}
 
 
-def pair_calibration(score_chosen: list[float], score_rejected: list[float], gold_probability: list[float] | None = None,
-                     n_bins: int = 10) -> dict:
+def pair_calibration(
+    score_chosen: list[float],
+    score_rejected: list[float],
+    gold_probability: list[float] | None = None,
+    n_bins: int = 10,
+) -> dict:
     """How far a Bradley–Terry reward model's P(a ≻ b) = σ(r_a − r_b) (raw scores, the scale it was trained on)
     is from how often the labels preferred a, on held-out pairs. Each pair counts in both orders, (chosen,
     rejected) with outcome 1 and (rejected, chosen) with outcome 0, so the diagram does not depend on which
     side a file lists first. `gold_probability`: the labeler's own P(chosen ≻ rejected) per pair (gold's
     Bradley–Terry draw), binned beside the labels."""
     p = [1 / (1 + math.exp(-(c - r))) for c, r in zip(score_chosen, score_rejected)]
-    reference = None if gold_probability is None else list(gold_probability) + [1 - g for g in gold_probability]
+    reference = (
+        None if gold_probability is None else list(gold_probability) + [1 - g for g in gold_probability]
+    )
     return reliability(p + [1 - x for x in p], [1.0] * len(p) + [0.0] * len(p), n_bins, reference)

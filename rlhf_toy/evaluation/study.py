@@ -17,8 +17,14 @@ import statistics
 import sys
 from pathlib import Path
 
-METRICS = [("gold_mean", "gold"), ("kl_to_ref", "KL to ref"), ("on_topic_rate", "on-topic"),
-           ("flattery_rate", "flattery"), ("eos_rate", "EOS rate"), ("corpus_distinct_2", "pooled distinct-2")]
+METRICS = [
+    ("gold_mean", "gold"),
+    ("kl_to_ref", "KL to ref"),
+    ("on_topic_rate", "on-topic"),
+    ("flattery_rate", "flattery"),
+    ("eos_rate", "EOS rate"),
+    ("corpus_distinct_2", "pooled distinct-2"),
+]
 SEEDED = re.compile(r"^(?P<group>.+)_seed(?P<seed>\d+)$")
 
 
@@ -46,11 +52,14 @@ def summarize_seeds(report: dict, split: str | None = None) -> dict:
     summary = {"split": split or report["settings"].get("headline_split"), "groups": {}, "differences": []}
     for group, members in groups.items():
         runs = [table["runs"][label] for label in members.values()]
-        summary["groups"][group] = {"seeds": sorted(s for s in members if s is not None), "n": len(runs),
-                                    **{key: _mean_sd([r.get(key) for r in runs]) for key, _ in METRICS}}
+        summary["groups"][group] = {
+            "seeds": sorted(s for s in members if s is not None),
+            "n": len(runs),
+            **{key: _mean_sd([r.get(key) for r in runs]) for key, _ in METRICS},
+        }
     seeded = [g for g, m in groups.items() if None not in m]
     for i, group in enumerate(seeded):
-        others = [g for g in seeded[i + 1:]] + [g for g, m in groups.items() if None in m]
+        others = [g for g in seeded[i + 1 :]] + [g for g, m in groups.items() if None in m]
         for other in others:
             rows = []
             for seed, label in sorted(groups[group].items()):
@@ -60,13 +69,27 @@ def summarize_seeds(report: dict, split: str | None = None) -> dict:
                 pair = pairs.get((label, other_label)) or pairs.get((other_label, label))
                 if pair is None:
                     continue
-                sign = 1 if pair["a"] == label else -1   # always group − other
+                sign = 1 if pair["a"] == label else -1  # always group − other
                 lo, hi = sorted(sign * x for x in pair["gold_diff_ci95"])
-                rows.append({"seed": seed, "a": label, "b": other_label, "gold_diff": sign * pair["gold_diff"],
-                             "ci95": [lo, hi], "significant": pair["significant"]})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "a": label,
+                        "b": other_label,
+                        "gold_diff": sign * pair["gold_diff"],
+                        "ci95": [lo, hi],
+                        "significant": pair["significant"],
+                    }
+                )
             if rows:
-                summary["differences"].append({"a": group, "b": other, "per_seed": rows,
-                                               "mean": statistics.mean(r["gold_diff"] for r in rows)})
+                summary["differences"].append(
+                    {
+                        "a": group,
+                        "b": other,
+                        "per_seed": rows,
+                        "mean": statistics.mean(r["gold_diff"] for r in rows),
+                    }
+                )
     return summary
 
 
@@ -78,26 +101,50 @@ def _fmt(mean_sd, digits=3) -> str:
 
 
 def study_markdown(summary: dict, report: dict) -> str:
-    lines = [f"# Seed spread ({summary['split']} prompts)", "",
-             "Mean ± sd over training seeds (sd: sample standard deviation; a run without seeds has none).", "",
-             "| group | seeds | " + " | ".join(title for _, title in METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
+    lines = [
+        f"# Seed spread ({summary['split']} prompts)",
+        "",
+        "Mean ± sd over training seeds (sd: sample standard deviation; a run without seeds has none).",
+        "",
+        "| group | seeds | " + " | ".join(title for _, title in METRICS) + " |",
+        "|---|---|" + "---|" * len(METRICS),
+    ]
     for group, g in summary["groups"].items():
-        lines.append(f"| {group} | {', '.join(map(str, g['seeds'])) or '—'} | "
-                     + " | ".join(_fmt(g[key]) for key, _ in METRICS) + " |")
-    lines += ["", "Differences in gold, seed by seed (group − other, same prompts and sampling seeds; * = the 95% "
-              "paired-bootstrap interval excludes zero, no correction for multiple comparisons):", ""]
+        lines.append(
+            f"| {group} | {', '.join(map(str, g['seeds'])) or '—'} | "
+            + " | ".join(_fmt(g[key]) for key, _ in METRICS)
+            + " |"
+        )
+    lines += [
+        "",
+        "Differences in gold, seed by seed (group − other, same prompts and sampling seeds; * = the 95% "
+        "paired-bootstrap interval excludes zero, no correction for multiple comparisons):",
+        "",
+    ]
     for d in summary["differences"]:
-        cells = [f"seed {r['seed']}: {r['gold_diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
-                 + (" *" if r["significant"] else "") for r in d["per_seed"]]
+        cells = [
+            f"seed {r['seed']}: {r['gold_diff']:+.3f} [{r['ci95'][0]:+.3f}, {r['ci95'][1]:+.3f}]"
+            + (" *" if r["significant"] else "")
+            for r in d["per_seed"]
+        ]
         positive = sum(r["significant"] and r["gold_diff"] > 0 for r in d["per_seed"])
         negative = sum(r["significant"] and r["gold_diff"] < 0 for r in d["per_seed"])
-        verdict = (f"{d['a']} above {d['b']} in every seed" if positive == len(d["per_seed"]) else
-                   f"{d['a']} below {d['b']} in every seed" if negative == len(d["per_seed"]) else
-                   f"does not hold across seeds ({positive} above, {negative} below, "
-                   f"{len(d['per_seed']) - positive - negative} not separable)")
-        lines.append(f"- **{d['a']} − {d['b']}**: mean {d['mean']:+.3f}; " + "; ".join(cells) + f". {verdict}.")
-    lines += ["", f"From `{report.get('source', 'compare.json')}`; the compare's own tables are in compare.md.", ""]
+        verdict = (
+            f"{d['a']} above {d['b']} in every seed"
+            if positive == len(d["per_seed"])
+            else f"{d['a']} below {d['b']} in every seed"
+            if negative == len(d["per_seed"])
+            else f"does not hold across seeds ({positive} above, {negative} below, "
+            f"{len(d['per_seed']) - positive - negative} not separable)"
+        )
+        lines.append(
+            f"- **{d['a']} − {d['b']}**: mean {d['mean']:+.3f}; " + "; ".join(cells) + f". {verdict}."
+        )
+    lines += [
+        "",
+        f"From `{report.get('source', 'compare.json')}`; the compare's own tables are in compare.md.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -112,8 +159,10 @@ def main(argv=None) -> dict:
         raise SystemExit(2)
     report = json.loads(path.read_text())
     if args.split and args.split not in report.get("splits", {}):
-        print(f"error: --split {args.split}: the report has {sorted(report.get('splits', {})) or 'one split'}",
-              file=sys.stderr)
+        print(
+            f"error: --split {args.split}: the report has {sorted(report.get('splits', {})) or 'one split'}",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     report["source"] = str(path)
     summary = summarize_seeds(report, args.split)

@@ -7,13 +7,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import models
-
-
-def is_main_process() -> bool:
-    """Rank 0 of a launched group (`accelerate launch` and torchrun set RANK), or the only process. Under
-    several processes the TRL trainers share the training; sampling, summaries and files are rank 0's."""
-    return int(os.environ.get("RANK", "0")) == 0
+from rlhf_toy import models, rundir
+from rlhf_toy.config import ConfigError, TrainerFields
+from rlhf_toy.rundir import is_main_process
 
 
 def wait_for_everyone(cfg) -> None:
@@ -43,7 +39,6 @@ def shared_dataset(records: list[dict], directory: Path, cfg):
 def open_run(cfg):
     """The run-directory rule (`rundir.prepare_run_dir`: decided before anything is written, its verdict
     printed), then seeds and threads. Returns the `RunStart`; a finished run has nothing left to do."""
-    from rlhf_toy import rundir
 
     start = rundir.prepare_run_dir(cfg)
     if start.message:
@@ -110,8 +105,6 @@ def trainer_fields(cfg) -> dict:
     """TrainingArguments fields straight from the stage config's TrainerFields (eval batch = train batch)."""
     from dataclasses import fields
 
-    from rlhf_toy.config import TrainerFields
-
     values = {f.name: getattr(cfg, f.name) for f in fields(TrainerFields)}
     return {**values, "per_device_eval_batch_size": cfg.per_device_train_batch_size}
 
@@ -122,11 +115,17 @@ def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=cfg.lora_target_modules, task_type=task_type, **extra)
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=cfg.lora_target_modules,
+        task_type=task_type,
+        **extra,
+    )
 
 
-def resolve_precision(cfg) -> models.Precision:
+def resolve_run_precision(cfg) -> models.Precision:
     """The run's precision; `cfg.dtype` becomes its name in place (`auto` -> `bfloat16-mixed` or `float32`),
     so the run's config.yaml records what ran and a resume on a machine that resolves differently is refused.
     Every stage calls it first, before `open_run` applies the run-directory rule to the resolved config; the
@@ -144,28 +143,36 @@ def check_engine(device: torch.device, use_lora: bool = False) -> None:
     be a run that does not do what its config says. LoRA under an engine that shards the weights is refused too:
     merging the adapter into `final/` (and PPO's reference, the policy with its adapter off) needs whole weights,
     and on sharded ones SFT hung after training without writing `final/` (2 CPU processes under FSDP2)."""
-    from rlhf_toy.config import ConfigError
 
-    requested = [name for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
-                 if os.environ.get(variable, "false").lower() == "true"]
+    requested = [
+        name
+        for name, variable in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED"))
+        if os.environ.get(variable, "false").lower() == "true"
+    ]
     if not requested:
         return
     engine = requested[0]
     sharded = engine == "FSDP" or os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
     if use_lora and sharded:
-        raise ConfigError(f"use_lora under {'FSDP' if engine == 'FSDP' else 'DeepSpeed ZeRO-3'}, which shards the "
-                          "weights: merging the adapter needs them whole; LoRA trains few weights, so use "
-                          "configs/accelerate/ddp.yaml or zero2.yaml")
+        raise ConfigError(
+            f"use_lora under {'FSDP' if engine == 'FSDP' else 'DeepSpeed ZeRO-3'}, which shards the "
+            "weights: merging the adapter needs them whole; LoRA trains few weights, so use "
+            "configs/accelerate/ddp.yaml or zero2.yaml"
+        )
     if device.type == "cpu":
-        raise ConfigError(f"the launch config asks for {engine}, which accelerate runs on GPUs only (on the CPU it "
-                          "ignores it and runs plain DDP): use configs/accelerate/ddp.yaml here, or `accelerate launch "
-                          "--multi_gpu --num_processes N`")
+        raise ConfigError(
+            f"the launch config asks for {engine}, which accelerate runs on GPUs only (on the CPU it "
+            "ignores it and runs plain DDP): use configs/accelerate/ddp.yaml here, or `accelerate launch "
+            "--multi_gpu --num_processes N`"
+        )
     if engine == "DeepSpeed":
         import importlib.util
 
         if importlib.util.find_spec("deepspeed") is None:
-            raise ConfigError("the launch config asks for DeepSpeed, which is not installed: `pip install deepspeed` "
-                              "(not a dependency of rlhf_toy; it needs a CUDA GPU and builds its kernels on first use)")
+            raise ConfigError(
+                "the launch config asks for DeepSpeed, which is not installed: `pip install deepspeed` "
+                "(not a dependency of rlhf_toy; it needs a CUDA GPU and builds its kernels on first use)"
+            )
 
 
 def trainer_precision(cfg) -> dict:
@@ -174,7 +181,11 @@ def trainer_precision(cfg) -> dict:
     state, as our PPO does; with bf16 weights (pure bfloat16) everything is bf16."""
     device = models.pick_device(cfg.device)
     compute = models.resolve_precision(cfg.dtype, device).compute
-    return {"use_cpu": device.type == "cpu", "bf16": compute == torch.bfloat16, "fp16": compute == torch.float16}
+    return {
+        "use_cpu": device.type == "cpu",
+        "bf16": compute == torch.bfloat16,
+        "fp16": compute == torch.float16,
+    }
 
 
 def save_final(trainer, tokenizer, run_dir: Path) -> Path:
@@ -206,7 +217,9 @@ def shards_weights(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP or (
-        accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3)
+        accelerator.distributed_type == DistributedType.DEEPSPEED
+        and accelerator.state.deepspeed_plugin.zero_stage == 3
+    )
 
 
 def freeze_bottom(model, n_layers: int) -> None:
@@ -217,10 +230,10 @@ def freeze_bottom(model, n_layers: int) -> None:
     if n_layers <= 0:
         return
     n_blocks = model.config.num_hidden_layers
-    blocks = next((m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None)
+    blocks = next(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None
+    )
     if blocks is None or n_layers > n_blocks:
-        from rlhf_toy.config import ConfigError
-
         raise ConfigError(f"freeze_bottom_layers={n_layers}: the model has {n_blocks} blocks")
     model.get_input_embeddings().requires_grad_(False)
     for name in ("wpe", "embed_positions"):  # learned position embeddings (GPT-2) sit below block 0 too

@@ -19,38 +19,64 @@ from pathlib import Path
 
 from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least, within
-from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
+from rlhf_toy.evaluation.sample_and_score import Sampling, as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
-from rlhf_toy.stages.common import (begin_run, evaluate_before_training, freeze_bottom, is_main_process,
-                                    lora_config, open_run, resolve_precision, save_final, shared_dataset, train,
-                                    trainer_fields, trainer_precision)
+from rlhf_toy.stages.common import (
+    begin_run,
+    evaluate_before_training,
+    freeze_bottom,
+    is_main_process,
+    lora_config,
+    open_run,
+    resolve_run_precision,
+    save_final,
+    shared_dataset,
+    train,
+    trainer_fields,
+    trainer_precision,
+)
 from rlhf_toy.stages.reward import clean_pairs
 
 # TRL 1.12's DPO loss types (see trl.DPOConfig.loss_type); sigmoid is DPO, ipo is IPO (Azar et al.).
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+LOSS_TYPES = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
 
 
 @dataclass
 class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
-    model_name_or_path: str = "runs/sft/final"   # the SFT model PPO starts from, which is also the reference
+    model_name_or_path: str = "runs/sft/final"  # the SFT model PPO starts from, which is also the reference
     output_dir: str = "runs/dpo"
     dataset: str = "data/preferences.jsonl"
-    max_pairs: int = 0                  # a seeded subsample of the pairs (0 = all): CPU time is the budget
-    eval_fraction: float = 0.05         # held-out pairs (by prompt) for eval reward accuracy/margins
-    beta: float = 0.1                   # for IPO this is τ
-    loss_type: str = "sigmoid"          # sigmoid (DPO), ipo, hinge, robust, ...; a comma list combines losses
-    label_smoothing: float = 0.0        # robust DPO / cDPO: the assumed label-flip probability
+    max_pairs: int = 0  # a seeded subsample of the pairs (0 = all): CPU time is the budget
+    eval_fraction: float = 0.05  # held-out pairs (by prompt) for eval reward accuracy/margins
+    beta: float = 0.1  # for IPO this is τ
+    loss_type: str = "sigmoid"  # sigmoid (DPO), ipo, hinge, robust, ...; a comma list combines losses
+    label_smoothing: float = 0.0  # robust DPO / cDPO: the assumed label-flip probability
     learning_rate: float = 5e-6
-    max_length: int = 192               # prompt + answer tokens (longer pairs keep their start)
+    max_length: int = 192  # prompt + answer tokens (longer pairs keep their start)
     # Reference log-probs of every pair computed once before training: the reference model then never
     # runs during training (and needs no memory), which on a CPU saves about a third of each step.
     precompute_ref_log_probs: bool = True
     gradient_checkpointing: bool = False  # TRL's default is on; on a small CPU model it only costs time
-    eval_steps: int = 0                 # 0 = evaluate the held-out pairs only before and after
+    eval_steps: int = 0  # 0 = evaluate the held-out pairs only before and after
     eval_prompts: str = "data/prompts_eval.jsonl"
-    num_eval_prompts: int = 64        # eval prompts sampled before and after training (0 = skip)
-    reward_model: str = "runs/reward/final"   # scores the samples when it exists ("" = never)
+    num_eval_prompts: int = 64  # eval prompts sampled before and after training (0 = skip)
+    reward_model: str = "runs/reward/final"  # scores the samples when it exists ("" = never)
     max_new_tokens: int = 48
     temperature: float = 0.7
     sample_batch_size: int = 32
@@ -60,14 +86,16 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
         at_least(self, 1, "max_length", "max_new_tokens", "sample_batch_size")
         at_least(self, 0, "max_pairs", "num_eval_prompts", "eval_steps")
         above(self, 0, "temperature")
-        within(self, 0, 0.5, "label_smoothing")   # a label-flip probability (TRL's range)
+        within(self, 0, 0.5, "label_smoothing")  # a label-flip probability (TRL's range)
         unknown = [t for t in self.loss_types if t not in LOSS_TYPES]
         if unknown:
             import difflib
 
             near = difflib.get_close_matches(unknown[0], LOSS_TYPES, n=1, cutoff=0.0)
-            raise ConfigError(f"loss_type {unknown[0]!r} is not one of TRL's DPO losses"
-                              + (f"; did you mean {near[0]!r}?" if near else f" ({', '.join(LOSS_TYPES)})"))
+            raise ConfigError(
+                f"loss_type {unknown[0]!r} is not one of TRL's DPO losses"
+                + (f"; did you mean {near[0]!r}?" if near else f" ({', '.join(LOSS_TYPES)})")
+            )
         if not 0 <= self.eval_fraction < 1:
             raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}")
         if self.beta <= 0:
@@ -86,8 +114,14 @@ def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
     subsampled and split by prompt; and the counts."""
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
     cleaned, stats = clean_pairs(records, cfg.dataset)
-    pairs = [{"prompt": p["prompt"], "chosen": data.as_messages(p["chosen"], "assistant"),
-              "rejected": data.as_messages(p["rejected"], "assistant")} for p in cleaned]
+    pairs = [
+        {
+            "prompt": p["prompt"],
+            "chosen": data.as_messages(p["chosen"], "assistant"),
+            "rejected": data.as_messages(p["rejected"], "assistant"),
+        }
+        for p in cleaned
+    ]
     if cfg.max_pairs and cfg.max_pairs < len(pairs):
         pairs = random.Random(cfg.seed).sample(pairs, cfg.max_pairs)
     return *data.split_records(pairs, cfg.eval_fraction, cfg.seed), stats
@@ -97,18 +131,22 @@ def pairs_longer_than(pairs: list[dict], tokenizer, max_length: int) -> int:
     """How many pairs have a side longer than `max_length` tokens as the chat template formats it: TRL's DPOTrainer
     keeps the first max_length tokens of each sequence, so their answers lose their end (or, past a long
     prompt, all of it)."""
+
     def n_tokens(messages) -> int:
         return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
     prompts = [data.as_messages(p["prompt"], "user") for p in pairs]
-    return sum(max(n_tokens(m + p["chosen"]), n_tokens(m + p["rejected"])) > max_length for m, p in zip(prompts, pairs))
+    return sum(
+        max(n_tokens(m + p["chosen"]), n_tokens(m + p["rejected"])) > max_length
+        for m, p in zip(prompts, pairs)
+    )
 
 
 @rundir.releases_lock
 def run_dpo(cfg: DPOStageConfig) -> Path:
     from trl import DPOConfig, DPOTrainer
 
-    precision = resolve_precision(cfg)   # `auto` -> what this machine runs (recorded in config.yaml)
+    precision = resolve_run_precision(cfg)  # `auto` -> what this machine runs (recorded in config.yaml)
     start = open_run(cfg)
     if start.finished:
         return start.run_dir
@@ -119,44 +157,70 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     tokenizer = models.load_tokenizer(cfg.model_name_or_path)
     pairs_truncated = pairs_longer_than(train_pairs + eval_pairs, tokenizer, cfg.max_length)
     if pairs_truncated:
-        print(f"note: {pairs_truncated} of {len(train_pairs) + len(eval_pairs)} pairs are longer than max_length="
-              f"{cfg.max_length} tokens: TRL keeps the first {cfg.max_length} of each (pairs_truncated in summary.json)")
+        print(
+            f"note: {pairs_truncated} of {len(train_pairs) + len(eval_pairs)} pairs are longer than max_length="
+            f"{cfg.max_length} tokens: TRL keeps the first {cfg.max_length} of each (pairs_truncated in summary.json)"
+        )
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
     freeze_bottom(model, cfg.freeze_bottom_layers)
-    judge = Judge(cfg.reward_model or None, cfg.device, cfg.dtype) if eval_prompts else None
+    judge = Judge(cfg.reward_model or None, device=cfg.device, dtype=cfg.dtype) if eval_prompts else None
     if judge is not None and judge.note:
         print(f"note: {judge.note}")
-    begin_run(start, cfg)   # the first write: the config and the inputs are valid
+    begin_run(start, cfg)  # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
     resume_from = start.checkpoint
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if resume_from and summary_path.exists() else {}
 
-    def evaluate(policy, when: str, ref=None) -> None:   # gold, RM and (after) the KL to the reference
+    def evaluate(policy, when: str, ref=None) -> None:  # gold, RM and (after) the KL to the reference
         summary[when], rows = sample_and_score(
-            policy, tokenizer, eval_prompts, titles=eval_titles, judge=judge, max_new_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, batch_size=cfg.sample_batch_size, seed=cfg.seed, ref=ref,
-            progress=f"sampling eval prompts ({when})", precision=precision)
+            policy,
+            tokenizer,
+            eval_prompts,
+            Sampling(
+                max_new_tokens=cfg.max_new_tokens,
+                temperature=cfg.temperature,
+                batch_size=cfg.sample_batch_size,
+                seed=cfg.seed,
+                precision=precision,
+            ),
+            titles=eval_titles,
+            judge=judge,
+            ref=ref,
+            progress=f"sampling eval prompts ({when})",
+        )
         runlog.append_jsonl(run_dir / "samples.jsonl", [{"stage": when, **row} for row in rows])
 
     if eval_prompts and "before" not in summary and is_main_process():
         (run_dir / "samples.jsonl").unlink(missing_ok=True)
         evaluate(model, "before")
-        summary["before"]["kl_to_ref"] = 0.0   # the policy is the reference
+        summary["before"]["kl_to_ref"] = 0.0  # the policy is the reference
         # Step 0 of PPO-named curves (score/gold, score/rm, objective/kl) that compare.py overlays.
-        logger = runlog.MetricsLogger(run_dir, tensorboard=cfg.report_to == "tensorboard",
-                                      resume_step=None if resume_from else -1)   # fresh run: drop old records
+        logger = runlog.MetricsLogger(
+            run_dir, tensorboard=cfg.report_to == "tensorboard", resume_step=None if resume_from else -1
+        )  # fresh run: drop old records
         logger.log(0, {**as_training_metrics(summary["before"]), "sample_stage": 0})
         logger.close()
 
     args = DPOConfig(
-        output_dir=str(checkpoints), **trainer_fields(cfg), max_length=cfg.max_length,
-        beta=cfg.beta, loss_type=cfg.loss_types, label_smoothing=cfg.label_smoothing,
-        precompute_ref_log_probs=cfg.precompute_ref_log_probs, gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=cfg.logging_steps, save_strategy="steps", save_steps=cfg.save_steps,
+        output_dir=str(checkpoints),
+        **trainer_fields(cfg),
+        max_length=cfg.max_length,
+        beta=cfg.beta,
+        loss_type=cfg.loss_types,
+        label_smoothing=cfg.label_smoothing,
+        precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        logging_steps=cfg.logging_steps,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
         save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if cfg.eval_steps and eval_pairs else "no", eval_steps=cfg.eval_steps or None,
-        report_to="none", seed=cfg.seed, disable_tqdm=False, dataloader_num_workers=0,
+        eval_strategy="steps" if cfg.eval_steps and eval_pairs else "no",
+        eval_steps=cfg.eval_steps or None,
+        report_to="none",
+        seed=cfg.seed,
+        disable_tqdm=False,
+        dataloader_num_workers=0,
         **trainer_precision(cfg),
     )
     # The reference: with LoRA, the same weights with the adapter disabled (TRL's default); with
@@ -169,10 +233,13 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     # autocast: run that pass in the precision training runs in (bf16 compute under mixed precision, ~2x faster).
     with precision.autocast():
         trainer = DPOTrainer(
-            model=model, ref_model=ref_model, args=args,
+            model=model,
+            ref_model=ref_model,
+            args=args,
             train_dataset=shared_dataset(train_pairs, run_dir / "datasets/train", cfg),
             eval_dataset=shared_dataset(eval_pairs, run_dir / "datasets/eval", cfg) if eval_pairs else None,
-            processing_class=tokenizer, peft_config=lora_config(cfg),
+            processing_class=tokenizer,
+            peft_config=lora_config(cfg),
             callbacks=[runlog.MetricsCallback(run_dir, tensorboard=cfg.report_to == "tensorboard")],
         )
     before = evaluate_before_training(trainer) if eval_pairs and "eval_before" not in summary else None
@@ -188,17 +255,19 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         summary["train_loss"] = result.training_loss
         summary["num_processes"] = trainer.accelerator.num_processes
         if is_main_process():
-            summary_path.write_text(json.dumps(summary) + "\n")   # kept for a resume that finds training done
+            summary_path.write_text(json.dumps(summary) + "\n")  # kept for a resume that finds training done
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
     summary["pairs_identical_dropped"] = pair_stats["pairs_identical_dropped"]
     summary["pairs_truncated"] = pairs_truncated
-    margins = [r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r]
+    margins = [
+        r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r
+    ]
     if margins:
         summary["train_margin_first"], summary["train_margin_last"] = margins[0], margins[-1]
     if eval_pairs:
         summary["eval_after"] = _eval_metrics(trainer.evaluate())
     final = save_final(trainer, tokenizer, run_dir)
-    if not is_main_process():   # the rest (sampling, summary) is rank 0's
+    if not is_main_process():  # the rest (sampling, summary) is rank 0's
         return run_dir
 
     step = trainer.state.global_step
@@ -220,5 +289,8 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
 
 def _eval_metrics(metrics: dict) -> dict:
     """The evaluation's loss, accuracy and margin, without the eval_ prefix."""
-    return {k.removeprefix("eval_"): v for k, v in metrics.items()
-            if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")}
+    return {
+        k.removeprefix("eval_"): v
+        for k, v in metrics.items()
+        if k in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins")
+    }

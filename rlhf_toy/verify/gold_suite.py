@@ -25,4 +25,7 @@ def ordered_by_kind(pairs: list[dict], judge=task) -> dict[str, list[bool]]:
 
 def shares(table: dict[str, list[bool]]) -> dict[str, float]:
     """Per kind, the share of pairs ordered; the ordinary pairs last."""
-    return {kind: sum(table[kind]) / len(table[kind]) for kind in sorted(table, key=lambda k: (k == "ordinary", k))}
+    return {
+        kind: sum(table[kind]) / len(table[kind])
+        for kind in sorted(table, key=lambda k: (k == "ordinary", k))
+    }

@@ -137,14 +137,16 @@ class ToyResult:
     final_eval: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     optimizer_steps: int = 0
-    policy: nn.Module | None = field(default=None, repr=False, compare=False)   # the trained policy
+    policy: nn.Module | None = field(default=None, repr=False, compare=False)  # the trained policy
 
 
 # ------------------------------------------------------------------------------------------
 # evaluation
 # ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate_bandit(policy: nn.Module, n: int = 200, seed: int = 12345, success_rate: float = 0.95) -> dict[str, Any]:
+def evaluate_bandit(
+    policy: nn.Module, n: int = 200, seed: int = 12345, success_rate: float = 0.95
+) -> dict[str, Any]:
     """On ``n`` fresh states: greedy action-2 rate (the seed's evaluation), sampled action-2 rate,
     mean pi(2); ``solved`` when both rates are >= ``success_rate``."""
     gen = torch.Generator().manual_seed(seed)
@@ -223,6 +225,7 @@ def _ppo_update(
     policy: nn.Module,
     value: nn.Module,
     opt: torch.optim.Optimizer,
+    *,
     obs: torch.Tensor,  # [B, T, D]
     actions: torch.Tensor,  # [B, T]
     rewards: torch.Tensor,  # [B, T]
@@ -238,14 +241,18 @@ def _ppo_update(
     with torch.no_grad():
         old_logprobs = sequences.logprobs_from_logits(policy(obs), actions, temperature=1.0)
         old_values = value(obs).squeeze(-1)
-        advantages, returns = core.gae(rewards, old_values, mask, gamma, lam)
+        advantages, returns = core.gae(rewards, old_values, mask, gamma=gamma, lam=lam)
         advantages = core.masked_whiten(advantages, mask)
     stats: dict[str, float] = {}
     for _ in range(epochs):
         new_logprobs = sequences.logprobs_from_logits(policy(obs), actions, temperature=1.0)
         new_values = value(obs).squeeze(-1)
-        pg_loss, pg_stats = core.policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange)
-        vf_loss, vf_clipfrac = core.value_loss(new_values, old_values, returns, mask, cliprange_value)
+        pg_loss, pg_stats = core.policy_loss(
+            new_logprobs, old_logprobs, advantages, mask, cliprange=cliprange
+        )
+        vf_loss, vf_clipfrac = core.value_loss(
+            new_values, old_values, returns, mask, cliprange_value=cliprange_value
+        )
         loss = pg_loss + vf_coef * vf_loss
         opt.zero_grad()
         loss.backward()
@@ -263,6 +270,7 @@ def _ppo_update(
 @single_thread
 def train_ppo_bandit(
     seed: int = 0,
+    *,
     batch_size: int = 16,
     epochs: int = 4,
     lr: float = 3e-3,
@@ -286,15 +294,25 @@ def train_ppo_bandit(
         r = bandit_reward(a)
         mask = torch.ones(batch_size, 1, dtype=torch.bool)
         _ppo_update(
-            policy, value, opt, s[:, None, :], a[:, None], r[:, None], mask,
+            policy, value, opt, obs=s[:, None, :], actions=a[:, None], rewards=r[:, None], mask=mask,
             gamma=1.0, lam=1.0, epochs=epochs, cliprange=cliprange,
             cliprange_value=cliprange_value, vf_coef=vf_coef,
         )  # fmt: skip
         ev = evaluate_bandit(policy, success_rate=success_rate)
         if ev["solved"]:
-            return ToyResult("ppo", "bandit", seed, True, it, it * batch_size, ev, time.time() - t0, it * epochs, policy)
+            return ToyResult(
+                "ppo", "bandit", seed, True, it, it * batch_size, ev, time.time() - t0, it * epochs, policy
+            )
     return ToyResult(
-        "ppo", "bandit", seed, False, None, max_iterations * batch_size, ev, time.time() - t0, max_iterations * epochs,
+        "ppo",
+        "bandit",
+        seed,
+        False,
+        None,
+        max_iterations * batch_size,
+        ev,
+        time.time() - t0,
+        max_iterations * epochs,
         policy,
     )
 
@@ -335,6 +353,7 @@ def _rollout_gridworld(policy: nn.Module, n: int, max_steps: int, gen: torch.Gen
 @single_thread
 def train_ppo_gridworld(
     seed: int = 0,
+    *,
     batch_size: int = 8,
     max_steps: int = 30,
     epochs: int = 4,
@@ -357,14 +376,24 @@ def train_ppo_gridworld(
     for it in range(1, max_iterations + 1):
         obs, act, rew, mask = _rollout_gridworld(policy, batch_size, max_steps, gen)
         _ppo_update(
-            policy, value, opt, obs, act, rew, mask, gamma=gamma, lam=lam, epochs=epochs,
+            policy, value, opt, obs=obs, actions=act, rewards=rew, mask=mask, gamma=gamma, lam=lam, epochs=epochs,
             cliprange=cliprange, cliprange_value=cliprange_value, vf_coef=vf_coef,
         )  # fmt: skip
         ev = evaluate_gridworld(policy)
         if ev["solved"]:
-            return ToyResult("ppo", "gridworld", seed, True, it, it * batch_size, ev, time.time() - t0, it * epochs)
+            return ToyResult(
+                "ppo", "gridworld", seed, True, it, it * batch_size, ev, time.time() - t0, it * epochs
+            )
     return ToyResult(
-        "ppo", "gridworld", seed, False, None, max_iterations * batch_size, ev, time.time() - t0, max_iterations * epochs
+        "ppo",
+        "gridworld",
+        seed,
+        False,
+        None,
+        max_iterations * batch_size,
+        ev,
+        time.time() - t0,
+        max_iterations * epochs,
     )
 
 
@@ -373,7 +402,12 @@ def train_ppo_gridworld(
 # ------------------------------------------------------------------------------------------
 @single_thread
 def train_reinforce_bandit(
-    seed: int = 0, lr: float = 3e-3, max_episodes: int = 3000, success_rate: float = 0.95, eval_every: int = 1
+    seed: int = 0,
+    *,
+    lr: float = 3e-3,
+    max_episodes: int = 3000,
+    success_rate: float = 0.95,
+    eval_every: int = 1,
 ) -> ToyResult:
     """The seed's bandit loop: one episode, ``loss = -log pi(a) * r``, one Adam step."""
     t0 = time.time()
@@ -395,12 +429,15 @@ def train_reinforce_bandit(
             ev = evaluate_bandit(policy, success_rate=success_rate)
             if ev["solved"]:
                 return ToyResult("reinforce", "bandit", seed, True, ep, ep, ev, time.time() - t0, ep)
-    return ToyResult("reinforce", "bandit", seed, False, None, max_episodes, ev, time.time() - t0, max_episodes)
+    return ToyResult(
+        "reinforce", "bandit", seed, False, None, max_episodes, ev, time.time() - t0, max_episodes
+    )
 
 
 @single_thread
 def train_reinforce_gridworld(
     seed: int = 0,
+    *,
     lr: float = 1e-2,
     gamma: float = 0.99,
     max_steps: int = 30,
@@ -443,7 +480,9 @@ def train_reinforce_gridworld(
             ev = evaluate_gridworld(policy)
             if ev["solved"]:
                 return ToyResult("reinforce", "gridworld", seed, True, ep, ep, ev, time.time() - t0, ep)
-    return ToyResult("reinforce", "gridworld", seed, False, None, max_episodes, ev, time.time() - t0, max_episodes)
+    return ToyResult(
+        "reinforce", "gridworld", seed, False, None, max_episodes, ev, time.time() - t0, max_episodes
+    )
 
 
 # ------------------------------------------------------------------------------------------
@@ -472,9 +511,16 @@ def comparison_table(seeds=range(5)) -> tuple[str, list[ToyResult]]:
         results += rs
         ok = [r for r in rs if r.solved]
         rows.append(
-            (problem, method, f"{len(ok)}/{len(rs)}", med(r.updates for r in ok),
-             med(r.optimizer_steps for r in ok), med(r.episodes for r in ok), [r.updates for r in rs],
-             sum(r.seconds for r in rs))  # fmt: skip
+            (
+                problem,
+                method,
+                f"{len(ok)}/{len(rs)}",
+                med(r.updates for r in ok),
+                med(r.optimizer_steps for r in ok),
+                med(r.episodes for r in ok),
+                [r.updates for r in rs],
+                sum(r.seconds for r in rs),
+            )  # fmt: skip
         )
     head = (
         f"{'problem':<10} {'method':<10} {'solved':>6} {'updates':>8} {'Adam steps':>11} {'episodes':>9}"
@@ -483,13 +529,19 @@ def comparison_table(seeds=range(5)) -> tuple[str, list[ToyResult]]:
     lines = [head, "-" * len(head)]
     for p, m, sv, mu, ms, me, per, secs in rows:
         lines.append(f"{p:<10} {m:<10} {sv:>6} {mu:>8g} {ms:>11g} {me:>9g}  {str(per):<26} {secs:5.1f}s")
-    lines.append(f"medians over seeds {list(seeds)}; updates: PPO = iterations (a batch of episodes, 4 epochs of")
-    lines.append("full-batch Adam steps on the clipped loss); REINFORCE = episodes (one Adam step each, the seed's loop).")
+    lines.append(
+        f"medians over seeds {list(seeds)}; updates: PPO = iterations (a batch of episodes, 4 epochs of"
+    )
+    lines.append(
+        "full-batch Adam steps on the clipped loss); REINFORCE = episodes (one Adam step each, the seed's loop)."
+    )
     return "\n".join(lines), results
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description="PPO (rlhf_toy.stages.ppo.core) vs REINFORCE on the seed's toy problems")
+    ap = argparse.ArgumentParser(
+        description="PPO (rlhf_toy.stages.ppo.core) vs REINFORCE on the seed's toy problems"
+    )
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     args = ap.parse_args(argv)
     table, _ = comparison_table(range(args.seeds))

@@ -15,9 +15,9 @@ On our side the same inputs go through ``rlhf_toy.stages.ppo.core``:
   TRL's masks must equal TRL's numbers exactly (``tolerance``: 0, but for the ``ROUND_OFF_QUANTITIES``).
 * ``design`` quantities: our defaults (score on the last real token, value loss over the response
   mask, masked approx-KL) next to TRL's, to show where and how much they differ by design.
-* ``trainer``: one PPO step through the trainer users run (``rlhf_toy.stages.ppo.trainer``: its
-  forward passes, ``ppo_update``'s minibatch and accumulation loop, ``make_optimizer``'s AdamW and
-  gradient clipping) with ``trl_compat`` on, from TRL's rollout and in TRL's minibatch order: every
+* ``trainer``: one PPO step through the trainer users run (``rlhf_toy.stages.ppo.trainer``: its forward passes,
+  ``ppo_update``'s minibatch and accumulation loop, ``make_optimizer``'s AdamW and gradient clipping) with
+  TRL's update (``ppo_update(as_trl=True)``), from TRL's rollout and in TRL's minibatch order: every
   intermediate tensor, the accumulated gradients before each optimizer step and the updated policy and value
   weights must equal TRL's bit for bit (``tolerance``).
 
@@ -39,6 +39,9 @@ import torch
 
 from rlhf_toy import models, sequences
 from rlhf_toy.stages.ppo import core
+from rlhf_toy.stages.ppo import trainer as T
+from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.models import disable_dropout, forward_values
 
 TOLERANCE = 1e-5  # float32 round-off: where ours and TRL's compute a quantity in different ways
 # Every quantity of the TRL-compat check is computed from the same inputs by the same operations as TRL's, so it
@@ -52,6 +55,7 @@ ROUND_OFF_QUANTITIES = {
 def tolerance(quantity: str) -> float:
     """The largest |ours − TRL| the check accepts for `quantity`: 0, or float32 round-off (ROUND_OFF_QUANTITIES)."""
     return TOLERANCE if quantity in ROUND_OFF_QUANTITIES else 0.0
+
 
 PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 
@@ -114,7 +118,7 @@ DEFAULT_SETTINGS: list[dict[str, Any]] = [
         "cliprange": 0.1,
         "cliprange_value": 0.05,
     },
-    {   # TRL's accumulation spans its minibatches: 2 minibatches x 2 micro-batches, one optimizer step an epoch
+    {  # TRL's accumulation spans its minibatches: 2 minibatches x 2 micro-batches, one optimizer step an epoch
         "name": "accumulate_2x2_k1",
         "seed": 5,
         "gradient_accumulation_steps": 4,
@@ -381,14 +385,17 @@ def run_trl_one_update(setting: dict[str, Any]) -> dict[str, Any]:
             "betas": [tuple(g["betas"]) for g in groups],
             "eps": [g["eps"] for g in groups],
             "weight_decay": [g["weight_decay"] for g in groups],
-            "fused": bool(groups[0].get("fused") or False),  # transformers >= 5 on torch >= 2.8: adamw_torch_fused
+            "fused": bool(
+                groups[0].get("fused") or False
+            ),  # transformers >= 5 on torch >= 2.8: adamw_torch_fused
         }
         # TRL's accumulated gradients, as its optimizer is about to step with them (AdamW's first step hardly
         # depends on their scale, so the weights alone would hide a wrongly scaled gradient)
         cap["gradients"] = []
         wrapper = trainer.accelerator.unwrap_model(trainer.model)
         recorder = getattr(opt, "optimizer", opt).register_step_pre_hook(
-            _gradient_recorder(list(wrapper.named_parameters()), cap["gradients"]))
+            _gradient_recorder(list(wrapper.named_parameters()), cap["gradients"])
+        )
         t0 = time.time()
         import io
 
@@ -414,8 +421,10 @@ def run_trl_one_update(setting: dict[str, Any]) -> dict[str, Any]:
 
 def _gradient_recorder(named_parameters: list, store: list):
     """An optimizer step pre-hook that appends {name: gradient} (copies) to `store` before every step."""
+
     def record(optimizer, args, kwargs):
         store.append({name: p.grad.detach().clone() for name, p in named_parameters if p.grad is not None})
+
     return record
 
 
@@ -477,16 +486,34 @@ def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
 
     # ---- losses and statistics per micro-batch, on TRL's own inputs
     mbs = cap["micro_batches"]
-    per_mb = {"policy_loss": [], "value_loss": [], "approxkl": [], "clipfrac": [], "vf_clipfrac": [], "ratio_mean": []}
+    per_mb = {
+        "policy_loss": [],
+        "value_loss": [],
+        "approxkl": [],
+        "clipfrac": [],
+        "vf_clipfrac": [],
+        "ratio_mean": [],
+    }
     ours_stats = {k: [] for k in per_mb}
     accumulation_index: dict = {}
     for mb in mbs:
         e, m_i, inds = mb["epoch"], mb["minibatch"], mb["inds"]
         g = accumulation_index[(e, m_i)] = accumulation_index.get((e, m_i), -1) + 1
         pg, st = core.policy_loss(
-            mb["new_logprobs"], mb["mb_logprobs"], mb["mb_advantage"], mask[inds], s["cliprange"], stats_over_padding=True
+            mb["new_logprobs"],
+            mb["mb_logprobs"],
+            mb["mb_advantage"],
+            mask[inds],
+            cliprange=s["cliprange"],
+            stats_over_padding=True,
         )
-        vf, vf_clip = core.value_loss(mb["vpred"], mb["mb_values"], mb["mb_return"], value_mask_compat[inds], s["cliprange_value"])
+        vf, vf_clip = core.value_loss(
+            mb["vpred"],
+            mb["mb_values"],
+            mb["mb_return"],
+            value_mask_compat[inds],
+            cliprange_value=s["cliprange_value"],
+        )
         got = {
             "policy_loss": pg, "value_loss": vf, "approxkl": st["approxkl"], "clipfrac": st["clipfrac"],
             "vf_clipfrac": vf_clip, "ratio_mean": st["ratio_mean"],
@@ -514,9 +541,17 @@ def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
         "objective/entropy": float(core.masked_sum(-cap["logprobs"], mask, dim=1).mean()),
         # TRL averages over every slot of its (epochs, minibatches, gradient_accumulation_steps) stats array;
         # with gradient_accumulation_steps > 1 only some slots are filled, the rest count as 0 (see design)
-        **{name: sum(ours_stats[key]) / cap["approxkl_stats"].numel() for name, key in (
-            ("policy/approxkl_avg", "approxkl"), ("policy/clipfrac_avg", "clipfrac"), ("loss/policy_avg", "policy_loss"),
-            ("loss/value_avg", "value_loss"), ("val/clipfrac_avg", "vf_clipfrac"), ("val/ratio", "ratio_mean"))},
+        **{
+            name: sum(ours_stats[key]) / cap["approxkl_stats"].numel()
+            for name, key in (
+                ("policy/approxkl_avg", "approxkl"),
+                ("policy/clipfrac_avg", "clipfrac"),
+                ("loss/policy_avg", "policy_loss"),
+                ("loss/value_avg", "value_loss"),
+                ("val/clipfrac_avg", "vf_clipfrac"),
+                ("val/ratio", "ratio_mean"),
+            )
+        },
     }
     d["logged metrics"] = max(abs(our_metrics[k] - float(met[k])) for k in our_metrics)
 
@@ -535,28 +570,49 @@ def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
         "rows": int(mask.shape[0]),
         "rewards max|ours-TRL|": _maxdiff(default["rewards"], cap["rewards"]),
         "rewards max|ours-TRL| on rows with the same score position": (
-            _maxdiff(default["rewards"][~moved], cap["rewards"][~moved]) if not s["whiten_rewards"] else float("nan")
+            _maxdiff(default["rewards"][~moved], cap["rewards"][~moved])
+            if not s["whiten_rewards"]
+            else float("nan")
         ),
         "advantages max|ours-TRL|": _maxdiff(default["advantages"], cap["advantages"]),
         "returns max|ours-TRL| (on response mask)": _maxdiff(default["returns"], cap["returns"], mask),
     }
     mb0 = mbs[0]
-    vf_ours, _ = core.value_loss(mb0["vpred"], mb0["mb_values"], mb0["mb_return"], mask[mb0["inds"]], s["cliprange_value"])
-    design["value_loss(first mb): ours mask vs TRL p1 mask"] = (float(vf_ours), float(cap["vf_loss_stats"][0, 0, 0]))
+    vf_ours, _ = core.value_loss(
+        mb0["vpred"],
+        mb0["mb_values"],
+        mb0["mb_return"],
+        mask[mb0["inds"]],
+        cliprange_value=s["cliprange_value"],
+    )
+    design["value_loss(first mb): ours mask vs TRL p1 mask"] = (
+        float(vf_ours),
+        float(cap["vf_loss_stats"][0, 0, 0]),
+    )
     _, st_masked = core.policy_loss(
-        mb0["new_logprobs"], mb0["mb_logprobs"], mb0["mb_advantage"], mask[mb0["inds"]], s["cliprange"]
+        mb0["new_logprobs"],
+        mb0["mb_logprobs"],
+        mb0["mb_advantage"],
+        mask[mb0["inds"]],
+        cliprange=s["cliprange"],
     )
     design["approxkl(first mb): ours masked vs TRL over padding"] = (
         float(st_masked["approxkl"]),
         float(cap["approxkl_stats"][0, 0, 0]),
     )
     # TRL's logged update statistics: micro-batches run / slots averaged over (1 = no dilution)
-    design["TRL logged update stats: filled share of its stats slots"] = len(mbs) / cap["approxkl_stats"].numel()
+    design["TRL logged update stats: filled share of its stats slots"] = (
+        len(mbs) / cap["approxkl_stats"].numel()
+    )
     # TRL's average over every position = ours over real tokens × (real tokens / all positions)
     mb0_mask = mask[mb0["inds"]]
     design["approxkl(first mb): real-token share"] = float(mb0_mask.sum()) / mb0_mask.numel()
 
-    eos_rows = (responses == EOS_ID).any(1) if s["stop_token"] == "eos" else torch.zeros(len(responses), dtype=torch.bool)
+    eos_rows = (
+        (responses == EOS_ID).any(1)
+        if s["stop_token"] == "eos"
+        else torch.zeros(len(responses), dtype=torch.bool)
+    )
     lengths = mask.sum(1)
     return {
         "setting": {k: v for k, v in s.items()},
@@ -579,14 +635,11 @@ def compare_one(cap: dict[str, Any]) -> dict[str, Any]:
 
 def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
     """One PPO step of our trainer from TRL's rollout (same prompts, responses, initial models, scores and
-    sampling log-probs), with `trl_compat` on and TRL's hyperparameters: the reference log-probs and values
-    from the trainer's forward passes, the targets from `core.compute_ppo_targets`, then
-    `trainer.ppo_update` (its micro-batch and accumulation loop, `make_optimizer`'s AdamW, gradient
-    clipping at a norm never reached, as TRL has none) over TRL's own minibatch order.
-    Returns max |ours − TRL| per quantity and the weight agreement."""
-    from rlhf_toy.stages.ppo import trainer as T
-    from rlhf_toy.stages.ppo.config import PPOStageConfig
-    from rlhf_toy.stages.ppo.models import disable_dropout, forward_values
+    sampling log-probs), with TRL's update (`ppo_update(as_trl=True)`) and TRL's hyperparameters: the
+    reference log-probs and values from the trainer's forward passes, the targets from
+    `core.compute_ppo_targets`, then `trainer.ppo_update` (its micro-batch and accumulation loop,
+    `make_optimizer`'s AdamW, gradient clipping at a norm never reached, as TRL has none) over TRL's own
+    minibatch order. Returns max |ours − TRL| per quantity and the weight agreement."""
 
     s, args = cap["setting"], cap["args"]
     batch_size, gas = s["batch_size"], s["gradient_accumulation_steps"]
@@ -595,12 +648,28 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
     # minibatch. Ours: num_mini_batches optimizer steps per epoch, each over gradient_accumulation_steps.
     num_mini_batches, accumulation = (1, gas) if gas > 1 else (s["num_mini_batches"], 1)
     cfg = PPOStageConfig(
-        trl_compat=True, batch_size=batch_size, total_episodes=batch_size, num_mini_batches=num_mini_batches,
-        gradient_accumulation_steps=accumulation, num_ppo_epochs=s["num_ppo_epochs"], temperature=s["temperature"],
-        kl_coef=s["kl_coef"], kl_estimator=s["kl_estimator"], gamma=s["gamma"], lam=s["lam"],
-        cliprange=s["cliprange"], cliprange_value=s["cliprange_value"], vf_coef=s["vf_coef"],
-        whiten_rewards=s["whiten_rewards"], learning_rate=args.learning_rate, adam_eps=args.adam_epsilon,
-        weight_decay=args.weight_decay, lr_scheduler_type="linear", max_grad_norm=1e9, device="cpu", dtype="float32")
+        batch_size=batch_size,
+        total_episodes=batch_size,
+        num_mini_batches=num_mini_batches,
+        gradient_accumulation_steps=accumulation,
+        num_ppo_epochs=s["num_ppo_epochs"],
+        temperature=s["temperature"],
+        kl_coef=s["kl_coef"],
+        kl_estimator=s["kl_estimator"],
+        gamma=s["gamma"],
+        lam=s["lam"],
+        cliprange=s["cliprange"],
+        cliprange_value=s["cliprange_value"],
+        vf_coef=s["vf_coef"],
+        whiten_rewards=s["whiten_rewards"],
+        learning_rate=args.learning_rate,
+        adam_eps=args.adam_epsilon,
+        weight_decay=args.weight_decay,
+        lr_scheduler_type="linear",
+        max_grad_norm=1e9,
+        device="cpu",
+        dtype="float32",
+    )
     policy, value_model = _fresh_models(s, cap["init"])
     from transformers import AutoModelForCausalLM
 
@@ -610,48 +679,101 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
         disable_dropout(model)
     parameters = list(policy.parameters()) + list(value_model.parameters())
     optimizer = T.make_optimizer(cfg, parameters, torch.device("cpu"))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.0, 1.0 - step / cfg.num_steps))
-    state = T.PPOState(cfg, T.make_accelerator(cfg), torch.device("cpu"), tokenizer=None, scorer=None,
-                       policy=policy, reference=reference, value_model=value_model, optimizer=optimizer,
-                       scheduler=scheduler, kl_ctl=core.FixedKLController(cfg.kl_coef), eval_prompts=[], prompts=[],
-                       local_batch=batch_size, micro_batch=batch_size // num_mini_batches // accumulation,
-                       precision=models.resolve_precision("float32", torch.device("cpu")), logprobs_from_forward=False)
-    T.prepare_engine(state)   # one process: the models and optimizer come back as they were
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, T.lr_decay(cfg))
+    state = T.PPOState(
+        cfg,
+        T.make_accelerator(cfg),
+        torch.device("cpu"),
+        tokenizer=None,
+        scorer=None,
+        policy=policy,
+        reference=reference,
+        value_model=value_model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        kl_ctl=core.FixedKLController(cfg.kl_coef),
+        eval_prompts=[],
+        prompts=[],
+        local_batch=batch_size,
+        micro_batch=batch_size // num_mini_batches // accumulation,
+        precision=models.resolve_precision("float32", torch.device("cpu")),
+        logprobs_from_forward=False,
+    )
+    T.prepare_engine(state)  # one process: the models and optimizer come back as they were
 
     ctx, query_responses, responses = cap["context_length"], cap["query_responses"], cap["responses"]
-    attention = (query_responses != PAD_ID).long()   # what TRL's forward attends to
+    attention = (query_responses != PAD_ID).long()  # what TRL's forward attends to
     with torch.no_grad():
         policy.eval(), reference.eval(), value_model.eval()
-        logprobs = sequences.response_logprobs(policy, query_responses, attention, ctx, cfg.temperature)
-        ref_logprobs = sequences.response_logprobs(reference, query_responses, attention, ctx, cfg.temperature)
+        logprobs = sequences.response_logprobs(
+            policy, query_responses, attention, ctx, temperature=cfg.temperature
+        )
+        ref_logprobs = sequences.response_logprobs(
+            reference, query_responses, attention, ctx, temperature=cfg.temperature
+        )
         values = forward_values(value_model, query_responses, attention, ctx)
     value_mask = core.extend_mask_by_one(mask)
-    d = {"trainer: rollout logprobs (forward vs TRL's sampling pass)": _maxdiff(logprobs, cap["logprobs"], mask),
-         "trainer: ref_logprobs": _maxdiff(ref_logprobs, cap["ref_logprobs"], mask),
-         "trainer: values": _maxdiff(values, cap["values"], value_mask)}
-    targets = core.compute_ppo_targets(cap["scores"], cap["logprobs"], ref_logprobs, values, mask, cfg.kl_coef,
-                                       cfg.gamma, cfg.lam, cfg.kl_estimator, cfg.whiten_rewards, trl_compat=True)
+    d = {
+        "trainer: rollout logprobs (forward vs TRL's sampling pass)": _maxdiff(
+            logprobs, cap["logprobs"], mask
+        ),
+        "trainer: ref_logprobs": _maxdiff(ref_logprobs, cap["ref_logprobs"], mask),
+        "trainer: values": _maxdiff(values, cap["values"], value_mask),
+    }
+    targets = core.compute_ppo_targets(
+        cap["scores"],
+        cap["logprobs"],
+        ref_logprobs,
+        values,
+        mask,
+        kl_coef=cfg.kl_coef,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        kl_estimator=cfg.kl_estimator,
+        whiten_rewards=cfg.whiten_rewards,
+        trl_compat=True,
+    )
     for name in ("kl", "rewards", "advantages", "returns"):
         d[f"trainer: {name}"] = _maxdiff(targets[name], cap[name])
 
-    batch = T.Rollout([], query_responses, attention, ctx, responses, mask, cap["logprobs"], ref_logprobs, values, [])
+    batch = T.Rollout(
+        [], query_responses, attention, ctx, responses, mask, cap["logprobs"], ref_logprobs, values, []
+    )
     micro_batches = cap["micro_batches"]
     orders = {}
-    for mb in micro_batches:   # TRL's permutation of each epoch, as its micro-batches took it
+    for mb in micro_batches:  # TRL's permutation of each epoch, as its micro-batches took it
         orders.setdefault(mb["epoch"], []).append(mb["inds"])
     gradients: list = []
-    named = [(f"{prefix}.{n}", p) for prefix, m in (("policy", policy), ("value_model", value_model))
-             for n, p in m.named_parameters()]   # TRL's PolicyAndValueWrapper's names
+    named = [
+        (f"{prefix}.{n}", p)
+        for prefix, m in (("policy", policy), ("value_model", value_model))
+        for n, p in m.named_parameters()
+    ]  # TRL's PolicyAndValueWrapper's names
     recorder = optimizer.register_step_pre_hook(_gradient_recorder(named, gradients))
-    stats = T.ppo_update(state, batch, targets, step=1, permutation=lambda epoch: torch.cat(orders[epoch]))
+    stats = T.ppo_update(
+        state, batch, targets, step=1, permutation=lambda epoch: torch.cat(orders[epoch]), as_trl=True
+    )
     recorder.remove()
-    if len(gradients) != len(cap["gradients"]) or any(a.keys() != b.keys() for a, b in zip(gradients, cap["gradients"])):
-        raise AssertionError(f"the optimizer steps differ: ours {len(gradients)} over "
-                             f"{len(gradients[0]) if gradients else 0} tensors, TRL's {len(cap['gradients'])}")
+    if len(gradients) != len(cap["gradients"]) or any(
+        a.keys() != b.keys() for a, b in zip(gradients, cap["gradients"])
+    ):
+        raise AssertionError(
+            f"the optimizer steps differ: ours {len(gradients)} over "
+            f"{len(gradients[0]) if gradients else 0} tensors, TRL's {len(cap['gradients'])}"
+        )
     d["trainer: gradients before each optimizer step"] = max(
-        _maxdiff(ours[name], theirs[name]) for ours, theirs in zip(gradients, cap["gradients"]) for name in ours)
-    trl_stats = {"pg_loss": "pg_loss_stats", "vf_loss": "vf_loss_stats", "approxkl": "approxkl_stats",
-                 "pg_clipfrac": "pg_clipfrac_stats", "vf_clipfrac": "vf_clipfrac_stats", "ratio": "ratio_stats"}
+        _maxdiff(ours[name], theirs[name])
+        for ours, theirs in zip(gradients, cap["gradients"])
+        for name in ours
+    )
+    trl_stats = {
+        "pg_loss": "pg_loss_stats",
+        "vf_loss": "vf_loss_stats",
+        "approxkl": "approxkl_stats",
+        "pg_clipfrac": "pg_clipfrac_stats",
+        "vf_clipfrac": "vf_clipfrac_stats",
+        "ratio": "ratio_stats",
+    }
     position: dict = {}
     for i, mb in enumerate(micro_batches):
         e, m = mb["epoch"], mb["minibatch"]
@@ -668,10 +790,16 @@ def trainer_step(cap: dict[str, Any], mask: torch.Tensor) -> dict[str, Any]:
             num += float(((v - v0).double() - (v_trl - v0).double()).pow(2).sum())
             den += float((v_trl - v0).double().pow(2).sum())
     d["trainer: updated weights"] = max_abs
-    return {"max_abs_diff": d, "weights_max_abs_diff": max_abs, "weights_rel_diff": math.sqrt(num / den) if den else 0.0,
-            "weight_change_norm": math.sqrt(den), "micro_batches": len(micro_batches),
-            "optimizer_steps": int(optimizer.state[parameters[0]]["step"]), "learning_rate": args.learning_rate,
-            "adam_epsilon": args.adam_epsilon}
+    return {
+        "max_abs_diff": d,
+        "weights_max_abs_diff": max_abs,
+        "weights_rel_diff": math.sqrt(num / den) if den else 0.0,
+        "weight_change_norm": math.sqrt(den),
+        "micro_batches": len(micro_batches),
+        "optimizer_steps": int(optimizer.state[parameters[0]]["step"]),
+        "learning_rate": args.learning_rate,
+        "adam_epsilon": args.adam_epsilon,
+    }
 
 
 def numeric_crosscheck(settings: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -713,15 +841,25 @@ def format_report(report: dict[str, Any]) -> str:
         "quantity".ljust(w0) + "".join(n.rjust(w) for n in names),
     ]
     for q in quantities:
-        lines.append(q.ljust(w0) + "".join(f"{report['results'][n]['max_abs_diff'][q]:.2e}".rjust(w) for n in names))
-    rows = (("micro_batches", "micro-batches"), ("optimizer_steps", "optimizer steps"),
-            ("learning_rate", "learning rate"), ("adam_epsilon", "Adam epsilon"),
-            ("weights_rel_diff", "weights: rel. diff of the change"))
+        lines.append(
+            q.ljust(w0) + "".join(f"{report['results'][n]['max_abs_diff'][q]:.2e}".rjust(w) for n in names)
+        )
+    rows = (
+        ("micro_batches", "micro-batches"),
+        ("optimizer_steps", "optimizer steps"),
+        ("learning_rate", "learning rate"),
+        ("adam_epsilon", "Adam epsilon"),
+        ("weights_rel_diff", "weights: rel. diff of the change"),
+    )
     for key, label in rows:
-        lines.append(label.ljust(w0) + "".join(f"{report['results'][n]['update'][key]:.3g}".rjust(w) for n in names))
+        lines.append(
+            label.ljust(w0) + "".join(f"{report['results'][n]['update'][key]:.3g}".rjust(w) for n in names)
+        )
     for key, label in (("rows_with_eos", "batch: rows with EOS"), ("rows_truncated", "batch: rows truncated"),
                        ("padded_positions", "batch: padded positions")):  # fmt: skip
-        lines.append(label.ljust(w0) + "".join(str(report["results"][n]["batch"][key]).rjust(w) for n in names))
+        lines.append(
+            label.ljust(w0) + "".join(str(report["results"][n]["batch"][key]).rjust(w) for n in names)
+        )
     lines.append("passed".ljust(w0) + "".join(str(report["results"][n]["passed"]).rjust(w) for n in names))
     lines += ["", "Differences by design (our defaults vs TRL, same inputs):"]
     for n in names:
@@ -736,11 +874,15 @@ def format_report(report: dict[str, Any]) -> str:
                 parts.append(f"{k} = {v}")
         lines.append(f"  {n}: " + "; ".join(parts))
     lines.append("")
-    trainer = {n: max(v for k, v in r["max_abs_diff"].items() if k.startswith("trainer:"))
-               for n, r in report["results"].items()}
+    trainer = {
+        n: max(v for k, v in r["max_abs_diff"].items() if k.startswith("trainer:"))
+        for n, r in report["results"].items()
+    }
     worst = max(trainer, key=trainer.get)
-    lines.append(f"trainer step: largest |ours - TRL| {trainer[worst]:.2e} over {len(trainer)} settings "
-                 f"(every tensor, the gradients and the updated weights; worst: {worst})")
+    lines.append(
+        f"trainer step: largest |ours - TRL| {trainer[worst]:.2e} over {len(trainer)} settings "
+        f"(every tensor, the gradients and the updated weights; worst: {worst})"
+    )
     lines.append("overall: " + ("PASSED" if report["passed"] else "FAILED"))
     return "\n".join(lines)
 

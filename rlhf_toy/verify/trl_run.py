@@ -38,8 +38,18 @@ from typing import Any
 import torch
 
 from rlhf_toy import data, models, runlog, sequences
-from rlhf_toy.config import ConfigError
+from rlhf_toy.config import ConfigError, save_config
+from rlhf_toy.scoring import (
+    NORMALIZATION_FILE,
+    RewardScorer,
+    load_reward_model,
+    read_normalization,
+    reward_model_dir,
+)
+from rlhf_toy.stages.common import setup_run
 from rlhf_toy.stages.ppo.config import PPOStageConfig
+from rlhf_toy.stages.ppo.models import AdapterDisabled
+from rlhf_toy.stages.ppo.trainer import evaluate, train_ppo
 
 # The curves overlaid in the PNG: (metric, title). TRL logs these names itself; ours uses the same.
 CURVES = [
@@ -57,9 +67,10 @@ class CrosscheckRunConfig(PPOStageConfig):
     """The PPO stage's config (every field, same meaning) plus where the cross-check writes. `ours_config`
     switches off what TRL does not have (length penalty, score clip, gradient clipping, adaptive β) and
     the TRL side gets the same values through `build_trl_trainer`."""
-    model_name_or_path: str = "runs/sft/final"      # policy init and reference, both trainers
-    output_dir: str = "reports/crosscheck"          # crosscheck.md, .png, .json (small files only)
-    work_dir: str = "runs/crosscheck"               # the two trainers' run directories (models, metrics)
+
+    model_name_or_path: str = "runs/sft/final"  # policy init and reference, both trainers
+    output_dir: str = "reports/crosscheck"  # crosscheck.md, .png, .json (small files only)
+    work_dir: str = "runs/crosscheck"  # the two trainers' run directories (models, metrics)
     num_eval_prompts: int = 32
     total_episodes: int = 64
     batch_size: int = 8
@@ -75,37 +86,53 @@ class CrosscheckRunConfig(PPOStageConfig):
     def validate(self):
         super().validate()
         # TRL's PPOTrainer has GAE, the KL in the reward, one reward model, the token-mean loss, one sample a prompt
-        for name, trl_value in (("advantage_estimator", "gae"), ("kl_in", "reward"), ("rewards", ["rm"]),
-                                ("loss_type", "bnpo"), ("num_generations", 1)):
+        for name, trl_value in (
+            ("advantage_estimator", "gae"),
+            ("kl_in", "reward"),
+            ("rewards", ["rm"]),
+            ("loss_type", "bnpo"),
+            ("num_generations", 1),
+        ):
             if getattr(self, name) != trl_value:
-                raise ConfigError(f"{name}: {getattr(self, name)!r}: the run-level cross-check trains TRL's "
-                                  f"PPOTrainer beside ours, which has only {name}: {trl_value!r} "
-                                  "(scripts/crosscheck_trl.py --numeric checks the critic-free estimators against "
-                                  "TRL's GRPOTrainer and RLOOTrainer)")
+                raise ConfigError(
+                    f"{name}: {getattr(self, name)!r}: the run-level cross-check trains TRL's "
+                    f"PPOTrainer beside ours, which has only {name}: {trl_value!r} "
+                    "(scripts/crosscheck_trl.py --numeric checks the critic-free estimators against "
+                    "TRL's GRPOTrainer and RLOOTrainer)"
+                )
 
 
 # ----------------------------------------------------------------------------------------------
 # ours
 # ----------------------------------------------------------------------------------------------
-def ours_config(cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int | None = None) -> PPOStageConfig:
+def ours_config(
+    cfg: CrosscheckRunConfig, output_dir: str, num_eval_prompts: int | None = None
+) -> PPOStageConfig:
     """Our PPOStageConfig with TRL's semantics switched on where they are options."""
     same = {f.name: getattr(cfg, f.name) for f in fields(PPOStageConfig)}
-    return PPOStageConfig(**{
-        **same, "output_dir": output_dir,
-        "num_eval_prompts": cfg.num_eval_prompts if num_eval_prompts is None else num_eval_prompts,
-        "length_coef": 0.0,             # TRL has no length penalty
-        "score_clip": 0.0,              # TRL does not clip the score
-        "kl_target": 0.0,               # TRL's β is fixed
-        "gradient_accumulation_steps": 1, "lr_scheduler_type": "linear",
-        "max_grad_norm": 1e9,           # TRL's PPO loop never clips gradients
-        "sample_every": 1, "save_steps": cfg.num_steps, "save_total_limit": 1, "report_to": "none", "resume": False,
-    })
+    return PPOStageConfig(
+        **{
+            **same,
+            "output_dir": output_dir,
+            "num_eval_prompts": cfg.num_eval_prompts if num_eval_prompts is None else num_eval_prompts,
+            "length_coef": 0.0,  # TRL has no length penalty
+            "score_clip": 0.0,  # TRL does not clip the score
+            "kl_target": 0.0,  # TRL's β is fixed
+            "gradient_accumulation_steps": 1,
+            "lr_scheduler_type": "linear",
+            "max_grad_norm": 1e9,  # TRL's PPO loop never clips gradients
+            "sample_every": 1,
+            "save_steps": cfg.num_steps,
+            "save_total_limit": 1,
+            "report_to": "none",
+            "resume": False,
+        }
+    )
 
 
-def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | None = None,
-             on_step_end=None) -> dict[str, Any]:
-    from rlhf_toy.stages.ppo.trainer import train_ppo
-
+def run_ours(
+    cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | None = None, on_step_end=None
+) -> dict[str, Any]:
     import shutil
 
     shutil.rmtree(run_dir, ignore_errors=True)
@@ -116,20 +143,41 @@ def run_ours(cfg: CrosscheckRunConfig, run_dir: Path, num_eval_prompts: int | No
     history = [r for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "objective/kl" in r]
     summary_path = run_dir / "summary.json"
     summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    steps = [{"step": r["step"], "step_s": r["time/rollout_s"] + r["time/update_s"],
-              "tokens": r["response/length_mean"] * cfg.batch_size,
-              **{k: r.get(k) for k in ("time/generation_s", "time/ref_forward_s", "time/value_forward_s",
-                                       "time/scoring_s", "time/rollout_s", "time/update_s", "perf/update_tokens")}}
-             for r in history]
-    batches = [[s["prompt"] for s in runlog.read_jsonl(run_dir / "samples.jsonl") if s["step"] == r["step"]]
-               for r in history]
+    steps = [
+        {
+            "step": r["step"],
+            "step_s": r["time/rollout_s"] + r["time/update_s"],
+            "tokens": r["response/length_mean"] * cfg.batch_size,
+            **{
+                k: r.get(k)
+                for k in (
+                    "time/generation_s",
+                    "time/ref_forward_s",
+                    "time/value_forward_s",
+                    "time/scoring_s",
+                    "time/rollout_s",
+                    "time/update_s",
+                    "perf/update_tokens",
+                )
+            },
+        }
+        for r in history
+    ]
+    batches = [
+        [s["prompt"] for s in runlog.read_jsonl(run_dir / "samples.jsonl") if s["step"] == r["step"]]
+        for r in history
+    ]
     return {"history": history, "steps": steps, "summary": summary, "wall_s": wall, "batches": batches}
 
 
 def prompt_order(cfg: CrosscheckRunConfig, prompts: list) -> list:
     """The prompts in the order our trainer draws them (`data.prompt_batch`, step by step), so TRL can be
     fed the same batches. Checked against ours' samples.jsonl."""
-    return [p for step in range(cfg.num_steps) for p in data.prompt_batch(prompts, step, cfg.batch_size, cfg.seed)]
+    return [
+        p
+        for step in range(cfg.num_steps)
+        for p in data.prompt_batch(prompts, step, batch_size=cfg.batch_size, seed=cfg.seed)
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -138,7 +186,6 @@ def prompt_order(cfg: CrosscheckRunConfig, prompts: list) -> list:
 def normalised_reward_model_for_trl(rm_path, dtype, gain: float, bias: float):
     """The RM with the normalisation folded into its score head: score' = gain·score + bias.
     (Llama's / GPT-2's score head has no bias, so it is replaced by a Linear with one.)"""
-    from rlhf_toy.scoring import load_reward_model
 
     rm = load_reward_model(rm_path, device="cpu", dtype="float32").to(dtype)
     old = rm.score
@@ -178,6 +225,7 @@ class TRLTimers:
                 if key:
                     self.acc[key] += time.perf_counter() - t0
                 return out
+
             return wrapper
 
         def count_reward(model, query_responses, pad_token_id, context_length):
@@ -203,8 +251,6 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
     from torch.utils.data import DataLoader
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
-
-    from rlhf_toy.scoring import read_normalization, reward_model_dir
 
     # TRL's bf16=True is accelerate's autocast around the prepared model's forward (the update; its
     # rollout's generate and reference/reward forwards run outside it): float32 weights stay when mixed.
@@ -235,35 +281,72 @@ def build_trl_trainer(cfg: CrosscheckRunConfig, run_dir: Path, ordered_prompts: 
     if cfg.use_lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
-                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        peft_config = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=0.0,
+            target_modules="all-linear",
+            task_type="CAUSAL_LM",
+        )
 
     # the same token ids as our rollout: chat template + generation prompt, left-truncated
     ids = [sequences.prompt_ids(tokenizer, p, cfg.max_prompt_length) for p in ordered_prompts]
     ds = Dataset.from_dict({"input_ids": ids})
     args = PPOConfig(
-        output_dir=str(run_dir), report_to=[], seed=cfg.seed,
+        output_dir=str(run_dir),
+        report_to=[],
+        seed=cfg.seed,
         per_device_train_batch_size=cfg.batch_size,  # TRL: micro-batch = batch / num_mini_batches, as ours
-        gradient_accumulation_steps=1, local_rollout_forward_batch_size=cfg.batch_size,
-        total_episodes=cfg.num_steps * cfg.batch_size, num_ppo_epochs=cfg.num_ppo_epochs,
-        num_mini_batches=cfg.num_mini_batches, response_length=cfg.response_length, stop_token="eos",
-        temperature=cfg.temperature, kl_coef=cfg.kl_coef, kl_estimator=cfg.kl_estimator, gamma=cfg.gamma,
-        lam=cfg.lam, cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, vf_coef=cfg.vf_coef,
-        whiten_rewards=cfg.whiten_rewards, missing_eos_penalty=cfg.missing_eos_penalty,
-        learning_rate=cfg.learning_rate, lr_scheduler_type="linear", adam_epsilon=cfg.adam_eps,
-        weight_decay=cfg.weight_decay, num_sample_generations=0, save_strategy="no", logging_steps=1,
-        use_cpu=cfg.device == "cpu", disable_tqdm=True, bf16=precision.compute == torch.bfloat16,
+        gradient_accumulation_steps=1,
+        local_rollout_forward_batch_size=cfg.batch_size,
+        total_episodes=cfg.num_steps * cfg.batch_size,
+        num_ppo_epochs=cfg.num_ppo_epochs,
+        num_mini_batches=cfg.num_mini_batches,
+        response_length=cfg.response_length,
+        stop_token="eos",
+        temperature=cfg.temperature,
+        kl_coef=cfg.kl_coef,
+        kl_estimator=cfg.kl_estimator,
+        gamma=cfg.gamma,
+        lam=cfg.lam,
+        cliprange=cfg.cliprange,
+        cliprange_value=cfg.cliprange_value,
+        vf_coef=cfg.vf_coef,
+        whiten_rewards=cfg.whiten_rewards,
+        missing_eos_penalty=cfg.missing_eos_penalty,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        adam_epsilon=cfg.adam_eps,
+        weight_decay=cfg.weight_decay,
+        num_sample_generations=0,
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=cfg.device == "cpu",
+        disable_tqdm=True,
+        bf16=precision.compute == torch.bfloat16,
     )
-    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref,
-                         reward_model=reward_model, train_dataset=ds, value_model=value_model,
-                         peft_config=peft_config)
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tokenizer,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward_model,
+        train_dataset=ds,
+        value_model=value_model,
+        peft_config=peft_config,
+    )
     # TRL shuffles its prompts; read them in our order instead, so both see the same batches.
-    trainer.dataloader = trainer.accelerator.prepare(DataLoader(
-        ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=trainer.data_collator, drop_last=True))
+    trainer.dataloader = trainer.accelerator.prepare(
+        DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=False, collate_fn=trainer.data_collator, drop_last=True
+        )
+    )
     return trainer, tokenizer, reward_model
 
 
-def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True, callbacks=()) -> dict[str, Any]:
+def run_trl(
+    cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True, callbacks=()
+) -> dict[str, Any]:
     import shutil
     import warnings
 
@@ -291,8 +374,16 @@ def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True
             step_s = now - self.t
             split = {f"time/{k}_s": v for k, v in timers.acc.items()}
             rollout = sum(timers.acc.values())
-            steps.append({"step": len(steps) + 1, "step_s": step_s, "tokens": timers.tokens, **split,
-                          "time/rollout_s": rollout, "time/update_s": step_s - rollout})
+            steps.append(
+                {
+                    "step": len(steps) + 1,
+                    "step_s": step_s,
+                    "tokens": timers.tokens,
+                    **split,
+                    "time/rollout_s": rollout,
+                    "time/update_s": step_s - rollout,
+                }
+            )
             timers.reset()
             self.t = time.perf_counter()
 
@@ -308,24 +399,36 @@ def run_trl(cfg: CrosscheckRunConfig, run_dir: Path, evaluate_after: bool = True
     finally:
         transformers.logging.set_verbosity(verbosity)
     wall = time.time() - started
-    history = [{"step": i + 1, **h} for i, h in enumerate(x for x in trainer.state.log_history if "objective/kl" in x)]
+    history = [
+        {"step": i + 1, **h}
+        for i, h in enumerate(x for x in trainer.state.log_history if "objective/kl" in x)
+    ]
     for h, s in zip(history, steps):
         h.update({k: v for k, v in s.items() if k.startswith("time/")})
         h["response/length_mean"] = s["tokens"] / cfg.batch_size
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
-    result = {"history": history, "steps": steps, "wall_s": wall,
-              "batches": [ordered[i * cfg.batch_size:(i + 1) * cfg.batch_size] for i in range(cfg.num_steps)]}
+    result = {
+        "history": history,
+        "steps": steps,
+        "wall_s": wall,
+        "batches": [ordered[i * cfg.batch_size : (i + 1) * cfg.batch_size] for i in range(cfg.num_steps)],
+    }
     if evaluate_after and cfg.num_eval_prompts:
-        from rlhf_toy.scoring import RewardScorer
-        from rlhf_toy.stages.ppo.models import AdapterDisabled
-        from rlhf_toy.stages.ppo.trainer import evaluate
-
         policy = trainer.accelerator.unwrap_model(trainer.model).policy
         scorer = RewardScorer(cfg.reward_model_path, device=cfg.device, dtype=cfg.dtype)
         eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
-        reference = AdapterDisabled(policy) if cfg.use_lora else trainer.ref_model   # as ours
-        result["after"] = evaluate(cfg, policy, reference, tokenizer, scorer, eval_prompts, "after (TRL)",
-                                   scorer.precision, eval_titles)
+        reference = AdapterDisabled(policy) if cfg.use_lora else trainer.ref_model  # as ours
+        result["after"] = evaluate(
+            cfg,
+            policy,
+            reference=reference,
+            tokenizer=tokenizer,
+            scorer=scorer,
+            eval_prompts=eval_prompts,
+            when="after (TRL)",
+            precision=scorer.precision,
+            titles=eval_titles,
+        )
         (run_dir / "summary.json").write_text(json.dumps({"after": result["after"]}, indent=2) + "\n")
     del trainer
     return result
@@ -343,8 +446,12 @@ def throughput(res: dict, batch_size: int) -> dict:
     """Episodes/s and response tokens/s over the steps after the first (the first pays warm-up)."""
     steps = res["steps"][1:] or res["steps"]
     secs = sum(s["step_s"] for s in steps)
-    return {"episodes_per_s": batch_size * len(steps) / secs, "tokens_per_s": sum(s["tokens"] for s in steps) / secs,
-            "step_s_median": _median([s["step_s"] for s in steps]), "steps_timed": len(steps)}
+    return {
+        "episodes_per_s": batch_size * len(steps) / secs,
+        "tokens_per_s": sum(s["tokens"] for s in steps) / secs,
+        "step_s_median": _median([s["step_s"] for s in steps]),
+        "steps_timed": len(steps),
+    }
 
 
 def plot_curves(ours: list[dict], trl: list[dict], path: Path, title: str) -> None:
@@ -371,8 +478,6 @@ def plot_curves(ours: list[dict], trl: list[dict], path: Path, title: str) -> No
 
 def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
     """Both trainers, one after the other in this process; writes crosscheck.{md,png,json}."""
-    from rlhf_toy.config import save_config
-    from rlhf_toy.stages.common import setup_run
 
     # The report directory is not a run directory (run_ours and run_trl start their own afresh).
     setup_run(cfg)  # seed, threads
@@ -381,35 +486,57 @@ def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
     work = Path(cfg.work_dir)
     ours = run_ours(cfg, work / "ours")
     trl = run_trl(cfg, work / "trl")
-    same_batches = [sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
-                    for a, b in zip(ours["batches"], trl["batches"])]
+    same_batches = [
+        sorted(map(json.dumps, a)) == sorted(map(json.dumps, b))
+        for a, b in zip(ours["batches"], trl["batches"])
+    ]
     report = {
         "config": {**asdict(cfg), "num_steps": cfg.num_steps},
-        "trl_version": _version("trl"), "transformers_version": _version("transformers"),
+        "trl_version": _version("trl"),
+        "transformers_version": _version("transformers"),
         "torch_version": torch.__version__,
         "environment": runlog.environment(models.resolve_precision(cfg.dtype, torch.device(cfg.device))),
         "same_prompt_batches": all(same_batches) and len(same_batches) == cfg.num_steps,
-        "ours": {"history": ours["history"], "eval_before": ours["summary"].get("before"),
-                 "eval_after": ours["summary"].get("after"), "throughput": throughput(ours, cfg.batch_size),
-                 "time_split_median": _split(ours["steps"]), "wall_s": ours["wall_s"]},
-        "trl": {"history": trl["history"], "eval_after": trl.get("after"),
-                "throughput": throughput(trl, cfg.batch_size), "time_split_median": _split(trl["steps"]),
-                "wall_s": trl["wall_s"]},
+        "ours": {
+            "history": ours["history"],
+            "eval_before": ours["summary"].get("before"),
+            "eval_after": ours["summary"].get("after"),
+            "throughput": throughput(ours, cfg.batch_size),
+            "time_split_median": _split(ours["steps"]),
+            "wall_s": ours["wall_s"],
+        },
+        "trl": {
+            "history": trl["history"],
+            "eval_after": trl.get("after"),
+            "throughput": throughput(trl, cfg.batch_size),
+            "time_split_median": _split(trl["steps"]),
+            "wall_s": trl["wall_s"],
+        },
     }
     out.mkdir(parents=True, exist_ok=True)
     name = Path(cfg.model_name_or_path).name if "/" in cfg.model_name_or_path else cfg.model_name_or_path
-    plot_curves(ours["history"], trl["history"], out / "crosscheck.png",
-                f"ours vs TRL {report['trl_version']} PPOTrainer — {cfg.model_name_or_path}, "
-                f"batch {cfg.batch_size}, {cfg.num_ppo_epochs} epochs × {cfg.num_mini_batches} minibatches, "
-                f"β={cfg.kl_coef}, T={cfg.temperature}, {cfg.response_length} new tokens")
+    plot_curves(
+        ours["history"],
+        trl["history"],
+        out / "crosscheck.png",
+        f"ours vs TRL {report['trl_version']} PPOTrainer — {cfg.model_name_or_path}, "
+        f"batch {cfg.batch_size}, {cfg.num_ppo_epochs} epochs × {cfg.num_mini_batches} minibatches, "
+        f"β={cfg.kl_coef}, T={cfg.temperature}, {cfg.response_length} new tokens",
+    )
     (out / "crosscheck.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     (out / "crosscheck.md").write_text(format_markdown(report, name))
     return report
 
 
 def _split(steps):
-    keys = ("time/generation_s", "time/ref_forward_s", "time/value_forward_s", "time/scoring_s",
-            "time/rollout_s", "time/update_s")
+    keys = (
+        "time/generation_s",
+        "time/ref_forward_s",
+        "time/value_forward_s",
+        "time/scoring_s",
+        "time/rollout_s",
+        "time/update_s",
+    )
     steps = steps[1:] or steps
     return {k: _median([s.get(k) for s in steps]) for k in keys}
 
@@ -445,7 +572,8 @@ def format_markdown(r: dict, model_name: str) -> str:
         f"({c['kl_estimator']}), γ = {c['gamma']}, λ = {c['lam']}, ε = {c['cliprange']}, ε_v = {c['cliprange_value']}, "
         f"vf_coef = {c['vf_coef']}, T = {c['temperature']}, {c['response_length']} new tokens at most, stop at EOS, "
         f"missing-EOS penalty {c['missing_eos_penalty']}, seed {c['seed']}, {c['dtype']} on {c['device']}"
-        + (f", LoRA r={c['lora_r']} (reference = adapter disabled)" if c["use_lora"] else "") + ".",
+        + (f", LoRA r={c['lora_r']} (reference = adapter disabled)" if c["use_lora"] else "")
+        + ".",
         f"transformers {r['transformers_version']}, torch {r['torch_version']}.",
         "",
         "Command: `python scripts/crosscheck_trl.py --config <config> --output_dir "
@@ -453,8 +581,16 @@ def format_markdown(r: dict, model_name: str) -> str:
         "",
         "## How the two are matched",
         "",
-        *([f"- **Not matched in one respect: ours ran with `critic: {c['critic']}`** (a value head on the policy's "
-           "trunk; TRL's critic is a separate model initialised from the RM).", ""] if c.get("critic", "separate") != "separate" else []),
+        *(
+            [
+                f"- **Not matched in one respect: ours ran with `critic: {c['critic']}`** (a value head on "
+                "the policy's "
+                "trunk; TRL's critic is a separate model initialised from the RM).",
+                "",
+            ]
+            if c.get("critic", "separate") != "separate"
+            else []
+        ),
         "- Same models, tokenizer (distinct pad, left padding), chat-formatted prompts, and the same prompt "
         f"batches in the same order (TRL's shuffling dataloader replaced by one in our order; checked: "
         f"{'identical' if r['same_prompt_batches'] else 'NOT identical'}).",
@@ -480,21 +616,29 @@ def format_markdown(r: dict, model_name: str) -> str:
     for key, _ in CURVES + [("response/length_mean", ""), ("val/num_eos_tokens", "")]:
         ov = [h.get(key) for h in o["history"] if h.get(key) is not None]
         tv = [h.get(key) for h in t["history"] if h.get(key) is not None]
-        lines.append(f"| `{key}` | {_fmt(ov[-1] if ov else None, '.4f')} | {_fmt(tv[-1] if tv else None, '.4f')} | "
-                     f"{_fmt(sum(ov) / len(ov) if ov else None, '.4f')} | {_fmt(sum(tv) / len(tv) if tv else None, '.4f')} |")
+        lines.append(
+            f"| `{key}` | {_fmt(ov[-1] if ov else None, '.4f')} | {_fmt(tv[-1] if tv else None, '.4f')} | "
+            f"{_fmt(sum(ov) / len(ov) if ov else None, '.4f')} | {_fmt(sum(tv) / len(tv) if tv else None, '.4f')} |"
+        )
     lines += ["", "(`val/num_eos_tokens` is the number of responses with EOS in the batch, for both.)", ""]
     lines += [
-        f"## Evaluation on {c['num_eval_prompts']} eval prompts (same sampling: `sequences.generate`, seed {c['seed'] + 1}, "
+        f"## Evaluation on {c['num_eval_prompts']} eval prompts (same sampling: `sequences.generate`, seed "
+        f"{c['seed'] + 1}, "
         f"T = {c['temperature']}; gold judge `task.gold_score`; normalised RM `RewardScorer`)",
         "",
         "| policy | gold mean | RM mean | KL to ref | length | EOS rate |",
         "|---|---|---|---|---|---|",
     ]
-    for label, ev in (("initial (both)", o.get("eval_before")), ("ours after", o.get("eval_after")),
-                      ("TRL after", t.get("eval_after"))):
+    for label, ev in (
+        ("initial (both)", o.get("eval_before")),
+        ("ours after", o.get("eval_after")),
+        ("TRL after", t.get("eval_after")),
+    ):
         if ev:
-            lines.append(f"| {label} | {_fmt(ev['gold_mean'])} | {_fmt(ev['rm_mean'])} | {_fmt(ev['kl_to_ref'])} | "
-                         f"{_fmt(ev['length_mean'], '.1f')} | {_fmt(ev['eos_rate'], '.2f')} |")
+            lines.append(
+                f"| {label} | {_fmt(ev['gold_mean'])} | {_fmt(ev['rm_mean'])} | {_fmt(ev['kl_to_ref'])} | "
+                f"{_fmt(ev['length_mean'], '.1f')} | {_fmt(ev['eos_rate'], '.2f')} |"
+            )
     ot, tt = o["throughput"], t["throughput"]
     lines += [
         "",
@@ -504,25 +648,33 @@ def format_markdown(r: dict, model_name: str) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, tp, sp in (("ours", ot, o["time_split_median"]), ("TRL", tt, t["time_split_median"])):
-        lines.append(f"| {label} | {_fmt(tp['episodes_per_s'])} | {_fmt(tp['tokens_per_s'], '.1f')} | "
-                     f"{_fmt(tp['step_s_median'], '.2f')} | " + " | ".join(
-                         _fmt(sp[f"time/{k}_s"], ".2f") for k in ("generation", "ref_forward", "value_forward",
-                                                                 "scoring", "update")) + " |")
+        lines.append(
+            f"| {label} | {_fmt(tp['episodes_per_s'])} | {_fmt(tp['tokens_per_s'], '.1f')} | "
+            f"{_fmt(tp['step_s_median'], '.2f')} | "
+            + " | ".join(
+                _fmt(sp[f"time/{k}_s"], ".2f")
+                for k in ("generation", "ref_forward", "value_forward", "scoring", "update")
+            )
+            + " |"
+        )
     ratio = ot["episodes_per_s"] / tt["episodes_per_s"] if tt["episodes_per_s"] else float("nan")
-    lines += ["", f"ours / TRL episodes/s: **{ratio:.2f}×** (time split: median seconds per step). For a careful "
-              "benchmark (alternating fresh processes, peak memory) see `scripts/bench_ppo.py` / `reports/bench/`.", ""]
+    lines += [
+        "",
+        f"ours / TRL episodes/s: **{ratio:.2f}×** (time split: median seconds per step). For a careful "
+        "benchmark (alternating fresh processes, peak memory) see `scripts/bench_ppo.py` / `reports/bench/`.",
+        "",
+    ]
     if "environment" in r:
         lines += [runlog.environment_line(r["environment"]), ""]
     return "\n".join(lines)
 
 
-def make_tiny_reward_model(out_dir, base: str = models.TINY_MODEL, gain: float = 2.0, bias: float = 0.5,
-                           seed: int = 0) -> Path:
+def make_tiny_reward_model(
+    out_dir, base: str = models.TINY_MODEL, *, gain: float = 2.0, bias: float = 0.5, seed: int = 0
+) -> Path:
     """A reward model directory for tests and timing before a trained RM exists: a sequence-
     classification model from `base` (random score head) with a normalisation sidecar."""
     from transformers import AutoModelForSequenceClassification
-
-    from rlhf_toy.scoring import NORMALIZATION_FILE
 
     out_dir = Path(out_dir)
     if (out_dir / NORMALIZATION_FILE).exists():
@@ -537,7 +689,9 @@ def make_tiny_reward_model(out_dir, base: str = models.TINY_MODEL, gain: float =
         rm.score.weight.normal_(0, 1.0 / math.sqrt(rm.score.weight.shape[1]))
     rm.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
-    (out_dir / NORMALIZATION_FILE).write_text(json.dumps({"gain": gain, "bias": bias, "note": "synthetic"}) + "\n")
+    (out_dir / NORMALIZATION_FILE).write_text(
+        json.dumps({"gain": gain, "bias": bias, "note": "synthetic"}) + "\n"
+    )
     return out_dir
 
 

@@ -26,7 +26,8 @@ padding, end-of-response detection), and the ``trl_compat`` switch that reproduc
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 Tensor = torch.Tensor
-SumAcross = Callable[[Tensor], Tensor]   # a tensor summed over the data-parallel processes (an all-reduce)
+SumAcross = Callable[[Tensor], Tensor]  # a tensor summed over the data-parallel processes (an all-reduce)
 
 
 def _bool(mask: Tensor) -> Tensor:
@@ -101,7 +102,9 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True, sum_across: SumAc
     return _masked_moments(x, _bool(mask), unbiased, sum_across)[2]
 
 
-def _masked_moments(x: Tensor, m: Tensor, unbiased: bool, sum_across: SumAcross | None) -> tuple[Tensor, Tensor, Tensor]:
+def _masked_moments(
+    x: Tensor, m: Tensor, unbiased: bool, sum_across: SumAcross | None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(n, mean, variance) of the real entries (``masked_var``): three sums, each all-reduced with ``sum_across``."""
     # TRL detail: masked_var with Bessel correction mask_sum / (mask_sum - 1)
     total = sum_across or (lambda t: t)
@@ -116,7 +119,9 @@ def _masked_moments(x: Tensor, m: Tensor, unbiased: bool, sum_across: SumAcross 
     return mask_sum, mean, variance
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, sum_across: SumAcross | None = None) -> Tensor:
+def masked_whiten(
+    x: Tensor, mask: Tensor, shift_mean: bool = True, sum_across: SumAcross | None = None
+) -> Tensor:
     """Whiten the real entries: ``(x - mu) * rsqrt(var + 1e-8)`` (``+ mu`` back if not shift_mean).
 
     ``mu`` and ``var`` (unbiased) are taken over the mask only, and over every process's batch with
@@ -174,11 +179,7 @@ def extend_mask_by_one(mask: Tensor) -> Tensor:
 
 
 def compute_rewards(
-    scores: Tensor,
-    kl: Tensor,
-    mask: Tensor,
-    kl_coef: float | Tensor,
-    score_index: Tensor | None = None,
+    scores: Tensor, kl: Tensor, mask: Tensor, *, kl_coef: float | Tensor, score_index: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Per-token rewards ``r_t = -beta * kl_t  (+ score on the last real token)``.
 
@@ -203,7 +204,7 @@ def compute_rewards(
 # --------------------------------------------------------------------------------------------
 # advantages
 # --------------------------------------------------------------------------------------------
-def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Generalized Advantage Estimation over right-padded sequences: ``(advantages, returns)``.
 
     ``delta_t = r_t + gamma * V_{t+1} - V_t``;  ``A_t = delta_t + gamma * lam * A_{t+1}``;
@@ -235,6 +236,7 @@ def compute_ppo_targets(
     ref_logprobs: Tensor,
     values: Tensor,
     mask: Tensor,
+    *,
     kl_coef: float,
     gamma: float,
     lam: float,
@@ -263,11 +265,11 @@ def compute_ppo_targets(
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kl_estimator), zero)
     score_index = last_token_index(value_mask)
-    rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef, score_index=score_index)
+    rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef=kl_coef, score_index=score_index)
     if whiten_rewards:
         rewards = masked_whiten(rewards, value_mask, shift_mean=False, sum_across=sum_across)
     values = torch.where(value_mask, values, torch.zeros((), dtype=values.dtype, device=values.device))
-    advantages, returns = gae(rewards, values, value_mask, gamma, lam)
+    advantages, returns = gae(rewards, values, value_mask, gamma=gamma, lam=lam)
     advantages = masked_whiten(advantages, m, sum_across=sum_across)
     return {
         "kl": kl,
@@ -292,11 +294,15 @@ def sequence_rewards(rewards: Tensor, mask: Tensor) -> Tensor:
 
 def _groups(rewards: Tensor, num_generations: int) -> Tensor:
     if rewards.dim() != 1 or rewards.numel() % num_generations:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}")
+        raise ValueError(
+            f"{rewards.numel()} rewards do not split into groups of num_generations={num_generations}"
+        )
     return rewards.view(-1, num_generations)
 
 
-def grpo_advantages(rewards: Tensor, num_generations: int, scale_rewards: bool = True, eps: float = 1e-4) -> Tensor:
+def grpo_advantages(
+    rewards: Tensor, num_generations: int, scale_rewards: bool = True, eps: float = 1e-4
+) -> Tensor:
     """Group-relative advantages (GRPO, Shao et al. 2024, eq. 3): ``A_i = (r_i - mean_g r) / (std_g r + eps)``.
 
     ``rewards``: ``[B]``, each prompt's ``num_generations`` samples next to each other. ``std`` is the unbiased
@@ -339,6 +345,10 @@ def discounted_returns(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
 
 
 CRITIC_FREE_ESTIMATORS = ("grpo", "rloo", "reinforce_pp")
+GROUP_ESTIMATORS = (
+    "grpo",
+    "rloo",
+)  # a baseline from the prompt's other answers: they need num_generations >= 2
 
 
 def compute_critic_free_targets(
@@ -347,6 +357,7 @@ def compute_critic_free_targets(
     logprobs: Tensor,
     ref_logprobs: Tensor,
     mask: Tensor,
+    *,
     kl_coef: float,
     gamma: float = 1.0,
     kl_estimator: str = "k1",
@@ -371,21 +382,26 @@ def compute_critic_free_targets(
     m = _bool(mask)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     kl = torch.where(m, kl_penalty(logprobs, ref_logprobs, kl_estimator), zero)
-    rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef)
+    rewards, non_score_reward = compute_rewards(scores, kl, m, kl_coef=kl_coef)
     if whiten_rewards:
         rewards = masked_whiten(rewards, m, shift_mean=False, sum_across=sum_across)
     out = {"kl": kl, "non_score_reward": non_score_reward, "rewards": rewards}
     if estimator in ("grpo", "rloo"):
         per_sequence = sequence_rewards(rewards, m)
-        advantages = (grpo_advantages(per_sequence, num_generations, scale_rewards) if estimator == "grpo"
-                      else rloo_advantages(per_sequence, num_generations))
+        advantages = (
+            grpo_advantages(per_sequence, num_generations, scale_rewards)
+            if estimator == "grpo"
+            else rloo_advantages(per_sequence, num_generations)
+        )
         out["sequence_advantages"] = advantages
         out["advantages"] = torch.where(m, advantages.unsqueeze(1).to(rewards.dtype), zero)
     elif estimator == "reinforce_pp":
         out["returns"] = discounted_returns(rewards, m, gamma)
         out["advantages"] = masked_whiten(out["returns"], m, sum_across=sum_across)
     else:
-        raise ValueError(f"unknown critic-free estimator {estimator!r}: use one of {', '.join(CRITIC_FREE_ESTIMATORS)}")
+        raise ValueError(
+            f"unknown critic-free estimator {estimator!r}: use one of {', '.join(CRITIC_FREE_ESTIMATORS)}"
+        )
     return out
 
 
@@ -396,8 +412,14 @@ LOSS_TYPES = ("bnpo", "grpo", "dr_grpo", "dapo", "cispo", "sequence")
 IMPORTANCE_SAMPLING_LEVELS = ("token", "sequence")
 
 
-def aggregate_loss(per_token: Tensor, mask: Tensor, loss_type: str = "bnpo", max_len: int | None = None,
-                   num_tokens: Tensor | None = None) -> Tensor:
+def aggregate_loss(
+    per_token: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "bnpo",
+    max_len: int | None = None,
+    num_tokens: Tensor | None = None,
+) -> Tensor:
     """One number from a per-token loss ``[B, T]`` (TRL GRPOTrainer's ``loss_type``):
 
     * ``bnpo``: mean over every real token of the batch (TRL PPOTrainer's ``masked_mean``; the default).
@@ -429,6 +451,7 @@ def policy_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    *,
     cliprange: float,
     stats_over_padding: bool = False,
     loss_type: str = "bnpo",
@@ -465,11 +488,15 @@ def policy_loss(
     new = torch.where(m, new_logprobs, zero)
     logratio = torch.where(m, new - old_logprobs, zero)
     if importance_sampling_level == "sequence":
-        log_weights = (masked_sum(logratio, m, dim=1) / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(logratio)
+        log_weights = (
+            (masked_sum(logratio, m, dim=1) / m.sum(1).clamp(min=1)).unsqueeze(1).expand_as(logratio)
+        )
     elif importance_sampling_level == "token":
         log_weights = logratio
     else:
-        raise ValueError(f"unknown importance_sampling_level {importance_sampling_level!r}: use token or sequence")
+        raise ValueError(
+            f"unknown importance_sampling_level {importance_sampling_level!r}: use token or sequence"
+        )
     ratio = torch.exp(log_weights)
     adv = torch.where(m, advantages.to(ratio.dtype), zero)
     if loss_type == "cispo":
@@ -484,10 +511,13 @@ def policy_loss(
         per_token = torch.max(pg_losses, pg_losses2)
         clipped = pg_losses2 > pg_losses
         clipped_low, clipped_high = (ratio < 1.0 - cliprange) & (adv < 0), (ratio > 1.0 + high) & (adv > 0)
-    loss = aggregate_loss(per_token, m, loss_type, max_len, num_tokens)
+    loss = aggregate_loss(per_token, m, loss_type=loss_type, max_len=max_len, num_tokens=num_tokens)
     with torch.no_grad():
-        stats = {"clipfrac": masked_mean(clipped.float(), m), "clipfrac_low": masked_mean(clipped_low.float(), m),
-                 "clipfrac_high": masked_mean(clipped_high.float(), m)}
+        stats = {
+            "clipfrac": masked_mean(clipped.float(), m),
+            "clipfrac_low": masked_mean(clipped_low.float(), m),
+            "clipfrac_high": masked_mean(clipped_high.float(), m),
+        }
         if stats_over_padding:
             stats.update(approxkl=0.5 * (logratio**2).mean(), ratio_mean=ratio.mean())
         else:
@@ -500,6 +530,7 @@ def sequence_policy_loss(
     old_logprobs: Tensor,
     advantages: Tensor,
     mask: Tensor,
+    *,
     cliprange: float,
     cliprange_high: float | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -518,15 +549,27 @@ def sequence_policy_loss(
     losses2 = -adv * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     loss = torch.max(losses, losses2).mean()
     with torch.no_grad():
-        stats = {"approxkl": 0.5 * (log_ratio**2).mean(), "clipfrac": (losses2 > losses).float().mean(),
-                 "clipfrac_low": ((ratio < 1.0 - cliprange) & (adv < 0)).float().mean(),
-                 "clipfrac_high": ((ratio > 1.0 + high) & (adv > 0)).float().mean(), "ratio_mean": ratio.mean()}
+        stats = {
+            "approxkl": 0.5 * (log_ratio**2).mean(),
+            "clipfrac": (losses2 > losses).float().mean(),
+            "clipfrac_low": ((ratio < 1.0 - cliprange) & (adv < 0)).float().mean(),
+            "clipfrac_high": ((ratio > 1.0 + high) & (adv > 0)).float().mean(),
+            "ratio_mean": ratio.mean(),
+        }
     return loss, {k: v.detach() for k, v in stats.items()}
 
 
-def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type: str = "bnpo",
-            max_len: int | None = None, old_logprobs: Tensor | None = None, num_tokens: Tensor | None = None,
-            importance_sampling_level: str = "token") -> Tensor:
+def kl_loss(
+    new_logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    *,
+    loss_type: str = "bnpo",
+    max_len: int | None = None,
+    old_logprobs: Tensor | None = None,
+    num_tokens: Tensor | None = None,
+    importance_sampling_level: str = "token",
+) -> Tensor:
     """The KL penalty as a loss term (``kl_in: loss``; multiply by beta): the k3 estimator
     ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1`` of the *current* policy's log-probs, averaged as
     the policy loss is (``aggregate_loss``). GRPO (Shao et al. 2024, eq. 4).
@@ -549,7 +592,7 @@ def kl_loss(new_logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, loss_type:
         if importance_sampling_level == "sequence":
             logratio = (masked_sum(logratio, m, dim=1) / m.sum(1).clamp(min=1)).unsqueeze(1)
         per_token = per_token * torch.exp(logratio)
-    return aggregate_loss(per_token, mask, loss_type, max_len, num_tokens)
+    return aggregate_loss(per_token, mask, loss_type=loss_type, max_len=max_len, num_tokens=num_tokens)
 
 
 def value_loss(
@@ -557,6 +600,7 @@ def value_loss(
     old_values: Tensor,
     returns: Tensor,
     mask: Tensor,
+    *,
     cliprange_value: float,
     num_tokens: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -576,7 +620,7 @@ def value_loss(
     vpredclipped = torch.clamp(vpred, old - cliprange_value, old + cliprange_value)
     vf_losses1 = torch.square(vpred - ret)
     vf_losses2 = torch.square(vpredclipped - ret)
-    loss = 0.5 * aggregate_loss(torch.max(vf_losses1, vf_losses2), m, "bnpo", num_tokens=num_tokens)
+    loss = 0.5 * aggregate_loss(torch.max(vf_losses1, vf_losses2), m, loss_type="bnpo", num_tokens=num_tokens)
     with torch.no_grad():
         clipfrac = masked_mean((vf_losses2 > vf_losses1).float(), m)
     return loss, clipfrac

@@ -16,7 +16,7 @@ def forward_values(value_model, input_ids, attention_mask, context_length: int):
     base = value_model.get_base_model() if hasattr(value_model, "get_base_model") else value_model
     backbone = getattr(base, base.base_model_prefix)
     hidden = backbone(**sequences.model_inputs(input_ids, attention_mask)).last_hidden_state
-    return base.score(hidden).squeeze(-1)[:, context_length - 1:-1].float()
+    return base.score(hidden).squeeze(-1)[:, context_length - 1 : -1].float()
 
 
 def values_from_generation(value_head, generated):
@@ -33,7 +33,7 @@ def load_models(cfg, tokenizer, device, dtype):
 
     policy_path = models.resolve_model_path(cfg.model_name_or_path)
     policy = models.causal_lm_from(policy_path, dtype, tokenizer)
-    freeze_bottom(policy, cfg.freeze_bottom_layers)   # the reference stays a full frozen copy
+    freeze_bottom(policy, cfg.freeze_bottom_layers)  # the reference stays a full frozen copy
     if cfg.critic == "none":
         value_model = None
     elif cfg.critic == "shared":
@@ -44,7 +44,8 @@ def load_models(cfg, tokenizer, device, dtype):
         torch.nn.init.zeros_(value_model.bias)
     else:
         value_model = AutoModelForSequenceClassification.from_pretrained(
-            models.resolve_model_path(cfg.reward_model_path), num_labels=1, dtype=dtype)
+            models.resolve_model_path(cfg.reward_model_path), num_labels=1, dtype=dtype
+        )
         value_model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.use_lora:
         # With LoRA the reference is the same weights with the adapter disabled: no second copy.
@@ -76,7 +77,7 @@ def disable_dropout(model: torch.nn.Module) -> None:
         if isinstance(getattr(module, "attention_dropout", None), float):
             module.attention_dropout = 0.0
         config = getattr(module, "config", None)
-        for key, value in (list(vars(config).items()) if config is not None else ()):
+        for key, value in list(vars(config).items()) if config is not None else ():
             if ("dropout" in key or "pdrop" in key) and isinstance(value, float):
                 setattr(config, key, 0.0)
 

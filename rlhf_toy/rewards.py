@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Callable
 from types import SimpleNamespace
-from typing import Callable
 
 import torch
 
@@ -45,20 +45,26 @@ def load_reward_functions(entries: list[str]) -> list[tuple[str, str, Callable |
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as error:
-            raise RewardFunctionError(f"rewards entry {entry!r}: cannot import module {module_name!r} ({error}); "
-                                      "it must be on PYTHONPATH or installed") from None
-        except Exception as error:   # the module itself fails on import: any exception type
-            raise RewardFunctionError(f"rewards entry {entry!r}: importing {module_name!r} failed "
-                                      f"({type(error).__name__}: {error})") from None
+            raise RewardFunctionError(
+                f"rewards entry {entry!r}: cannot import module {module_name!r} ({error}); "
+                "it must be on PYTHONPATH or installed"
+            ) from None
+        except Exception as error:  # the module itself fails on import: any exception type
+            raise RewardFunctionError(
+                f"rewards entry {entry!r}: importing {module_name!r} failed ({type(error).__name__}: {error})"
+            ) from None
         function = getattr(module, function_name, None)
         if not callable(function):
-            raise RewardFunctionError(f"rewards entry {entry!r}: module {module_name!r} has no function "
-                                      f"{function_name!r}")
+            raise RewardFunctionError(
+                f"rewards entry {entry!r}: module {module_name!r} has no function {function_name!r}"
+            )
         loaded.append((entry, getattr(function, "__name__", function_name), function))
     names = [name for _, name, _ in loaded]
     if len(set(names)) != len(names):
-        raise RewardFunctionError(f"rewards {entries}: two entries have the same name {names}; each is logged as "
-                                  "rewards/<name>/mean, so the names must differ")
+        raise RewardFunctionError(
+            f"rewards {entries}: two entries have the same name {names}; each is logged as "
+            "rewards/<name>/mean, so the names must differ"
+        )
     return loaded
 
 
@@ -68,29 +74,50 @@ def prompt_columns(records: list[dict]) -> dict[str, list]:
     return {k: [r.get(k) for r in records] for k in keys}
 
 
-def call_reward_function(entry: str, function: Callable, records: list[dict], texts: list[str],
-                         completion_ids: list[list[int]], step: int, max_steps: int,
-                         log_metric: Callable[[str, float], None]) -> torch.Tensor:
+def call_reward_function(
+    entry: str,
+    function: Callable,
+    records: list[dict],
+    texts: list[str],
+    completion_ids: list[list[int]],
+    *,
+    step: int,
+    max_steps: int,
+    log_metric: Callable[[str, float], None],
+) -> torch.Tensor:
     """One component's rewards, float32 ``[B]``, NaN where the function returned None (TRL's convention)."""
     prompts = [r["prompt"] for r in records]
     conversational = isinstance(prompts[0], list)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if conversational else list(texts)
     columns = prompt_columns(records)
     try:
-        output = function(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns,
-                          trainer_state=SimpleNamespace(global_step=step, max_steps=max_steps),
-                          log_extra=lambda column, values: None, log_metric=log_metric)
-    except Exception as error:   # a column it needs is missing, or a bug of its own: name the entry, not a traceback
-        raise RewardFunctionError(f"rewards entry {entry!r} failed: {type(error).__name__}: {error} (the prompt "
-                                  f"records' columns it was given: {', '.join(columns) or 'none'})") from error
+        output = function(
+            prompts=prompts,
+            completions=completions,
+            completion_ids=completion_ids,
+            **columns,
+            trainer_state=SimpleNamespace(global_step=step, max_steps=max_steps),
+            log_extra=lambda column, values: None,
+            log_metric=log_metric,
+        )
+    except (
+        Exception
+    ) as error:  # a column it needs is missing, or a bug of its own: name the entry, not a traceback
+        raise RewardFunctionError(
+            f"rewards entry {entry!r} failed: {type(error).__name__}: {error} (the prompt "
+            f"records' columns it was given: {', '.join(columns) or 'none'})"
+        ) from error
     try:
         output = list(output)
     except TypeError:
-        raise RewardFunctionError(f"rewards entry {entry!r} returned {type(output).__name__}, not a list of "
-                                  f"{len(texts)} floats") from None
+        raise RewardFunctionError(
+            f"rewards entry {entry!r} returned {type(output).__name__}, not a list of {len(texts)} floats"
+        ) from None
     if len(output) != len(texts):
-        raise RewardFunctionError(f"rewards entry {entry!r} returned {len(output)} rewards for {len(texts)} "
-                                  "completions (one float, or None, per completion)")
+        raise RewardFunctionError(
+            f"rewards entry {entry!r} returned {len(output)} rewards for {len(texts)} "
+            "completions (one float, or None, per completion)"
+        )
     values = []
     for i, value in enumerate(output):
         if value is None:
@@ -99,11 +126,14 @@ def call_reward_function(entry: str, function: Callable, records: list[dict], te
         try:
             value = float(value)
         except (TypeError, ValueError):
-            raise RewardFunctionError(f"rewards entry {entry!r} returned {value!r} for completion {i}: not a "
-                                      "number") from None
+            raise RewardFunctionError(
+                f"rewards entry {entry!r} returned {value!r} for completion {i}: not a number"
+            ) from None
         if not math.isfinite(value):
-            raise RewardFunctionError(f"rewards entry {entry!r} returned {value} for completion {i} "
-                                      f"({texts[i][:60]!r}): rewards must be finite (or None)")
+            raise RewardFunctionError(
+                f"rewards entry {entry!r} returned {value} for completion {i} "
+                f"({texts[i][:60]!r}): rewards must be finite (or None)"
+            )
         values.append(value)
     return torch.tensor(values, dtype=torch.float32)
 
@@ -116,7 +146,9 @@ def combine(components: dict[str, torch.Tensor], weights: list[float]) -> torch.
     left_out = torch.isnan(stacked) & torch.tensor([name != "rm" for name in components])
     unscored = left_out.all(dim=1)
     if unscored.any():
-        raise RewardFunctionError(f"every rewards entry ({', '.join(components)}) returned None for completion "
-                                  f"{int(unscored.nonzero()[0])}: at least one must score each completion")
+        raise RewardFunctionError(
+            f"every rewards entry ({', '.join(components)}) returned None for completion "
+            f"{int(unscored.nonzero()[0])}: at least one must score each completion"
+        )
     weighted = stacked * torch.tensor(weights, dtype=stacked.dtype)
     return torch.where(left_out, torch.zeros((), dtype=stacked.dtype), weighted).sum(dim=1)
