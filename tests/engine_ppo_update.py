@@ -125,18 +125,6 @@ def check_average_gradients(state, batch) -> None:
     state.optimizer.zero_grad(set_to_none=True)
 
 
-if __name__ == "__main__":
-    pipeline, out = Path(sys.argv[1]), Path(sys.argv[2])
-    overrides = dict(
-        zip(sys.argv[4::2], sys.argv[5::2])
-    )  # config fields and their values, as flags give them
-    weights = update(pipeline, out, *map(int, sys.argv[3:4]), **overrides)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        torch.save(weights, out / "weights.pt")
-
-
 def average_gradients(parameters, num_processes: int) -> None:
     """What DDP does for data parallelism, by hand: after the backward pass, every process holds the gradient of
     its own share of the batch; one all-reduce sums them, flattened into one buffer, and dividing by the number of
@@ -151,3 +139,15 @@ def average_gradients(parameters, num_processes: int) -> None:
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+
+
+if __name__ == "__main__":
+    pipeline, out = Path(sys.argv[1]), Path(sys.argv[2])
+    overrides = dict(
+        zip(sys.argv[4::2], sys.argv[5::2])
+    )  # config fields and their values, as flags give them
+    weights = update(pipeline, out, *map(int, sys.argv[3:4]), **overrides)
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(weights, out / "weights.pt")

@@ -17,6 +17,10 @@ from conftest import ROOT, tiny_flags
 
 from rlhf_toy import rundir, runlog
 
+# Two processes (or micro-batches) sum the same float32 gradients in another order: up to 1.6e-6 apart in the
+# weights on an AVX2 CPU. A wrong average moves them by SGD's lr 0.5 times a share of the gradient: far more.
+FLOAT32_ORDER = 1e-5
+
 
 def launch(*args, timeout=300):
     result = subprocess.run(
@@ -53,7 +57,7 @@ def test_ppo_update_under_ddp_equals_one_process_and_the_hand_written_all_reduce
     two = torch.load(tmp_path / "weights.pt")
     one = engine_ppo_update.update(pipeline, tmp_path / "one")
     assert len(one) == len(two)
-    assert largest_difference(one, two) < 1e-6
+    assert largest_difference(one, two) < FLOAT32_ORDER
 
 
 def test_grpo_update_on_two_processes_equals_one(pipeline, tmp_path):
@@ -83,7 +87,7 @@ def test_grpo_update_on_two_processes_equals_one(pipeline, tmp_path):
         engine_ppo_update.update(pipeline, tmp_path / "one", **grpo),
     )
     assert len(one) == len(two)
-    assert largest_difference(one, two) < 1e-6
+    assert largest_difference(one, two) < FLOAT32_ORDER
 
 
 @pytest.mark.parametrize(
@@ -94,7 +98,7 @@ def test_gradient_accumulation_gives_the_minibatch_token_mean(pipeline, tmp_path
     policy, value and KL losses) is the mean over the minibatch's tokens, whatever each micro-batch's length."""
     whole = engine_ppo_update.update(pipeline, tmp_path / "one", 1, **overrides)
     accumulated = engine_ppo_update.update(pipeline, tmp_path / "four", 4, **overrides)
-    assert largest_difference(whole, accumulated) < 1e-6
+    assert largest_difference(whole, accumulated) < FLOAT32_ORDER
 
 
 def test_policy_and_critic_gradients_are_clipped_each_on_its_own(pipeline, tmp_path):
@@ -130,7 +134,7 @@ def test_ppo_update_under_fsdp2_equals_one_process(pipeline, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     two, one = torch.load(tmp_path / "weights.pt"), engine_ppo_update.update(pipeline, tmp_path / "one")
     assert len(one) == len(two)
-    assert largest_difference(one, two) < 1e-6
+    assert largest_difference(one, two) < FLOAT32_ORDER
 
 
 def run_ppo(pipeline, out, engine: str):

@@ -58,7 +58,8 @@ def test_tiny_ppo_raises_the_reward_and_logs_every_metric(pipeline, tmp_path):
     assert abs(records[0]["objective/kl"]) < 1e-3  # the policy starts as the reference
     # The exact sequence KL (full vocabulary at the sampled positions) beside its estimators: 0 at the start, and
     # k1 (what objective/kl logs here), k3 and the exact value agree on average where the policy has moved.
-    assert records[0]["objective/kl_exact"] < 1e-6 and all(r["objective/kl_exact"] >= 0 for r in records)
+    # KL over the vocabulary is >= 0; float32 rounding of a sum near 0 may dip below by ~1e-8 (seen: -3.9e-8)
+    assert records[0]["objective/kl_exact"] < 1e-6 and all(r["objective/kl_exact"] >= -1e-6 for r in records)
     assert all(r["objective/kl_k1"] == r["objective/kl"] and r["objective/kl_k3"] >= 0 for r in records)
     moved = records[-6:]
     exact = sum(r["objective/kl_exact"] for r in moved) / 6
@@ -103,11 +104,11 @@ def test_lora_policy_uses_the_disabled_adapter_as_reference(pipeline, tmp_path, 
         )
         trainer.ppo_update(state, batch, targets, step)
     sft = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").eval()
-    args = (batch.query_responses, batch.attention_mask, batch.context_length, cfg.temperature)
+    args = (batch.query_responses, batch.attention_mask, batch.context_length)
     with torch.no_grad():
-        reference = sequences.response_logprobs(state.reference, *args)
-        initial = sequences.response_logprobs(sft, *args)
-        policy = sequences.response_logprobs(state.policy, *args)
+        reference = sequences.response_logprobs(state.reference, *args, temperature=cfg.temperature)
+        initial = sequences.response_logprobs(sft, *args, temperature=cfg.temperature)
+        policy = sequences.response_logprobs(state.policy, *args, temperature=cfg.temperature)
     real = batch.mask
     # the reference is exactly the initial model (adapter off), while the trained policy has moved
     assert torch.allclose(reference[real], initial[real], atol=1e-6)
