@@ -1,6 +1,7 @@
 """One table of the policy-gradient variants' runs (make variants): success on the eval prompts before and after,
 pooled distinct-2 of the eval answers, the policy's entropy at the last step, the diagnostics over training and
-the wall time.
+the time: the median step and all steps (rollout, extra sampling rounds and update; without the evaluations),
+and the run's wall time (evaluations included, and any time the process was stopped).
 
     python scripts/variants_summary.py grpo=runs/variants/grpo clip_higher=runs/variants/clip_higher \\
         --reward rewards/uses_word/mean --output reports/variants/rlvr_word.md
@@ -37,6 +38,7 @@ def summarize_run(run_dir: Path, reward: str) -> dict:
         # the median step (its rollout, dynamic sampling's extra rounds included, and its update): robust to a
         # few steps that shared the machine, where the wall time is not
         "median_step_s": statistics.median(r["time/rollout_s"] + r["time/update_s"] for r in steps),
+        "steps_s": sum(r["time/rollout_s"] + r["time/update_s"] for r in steps),
     }
 
 
@@ -44,8 +46,9 @@ def table(rows: dict[str, dict], reward: str) -> str:
     fmt = lambda v, spec=".3f": "-" if v is None else format(v, spec)
     lines = [
         f"| run | {reward} before → after | pooled distinct-2 (eval) before → after | entropy first → last step "
-        f"| train distinct-2, last step | frac_reward_zero_std | clip low / high | extra rounds | median step | wall |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        f"| train distinct-2, last step | frac_reward_zero_std | clip low / high | extra rounds "
+        f"| median step | all steps | wall |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
         lines.append(
@@ -53,7 +56,8 @@ def table(rows: dict[str, dict], reward: str) -> str:
             f"{fmt(r['distinct_2_before'])} → {fmt(r['distinct_2_after'])} | "
             f"{fmt(r['entropy_first'])} → {fmt(r['entropy_last'])} | {fmt(r['train_distinct_2_last'])} | "
             f"{fmt(r['frac_reward_zero_std'])} | {fmt(r['clip_low'], '.4f')} / {fmt(r['clip_high'], '.4f')} | "
-            f"{r['resample_rounds']} | {r['median_step_s']:.1f} s | {r['wall_s'] / 60:.1f} min |"
+            f"{r['resample_rounds']} | {r['median_step_s']:.1f} s | {r['steps_s'] / 60:.1f} min | "
+            f"{r['wall_s'] / 60:.1f} min |"
         )
     return "\n".join(lines)
 
