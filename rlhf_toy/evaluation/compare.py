@@ -45,13 +45,12 @@ import torch
 from rlhf_toy import data, models, runlog
 from rlhf_toy.config import DTYPES, ConfigError, check_device, positive_float
 from rlhf_toy.evaluation.report import (
-    _fmt,
     compare_markdown,
+    fmt,
     last_training_samples,
     markdown_table,
-    plot_curves,
     plot_frontier,
-    training_curves,
+    plot_training_curves,
     write_html,
 )
 from rlhf_toy.evaluation.sample_and_score import Sampling, sample_and_score
@@ -696,14 +695,14 @@ def run_compare(args) -> Path:
         ref_rows = [r for r in rows_by_label[ref_entry.label] if r["prompt_id"] in set(splits[headline])]
         notes.append(
             f"the reference {ref_entry.label} is not among the runs; its gold mean is "
-            f"{_fmt(summarize(ref_rows)['gold_mean'])}"
+            f"{fmt(summarize(ref_rows)['gold_mean'])}"
         )
     report["notes"] = notes
 
     (out_dir / "compare.json").write_text(json.dumps(report, indent=2) + "\n")
     (out_dir / "compare.md").write_text(compare_markdown(report))
     plot_frontier(report, out_dir / "frontier.png")
-    plot_curves(training_curves(run_dirs), out_dir / "curves.png", training_curves(run_dirs, axis="wall"))
+    plot_training_curves(run_dirs, out_dir / "curves.png")
     write_html(
         report,
         {label: rows_by_label[label] for label in report["runs"]},

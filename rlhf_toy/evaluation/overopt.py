@@ -24,7 +24,7 @@ import numpy as np
 
 from rlhf_toy import runlog
 from rlhf_toy.evaluation.compare import _int_at_least, samples_key
-from rlhf_toy.evaluation.report import _fmt
+from rlhf_toy.evaluation.report import fmt
 
 BEST_OF = re.compile(r"^best of (\d+) from ")
 FORMS = {"bon": "d (α − β d)", "rl": "d (α − β log d)"}
@@ -228,7 +228,7 @@ def study_markdown(result: dict) -> str:
         for p in path:
             point = f"n = {p['n']}" if "n" in p else f"step {p['step'] if p['step'] is not None else 'final'}"
             lines.append(
-                f"| {name} | {point} | {_fmt(p['kl'], 2)} | {_fmt(p['d'], 2)} | {_fmt(p['gold'])} | {_fmt(p['rm'])} |"
+                f"| {name} | {point} | {fmt(p['kl'], 2)} | {fmt(p['d'], 2)} | {fmt(p['gold'])} | {fmt(p['rm'])} |"
             )
     lines += [
         "",
@@ -244,9 +244,9 @@ def study_markdown(result: dict) -> str:
         peak = fit["peak_d"]
         gold_peak = None if peak is None else result["points"]["origin"]["gold"] + fit["peak_gain"]
         lines.append(
-            f"| {name} | {fit['form']} | {_fmt(fit['alpha'])} | {_fmt(fit['beta'])} | {_fmt(fit['r2'], 2)} | "
-            f"{_fmt(peak, 2) if peak is not None else 'none (only rises)'} | "
-            f"{_fmt(peak * peak, 1) if peak is not None and math.isfinite(peak) else '—'} | {_fmt(gold_peak)} |"
+            f"| {name} | {fit['form']} | {fmt(fit['alpha'])} | {fmt(fit['beta'])} | {fmt(fit['r2'], 2)} | "
+            f"{fmt(peak, 2) if peak is not None else 'none (only rises)'} | "
+            f"{fmt(peak * peak, 1) if peak is not None and math.isfinite(peak) else '—'} | {fmt(gold_peak)} |"
         )
     for label, samples in result["samples"].items():
         fit = result["fits"].get(label)
@@ -269,7 +269,7 @@ def study_markdown(result: dict) -> str:
         for r in samples["rows"]:
             answer = r["response"].replace("|", "\\|").replace("\n", " ")
             lines.append(
-                f"| {r['label']} | {_fmt(r['rm'], 2)} | {_fmt(r['gold'], 2)} | {', '.join(r['flags'])} | {answer} |"
+                f"| {r['label']} | {fmt(r['rm'], 2)} | {fmt(r['gold'], 2)} | {', '.join(r['flags'])} | {answer} |"
             )
     return "\n".join(lines) + "\n"
 

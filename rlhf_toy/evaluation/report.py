@@ -19,8 +19,9 @@ CURVES = [
 ]
 
 
-def _fmt(value, digits=3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+def fmt(value, digits=3) -> str:
+    """A report cell: a float to `digits` places, "—" for a missing or non-finite value, anything else as str."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "—"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
@@ -44,10 +45,10 @@ TABLE_COLUMNS = [
 def _cell(metrics: dict, key: str) -> str:
     if key == "win_rate_vs_ref":
         lo, hi = metrics.get("win_rate_vs_ref_ci95") or [None, None]
-        return f"{_fmt(metrics.get(key))} [{_fmt(lo, 2)}, {_fmt(hi, 2)}]"
+        return f"{fmt(metrics.get(key))} [{fmt(lo, 2)}, {fmt(hi, 2)}]"
     if key == "kl_to_ref" and metrics.get("kl_to_ref_se") is not None:
-        return f"{_fmt(metrics[key])} ± {_fmt(metrics['kl_to_ref_se'], 2)}"
-    return _fmt(metrics.get(key))
+        return f"{fmt(metrics[key])} ± {fmt(metrics['kl_to_ref_se'], 2)}"
+    return fmt(metrics.get(key))
 
 
 def _reward_names(items) -> list[str]:
@@ -93,7 +94,7 @@ def flags_table(report: dict) -> str:
         return ""
     lines = ["| run | " + " | ".join(flags) + " |", "|" + "---|" * (len(flags) + 1)]
     lines += [
-        f"| {label} | " + " | ".join(_fmt(shares.get(flag, 0.0)) for flag in flags) + " |"
+        f"| {label} | " + " | ".join(fmt(shares.get(flag, 0.0)) for flag in flags) + " |"
         for label, shares in runs.items()
     ]
     return "\n".join(lines)
@@ -295,34 +296,34 @@ def plot_frontier(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_curves(curves: dict, path: Path, wall_curves: dict | None = None) -> None:
-    """Training curves of the runs overlaid on episodes, {run: {panel: [(episodes, value)]}}, and below them
-    on wall-clock seconds when `wall_curves` (the same shape, `training_curves(..., axis="wall")`) is given."""
+def plot_panels(rows: list, path: Path, *, title: str | None = None, styles: dict | None = None) -> None:
+    """Curves of several runs overlaid, one grid row per entry of `rows`: (curves, x label, panel titles) with
+    curves {run: {panel title: [(x, value)]}}. One colour per run across the grid; `styles` {run: matplotlib
+    format} tells apart runs whose curves should coincide."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(curves, "episodes (answers scored; DPO: pairs seen)")]
-    if wall_curves:  # runs trained before metrics carried time/wall_s have none
-        rows.append((wall_curves, "wall-clock seconds of training (evaluations included)"))
-    fig, grid = plt.subplots(
-        len(rows), len(CURVES), figsize=(4.2 * len(CURVES), 3.6 * len(rows)), squeeze=False
-    )
-    for axes, (row_curves, xlabel) in zip(grid, rows):
-        for ax, (title, _) in zip(axes, CURVES):
-            for i, run in enumerate(curves):  # one colour per run in both rows
-                points = row_curves.get(run, {}).get(title)
+    runs = list(dict.fromkeys(run for curves, _, _ in rows for run in curves))
+    ncols = max(len(panels) for _, _, panels in rows)
+    fig, grid = plt.subplots(len(rows), ncols, figsize=(4.2 * ncols, 3.6 * len(rows)), squeeze=False)
+    for axes, (curves, xlabel, panels) in zip(grid, rows):
+        for ax in axes[len(panels) :]:
+            ax.set_visible(False)
+        for ax, panel in zip(axes, panels):
+            for i, run in enumerate(runs):
+                points = curves.get(run, {}).get(panel)
                 if points:
                     ax.plot(
                         [p[0] for p in points],
                         [p[1] for p in points],
-                        "-o" if len(points) < 12 else "-",
+                        (styles or {}).get(run, "-o" if len(points) < 12 else "-"),
                         ms=3,
                         color=f"C{i % 10}",
                         label=run,
                     )
-            ax.set_title(title, fontsize=10)
+            ax.set_title(panel, fontsize=10)
             ax.set_xlabel(xlabel)
             ax.grid(alpha=0.3)
             if ax.lines:
@@ -337,9 +338,21 @@ def plot_curves(curves: dict, path: Path, wall_curves: dict | None = None) -> No
                     transform=ax.transAxes,
                     color="gray",
                 )
+    if title:
+        fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_training_curves(run_dirs: dict, path: Path) -> None:
+    """compare's curves.png: the runs' CURVES on episodes and, below, on wall-clock seconds."""
+    panels = [title for title, _ in CURVES]
+    rows = [(training_curves(run_dirs), "episodes (answers scored; DPO: pairs seen)", panels)]
+    wall = training_curves(run_dirs, axis="wall")
+    if wall:  # runs trained before metrics carried time/wall_s have none
+        rows.append((wall, "wall-clock seconds of training (evaluations included)", panels))
+    plot_panels(rows, path)
 
 
 def training_curves(run_dirs: dict, axis: str = "episodes") -> dict:
@@ -522,7 +535,7 @@ def write_html(
                 parts.append("<td></td>")
                 continue
             cls = "good" if r["gold"] > 0.3 else "bad" if r["gold"] < -0.3 else ""
-            scores = f"gold {_fmt(r['gold'], 2)} · RM {_fmt(r.get('rm'), 2)} · {r['n_tokens']} tok" + (
+            scores = f"gold {fmt(r['gold'], 2)} · RM {fmt(r.get('rm'), 2)} · {r['n_tokens']} tok" + (
                 "" if r["has_eos"] else " · no EOS"
             )
             parts.append(
@@ -538,7 +551,7 @@ def write_html(
         for r in rows:
             prompt = r["prompt"][-1]["content"] if isinstance(r["prompt"], list) else str(r["prompt"])
             scores = (
-                f"score {_fmt(r.get('score'), 2)} · gold {_fmt(r.get('gold'), 2)} · KL {_fmt(r.get('kl'), 2)}"
+                f"score {fmt(r.get('score'), 2)} · gold {fmt(r.get('gold'), 2)} · KL {fmt(r.get('kl'), 2)}"
             )
             parts.append(
                 f"<tr><td class='resp'>{e(prompt)}</td><td class='resp'>{token_spans(r) or e(r['response'])}"

@@ -17,6 +17,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from rlhf_toy.evaluation.report import fmt
+
 METRICS = [
     ("gold_mean", "gold"),
     ("kl_to_ref", "KL to ref"),
@@ -93,11 +95,11 @@ def summarize_seeds(report: dict, split: str | None = None) -> dict:
     return summary
 
 
-def _fmt(mean_sd, digits=3) -> str:
+def fmt_mean_sd(mean_sd, digits=3) -> str:
     mean, sd = mean_sd
     if mean is None:
         return "—"
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
+    return fmt(float(mean), digits) + (f" ± {fmt(float(sd), digits)}" if sd is not None else "")
 
 
 def study_markdown(summary: dict, report: dict) -> str:
@@ -112,7 +114,7 @@ def study_markdown(summary: dict, report: dict) -> str:
     for group, g in summary["groups"].items():
         lines.append(
             f"| {group} | {', '.join(map(str, g['seeds'])) or '—'} | "
-            + " | ".join(_fmt(g[key]) for key, _ in METRICS)
+            + " | ".join(fmt_mean_sd(g[key]) for key, _ in METRICS)
             + " |"
         )
     lines += [

@@ -39,6 +39,7 @@ import torch
 
 from rlhf_toy import data, models, runlog, sequences
 from rlhf_toy.config import ConfigError, save_config
+from rlhf_toy.evaluation.report import fmt, plot_panels
 from rlhf_toy.scoring import (
     NORMALIZATION_FILE,
     RewardScorer,
@@ -60,6 +61,7 @@ CURVES = [
     ("objective/rlhf_reward", "RLHF reward (score − β·KL)"),
     ("loss/value_avg", "value loss"),
 ]
+CURVE_LABELS = [label for _, label in CURVES]
 
 
 @dataclass
@@ -454,26 +456,15 @@ def throughput(res: dict, batch_size: int) -> dict:
     }
 
 
-def plot_curves(ours: list[dict], trl: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 3, figsize=(13, 7), dpi=110)
-    for ax, (key, label) in zip(axes.flat, CURVES):
-        for hist, name, style in ((ours, "ours (rlhf_toy)", "-o"), (trl, "TRL PPOTrainer", "--s")):
-            pts = [(h["step"], h[key]) for h in hist if h.get(key) is not None]
-            if pts:
-                ax.plot(*zip(*pts), style, label=name, markersize=3)
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("PPO step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+def history_curves(ours: dict, trl: dict) -> dict:
+    """Both trainers' histories as plot_panels' curves: {trainer: {CURVES label: [(step, value)]}}."""
+    return {
+        name: {
+            label: [(h["step"], h[key]) for h in side["history"] if h.get(key) is not None]
+            for key, label in CURVES
+        }
+        for name, side in (("ours (rlhf_toy)", ours), ("TRL PPOTrainer", trl))
+    }
 
 
 def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
@@ -515,11 +506,11 @@ def run_crosscheck(cfg: CrosscheckRunConfig) -> dict[str, Any]:
     }
     out.mkdir(parents=True, exist_ok=True)
     name = Path(cfg.model_name_or_path).name if "/" in cfg.model_name_or_path else cfg.model_name_or_path
-    plot_curves(
-        ours["history"],
-        trl["history"],
+    plot_panels(
+        [(history_curves(ours, trl), "PPO step", labels) for labels in (CURVE_LABELS[:3], CURVE_LABELS[3:])],
         out / "crosscheck.png",
-        f"ours vs TRL {report['trl_version']} PPOTrainer — {cfg.model_name_or_path}, "
+        styles={"ours (rlhf_toy)": "-o", "TRL PPOTrainer": "--s"},
+        title=f"ours vs TRL {report['trl_version']} PPOTrainer — {cfg.model_name_or_path}, "
         f"batch {cfg.batch_size}, {cfg.num_ppo_epochs} epochs × {cfg.num_mini_batches} minibatches, "
         f"β={cfg.kl_coef}, T={cfg.temperature}, {cfg.response_length} new tokens",
     )
@@ -554,10 +545,6 @@ def _version(pkg):
         return version(pkg)
     except Exception:  # pragma: no cover
         return "?"
-
-
-def _fmt(v, spec=".3f"):
-    return "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else format(v, spec)
 
 
 def format_markdown(r: dict, model_name: str) -> str:
@@ -617,8 +604,8 @@ def format_markdown(r: dict, model_name: str) -> str:
         ov = [h.get(key) for h in o["history"] if h.get(key) is not None]
         tv = [h.get(key) for h in t["history"] if h.get(key) is not None]
         lines.append(
-            f"| `{key}` | {_fmt(ov[-1] if ov else None, '.4f')} | {_fmt(tv[-1] if tv else None, '.4f')} | "
-            f"{_fmt(sum(ov) / len(ov) if ov else None, '.4f')} | {_fmt(sum(tv) / len(tv) if tv else None, '.4f')} |"
+            f"| `{key}` | {fmt(ov[-1] if ov else None, 4)} | {fmt(tv[-1] if tv else None, 4)} | "
+            f"{fmt(sum(ov) / len(ov) if ov else None, 4)} | {fmt(sum(tv) / len(tv) if tv else None, 4)} |"
         )
     lines += ["", "(`val/num_eos_tokens` is the number of responses with EOS in the batch, for both.)", ""]
     lines += [
@@ -636,8 +623,8 @@ def format_markdown(r: dict, model_name: str) -> str:
     ):
         if ev:
             lines.append(
-                f"| {label} | {_fmt(ev['gold_mean'])} | {_fmt(ev['rm_mean'])} | {_fmt(ev['kl_to_ref'])} | "
-                f"{_fmt(ev['length_mean'], '.1f')} | {_fmt(ev['eos_rate'], '.2f')} |"
+                f"| {label} | {fmt(ev['gold_mean'])} | {fmt(ev['rm_mean'])} | {fmt(ev['kl_to_ref'])} | "
+                f"{fmt(ev['length_mean'], 1)} | {fmt(ev['eos_rate'], 2)} |"
             )
     ot, tt = o["throughput"], t["throughput"]
     lines += [
@@ -649,10 +636,10 @@ def format_markdown(r: dict, model_name: str) -> str:
     ]
     for label, tp, sp in (("ours", ot, o["time_split_median"]), ("TRL", tt, t["time_split_median"])):
         lines.append(
-            f"| {label} | {_fmt(tp['episodes_per_s'])} | {_fmt(tp['tokens_per_s'], '.1f')} | "
-            f"{_fmt(tp['step_s_median'], '.2f')} | "
+            f"| {label} | {fmt(tp['episodes_per_s'])} | {fmt(tp['tokens_per_s'], 1)} | "
+            f"{fmt(tp['step_s_median'], 2)} | "
             + " | ".join(
-                _fmt(sp[f"time/{k}_s"], ".2f")
+                fmt(sp[f"time/{k}_s"], 2)
                 for k in ("generation", "ref_forward", "value_forward", "scoring", "update")
             )
             + " |"
