@@ -9,6 +9,7 @@ import torch
 
 from rlhf_toy import models, rundir
 from rlhf_toy.config import ConfigError, TrainerFields
+from rlhf_toy.evaluation.sample_and_score import Sampling
 from rlhf_toy.rundir import is_main_process
 
 
@@ -101,12 +102,40 @@ def evaluate_before_training(trainer) -> dict | None:
     return metrics
 
 
-def trainer_fields(cfg) -> dict:
-    """TrainingArguments fields straight from the stage config's TrainerFields (eval batch = train batch)."""
+def trainer_fields(cfg, *, evaluate: bool) -> dict:
+    """The TrainingArguments fields every stage sets alike: the config's TrainerFields (eval batch = train
+    batch), logging, checkpoints every `save_steps`, held-out loss every `eval_steps` when `evaluate`, the
+    seed, a progress bar, and the device and precision (`trainer_precision`)."""
     from dataclasses import fields
 
     values = {f.name: getattr(cfg, f.name) for f in fields(TrainerFields)}
-    return {**values, "per_device_eval_batch_size": cfg.per_device_train_batch_size}
+    return {
+        **values,
+        "per_device_eval_batch_size": cfg.per_device_train_batch_size,
+        "logging_steps": cfg.logging_steps,
+        "save_strategy": "steps",
+        "save_steps": cfg.save_steps,
+        "save_total_limit": cfg.save_total_limit,
+        "eval_strategy": "steps" if cfg.eval_steps and evaluate else "no",
+        "eval_steps": cfg.eval_steps or None,
+        "report_to": "none",  # our MetricsCallback writes metrics.jsonl and TensorBoard
+        "seed": cfg.seed,
+        "disable_tqdm": False,
+        "dataloader_num_workers": 0,
+        **trainer_precision(cfg),
+    }
+
+
+def eval_sampling(cfg, precision: models.Precision, *, seed: int | None = None) -> Sampling:
+    """How a stage samples its eval prompts: the config's max_new_tokens, temperature, sample_batch_size
+    and seed (or `seed`)."""
+    return Sampling(
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        batch_size=cfg.sample_batch_size,
+        seed=cfg.seed if seed is None else seed,
+        precision=precision,
+    )
 
 
 def lora_config(cfg, task_type: str = "CAUSAL_LM", **extra):

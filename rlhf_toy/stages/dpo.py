@@ -19,10 +19,11 @@ from pathlib import Path
 
 from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least, within
-from rlhf_toy.evaluation.sample_and_score import Sampling, as_training_metrics, sample_and_score
+from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (
     begin_run,
+    eval_sampling,
     evaluate_before_training,
     freeze_bottom,
     is_main_process,
@@ -33,7 +34,6 @@ from rlhf_toy.stages.common import (
     shared_dataset,
     train,
     trainer_fields,
-    trainer_precision,
 )
 from rlhf_toy.stages.reward import clean_pairs
 
@@ -177,13 +177,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             policy,
             tokenizer,
             eval_prompts,
-            Sampling(
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                batch_size=cfg.sample_batch_size,
-                seed=cfg.seed,
-                precision=precision,
-            ),
+            eval_sampling(cfg, precision),
             titles=eval_titles,
             judge=judge,
             ref=ref,
@@ -204,24 +198,13 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
 
     args = DPOConfig(
         output_dir=str(checkpoints),
-        **trainer_fields(cfg),
+        **trainer_fields(cfg, evaluate=bool(eval_pairs)),
         max_length=cfg.max_length,
         beta=cfg.beta,
         loss_type=cfg.loss_types,
         label_smoothing=cfg.label_smoothing,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs,
         gradient_checkpointing=cfg.gradient_checkpointing,
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if cfg.eval_steps and eval_pairs else "no",
-        eval_steps=cfg.eval_steps or None,
-        report_to="none",
-        seed=cfg.seed,
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-        **trainer_precision(cfg),
     )
     # The reference: with LoRA, the same weights with the adapter disabled (TRL's default); with
     # precomputed log-probs, TRL runs the initial model once over the pairs (before any resume loads a

@@ -27,7 +27,7 @@ import torch
 
 from rlhf_toy import data, models, rundir, runlog, sequences, task
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least
-from rlhf_toy.evaluation.sample_and_score import Sampling, sample_and_score
+from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.evaluation.stats import pair_calibration
 from rlhf_toy.scoring import (
     NORMALIZATION_FILE,
@@ -39,6 +39,7 @@ from rlhf_toy.scoring import (
 )
 from rlhf_toy.stages.common import (
     begin_run,
+    eval_sampling,
     freeze_bottom,
     is_main_process,
     lora_config,
@@ -47,7 +48,6 @@ from rlhf_toy.stages.common import (
     save_final,
     train,
     trainer_fields,
-    trainer_precision,
 )
 
 
@@ -367,21 +367,10 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     summary_path = run_dir / "summary.json"
     args = RewardConfig(
         output_dir=str(checkpoints),
-        **trainer_fields(cfg),
+        **trainer_fields(cfg, evaluate=bool(eval_rows)),
         max_length=None,  # already fitted by encode_for_reward (TRL would drop, not truncate)
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         activation_checkpointing=False,  # TRL defaults gradient checkpointing on; recomputing only costs time here
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if cfg.eval_steps and eval_rows else "no",
-        eval_steps=cfg.eval_steps or None,
-        report_to="none",
-        seed=cfg.seed,
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-        **trainer_precision(cfg),
     )
     trainer = RewardTrainer(
         model=model,
@@ -488,13 +477,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
             policy,
             policy_tokenizer,
             eval_prompts,
-            Sampling(
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                batch_size=cfg.sample_batch_size,
-                seed=cfg.seed + 1,
-                precision=scorer.precision,
-            ),
+            eval_sampling(cfg, scorer.precision, seed=cfg.seed + 1),
             titles=eval_titles,
             judge=Judge(scorer),
             progress="sampling eval responses",

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least
-from rlhf_toy.evaluation.sample_and_score import Sampling, sample_and_score
+from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (
     begin_run,
+    eval_sampling,
     evaluate_before_training,
     freeze_bottom,
     is_main_process,
@@ -26,7 +27,6 @@ from rlhf_toy.stages.common import (
     save_final,
     train,
     trainer_fields,
-    trainer_precision,
 )
 
 
@@ -118,13 +118,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
             policy,
             tokenizer,
             eval_prompts,
-            Sampling(
-                max_new_tokens=cfg.max_new_tokens,
-                temperature=cfg.temperature,
-                batch_size=cfg.sample_batch_size,
-                seed=cfg.seed,
-                precision=precision,
-            ),
+            eval_sampling(cfg, precision),
             titles=eval_titles,
             judge=Judge(None),
             progress=f"sampling eval prompts ({when})",
@@ -137,21 +131,10 @@ def run_sft(cfg: SFTStageConfig) -> Path:
 
     args = SFTConfig(
         output_dir=str(checkpoints),
-        **trainer_fields(cfg),
+        **trainer_fields(cfg, evaluate=bool(eval_records)),
         max_length=cfg.max_length,
         completion_only_loss=True,
         gradient_checkpointing=False,  # TRL defaults it on; on a small model on a CPU it only costs time (~30%)
-        logging_steps=cfg.logging_steps,
-        save_strategy="steps",
-        save_steps=cfg.save_steps,
-        save_total_limit=cfg.save_total_limit,
-        eval_strategy="steps" if cfg.eval_steps and eval_records else "no",
-        eval_steps=cfg.eval_steps or None,
-        report_to="none",
-        seed=cfg.seed,
-        disable_tqdm=False,
-        dataloader_num_workers=0,
-        **trainer_precision(cfg),
     )
     trainer = SFTTrainer(
         model=model,
