@@ -82,14 +82,10 @@ def train(trainer, start):
 
 
 def evaluate_before_training(trainer) -> dict | None:
-    """`trainer.evaluate()` before `trainer.train()`, with data parallelism intact. Evaluating first registers the
-    bare model with accelerate as prepared (for evaluation, which needs no DDP wrapper), and `train()` then finds it
-    prepared and never wraps it: each process trained on its own batches, its gradients never averaged with the
-    others' (transformers 5.24, accelerate 1.15; tests/test_multiprocess.py holds 2 processes to 1). Undone here
-    under several processes, so that `train()` wraps the model; one process is left exactly as it was.
-    None under FSDP and DeepSpeed, where the HF Trainer cannot evaluate a model it has not yet prepared with its
-    optimizer (FSDP2 refuses a model alone, ZeRO-2 has no inference mode, ZeRO-3 builds an engine that training
-    then cannot step: seen on a GPU): those runs have no evaluation loss from before training."""
+    """`trainer.evaluate()` before `trainer.train()`, with data parallelism intact: the metrics, or None under
+    FSDP and DeepSpeed (the HF Trainer cannot evaluate a model it has not prepared with its optimizer). Evaluating
+    marks the model prepared, and `train()` would then never wrap it in DDP; the mark is undone here under several
+    processes (docs/scaling_out.md, "A bug this found"; tests/test_multiprocess.py holds 2 processes to 1)."""
     from accelerate.utils import DistributedType
 
     if trainer.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):

@@ -20,8 +20,9 @@ The critic-free estimators replace GAE and the value loss (``compute_critic_free
 ``sequence_policy_loss`` is TRL RLOOTrainer's one-ratio-per-sequence surrogate.
 
 Where and why ours differs from TRL 1.12's ``PPOTrainer`` (score position, value mask, statistics over
-padding, end-of-response detection), and the ``trl_compat`` switch that reproduces TRL exactly:
-``docs/trl_differences.md``. Log-probs and EOS truncation are in ``rlhf_toy.sequences``.
+padding, end-of-response detection), and the arguments with which ``rlhf_toy/verify`` reproduces TRL exactly
+(``trl_compat``, ``stats_over_padding``; no config sets them): ``docs/trl_differences.md``. Log-probs and
+EOS truncation are in ``rlhf_toy.sequences``.
 """
 
 from __future__ import annotations
