@@ -145,6 +145,7 @@ def quoted_title(prompt: str) -> str | None:
 def sample_prompt(args) -> list[dict]:
     """Each run (compare's `--runs` forms: a run or model directory, a model name, `base`) answers the typed
     prompt `--samples` times, scored by the gold judge and, when there is one, the reward model."""
+    # torch and the models load only for a typed prompt: reading a run's samples stays instant
     from rlhf_toy import models, sequences
     from rlhf_toy.evaluation.compare import CompareError, load_model_and_tokenizer, resolve_entries
     from rlhf_toy.evaluation.sample_and_score import Sampling, sample_and_score

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -102,8 +103,6 @@ def trainer_fields(cfg, *, evaluate: bool) -> dict:
     """The TrainingArguments fields every stage sets alike: the config's TrainerFields (eval batch = train
     batch), logging, checkpoints every `save_steps`, held-out loss every `eval_steps` when `evaluate`, the
     seed, a progress bar, and the device and precision (`trainer_precision`)."""
-    from dataclasses import fields
-
     values = {f.name: getattr(cfg, f.name) for f in fields(TrainerFields)}
     return {
         **values,
