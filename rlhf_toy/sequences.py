@@ -302,14 +302,11 @@ class Sampled:
     )
 
 
-def next_token(
-    logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, uniform: Tensor | None = None
-) -> Tensor:
+def next_token(logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0) -> Tensor:
     """One token per row from float32 logits ``[B, V]``, from the distribution `generate` draws from: ``logits / T``,
     then top-k, then top-p (nucleus, the most likely token always kept), then softmax; ``temperature == 0``: argmax.
-    The draw inverts the CDF with one uniform per row (`uniform`, ``[B, 1]`` float64; drawn from the global RNG when
-    not given), where `torch.multinomial` draws an exponential per vocabulary entry: 49k random numbers a row, a
-    tenth of a decode step on a CPU."""
+    The draw inverts the CDF with one uniform per row from the global RNG (`torch.multinomial` draws an
+    exponential per vocabulary entry: 49k random numbers a row, a tenth of a decode step on a CPU)."""
     if temperature <= 0:
         return logits.argmax(-1)
     scores = logits / temperature
@@ -324,9 +321,7 @@ def next_token(
         drop[:, -1] = False
         scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
     cdf = scores.softmax(-1).double().cumsum(-1)  # float64: no rounding gap at the top of 49k summed entries
-    if uniform is None:
-        uniform = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device)
-    u = uniform * cdf[:, -1:]
+    u = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device) * cdf[:, -1:]
     # right=True: the first token whose cdf exceeds u, never one of zero mass (u = 0 included)
     return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
 
@@ -408,7 +403,7 @@ def sample_ids(
     cache = preallocated_cache(model, max_new_tokens)
     step_inputs = model_inputs(input_ids, attention_mask)
     width = input_ids.shape[1]
-    steps, local_done = 0, False
+    steps = 0
     for step in range(max_new_tokens):
         out = model(
             **step_inputs,
@@ -417,28 +412,20 @@ def sample_ids(
             logits_to_keep=1,
             output_hidden_states=output_hidden_states,
         )
-        # synced and this process's answers complete: the forward keeps the collectives in step, but nothing is
-        # drawn (as in `generate`), so the random stream is left where an unsynced process would leave it
-        if local_done:
-            tokens = torch.full_like(rows, pad_token_id)
-        else:
-            logits = out.logits[:, -1].float()
-            # one uniform for every row of the batch, running or not: the answers do not depend on when rows leave
-            uniform = torch.rand(B, 1, dtype=torch.float64, device=device)[rows] if temperature > 0 else None
-            tokens = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform)
-            steps = step + 1
-            if output_logits:
-                logits_out.append(logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits))
-            if output_hidden_states:
-                h = out.hidden_states[-1][:, -1]
-                hidden_out.append(h.new_zeros(B, h.shape[-1]).index_copy_(0, rows, h))
-            responses[rows, step] = tokens
+        logits = out.logits[:, -1].float()
+        tokens = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+        steps = step + 1
+        if output_logits:
+            logits_out.append(logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits))
+        if output_hidden_states:
+            h = out.hidden_states[-1][:, -1]
+            hidden_out.append(h.new_zeros(B, h.shape[-1]).index_copy_(0, rows, h))
+        responses[rows, step] = tokens
         going = torch.ones_like(tokens, dtype=torch.bool) if eos_token_id is None else tokens != eos_token_id
-        if synced_gpus:  # keep every row (they read pad after their EOS) until every process has ended
-            if eos_token_id is not None:
-                ended = responses[:, : step + 1].eq(eos_token_id).any(1)
-                tokens, local_done = tokens.masked_fill(ended, pad_token_id), bool(ended.all())
-            unfinished = torch.tensor(float(not local_done), device=device)
+        if synced_gpus:  # keep every row (they read pad from here on) until every process has ended
+            ended = responses[:, : step + 1].eq(eos_token_id).any(1) if eos_token_id is not None else None
+            tokens = tokens if ended is None else tokens.masked_fill(ended, pad_token_id)
+            unfinished = torch.tensor(float(ended is None or not bool(ended.all())), device=device)
             torch.distributed.all_reduce(unfinished)
             if unfinished.item() == 0:
                 break
