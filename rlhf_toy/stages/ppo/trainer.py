@@ -415,14 +415,14 @@ def engine_run(state: PPOState, compute: Callable, *args):
     """`compute(policy, value_model, *args)` where the trainable models' weights are whole. DDP and ZeRO-1/2 keep them
     whole on every process: it runs directly. FSDP and ZeRO-3 hold a shard on each: it runs inside the engine's
     forward, whose hooks gather each block's weights as the computation reaches it (the same way as in the update), so
-    every process must call it, the same number of times (`synced_gpus` keeps their sampling loops in step)."""
+    every process must call it, the same number of times (`synced_gpus` keeps their `generate` loops in step)."""
     if shards_weights(state.accelerator):
         return state.engine(compute, *args)
     return compute(state.policy, state.value_model, *args)
 
 
 def synced_generation(accelerator) -> bool:
-    """Whether sampling must keep a process that has finished its answers stepping with the others: under FSDP and
+    """Whether `generate` must keep a process that has finished its answers stepping with the others: under FSDP and
     ZeRO-3 every forward gathers weights from all the processes, so each must run as many as the others."""
     return shards_weights(accelerator) and accelerator.num_processes > 1
 
