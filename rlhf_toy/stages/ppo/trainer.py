@@ -43,7 +43,7 @@ from rlhf_toy.stages.common import resolve_run_precision, setup_run, shards_weig
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic, whole_state_dicts
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
-from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models
+from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
 
 
 class NonFiniteError(RuntimeError):
@@ -500,21 +500,24 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
 
     def policy_and_critic(policy, value_model):  # what reads the trainable weights (`engine_run`)
         with state.timer("generation"), state.precision.autocast():
-            generated = sequences.sample_ids(
-                policy,
-                queries,
-                query_mask,
+            generated = policy.generate(
+                input_ids=queries,
+                attention_mask=query_mask,
                 max_new_tokens=cfg.response_length,
+                do_sample=True,
                 temperature=cfg.temperature,
-                eos_token_id=tokenizer.eos_token_id,
+                top_k=0,
+                top_p=1.0,
                 pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                return_dict_in_generate=True,
                 output_logits=True,
                 output_hidden_states=state.shared_critic,
                 synced_gpus=synced_generation(state.accelerator),
             )
-            # sampling stops when every row has its EOS: no compute spent on all-pad columns.
+            # generate stops when every row has its EOS: no compute spent on all-pad columns.
             responses, mask = sequences.truncate_at_eos(
-                generated.responses, tokenizer.eos_token_id, tokenizer.pad_token_id
+                generated.sequences[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
             )
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, mask.long()], 1)
@@ -524,13 +527,13 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
                     policy, query_responses, attention_mask, context_length, temperature=cfg.temperature
                 )
             else:  # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
-                logits = sequences.scale_logits(generated.logits, cfg.temperature)
+                logits = sequences.scale_logits(torch.stack(generated.logits, 1), cfg.temperature)
             logprobs = sequences.logprobs_from_scaled(logits, responses)
         values = None  # critic-free: no value model, no value forward
         if value_model is not None:
             with state.timer("value_forward"), state.precision.autocast():
                 if state.shared_critic:  # lm-human-preferences: the values come out of the sampling pass
-                    values = value_model(generated.hidden).squeeze(-1).float()
+                    values = values_from_generation(value_model, generated)
                 else:
                     values = forward_values(value_model, query_responses, attention_mask, context_length)
         # the policy's scaled logits (batch × length × vocab) stay for the exact KL; generate's others go here
