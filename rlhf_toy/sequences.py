@@ -289,6 +289,181 @@ def autocast(precision):
 # ------------------------------------------------------------------------------------------------
 # sampling
 # ------------------------------------------------------------------------------------------------
+@dataclass
+class Sampled:
+    """What `sample_ids` returns for a batch of B left-padded prompts and T ≤ max_new_tokens decode steps."""
+
+    responses: Tensor  # [B, T] sampled ids, pad_token_id after each row's first EOS
+    logits: Tensor | None = (
+        None  # [B, T, V] raw float32 logits that predicted each token (0 after a row ended)
+    )
+    hidden: Tensor | None = (
+        None  # [B, T, H] the trunk's last hidden state (after its final norm) before each token
+    )
+
+
+def next_token(
+    logits: Tensor, *, temperature: float, top_k: int = 0, top_p: float = 1.0, uniform: Tensor | None = None
+) -> Tensor:
+    """One token per row from float32 logits ``[B, V]``, from the distribution `generate` draws from: ``logits / T``,
+    then top-k, then top-p (nucleus, the most likely token always kept), then softmax; ``temperature == 0``: argmax.
+    The draw inverts the CDF with one uniform per row (`uniform`, ``[B, 1]`` float64; drawn from the global RNG when
+    not given), where `torch.multinomial` draws an exponential per vocabulary entry: 49k random numbers a row, a
+    tenth of a decode step on a CPU."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    scores = logits / temperature
+    if top_k > 0:  # transformers' TopKLogitsWarper
+        kth = torch.topk(scores, min(top_k, scores.shape[-1])).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -float("inf"))
+    if (
+        top_p < 1.0
+    ):  # transformers' TopPLogitsWarper: drop the tokens whose cumulative mass (ascending) ≤ 1 − p
+        sorted_scores, order = torch.sort(scores, descending=False)
+        drop = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
+        drop[:, -1] = False
+        scores = scores.masked_fill(drop.scatter(1, order, drop), -float("inf"))
+    cdf = scores.softmax(-1).double().cumsum(-1)  # float64: no rounding gap at the top of 49k summed entries
+    if uniform is None:
+        uniform = torch.rand(cdf.shape[0], 1, dtype=cdf.dtype, device=cdf.device)
+    u = uniform * cdf[:, -1:]
+    # right=True: the first token whose cdf exceeds u, never one of zero mass (u = 0 included)
+    return torch.searchsorted(cdf, u, right=True).squeeze(1).clamp_(max=cdf.shape[1] - 1)
+
+
+def preallocated_cache(model, new_tokens: int):
+    """A KV cache whose buffers are sized at the prefill for the prompt plus `new_tokens`: each decode step writes
+    its keys and values into the next slot, where transformers' DynamicCache copies the whole cache (`torch.cat`).
+    A model with sliding-window layers gets transformers' own cache, which knows their rule."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import Cache, DynamicLayer
+
+    config = getattr(model, "config", None)
+    if (
+        config is None
+        or getattr(config, "sliding_window", None)
+        or "sliding" in str(getattr(config, "layer_types", ""))
+    ):
+        return DynamicCache(config=config)
+
+    class PreallocatedLayer(DynamicLayer):
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:  # the prefill: the whole prompt, and room for the answer
+                self.is_initialized, self.device, self.length = True, key_states.device, key_states.shape[-2]
+                shape = (*key_states.shape[:-2], self.length + new_tokens, key_states.shape[-1])
+                self.key_buffer = key_states.new_empty(shape)
+                self.value_buffer = value_states.new_empty(shape)
+                self.key_buffer[..., : self.length, :] = key_states
+                self.value_buffer[..., : self.length, :] = value_states
+            else:
+                n = key_states.shape[-2]
+                self.key_buffer[..., self.length : self.length + n, :] = key_states
+                self.value_buffer[..., self.length : self.length + n, :] = value_states
+                self.length += n
+            self.keys = self.key_buffer[..., : self.length, :]
+            self.values = self.value_buffer[..., : self.length, :]
+            return self.keys, self.values
+
+        def get_seq_length(self) -> int:
+            return self.length if self.is_initialized else 0
+
+        def batch_select_indices(self, indices: Tensor) -> None:
+            if self.is_initialized:
+                self.key_buffer, self.value_buffer = self.key_buffer[indices], self.value_buffer[indices]
+                self.keys = self.key_buffer[..., : self.length, :]
+                self.values = self.value_buffer[..., : self.length, :]
+
+    return Cache(layer_class_to_replicate=PreallocatedLayer)
+
+
+@torch.no_grad()
+def sample_ids(
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    eos_token_id: int | None,
+    pad_token_id: int,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    output_logits: bool = False,
+    output_hidden_states: bool = False,
+    synced_gpus: bool = False,
+) -> Sampled:
+    """Responses to left-padded prompts, one decode step at a time over the model's KV cache: the same model call
+    the forward passes make (`model_inputs`: pad ids 0, positions counting real tokens), the next token drawn in
+    float32 as `generate` draws it (`next_token`), and a row dropped from the batch, cache included, once it has
+    sampled its EOS, so the last steps cost what the rows still running cost. Stops when every row has ended.
+
+    ``synced_gpus`` (weights sharded across processes): no row is dropped and every process steps until all of
+    them have ended, because each forward gathers weights from all of them."""
+    B, device = input_ids.shape[0], input_ids.device
+    responses = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+    logits_out, hidden_out = [], []
+    mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+    positions = attention_mask.sum(1, keepdim=True) - 1  # of each row's last real token
+    rows = torch.arange(B, device=device)  # the rows still sampling, as indices into the batch
+    cache = preallocated_cache(model, max_new_tokens)
+    step_inputs = model_inputs(input_ids, attention_mask)
+    width = input_ids.shape[1]
+    steps, local_done = 0, False
+    for step in range(max_new_tokens):
+        out = model(
+            **step_inputs,
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
+            output_hidden_states=output_hidden_states,
+        )
+        # synced and this process's answers complete: the forward keeps the collectives in step, but nothing is
+        # drawn (as in `generate`), so the random stream is left where an unsynced process would leave it
+        if local_done:
+            tokens = torch.full_like(rows, pad_token_id)
+        else:
+            logits = out.logits[:, -1].float()
+            # one uniform for every row of the batch, running or not: the answers do not depend on when rows leave
+            uniform = torch.rand(B, 1, dtype=torch.float64, device=device)[rows] if temperature > 0 else None
+            tokens = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform)
+            steps = step + 1
+            if output_logits:
+                logits_out.append(logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits))
+            if output_hidden_states:
+                h = out.hidden_states[-1][:, -1]
+                hidden_out.append(h.new_zeros(B, h.shape[-1]).index_copy_(0, rows, h))
+            responses[rows, step] = tokens
+        going = torch.ones_like(tokens, dtype=torch.bool) if eos_token_id is None else tokens != eos_token_id
+        if synced_gpus:  # keep every row (they read pad after their EOS) until every process has ended
+            if eos_token_id is not None:
+                ended = responses[:, : step + 1].eq(eos_token_id).any(1)
+                tokens, local_done = tokens.masked_fill(ended, pad_token_id), bool(ended.all())
+            unfinished = torch.tensor(float(not local_done), device=device)
+            torch.distributed.all_reduce(unfinished)
+            if unfinished.item() == 0:
+                break
+        elif not bool(going.all()):
+            if not bool(going.any()):
+                break
+            keep = going.nonzero().squeeze(1)
+            cache.batch_select_indices(keep)
+            rows, tokens, positions = rows[keep], tokens[keep], positions[keep]
+        width += 1
+        positions = positions + 1
+        step_inputs = {
+            "input_ids": tokens.unsqueeze(1),
+            "attention_mask": mask[rows, :width],
+            "position_ids": positions,
+        }
+    if synced_gpus and eos_token_id is not None:  # the pad after each row's EOS, as when rows are dropped
+        responses, _ = truncate_at_eos(responses, eos_token_id, pad_token_id)
+    return Sampled(
+        responses=responses[:, :steps],
+        logits=torch.stack(logits_out, 1) if output_logits else None,
+        hidden=torch.stack(hidden_out, 1) if output_hidden_states else None,
+    )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -322,21 +497,19 @@ def generate(
         # One seed per batch drawn from the run seed: a batch's samples do not depend on what ran before.
         torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator_seed)))
         with autocast(precision):
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+            out = sample_ids(
+                model,
+                input_ids,
+                attention_mask,
                 max_new_tokens=max_new_tokens,
-                do_sample=temperature > 0,
-                temperature=temperature if temperature > 0 else None,
+                temperature=temperature,
                 top_k=top_k,
                 top_p=top_p,
-                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
                 synced_gpus=synced_gpus,
             )
-        responses, mask = truncate_at_eos(
-            out[:, input_ids.shape[1] :], tokenizer.eos_token_id, tokenizer.pad_token_id
-        )
+        responses, mask = truncate_at_eos(out.responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
         for messages, row, n, cut in zip(batch, responses.tolist(), mask.sum(1).tolist(), truncated):
             ids = row[:n]  # up to the first EOS; a sampled pad token is part of the answer, not its end
             samples.append(

@@ -55,7 +55,7 @@ def update(pipeline: Path, out: Path, gradient_accumulation_steps: int = 1, **ov
         seed=cfg.seed,
         num_generations=cfg.num_generations,
     )
-    torch.manual_seed(3)  # every process samples the whole global rollout alike, then keeps its share
+    torch.manual_seed(4)  # every process samples the whole global rollout alike, then keeps its share
     batch = trainer.sample(state, prompts)
     lengths = batch.mask.sum(1)
     assert len(set(lengths[:4].tolist())) > 1 and lengths[:4].sum() != lengths[4:].sum(), (

@@ -57,8 +57,8 @@ def gated(completions, **kwargs):
 
 def flat_for_even_titles(completions, title, **kwargs):
     """0 for every answer to a film whose title has an even length (a group with no spread), else the answer's
-    length in characters (a spread): for dynamic sampling."""
-    return [0.0 if len(t) % 2 == 0 else float(len(c[0]["content"])) for t, c in zip(title, completions)]
+    length in tens of characters (a spread that `score_clip: 10` does not flatten): for dynamic sampling."""
+    return [0.0 if len(t) % 2 == 0 else len(c[0]["content"]) / 10 for t, c in zip(title, completions)]
 
 
 def first_token_even(completions, completion_ids, **kwargs):

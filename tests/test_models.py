@@ -125,6 +125,7 @@ def test_a_sampled_pad_token_stays_in_the_response(monkeypatch):
     queries, _, _ = sequences.encode_prompts(tokenizer, prompts, 256)
     good, pad, eos = tokenizer.convert_tokens_to_ids("good"), tokenizer.pad_token_id, tokenizer.eos_token_id
     sampled = torch.cat([queries, torch.tensor([[good, pad, good, eos, pad, pad]])], 1)
-    monkeypatch.setattr(model, "generate", lambda **kwargs: sampled)
+    responses = sampled[:, queries.shape[1] :]
+    monkeypatch.setattr(sequences, "sample_ids", lambda *args, **kwargs: sequences.Sampled(responses))
     [sample] = sequences.generate(model, tokenizer, prompts, max_new_tokens=6)
     assert sample.response_ids == [good, pad, good, eos] and sample.has_eos

@@ -16,7 +16,7 @@ from rlhf_toy.config import ConfigError, parse_config
 from rlhf_toy.scoring import NORMALIZATION_FILE
 from rlhf_toy.stages.ppo import core, trainer
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
-from rlhf_toy.stages.ppo.models import disable_dropout, values_from_generation
+from rlhf_toy.stages.ppo.models import disable_dropout
 
 DESIGN_METRICS = [
     "objective/kl",
@@ -514,36 +514,57 @@ def test_two_processes_split_rollouts_and_stay_in_sync(pipeline, tmp_path):
 
 
 def test_shared_critic_values_from_sampling_equal_a_fresh_forward(pipeline):
-    """lm-human-preferences' shortcut: the rollout values come out of generate(); they must be the values
-    the update's forward pass computes for the same tokens, or the value loss's clipping is off."""
+    """lm-human-preferences' shortcut: the rollout values come out of the sampling pass; they must be the values
+    the update's forward pass computes for the same tokens, or the value loss's clipping is off. The EOS is a
+    token the model samples often, so rows leave the batch at different steps."""
     from rlhf_toy import models
 
     tokenizer = models.load_tokenizer(str(pipeline / "sft/final"))
     policy = AutoModelForCausalLM.from_pretrained(pipeline / "sft/final").eval()
     head = torch.nn.Linear(policy.config.hidden_size, 1)  # random, not zero: every position matters
-    prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:3]
+    prompts = data.load_prompts(str(pipeline / "prompts.jsonl"))[:6]
     queries, query_mask, _ = sequences.encode_prompts(tokenizer, prompts, 64, torch.device("cpu"))
-    torch.manual_seed(0)
     with torch.no_grad():
-        generated = policy.generate(
-            input_ids=queries,
-            attention_mask=query_mask,
-            max_new_tokens=6,
-            do_sample=True,
+        torch.manual_seed(0)
+        common = (
+            sequences.sample_ids(
+                policy,
+                queries,
+                query_mask,
+                max_new_tokens=8,
+                temperature=0.7,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+            .responses.flatten()
+            .mode()
+            .values.item()
+        )
+        torch.manual_seed(0)
+        generated = sequences.sample_ids(
+            policy,
+            queries,
+            query_mask,
+            max_new_tokens=8,
+            temperature=0.7,
+            eos_token_id=common,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            return_dict_in_generate=True,
-            output_scores=True,
             output_hidden_states=True,
         )
-        rollout_values = values_from_generation(head, generated)
-        query_responses = generated.sequences
-        mask = torch.cat([query_mask, torch.ones_like(query_responses[:, queries.shape[1] :])], 1)
+        responses, mask = sequences.truncate_at_eos(generated.responses, common, tokenizer.pad_token_id)
+        rollout_values = head(generated.hidden).squeeze(-1)
+        query_responses = torch.cat([queries, responses], 1)
         _, forward_values = sequences.response_logits(
-            policy, query_responses, mask, queries.shape[1], temperature=0.7, value_head=head
+            policy,
+            query_responses,
+            torch.cat([query_mask, mask.long()], 1),
+            queries.shape[1],
+            temperature=0.7,
+            value_head=head,
         )
-    assert rollout_values.shape == forward_values.shape == (3, query_responses.shape[1] - queries.shape[1])
-    torch.testing.assert_close(rollout_values, forward_values, atol=1e-5, rtol=1e-4)
+    assert len(set(mask.sum(1).tolist())) > 1  # rows ended at different steps
+    assert rollout_values.shape == forward_values.shape == responses.shape
+    torch.testing.assert_close(rollout_values[mask], forward_values[mask], atol=1e-5, rtol=1e-4)
 
 
 def test_shared_critic_learns_and_resumes_from_its_checkpoint(pipeline, tmp_path, monkeypatch):

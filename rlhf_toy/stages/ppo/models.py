@@ -19,12 +19,6 @@ def forward_values(value_model, input_ids, attention_mask, context_length: int):
     return base.score(hidden).squeeze(-1)[:, context_length - 1 : -1].float()
 
 
-def values_from_generation(value_head, generated):
-    """The shared critic's values from `generate(..., output_hidden_states=True)`: the trunk's last hidden
-    state at each generation step is the state before that response token, as in a fresh forward."""
-    return value_head(torch.stack([h[-1][:, -1] for h in generated.hidden_states], 1)).squeeze(-1).float()
-
-
 def load_models(cfg, tokenizer, device, dtype):
     """Policy (optionally LoRA), reference (a frozen copy, or with LoRA the policy with its adapter
     disabled), critic (a value model, with `critic: shared` a Linear(hidden, 1) value head on the

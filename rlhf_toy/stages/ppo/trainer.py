@@ -43,7 +43,7 @@ from rlhf_toy.stages.common import resolve_run_precision, setup_run, shards_weig
 from rlhf_toy.stages.ppo import core
 from rlhf_toy.stages.ppo.checkpoint import load_checkpoint, save_checkpoint, save_critic, whole_state_dicts
 from rlhf_toy.stages.ppo.config import PPOStageConfig, split_batch
-from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models, values_from_generation
+from rlhf_toy.stages.ppo.models import assert_in_sync, forward_values, load_models
 
 
 class NonFiniteError(RuntimeError):
@@ -415,14 +415,14 @@ def engine_run(state: PPOState, compute: Callable, *args):
     """`compute(policy, value_model, *args)` where the trainable models' weights are whole. DDP and ZeRO-1/2 keep them
     whole on every process: it runs directly. FSDP and ZeRO-3 hold a shard on each: it runs inside the engine's
     forward, whose hooks gather each block's weights as the computation reaches it (the same way as in the update), so
-    every process must call it, the same number of times (`synced_gpus` keeps their `generate` loops in step)."""
+    every process must call it, the same number of times (`synced_gpus` keeps their sampling loops in step)."""
     if shards_weights(state.accelerator):
         return state.engine(compute, *args)
     return compute(state.policy, state.value_model, *args)
 
 
 def synced_generation(accelerator) -> bool:
-    """Whether `generate` must keep a process that has finished its answers stepping with the others: under FSDP and
+    """Whether sampling must keep a process that has finished its answers stepping with the others: under FSDP and
     ZeRO-3 every forward gathers weights from all the processes, so each must run as many as the others."""
     return shards_weights(accelerator) and accelerator.num_processes > 1
 
@@ -500,24 +500,21 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
 
     def policy_and_critic(policy, value_model):  # what reads the trainable weights (`engine_run`)
         with state.timer("generation"), state.precision.autocast():
-            generated = policy.generate(
-                input_ids=queries,
-                attention_mask=query_mask,
+            generated = sequences.sample_ids(
+                policy,
+                queries,
+                query_mask,
                 max_new_tokens=cfg.response_length,
-                do_sample=True,
                 temperature=cfg.temperature,
-                top_k=0,
-                top_p=1.0,
-                pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
-                return_dict_in_generate=True,
+                pad_token_id=tokenizer.pad_token_id,
                 output_logits=True,
                 output_hidden_states=state.shared_critic,
                 synced_gpus=synced_generation(state.accelerator),
             )
-            # generate stops when every row has its EOS: no compute spent on all-pad columns.
+            # sampling stops when every row has its EOS: no compute spent on all-pad columns.
             responses, mask = sequences.truncate_at_eos(
-                generated.sequences[:, context_length:], tokenizer.eos_token_id, tokenizer.pad_token_id
+                generated.responses, tokenizer.eos_token_id, tokenizer.pad_token_id
             )
         query_responses = torch.cat([queries, responses], 1)
         attention_mask = torch.cat([query_mask, mask.long()], 1)
@@ -527,13 +524,13 @@ def sample(state: PPOState, batch_records: list) -> Rollout:
                     policy, query_responses, attention_mask, context_length, temperature=cfg.temperature
                 )
             else:  # the sampling pass's own (raw, float32) logits at the same T: no extra forward pass
-                logits = sequences.scale_logits(torch.stack(generated.logits, 1), cfg.temperature)
+                logits = sequences.scale_logits(generated.logits, cfg.temperature)
             logprobs = sequences.logprobs_from_scaled(logits, responses)
         values = None  # critic-free: no value model, no value forward
         if value_model is not None:
             with state.timer("value_forward"), state.precision.autocast():
                 if state.shared_critic:  # lm-human-preferences: the values come out of the sampling pass
-                    values = values_from_generation(value_model, generated)
+                    values = value_model(generated.hidden).squeeze(-1).float()
                 else:
                     values = forward_values(value_model, query_responses, attention_mask, context_length)
         # the policy's scaled logits (batch × length × vocab) stay for the exact KL; generate's others go here

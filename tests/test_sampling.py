@@ -1,0 +1,157 @@
+"""The decode loop (`sequences.sample_ids`) every stage samples with: the same tokens as transformers' `generate`
+where both are deterministic, the log-probs of a full forward pass, and the draw from `generate`'s distribution."""
+
+import pytest
+import torch
+from scipy import stats
+
+from rlhf_toy import models, sequences
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    tokenizer = models.load_tokenizer(models.TINY_MODEL)
+    model = models.load_causal_lm(models.TINY_MODEL, tokenizer, device="cpu").eval()
+    prompts = [[{"role": "user", "content": "Review the film " + "again " * i}] for i in range(6)]
+    queries, query_mask, _ = sequences.encode_prompts(tokenizer, prompts, 64)
+    return model, tokenizer, queries, query_mask
+
+
+def ending_token(model, queries, query_mask, seed: int) -> int:
+    """Row 0's 4th token when sampled with `seed` and no EOS: made the EOS, the same draws end row 0 by its 4th
+    step while the other rows go on, so rows leave the batch at different steps."""
+    torch.manual_seed(seed)
+    out = sequences.sample_ids(
+        model, queries, query_mask, max_new_tokens=4, temperature=0.7, eos_token_id=None, pad_token_id=0
+    )
+    return out.responses[0, 3].item()
+
+
+def greedy_generate(model, queries, query_mask, eos, pad, new_tokens):
+    out = model.generate(
+        input_ids=queries,
+        attention_mask=query_mask,
+        max_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
+    responses = out[:, queries.shape[1] :]
+    return responses if eos is None else sequences.truncate_at_eos(responses, eos, pad)[0]
+
+
+def test_greedy_tokens_equal_generate_as_rows_end(tiny):
+    """Temperature 0 takes the RNG out: what is left is the cache, the mask and the positions, row by row as rows
+    leave the batch. An EOS at the argmax of some row makes rows end at different steps."""
+    model, tokenizer, queries, query_mask = tiny
+    pad = tokenizer.pad_token_id
+    free = greedy_generate(model, queries, query_mask, None, pad, 10)
+    eos = free[0, -1].item()  # the tiny model's greedy rows reach this token at different steps
+    expected = greedy_generate(model, queries, query_mask, eos, pad, 10)
+    ours = sequences.sample_ids(
+        model, queries, query_mask, max_new_tokens=10, temperature=0, eos_token_id=eos, pad_token_id=pad
+    )
+    mask = sequences.truncate_at_eos(expected, eos, pad)[1]
+    assert len(set(mask.sum(1).tolist())) > 1
+    assert torch.equal(ours.responses, expected[:, : ours.responses.shape[1]])
+    assert (expected[:, ours.responses.shape[1] :] == pad).all()  # generate's extra columns are all pad
+
+
+def test_sampled_logprobs_equal_a_full_forward_pass(tiny):
+    model, tokenizer, queries, query_mask = tiny
+    eos = ending_token(model, queries, query_mask, seed=1)
+    torch.manual_seed(1)
+    out = sequences.sample_ids(
+        model,
+        queries,
+        query_mask,
+        max_new_tokens=12,
+        temperature=0.7,
+        eos_token_id=eos,
+        pad_token_id=tokenizer.pad_token_id,
+        output_logits=True,
+    )
+    responses, mask = sequences.truncate_at_eos(out.responses, eos, tokenizer.pad_token_id)
+    assert torch.equal(responses, out.responses)  # nothing after a row's EOS but pad
+    assert len(set(mask.sum(1).tolist())) > 1
+    ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
+    forward = sequences.logprobs_from_scaled(
+        sequences.response_logits(model, ids, attention, queries.shape[1], temperature=0.7), responses
+    )
+    sampled = sequences.logprobs_from_scaled(sequences.scale_logits(out.logits, 0.7), responses)
+    torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 4, 1.0), (1.0, 0, 0.8), (0.9, 5, 0.7)]
+)
+def test_draws_follow_generates_distribution(temperature, top_k, top_p):
+    """A chi-square goodness-of-fit test of 40 000 draws against the probabilities transformers' own warpers
+    give (temperature, top-k, top-p, softmax): it fails for a wrong temperature, a filter that keeps a token it
+    should drop or an off-by-one in the inverse CDF."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    logits = torch.tensor([[2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, -3.0]])
+    warpers = LogitsProcessorList([TemperatureLogitsWarper(temperature)])
+    if top_k:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p < 1:
+        warpers.append(TopPLogitsWarper(top_p))
+    expected = warpers(None, logits.clone()).double().softmax(-1)[0]
+    n = 40_000
+    torch.manual_seed(0)
+    draws = sequences.next_token(logits.expand(n, -1), temperature=temperature, top_k=top_k, top_p=top_p)
+    counts = torch.bincount(draws, minlength=logits.shape[1]).double()
+    assert (counts[expected == 0] == 0).all()  # filtered tokens are never drawn
+    support = expected > 0
+    _, p_value = stats.chisquare(
+        counts[support].numpy(), (n * expected[support] / expected[support].sum()).numpy()
+    )
+    assert p_value > 1e-4
+
+
+def test_synced_stepping_keeps_rows_and_gives_the_same_answers(tiny, tmp_path):
+    """With weights sharded across processes every process steps until all have ended (rows kept, pad fed):
+    the answers are the ones the row-dropping loop gives from the same seed, greedy or sampled (each step draws
+    one uniform for every row, so the RNG does not see when rows leave). One gloo process stands in for the group."""
+    model, tokenizer, queries, query_mask = tiny
+    pad = tokenizer.pad_token_id
+    greedy_eos = greedy_generate(model, queries, query_mask, None, pad, 10)[0, -1].item()
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
+    )
+    try:
+        for temperature, seed in ((0, 0), (0.7, 1), (0.7, 2)):
+            eos = ending_token(model, queries, query_mask, seed) if temperature else greedy_eos
+            settings = dict(max_new_tokens=10, temperature=temperature, eos_token_id=eos, pad_token_id=pad)
+            torch.manual_seed(seed)
+            synced = sequences.sample_ids(model, queries, query_mask, synced_gpus=True, **settings)
+            torch.manual_seed(seed)
+            dropped = sequences.sample_ids(model, queries, query_mask, **settings)
+            ends = sequences.truncate_at_eos(dropped.responses, eos, pad)[1].sum(1)
+            assert len(set(ends.tolist())) > 1  # rows left the batch at different steps
+            assert torch.equal(synced.responses, dropped.responses)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_every_row_ended_stops_the_loop(tiny):
+    """A row whose first token is its EOS: one step, no column of pad after it."""
+    model, tokenizer, queries, query_mask = tiny
+    pad = tokenizer.pad_token_id
+    eos = greedy_generate(model, queries[:1], query_mask[:1], None, pad, 1)[0, 0].item()
+    out = sequences.sample_ids(
+        model,
+        queries[:1],
+        query_mask[:1],
+        max_new_tokens=10,
+        temperature=0,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )
+    assert out.responses.tolist() == [[eos]]
