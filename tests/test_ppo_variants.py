@@ -277,6 +277,7 @@ def test_dynamic_sampling_replaces_groups_without_spread(pipeline, tmp_path):
         sample_every=1,
         save_steps=3,
         rewards="reward_functions:flat_for_even_titles",
+        length_coef=0.0,  # no length penalty: the even titles' groups stay flat
     )
     plain = run_in_process(pipeline, tmp_path / "plain", **flags)
     dynamic = run_in_process(
@@ -284,9 +285,10 @@ def test_dynamic_sampling_replaces_groups_without_spread(pipeline, tmp_path):
     )
     read = lambda run: [r for r in runlog.read_jsonl(run / "metrics.jsonl") if "objective/scores" in r]
     samples = lambda run, step: [s for s in runlog.read_jsonl(run / "samples.jsonl") if s["step"] == step]
-    for p, d in zip(read(plain), read(dynamic)):
-        # the first round is the same batch either way: the share TRL logs is the sampler's
-        assert p["frac_reward_zero_std"] == d["frac_reward_zero_std"]
+    # step 1's first round is the same batch either way (same policy, prompts and seed): the share TRL logs is the
+    # sampler's. Later steps start from policies trained on different groups, so their answers differ.
+    assert read(plain)[0]["frac_reward_zero_std"] == read(dynamic)[0]["frac_reward_zero_std"]
+    for d in read(dynamic):
         kept = [
             torch.tensor([s["score"] for s in samples(dynamic, d["step"])][g : g + 4]).std() == 0
             for g in (0, 4)
@@ -295,8 +297,8 @@ def test_dynamic_sampling_replaces_groups_without_spread(pipeline, tmp_path):
         assert d["rollout/resample_rounds"] <= 3
         if d["rollout/zero_std_groups_kept"]:
             assert d["rollout/resample_rounds"] == 3  # topped up only once the cap is reached
-        if p["frac_reward_zero_std"] == 0:
-            assert d["rollout/resample_rounds"] == 0
+        # a round is sampled exactly when the first one has a group without spread
+        assert (d["rollout/resample_rounds"] > 0) == (d["frac_reward_zero_std"] > 0)
     assert any(p["frac_reward_zero_std"] > 0 for p in read(plain))
     assert sum(d["rollout/zero_std_groups_kept"] for d in read(dynamic)) < sum(
         2 * p["frac_reward_zero_std"] for p in read(plain)
