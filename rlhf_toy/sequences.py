@@ -376,6 +376,26 @@ def preallocated_cache(model, new_tokens: int):
     return Cache(layer_class_to_replicate=PreallocatedLayer)
 
 
+@contextlib.contextmanager
+def weights_cast_once(model, device_type: str, sharded: bool):
+    """Under autocast, each float32 weight's bf16 copy made once for a whole decode loop, not at every step.
+    Autocast caches a weight's cast only for a leaf that requires grad; a frozen one (PPO's bottom blocks and
+    tied embedding/LM head, a reference, a LoRA base) is cast again at every step, which made a bfloat16-mixed
+    decode step 1.8x (batch 8) and 1.5x (batch 32) slower on 2 cores. Marking frozen weights for the loop, under
+    no_grad (no graph is built), gives the same numbers; the marks are removed after. Sharded weights (FSDP,
+    ZeRO-3) are gathered into other tensors for each forward: left alone."""
+    frozen = []
+    if torch.is_autocast_enabled(device_type) and not torch.is_grad_enabled() and not sharded:
+        frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
+
+
 @torch.no_grad()
 def sample_ids(
     model,
@@ -399,69 +419,76 @@ def sample_ids(
 
     ``synced_gpus`` (weights sharded across processes): no row is dropped and every process steps until all of
     them have ended, because each forward gathers weights from all of them."""
-    B, device = input_ids.shape[0], input_ids.device
-    responses = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-    logits_out, hidden_out = [], []
-    mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
-    positions = attention_mask.sum(1, keepdim=True) - 1  # of each row's last real token
-    rows = torch.arange(B, device=device)  # the rows still sampling, as indices into the batch
-    cache = preallocated_cache(model, max_new_tokens)
-    step_inputs = model_inputs(input_ids, attention_mask)
-    width = input_ids.shape[1]
-    steps, local_done = 0, False
-    for step in range(max_new_tokens):
-        out = model(
-            **step_inputs,
-            cache=cache,
-            use_cache=True,
-            logits_to_keep=1,
-            output_hidden_states=output_hidden_states,
+    with weights_cast_once(model, input_ids.device.type, sharded=synced_gpus):
+        B, device = input_ids.shape[0], input_ids.device
+        responses = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        logits_out, hidden_out = [], []
+        mask = torch.cat([attention_mask, attention_mask.new_ones(B, max_new_tokens)], 1)
+        positions = attention_mask.sum(1, keepdim=True) - 1  # of each row's last real token
+        rows = torch.arange(B, device=device)  # the rows still sampling, as indices into the batch
+        cache = preallocated_cache(model, max_new_tokens)
+        step_inputs = model_inputs(input_ids, attention_mask)
+        width = input_ids.shape[1]
+        steps, local_done = 0, False
+        for step in range(max_new_tokens):
+            out = model(
+                **step_inputs,
+                cache=cache,
+                use_cache=True,
+                logits_to_keep=1,
+                output_hidden_states=output_hidden_states,
+            )
+            # synced and this process's answers complete: the forward keeps the collectives in step, but nothing is
+            # drawn (as in `generate`), so the random stream is left where an unsynced process would leave it
+            if local_done:
+                tokens = torch.full_like(rows, pad_token_id)
+            else:
+                logits = out.logits[:, -1].float()
+                # one uniform for every row of the batch, running or not: the answers do not depend on when rows leave
+                uniform = (
+                    torch.rand(B, 1, dtype=torch.float64, device=device)[rows] if temperature > 0 else None
+                )
+                tokens = next_token(
+                    logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform
+                )
+                steps = step + 1
+                if output_logits:
+                    logits_out.append(logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits))
+                if output_hidden_states:
+                    h = out.hidden_states[-1][:, -1]
+                    hidden_out.append(h.new_zeros(B, h.shape[-1]).index_copy_(0, rows, h))
+                responses[rows, step] = tokens
+            going = (
+                torch.ones_like(tokens, dtype=torch.bool) if eos_token_id is None else tokens != eos_token_id
+            )
+            if synced_gpus:  # keep every row (they read pad after their EOS) until every process has ended
+                if eos_token_id is not None:
+                    ended = responses[:, : step + 1].eq(eos_token_id).any(1)
+                    tokens, local_done = tokens.masked_fill(ended, pad_token_id), bool(ended.all())
+                unfinished = torch.tensor(float(not local_done), device=device)
+                torch.distributed.all_reduce(unfinished)
+                if unfinished.item() == 0:
+                    break
+            elif not bool(going.all()):
+                if not bool(going.any()):
+                    break
+                keep = going.nonzero().squeeze(1)
+                cache.batch_select_indices(keep)
+                rows, tokens, positions = rows[keep], tokens[keep], positions[keep]
+            width += 1
+            positions = positions + 1
+            step_inputs = {
+                "input_ids": tokens.unsqueeze(1),
+                "attention_mask": mask[rows, :width],
+                "position_ids": positions,
+            }
+        if synced_gpus and eos_token_id is not None:  # the pad after each row's EOS, as when rows are dropped
+            responses, _ = truncate_at_eos(responses, eos_token_id, pad_token_id)
+        return Sampled(
+            responses=responses[:, :steps],
+            logits=torch.stack(logits_out, 1) if output_logits else None,
+            hidden=torch.stack(hidden_out, 1) if output_hidden_states else None,
         )
-        # synced and this process's answers complete: the forward keeps the collectives in step, but nothing is
-        # drawn (as in `generate`), so the random stream is left where an unsynced process would leave it
-        if local_done:
-            tokens = torch.full_like(rows, pad_token_id)
-        else:
-            logits = out.logits[:, -1].float()
-            # one uniform for every row of the batch, running or not: the answers do not depend on when rows leave
-            uniform = torch.rand(B, 1, dtype=torch.float64, device=device)[rows] if temperature > 0 else None
-            tokens = next_token(logits, temperature=temperature, top_k=top_k, top_p=top_p, uniform=uniform)
-            steps = step + 1
-            if output_logits:
-                logits_out.append(logits.new_zeros(B, logits.shape[-1]).index_copy_(0, rows, logits))
-            if output_hidden_states:
-                h = out.hidden_states[-1][:, -1]
-                hidden_out.append(h.new_zeros(B, h.shape[-1]).index_copy_(0, rows, h))
-            responses[rows, step] = tokens
-        going = torch.ones_like(tokens, dtype=torch.bool) if eos_token_id is None else tokens != eos_token_id
-        if synced_gpus:  # keep every row (they read pad after their EOS) until every process has ended
-            if eos_token_id is not None:
-                ended = responses[:, : step + 1].eq(eos_token_id).any(1)
-                tokens, local_done = tokens.masked_fill(ended, pad_token_id), bool(ended.all())
-            unfinished = torch.tensor(float(not local_done), device=device)
-            torch.distributed.all_reduce(unfinished)
-            if unfinished.item() == 0:
-                break
-        elif not bool(going.all()):
-            if not bool(going.any()):
-                break
-            keep = going.nonzero().squeeze(1)
-            cache.batch_select_indices(keep)
-            rows, tokens, positions = rows[keep], tokens[keep], positions[keep]
-        width += 1
-        positions = positions + 1
-        step_inputs = {
-            "input_ids": tokens.unsqueeze(1),
-            "attention_mask": mask[rows, :width],
-            "position_ids": positions,
-        }
-    if synced_gpus and eos_token_id is not None:  # the pad after each row's EOS, as when rows are dropped
-        responses, _ = truncate_at_eos(responses, eos_token_id, pad_token_id)
-    return Sampled(
-        responses=responses[:, :steps],
-        logits=torch.stack(logits_out, 1) if output_logits else None,
-        hidden=torch.stack(hidden_out, 1) if output_hidden_states else None,
-    )
 
 
 @torch.no_grad()

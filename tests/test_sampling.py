@@ -207,3 +207,33 @@ def test_whole_answers_follow_the_policy_so_k1_averages_to_the_exact_kl(tiny):
     standard_error = difference.std() / len(difference) ** 0.5
     assert exact_kl.mean() > 10 * standard_error  # a KL the test can tell from zero
     assert difference.mean().abs() < 4 * standard_error, (difference.mean(), standard_error, exact_kl.mean())
+
+
+def test_frozen_weights_sample_as_trainable_ones_under_bf16_autocast_and_stay_frozen(tiny):
+    """`sample_ids` marks frozen weights as requiring grad for the loop, so autocast casts each one to bf16 once
+    and not at every step: the answers and logits are the trainable model's, bit for bit, and afterwards the
+    frozen weights are frozen again (also when the loop fails)."""
+    model, tokenizer, queries, query_mask = tiny
+    model = copy.deepcopy(model)
+    frozen = [model.transformer.wte, *model.transformer.h[:1]]
+    settings = dict(max_new_tokens=8, temperature=0.7, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    results = []
+    for freeze in (False, True):
+        for module in frozen:
+            module.requires_grad_(not freeze)
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(sequences.sample_ids(model, queries, query_mask, output_logits=True, **settings))
+    assert torch.equal(results[0].responses, results[1].responses)
+    assert torch.equal(results[0].logits, results[1].logits)
+    frozen_params = [p for module in frozen for p in module.parameters()]
+    assert not any(p.requires_grad for p in frozen_params)
+    assert all(p.requires_grad for p in model.transformer.h[1].parameters())
+
+    def fail(*_):
+        raise ValueError("a forward that fails mid-loop")
+
+    model.transformer.h[1].register_forward_hook(fail)
+    with pytest.raises(ValueError), torch.autocast("cpu", dtype=torch.bfloat16):
+        sequences.sample_ids(model, queries, query_mask, **settings)
+    assert not any(p.requires_grad for p in frozen_params)
