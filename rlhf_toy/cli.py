@@ -20,6 +20,18 @@ def run_stage(config_class, stage, argv=None):
     except USER_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+    close_process_group()
     if result is not None:
         print(f"done: {result}")
     return result
+
+
+def close_process_group() -> None:
+    """Under `accelerate launch`: wait for every process, then tear the process group down before the interpreter
+    exits. Left to the interpreter's exit, gloo's threads can be destroyed still joinable, and one process aborts
+    ("terminate called without an active exception") while the others are still writing."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

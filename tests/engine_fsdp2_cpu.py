@@ -63,6 +63,9 @@ if __name__ == "__main__":
         weights = engine_ppo_update.update(Path(args[0]), Path(args[1]))
         if dist.get_rank() == 0:
             torch.save(weights, Path(args[1]) / "weights.pt")
+        from rlhf_toy.cli import close_process_group
+
+        close_process_group()
     else:  # scripts/MODE.py with its flags, as a user runs it
         sys.argv = [str(ROOT / "scripts" / f"{mode}.py"), *args]
         runpy.run_path(sys.argv[0], run_name="__main__")

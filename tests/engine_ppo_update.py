@@ -18,6 +18,7 @@ from conftest import tiny_flags
 from torch.distributed.tensor import DTensor
 
 from rlhf_toy import data
+from rlhf_toy.cli import close_process_group
 from rlhf_toy.config import parse_config
 from rlhf_toy.stages.common import shards_weights
 from rlhf_toy.stages.ppo import trainer
@@ -151,3 +152,4 @@ if __name__ == "__main__":
 
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save(weights, out / "weights.pt")
+    close_process_group()
