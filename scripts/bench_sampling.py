@@ -3,7 +3,7 @@
 
     python scripts/bench_sampling.py [--model embedded:smollm2-135m-instruct] [--batches 8 32 100]
                                      [--max_new_tokens 48] [--repeats 3] [--precisions float32 bfloat16-mixed]
-                                     [--profile] [--output reports/bench/sampling]
+                                     [--frozen] [--profile] [--output reports/bench/sampling]
 
 The same test prompts, settings and seed for both (temperature 0.7, no top-k or top-p, EOS on), alternating
 generate / ours within each repeat so drifts in machine load hit both; the medians over repeats. Tokens/s counts
@@ -14,7 +14,9 @@ The bound is the time a perfect sampler would need for the same answers on these
 measured matmul rate, then per decode step the larger of (reading every matmul weight once, at the measured memory
 bandwidth) and (2 x matmul parameters x the rows still running, at the matmul rate); attention is left out (a few
 percent at these lengths), so the bound is a little optimistic. `--profile` adds one torch-profiler run of ours at
-the middle batch size and prints its top operators. Writes OUTPUT.md and OUTPUT.json.
+the middle batch size and prints its top operators. `--frozen` samples from a model whose weights do not require
+grad, as PPO's bottom blocks and reference are: under bf16 autocast `generate` casts each frozen weight again at
+every step, ours once per call (`sequences.weights_cast_once`). Writes OUTPUT.md and OUTPUT.json.
 """
 
 from __future__ import annotations
@@ -113,6 +115,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--precisions", nargs="+", default=["float32", "bfloat16-mixed"])
     parser.add_argument("--prompts", default="data/prompts_test.jsonl")
+    parser.add_argument("--frozen", action="store_true")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--output", default="reports/bench/sampling")
     args = parser.parse_args()
@@ -121,7 +124,7 @@ def main() -> None:
     native_bf16 = models.cpu_has_native_bf16()
     precisions = [p for p in args.precisions if p == "float32" or native_bf16]
     tokenizer = models.load_tokenizer(args.model)
-    model = models.load_causal_lm(args.model, tokenizer, device="cpu").eval()
+    model = models.load_causal_lm(args.model, tokenizer, device="cpu").eval().requires_grad_(not args.frozen)
     prompts = data.load_prompts(args.prompts)
     params = matmul_parameters(model)
     mlp = (
@@ -135,6 +138,7 @@ def main() -> None:
         "native_bf16": native_bf16,
         "bandwidth_GB_s": bandwidth / 1e9,
         "matmul_params": params,
+        "frozen": args.frozen,
     }
     print(f"threads {machine['threads']}, native bf16 {native_bf16}, memory read {bandwidth / 1e9:.1f} GB/s")
     rows = []
@@ -180,7 +184,7 @@ def main() -> None:
             )
     lines = [
         f"# Sampling speed ({args.model}, {args.max_new_tokens} new tokens, {machine['threads']} threads, "
-        f"native bf16: {native_bf16})",
+        f"native bf16: {native_bf16}{', every weight frozen' if args.frozen else ''})",
         "",
         f"Memory read {bandwidth / 1e9:.1f} GB/s; matmul "
         + ", ".join(f"{p} {machine[f'matmul_{p}_GFLOP_s']:.0f} GFLOP/s" for p in precisions)
