@@ -48,6 +48,11 @@ COMPARE_FILES ?= data/prompts_eval.jsonl data/prompts_test.jsonl   # the last fi
 COMPARE_CHECKPOINTS ?= 0      # kept checkpoints per run as extra points (each costs ~25 s here)
 COMPARE_BATCH ?= 100          # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32; 200 prompts = 2 batches
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
+# SFT, PPO and DPO skip their before/after sampling in the demo: compare samples the same eval prompts from every
+# model. `make demo STAGE_EVAL=` brings it back; a stage run alone keeps its config's num_eval_prompts. The
+# reward stage keeps its eval samples (its Spearman with gold and rm_vs_gold.png are not compare's work).
+STAGE_EVAL ?= --num_eval_prompts 0
+STAGE_FLAGS ?=                # given to every stage and to compare, e.g. STAGE_FLAGS="--dtype float32"
 # $(STAGE) NAME COMMAND...: run COMMAND, then log "NAME <seconds> s" (only when it succeeded)
 STAGE = @mkdir -p $(RUNS) && bash -c 'echo "== $$1: $${*:2}"; start=$$SECONDS; "$${@:2}" && \
 	echo "$$1 $$((SECONDS - start)) s  ($$(date -u +%FT%TZ))" | tee -a $(RUNS)/demo_times.txt' stage
@@ -67,26 +72,26 @@ demo: setup $(REPORT)/report.html
 	@echo "demo done: $(REPORT)/compare.md and $(REPORT)/report.html (stage times: $(REPORT)/demo_times.txt)"
 
 $(RUNS)/sft/final/config.json: $(CONFIGS)/sft.yaml | setup
-	$(STAGE) sft $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft $(OVERWRITE)
+	$(STAGE) sft $(PY) scripts/sft.py --config $(CONFIGS)/sft.yaml --output_dir $(RUNS)/sft $(STAGE_EVAL) $(STAGE_FLAGS) $(OVERWRITE)
 
 $(RUNS)/reward/final/config.json: $(CONFIGS)/reward.yaml $(RUNS)/sft/final/config.json
 	$(STAGE) reward $(PY) scripts/train_reward.py --config $(CONFIGS)/reward.yaml --output_dir $(RUNS)/reward \
-		--model_name_or_path $(RUNS)/sft/final --policy_model $(RUNS)/sft/final $(OVERWRITE)
+		--model_name_or_path $(RUNS)/sft/final --policy_model $(RUNS)/sft/final $(STAGE_FLAGS) $(OVERWRITE)
 
 $(RUNS)/ppo/final/config.json: $(CONFIGS)/ppo.yaml $(RUNS)/sft/final/config.json $(RUNS)/reward/final/config.json
 	$(STAGE) ppo $(PY) scripts/ppo.py --config $(CONFIGS)/ppo.yaml --output_dir $(RUNS)/ppo \
-		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final $(OVERWRITE)
+		--model_name_or_path $(RUNS)/sft/final --reward_model_path $(RUNS)/reward/final $(STAGE_EVAL) $(STAGE_FLAGS) $(OVERWRITE)
 
 $(RUNS)/dpo/final/config.json: $(CONFIGS)/dpo.yaml $(RUNS)/sft/final/config.json $(RUNS)/reward/final/config.json
 	$(STAGE) dpo $(PY) scripts/dpo.py --config $(CONFIGS)/dpo.yaml --output_dir $(RUNS)/dpo \
-		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final $(OVERWRITE)
+		--model_name_or_path $(RUNS)/sft/final --reward_model $(RUNS)/reward/final $(STAGE_EVAL) $(STAGE_FLAGS) $(OVERWRITE)
 
 # Not order-only: a report older than any model it compares (a fresh clone has the committed one) is
 # redone; compare.py resamples only the models whose weights changed.
 $(REPORT)/report.html: $(RUNS)/sft/final/config.json $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 	$(STAGE) compare $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
 		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts $(COMPARE_FILES) \
-		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints $(COMPARE_CHECKPOINTS) --output_dir $(REPORT)
+		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints $(COMPARE_CHECKPOINTS) --output_dir $(REPORT) $(STAGE_FLAGS)
 
 # The seed study (not part of the demo): PPO and DPO at the demo's configs with more training seeds (the
 # demo's own runs are seed 0), from the demo's SFT and reward models, in one compare with best-of-N on the
