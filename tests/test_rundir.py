@@ -211,3 +211,25 @@ def test_make_demo_redoes_a_stage_whose_config_changed(tmp_path):
     assert stages() == ["reward overwrite", "ppo overwrite", "dpo overwrite", "compare"]
     shutil.rmtree(runs / "sft/final")  # never finished (killed): redone without overwriting, to resume
     assert stages()[0] == "sft"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_demo_skips_the_stage_evals_compare_repeats(tmp_path):
+    """`make -n`: the demo's SFT, PPO and DPO skip their before/after sampling, reward keeps its samples;
+    STAGE_EVAL= brings them back and STAGE_FLAGS reaches every stage and compare."""
+
+    def flags(*overrides):  # stage -> its command line, as `make demo` would run it from nothing
+        argv = ["make", "-n", "-C", str(ROOT), "demo", "CONFIGS=configs/tiny", f"RUNS={tmp_path / 'runs'}"]
+        argv += [f"REPORT={tmp_path / 'report'}", "SETUP_STAMP=Makefile", *overrides]
+        out = subprocess.run(argv, capture_output=True, text=True, check=True).stdout.replace("\\\n", " ")
+        return {
+            re.search(r"' stage (\w+)", line).group(1): line
+            for line in out.splitlines()
+            if "' stage " in line
+        }
+
+    demo = flags()
+    assert list(demo) == ["sft", "reward", "ppo", "dpo", "compare"]
+    assert [s for s, line in demo.items() if "--num_eval_prompts 0" in line] == ["sft", "ppo", "dpo"]
+    assert not any("--num_eval_prompts" in line for line in flags("STAGE_EVAL=").values())
+    assert all("--dtype float32" in line for line in flags("STAGE_FLAGS=--dtype float32").values())
