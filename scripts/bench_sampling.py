@@ -14,9 +14,9 @@ The bound is the time a perfect sampler would need for the same answers on these
 measured matmul rate, then per decode step the larger of (reading every matmul weight once, at the measured memory
 bandwidth) and (2 x matmul parameters x the rows still running, at the matmul rate); attention is left out (a few
 percent at these lengths), so the bound is a little optimistic. `--profile` adds one torch-profiler run of ours at
-the middle batch size and prints its top operators. `--frozen` samples from a model whose weights do not require
-grad, as PPO's bottom blocks and reference are: under bf16 autocast `generate` casts each frozen weight again at
-every step, ours once per call (`sequences.weights_cast_once`). Writes OUTPUT.md and OUTPUT.json.
+the middle batch size in each precision and prints its top operators. `--frozen` samples from a model whose weights
+do not require grad, as PPO's bottom blocks and reference are: under bf16 autocast `generate` casts each frozen weight
+again at every step, ours once per call (`sequences.weights_cast_once`). Writes OUTPUT.md and OUTPUT.json.
 """
 
 from __future__ import annotations
@@ -204,18 +204,21 @@ def main() -> None:
         batch = sorted(args.batches)[len(args.batches) // 2]
         chosen = [prompts[i % len(prompts)] for i in range(batch)]
         queries, query_mask, _ = sequences.encode_prompts(tokenizer, chosen, args.max_prompt_length)
-        precision = models.resolve_precision(precisions[0], device)
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            sample_once("ours", model, tokenizer, queries, query_mask, args, precision)
-        table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10)
-        print(table)
-        lines += [
-            "",
-            f"Profile of ours, {precisions[0]}, batch {batch} (top operators by self time):",
-            "",
-            "```",
-        ]
-        lines += [table.rstrip(), "```"]
+        for name in precisions:
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                sample_once(
+                    "ours",
+                    model,
+                    tokenizer,
+                    queries,
+                    query_mask,
+                    args,
+                    models.resolve_precision(name, device),
+                )
+            table = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12)
+            print(table)
+            lines += ["", f"Profile of ours, {name}, batch {batch} (top operators by self time):", "", "```"]
+            lines += [table.rstrip(), "```"]
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     output.with_suffix(".md").write_text("\n".join(lines) + "\n")

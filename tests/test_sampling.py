@@ -1,6 +1,7 @@
 """The decode loop (`sequences.sample_ids`) every stage samples with: the same tokens as transformers' `generate`
 where both are deterministic, the log-probs of a full forward pass, and the draw from `generate`'s distribution."""
 
+import contextlib
 import copy
 
 import pytest
@@ -237,3 +238,88 @@ def test_frozen_weights_sample_as_trainable_ones_under_bf16_autocast_and_stay_fr
     with pytest.raises(ValueError), torch.autocast("cpu", dtype=torch.bfloat16):
         sequences.sample_ids(model, queries, query_mask, **settings)
     assert not any(p.requires_grad for p in frozen_params)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tiny):
+    """A random Llama (its projections are nn.Linear, GPT-2's are Conv1D) on the tiny model's prompts."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer, queries, query_mask = tiny
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval(), tokenizer, queries, query_mask
+
+
+@pytest.mark.skipif(
+    not models.cpu_has_native_bf16(), reason="packing is for CPUs with native bf16 (none here)"
+)
+def test_bf16_linears_packed_for_the_loop_sample_the_same_tokens_and_logits_and_are_unpacked_after(
+    tiny_llama, monkeypatch
+):
+    """Under bf16 autocast each nn.Linear runs from a weight packed once for the loop (the LM head included): the
+    answers and logits are those of the unpacked loop bit for bit, the modules are unpacked afterwards (also when
+    the loop fails), and nothing is packed in float32."""
+    model, tokenizer, queries, query_mask = tiny_llama
+    settings = dict(max_new_tokens=8, temperature=0.7, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert model.lm_head in linears
+    packed_calls = []
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: packed_calls.append("forward" in vars(m))) for m in linears
+    ]
+
+    def sample(packing: bool, autocast: bool = True):
+        if not packing:
+            monkeypatch.setattr(sequences, "linears_packed_once", lambda *a, **k: contextlib.nullcontext())
+        packed_calls.clear()
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = sequences.sample_ids(model, queries, query_mask, output_logits=True, **settings)
+        monkeypatch.undo()
+        return out, set(packed_calls)
+
+    (packed, calls), (plain, plain_calls) = sample(True), sample(False)
+    assert calls == {True} and plain_calls == {False}  # every Linear call went through its packed weight
+    assert torch.equal(packed.responses, plain.responses)
+    assert torch.equal(packed.logits, plain.logits)
+    assert not any("forward" in vars(m) for m in linears)
+    assert sample(True, autocast=False)[1] == {False}  # float32: F.linear as it is
+
+    fail = model.model.layers[1].register_forward_hook(
+        lambda *_: (_ for _ in ()).throw(ValueError("mid-loop"))
+    )
+    with pytest.raises(ValueError), torch.autocast("cpu", dtype=torch.bfloat16):
+        sequences.sample_ids(model, queries, query_mask, **settings)
+    fail.remove()
+    for hook in hooks:
+        hook.remove()
+    assert not any("forward" in vars(m) for m in linears)
+
+
+def test_generate_leaves_the_global_random_stream_alone(tiny):
+    """`generate` seeds its own generator per batch: what ran before it does not change its answers, and it does
+    not move torch's global random stream, so a run that evaluates before training draws the same rollouts as
+    one that does not."""
+    model, tokenizer, _, _ = tiny
+    prompts = [[{"role": "user", "content": f"Review the film number {i}"}] for i in range(5)]
+    settings = dict(max_new_tokens=6, temperature=1.0, batch_size=2, seed=3)
+    torch.manual_seed(0)
+    first = sequences.generate(model, tokenizer, prompts, **settings)
+    torch.manual_seed(1)
+    state = torch.get_rng_state()
+    second = sequences.generate(model, tokenizer, prompts, **settings)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert [s.response_ids for s in first] == [s.response_ids for s in second]
+    other = sequences.generate(model, tokenizer, prompts, **{**settings, "seed": 4})
+    assert [s.response_ids for s in first] != [
+        s.response_ids for s in other
+    ]  # the seed does choose the draws
