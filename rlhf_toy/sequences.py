@@ -350,6 +350,12 @@ def preallocated_cache(model, new_tokens: int):
 
     class PreallocatedLayer(DynamicLayer):
         def update(self, key_states, value_states, *args, **kwargs):
+            # Under autocast, attention multiplies the keys and values in the autocast dtype, so they are stored in it:
+            # the same rounding autocast applies, once per token. Stored as computed (Llama's rotary embedding gives
+            # float32 keys), the whole cache was cast again by every layer at every step.
+            if torch.is_autocast_enabled(key_states.device.type):
+                dtype = torch.get_autocast_dtype(key_states.device.type)
+                key_states, value_states = key_states.to(dtype), value_states.to(dtype)
             if not self.is_initialized:  # the prefill: the whole prompt, and room for the answer
                 self.is_initialized, self.device, self.length = True, key_states.device, key_states.shape[-2]
                 shape = (*key_states.shape[:-2], self.length + new_tokens, key_states.shape[-1])

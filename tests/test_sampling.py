@@ -323,3 +323,25 @@ def test_generate_leaves_the_global_random_stream_alone(tiny):
     assert [s.response_ids for s in first] != [
         s.response_ids for s in other
     ]  # the seed does choose the draws
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_llama"])
+def test_bf16_cache_holds_keys_as_attention_reads_them(which, request, monkeypatch):
+    """Under bf16 autocast the preallocated cache stores keys and values in bf16 (Llama's rotary embedding makes
+    float32 keys, which attention then cast again at every step): the same tokens and logits, bit for bit, as
+    transformers' own cache, which stores them as computed."""
+    model, tokenizer, queries, query_mask = request.getfixturevalue(which)
+    settings = dict(max_new_tokens=8, temperature=0.7, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
+    results = []
+    for own_cache in (True, False):
+        if not own_cache:
+            from transformers import DynamicCache
+
+            monkeypatch.setattr(
+                sequences, "preallocated_cache", lambda model, _: DynamicCache(config=model.config)
+            )
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results.append(sequences.sample_ids(model, queries, query_mask, output_logits=True, **settings))
+    assert torch.equal(results[0].responses, results[1].responses)
+    assert torch.equal(results[0].logits, results[1].logits)
