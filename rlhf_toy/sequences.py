@@ -409,11 +409,13 @@ def linears_packed_once(model, device_type: str, sharded: bool):
     """On a CPU computing in bfloat16 (autocast or bf16 weights), each ``nn.Linear`` weight reordered once per decode
     loop into the blocked layout oneDNN's bf16 GEMM reads, where ``F.linear`` reorders it at every call: a decode
     step multiplies a few rows by every weight, so that reorder is a second pass over the weights at every step.
-    The same oneDNN kernel ``F.linear`` calls, so the same numbers bit for bit (tested); 1.07-1.16x a whole decode
-    step on 2 cores (batch 8-100). Not in float32, where ``F.linear`` calls MKL and oneDNN's packed float32 kernel
-    was slower at batch 32 and 100, nor on a CPU without native bf16 (there oneDNN emulates bf16, or has no bf16
-    kernel at all). Sharded weights (FSDP, ZeRO-3), other devices and other module types (GPT-2's Conv1D) are left
-    as they are; the packed copies are dropped after the loop."""
+    1.07-1.16x a whole decode step on 2 cores (batch 8-100). The products are those of ``F.linear`` bit for bit at
+    most row counts; at some (a prefill of 96 or 480 rows on the embedded model) oneDNN blocks the sums another way
+    and they differ by bf16 rounding, so answers drawn with it are not token for token those drawn without it (the
+    test holds them to bf16's tolerance). Not in float32, where ``F.linear`` calls MKL and oneDNN's packed float32
+    kernel was slower at batch 32 and 100, nor on a CPU without native bf16 (there oneDNN emulates bf16, or has no
+    bf16 kernel at all). Sharded weights (FSDP, ZeRO-3), other devices and other module types (GPT-2's Conv1D) are
+    left as they are; the packed copies are dropped after the loop."""
     bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     packs = device_type == "cpu" and not sharded and torch.backends.mkldnn.is_available()
     patched = []

@@ -266,8 +266,9 @@ def test_bf16_linears_packed_for_the_loop_sample_the_same_tokens_and_logits_and_
     tiny_llama, monkeypatch
 ):
     """Under bf16 autocast each nn.Linear runs from a weight packed once for the loop (the LM head included): the
-    answers and logits are those of the unpacked loop bit for bit, the modules are unpacked afterwards (also when
-    the loop fails), and nothing is packed in float32."""
+    answers are those of the unpacked loop and the logits equal within bf16 rounding (oneDNN may block a product's
+    sum another way for a packed weight), the modules are unpacked afterwards (also when the loop fails), and nothing
+    is packed in float32."""
     model, tokenizer, queries, query_mask = tiny_llama
     settings = dict(max_new_tokens=8, temperature=0.7, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -290,7 +291,9 @@ def test_bf16_linears_packed_for_the_loop_sample_the_same_tokens_and_logits_and_
     (packed, calls), (plain, plain_calls) = sample(True), sample(False)
     assert calls == {True} and plain_calls == {False}  # every Linear call went through its packed weight
     assert torch.equal(packed.responses, plain.responses)
-    assert torch.equal(packed.logits, plain.logits)
+    torch.testing.assert_close(
+        packed.logits, plain.logits, rtol=1.6e-2, atol=1.6e-2
+    )  # bf16: 8 significant bits
     assert not any("forward" in vars(m) for m in linears)
     assert sample(True, autocast=False)[1] == {False}  # float32: F.linear as it is
 
