@@ -153,7 +153,7 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
     rng = random.Random(seed)
     sft_rows, pref_rows, flips = [], [], 0
     all_parts, demo_parts = [], []
-    cut_pairs = unfinished_pairs = 0
+    cut_pairs = both_cut_pairs = unfinished_pairs = 0
     for group in groups.values():
         prompt, title = group[0]["prompt"], group[0]["title"]
         answers = [(task.shown_answer(s["response"], s["has_eos"]), not s["has_eos"]) for s in group]
@@ -167,6 +167,7 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
         ):
             flips += gold_chosen < gold_rejected
             cut_pairs += chosen_cut or rejected_cut
+            both_cut_pairs += chosen_cut and rejected_cut
             unfinished_pairs += any(not task.ends_a_sentence(t) for t in (chosen, rejected))
             pref_rows.append(
                 {
@@ -176,6 +177,8 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
                     "rejected": [{"role": "assistant", "content": rejected}],
                     "gold_chosen": round(gold_chosen, 4),
                     "gold_rejected": round(gold_rejected, 4),
+                    "chosen_cut": chosen_cut,
+                    "rejected_cut": rejected_cut,
                 }
             )
     write_jsonl(out / "sft.jsonl", sft_rows)
@@ -188,6 +191,7 @@ def label(out: Path, seed: int, pairs_per_prompt: int, label_temperature: float)
         "label_temperature": label_temperature,
         "label_noise_rate": flips / max(1, len(pref_rows)),
         "pairs_with_a_cut_side": cut_pairs / max(1, len(pref_rows)),
+        "pairs_with_both_sides_cut": both_cut_pairs / max(1, len(pref_rows)),
         "pairs_with_a_side_ending_mid_sentence": unfinished_pairs / max(1, len(pref_rows)),
         "pair_gold_tie_rate": statistics.mean(r["gold_chosen"] == r["gold_rejected"] for r in pref_rows),
         "sample_gold_mean": statistics.mean(p["gold"] for p in all_parts),
@@ -251,7 +255,7 @@ gold judge v{t.GOLD_VERSION}. Regenerate everything with `make data`; after a ch
 | `prompts_test.jsonl` | {sampling["prompts_test"]} | the eval templates, titles of their own: never tuned on (the README's numbers) |
 | `samples.jsonl` | {stats["samples"]} | every train prompt answered {sampling["samples_per_prompt"]} times: `prompt`, `title`, `response`, `has_eos`, `tokens` |
 | `sft.jsonl` | {stats["sft_demonstrations"]} | `prompt` + `completion`: per train prompt the best of its samples by gold |
-| `preferences.jsonl` | {stats["preference_pairs"]} | `prompt`, `title`, `chosen`, `rejected`, `gold_chosen`, `gold_rejected`: up to {stats["pairs_per_prompt"]} pairs per train prompt |
+| `preferences.jsonl` | {stats["preference_pairs"]} | `prompt`, `title`, `chosen`, `rejected`, `gold_chosen`, `gold_rejected`, `chosen_cut`, `rejected_cut` (the sample ran out of tokens and was cut): up to {stats["pairs_per_prompt"]} pairs per train prompt |
 
 ## How it was made
 - Titles are "The <adjective> <noun>" ({len(t.all_titles())} of them); a quarter of the titles are held out, half of
@@ -271,7 +275,9 @@ gold judge v{t.GOLD_VERSION}. Regenerate everything with `make data`; after a ch
   (Bradley-Terry on the gold scores). **Label noise**: in {100 * stats["label_noise_rate"]:.1f}% of the pairs the
   chosen answer has the lower gold score, and {100 * stats["pair_gold_tie_rate"]:.1f}% are gold ties (a coin flip);
   together they cap the held-out accuracy any reward model can reach (the reward stage reports that ceiling).
-- Pairs with a side that was cut at the token limit: {100 * stats["pairs_with_a_cut_side"]:.1f}%; with a side that still
+- Pairs with a side that was cut at the token limit: {100 * stats["pairs_with_a_cut_side"]:.1f}% (both sides cut:
+  {100 * stats["pairs_with_both_sides_cut"]:.1f}%; DPO's `finished_pairs_only` trains on the other
+  {100 - 100 * stats["pairs_with_a_cut_side"]:.1f}%, whose two answers ended on their own); with a side that still
   ends mid-sentence after the cut: {100 * stats["pairs_with_a_side_ending_mid_sentence"]:.1f}% (v2's data: 76% of the
   samples behind the pairs ended mid-sentence, and in 60% of the pairs both sides did).
 

@@ -199,3 +199,60 @@ def test_dpo_with_frozen_bottom_layers_trains_only_the_blocks_above(tmp_path):
     assert not torch.equal(
         before["transformer.h.1.attn.c_attn.weight"], after["transformer.h.1.attn.c_attn.weight"]
     )
+
+
+def test_finished_pairs_only_drops_pairs_with_a_cut_answer_and_says_what_is_missing(tmp_path):
+    import pytest
+
+    from rlhf_toy.config import parse_config
+    from rlhf_toy.data import DataError
+    from rlhf_toy.stages.dpo import DPOStageConfig, load_pairs, run_dpo
+
+    prefs, _ = write_preferences(tmp_path)
+    rows = [json.loads(line) for line in prefs.read_text().splitlines()]
+    cuts = [(False, False), (True, False), (False, True), (True, True)]  # one of four pairs has no cut answer
+    flagged = [
+        {**r, "chosen_cut": cuts[i % 4][0], "rejected_cut": cuts[i % 4][1]} for i, r in enumerate(rows)
+    ]
+    for r in flagged[::4]:  # the finished pairs' chosen answer tells them apart
+        r["chosen"] = [{"role": "assistant", "content": "a finished film ."}]
+    with_flags = tmp_path / "flagged.jsonl"
+    with_flags.write_text("".join(json.dumps(r) + "\n" for r in flagged))
+    out = tmp_path / "run"
+
+    def pairs(**overrides):
+        return load_pairs(parse_config(DPOStageConfig, [*map(str, tiny_args(tmp_path, out, **overrides))]))
+
+    train, held_out, stats = pairs(dataset=with_flags, finished_pairs_only="true")
+    finished = [r for r in flagged if not r["chosen_cut"] and not r["rejected_cut"]]
+    assert len(train) + len(held_out) == len(finished) == len(rows) // 4
+    assert all(p["chosen"][0]["content"] == "a finished film ." for p in train + held_out)
+    assert stats["pairs_with_a_cut_answer_dropped"] == len(rows) - len(finished)
+    # off (the default), every pair is kept
+    train, held_out, stats = pairs(dataset=with_flags)
+    assert len(train) + len(held_out) == len(rows) and stats["pairs_with_a_cut_answer_dropped"] == 0
+
+    # a file without the flags (made before them), or with a flag that is not true/false: the line and field named
+    with pytest.raises(
+        DataError, match=r"preferences\.jsonl:1: finished_pairs_only needs field 'chosen_cut'"
+    ):
+        pairs(finished_pairs_only="true")
+    flagged[2]["rejected_cut"] = "no"
+    with_flags.write_text("".join(json.dumps(r) + "\n" for r in flagged))
+    with pytest.raises(
+        DataError, match=r"flagged\.jsonl:3: .*field 'rejected_cut', true or false .* got 'no'"
+    ):
+        pairs(dataset=with_flags, finished_pairs_only="true")
+    # every pair cut: one line, and nothing written
+    every_cut = tmp_path / "every_cut.jsonl"
+    every_cut.write_text(
+        "".join(json.dumps({**r, "chosen_cut": True, "rejected_cut": False}) + "\n" for r in rows)
+    )
+    with pytest.raises(DataError, match=r"every_cut\.jsonl: finished_pairs_only left no pair"):
+        run_dpo(
+            parse_config(
+                DPOStageConfig,
+                [*map(str, tiny_args(tmp_path, out, dataset=every_cut, finished_pairs_only="true"))],
+            )
+        )
+    assert not out.exists()

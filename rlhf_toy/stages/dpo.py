@@ -63,6 +63,9 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
     output_dir: str = "runs/dpo"
     dataset: str = "data/preferences.jsonl"
     max_pairs: int = 0  # a seeded subsample of the pairs (0 = all): CPU time is the budget
+    # Only the pairs whose two answers ended on their own (`chosen_cut` and `rejected_cut` false): a cut answer
+    # ends in an EOS the sampler never drew, so DPO, pushing a cut rejected answer down, learns not to end.
+    finished_pairs_only: bool = False
     eval_fraction: float = 0.05  # held-out pairs (by prompt) for eval reward accuracy/margins
     beta: float = 0.1  # for IPO this is τ
     loss_type: str = "sigmoid"  # sigmoid (DPO), ipo, hinge, robust, ...; a comma list combines losses
@@ -108,12 +111,30 @@ class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
         return [t.strip() for t in self.loss_type.split(",") if t.strip()]
 
 
+def finished_pairs(records: list[dict], source: str) -> list[dict]:
+    """The pairs neither of whose answers was cut at the sampling limit (`finished_pairs_only`)."""
+    for line, record in enumerate(records, 1):
+        for field in ("chosen_cut", "rejected_cut"):
+            if not isinstance(record.get(field), bool):
+                raise data.DataError(
+                    f"{source}:{line}: finished_pairs_only needs field {field!r}, true or false (was the answer cut "
+                    f"at the sampling limit), got {record.get(field)!r}; `python scripts/make_data.py --relabel` "
+                    "writes it"
+                )
+    kept = [r for r in records if not r["chosen_cut"] and not r["rejected_cut"]]
+    if not kept:
+        raise data.DataError(f"{source}: finished_pairs_only left no pair (every pair has a cut answer)")
+    return kept
+
+
 def load_pairs(cfg: DPOStageConfig) -> tuple[list[dict], list[dict], dict]:
     """Preference pairs in TRL's conversational form, without the ones that carry no preference (the
     reward stage's `clean_pairs`: chosen == rejected would train on a constant loss of log 2),
     subsampled and split by prompt; and the counts."""
     records = data.load_records(cfg.dataset, data.PREFERENCE_FIELDS)
-    cleaned, stats = clean_pairs(records, cfg.dataset)
+    kept = finished_pairs(records, cfg.dataset) if cfg.finished_pairs_only else records
+    cleaned, stats = clean_pairs(kept, cfg.dataset)
+    stats["pairs_with_a_cut_answer_dropped"] = len(records) - len(kept)
     pairs = [
         {
             "prompt": p["prompt"],
@@ -241,6 +262,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             summary_path.write_text(json.dumps(summary) + "\n")  # kept for a resume that finds training done
     summary["train_pairs"], summary["eval_pairs"] = len(train_pairs), len(eval_pairs)
     summary["pairs_identical_dropped"] = pair_stats["pairs_identical_dropped"]
+    summary["pairs_with_a_cut_answer_dropped"] = pair_stats["pairs_with_a_cut_answer_dropped"]
     summary["pairs_truncated"] = pairs_truncated
     margins = [
         r["rewards/margins"] for r in runlog.read_jsonl(run_dir / "metrics.jsonl") if "rewards/margins" in r
