@@ -28,14 +28,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from bench_sampling import matmul_parameters, matmul_rate, memory_bandwidth
+from bench_sampling import matmul_parameters, matmul_rate, memory_bandwidth, write_report
 
 from rlhf_toy import data, models, sequences
 
@@ -272,11 +270,7 @@ def main() -> None:
         )
         for r in rows
     ]
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    output.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {output.with_suffix('.md')}")
+    write_report(args.output, lines, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

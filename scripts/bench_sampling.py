@@ -65,6 +65,15 @@ def matmul_parameters(model) -> int:
     return sum(linear.values())
 
 
+def write_report(output: str, lines: list[str], payload: dict) -> None:
+    """OUTPUT.md (the lines) and OUTPUT.json (the payload), the folder made if needed."""
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    output.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {output.with_suffix('.md')}")
+
+
 def sample_once(kind: str, model, tokenizer, queries, query_mask, args, precision):
     torch.manual_seed(0)
     with torch.no_grad(), sequences.autocast(precision):
@@ -219,11 +228,7 @@ def main() -> None:
             print(table)
             lines += ["", f"Profile of ours, {name}, batch {batch} (top operators by self time):", "", "```"]
             lines += [table.rstrip(), "```"]
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    output.with_suffix(".json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
-    print(f"wrote {output.with_suffix('.md')}")
+    write_report(args.output, lines, {"machine": machine, "rows": rows})
 
 
 if __name__ == "__main__":

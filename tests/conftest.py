@@ -49,6 +49,25 @@ def run_script():
     return run
 
 
+def make_tiny_llama(vocab_size: int):
+    """A random 2-block Llama with grouped-query attention and tied embeddings (its projections are nn.Linear,
+    GPT-2's are Conv1D), in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
 def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float = 120) -> None:
     """SIGKILL `process` once it has saved a complete checkpoint at `step` or later: a kill mid-run.
     Both formats count: HF trainers' `checkpoint-N` (SFT, reward, DPO) and our PPO's `step-N`.

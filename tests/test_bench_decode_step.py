@@ -6,29 +6,17 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT
+from conftest import ROOT, make_tiny_llama
 
 from rlhf_toy import models
 
 
 @pytest.fixture(scope="module")
 def tiny_llama_dir(tmp_path_factory):
-    """A random 2-block Llama with grouped-query attention, saved with the tiny model's tokenizer."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random Llama (`make_tiny_llama`) saved with the tiny model's tokenizer."""
     tokenizer = models.load_tokenizer(models.TINY_MODEL)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
     path = tmp_path_factory.mktemp("tiny_llama")
-    LlamaForCausalLM(config).save_pretrained(path)
+    make_tiny_llama(len(tokenizer)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 

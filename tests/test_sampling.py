@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny_llama
 from scipy import stats
 
 from rlhf_toy import models, sequences
@@ -242,21 +243,9 @@ def test_frozen_weights_sample_as_trainable_ones_under_bf16_autocast_and_stay_fr
 
 @pytest.fixture(scope="module")
 def tiny_llama(tiny):
-    """A random Llama (its projections are nn.Linear, GPT-2's are Conv1D) on the tiny model's prompts."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+    """A random Llama (`make_tiny_llama`) on the tiny model's prompts."""
     _, tokenizer, queries, query_mask = tiny
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer, queries, query_mask
+    return make_tiny_llama(len(tokenizer)), tokenizer, queries, query_mask
 
 
 @pytest.mark.skipif(
