@@ -15,6 +15,7 @@ to float32 first) go through the same arithmetic.
 from __future__ import annotations
 
 import contextlib
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -404,6 +405,17 @@ def weights_cast_once(model, device_type: str, sharded: bool):
             p.requires_grad_(False)
 
 
+def pack_bf16(weight: Tensor) -> Tensor:
+    """A Linear weight ``[out, in]`` in the blocked bf16 layout oneDNN's GEMM reads (`packed_linear`). The batch size
+    given is only a hint for the layout; any number of rows multiplies by it."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 8)
+
+
+def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
+    """``F.linear(x, weight, bias)`` in bf16 from a weight packed by `pack_bf16`."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+
+
 @contextlib.contextmanager
 def linears_packed_once(model, device_type: str, sharded: bool):
     """On a CPU computing in bfloat16 (autocast or bf16 weights), each ``nn.Linear`` weight reordered once per decode
@@ -425,14 +437,8 @@ def linears_packed_once(model, device_type: str, sharded: bool):
                 bf16_autocast or module.weight.dtype == torch.bfloat16
             ):
                 continue
-            # the batch size given is only a hint for the layout; any number of rows multiplies by it
-            weight = torch.ops.mkldnn._reorder_linear_weight(module.weight.detach().to(torch.bfloat16), 8)
             bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
-
-            def forward(x, weight=weight, bias=bias):
-                return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), weight, bias, "none", [], "")
-
-            module.forward = forward
+            module.forward = functools.partial(packed_linear, packed=pack_bf16(module.weight), bias=bias)
             patched.append(module)
     try:
         yield

@@ -33,7 +33,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_sampling import matmul_parameters, matmul_rate, memory_bandwidth, write_report
+from bench_sampling import matmul_parameters, matmul_rate, memory_bandwidth, rates_line, write_report
 
 from rlhf_toy import data, models, sequences
 
@@ -71,13 +71,9 @@ class FusedLlamaStep:
 
         def prepare(*linears):
             weight = torch.cat([linear.weight.detach() for linear in linears]).to(compute)
-            return torch.ops.mkldnn._reorder_linear_weight(weight, 8) if packed else weight
+            return sequences.pack_bf16(weight) if packed else weight
 
-        self.linear = (
-            (lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""))
-            if packed
-            else F.linear
-        )
+        self.linear = sequences.packed_linear if packed else F.linear
         self.layers = [
             (
                 layer.input_layernorm.weight,
@@ -248,9 +244,8 @@ def main() -> None:
     lines = [
         f"# One decode step, taken apart ({args.model}, {machine['threads']} threads, native bf16: {native_bf16})",
         "",
-        f"Memory read {bandwidth / 1e9:.1f} GB/s; matmul "
-        + ", ".join(f"{p} {machine[f'matmul_{p}_GFLOP_s']:.0f} GFLOP/s" for p in precisions)
-        + f"; {params / 1e6:.1f} M matmul parameters. Milliseconds per step (in brackets: the sampler's step over it).",
+        rates_line(machine, precisions, params)
+        + " Milliseconds per step (in brackets: the sampler's step over it).",
         "",
         "| precision | batch | sampler's step | matmuls alone | fused step | fused, compiled | bound |",
         "|---|---|---|---|---|---|---|",

@@ -65,6 +65,12 @@ def matmul_parameters(model) -> int:
     return sum(linear.values())
 
 
+def rates_line(machine: dict, precisions: list[str], params: int) -> str:
+    """The report's line of what this machine measured: memory bandwidth, matmul rates, matmul parameters."""
+    rates = ", ".join(f"{p} {machine[f'matmul_{p}_GFLOP_s']:.0f} GFLOP/s" for p in precisions)
+    return f"Memory read {machine['bandwidth_GB_s']:.1f} GB/s; matmul {rates}; {params / 1e6:.1f} M matmul parameters."
+
+
 def write_report(output: str, lines: list[str], payload: dict) -> None:
     """OUTPUT.md (the lines) and OUTPUT.json (the payload), the folder made if needed."""
     output = Path(output)
@@ -195,9 +201,7 @@ def main() -> None:
         f"# Sampling speed ({args.model}, {args.max_new_tokens} new tokens, {machine['threads']} threads, "
         f"native bf16: {native_bf16}{', every weight frozen' if args.frozen else ''})",
         "",
-        f"Memory read {bandwidth / 1e9:.1f} GB/s; matmul "
-        + ", ".join(f"{p} {machine[f'matmul_{p}_GFLOP_s']:.0f} GFLOP/s" for p in precisions)
-        + f"; {params / 1e6:.1f} M matmul parameters.",
+        rates_line(machine, precisions, params),
         "",
         "| precision | batch | generate tok/s | ours tok/s | ours / generate | bound tok/s | ours / bound |",
         "|---|---|---|---|---|---|---|",
