@@ -129,3 +129,51 @@ def test_a_sampled_pad_token_stays_in_the_response(monkeypatch):
     monkeypatch.setattr(sequences, "sample_ids", lambda *args, **kwargs: sequences.Sampled(responses))
     [sample] = sequences.generate(model, tokenizer, prompts, max_new_tokens=6)
     assert sample.response_ids == [good, pad, good, eos] and sample.has_eos
+
+
+MALLOC_PROBE = """
+import ctypes
+import rlhf_toy, torch
+
+class MallInfo2(ctypes.Structure):  # <malloc.h>: the heap's statistics, in bytes
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
+mallinfo2.restype = MallInfo2
+block = torch.ones(16 * 2**20)  # 64 MB
+mmapped = mallinfo2().hblkhd
+del block
+print(mmapped, mallinfo2().fordblks)
+"""
+
+
+def test_freed_tensor_memory_stays_with_the_process_unless_the_user_tunes_malloc():
+    """`rlhf_toy.keep_freed_memory` (run at import): a 64 MB tensor comes from malloc's heap, not its own mmap, and
+    once freed its memory stays in the heap for the next tensor. A user's own MALLOC_* setting leaves glibc as it
+    was: the tensor is mmapped and its memory goes back to the kernel on free."""
+    import ctypes.util
+    import os
+    import subprocess
+    import sys
+
+    libc = ctypes.util.find_library("c")
+    if sys.platform != "linux" or not libc or not hasattr(ctypes.CDLL(libc), "mallinfo2"):
+        pytest.skip("glibc >= 2.33 only")
+
+    def mmapped_and_free_after(**env) -> tuple[int, int]:
+        out = subprocess.run(
+            [sys.executable, "-c", MALLOC_PROBE],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        mmapped, free_in_heap = map(int, out.stdout.split())
+        return mmapped, free_in_heap
+
+    size = 64 * 2**20
+    mmapped, free_in_heap = mmapped_and_free_after()
+    assert mmapped < size <= free_in_heap
+    mmapped, free_in_heap = mmapped_and_free_after(MALLOC_ARENA_MAX="8")
+    assert free_in_heap < size <= mmapped
