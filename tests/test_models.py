@@ -161,10 +161,13 @@ def test_freed_tensor_memory_stays_with_the_process_unless_the_user_tunes_malloc
     if sys.platform != "linux" or not libc or not hasattr(ctypes.CDLL(libc), "mallinfo2"):
         pytest.skip("glibc >= 2.33 only")
 
+    # the probe's own environment: none of this machine's malloc settings, only the one a case gives
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+
     def mmapped_and_free_after(**env) -> tuple[int, int]:
         out = subprocess.run(
             [sys.executable, "-c", MALLOC_PROBE],
-            env={**os.environ, **env},
+            env={**clean, **env},
             capture_output=True,
             text=True,
             check=True,
