@@ -16,10 +16,11 @@ def keep_freed_memory() -> bool:
 
     PyTorch's CPU tensors come from malloc, and glibc serves each one above a few MB (a batch's logits, the KV
     cache, activations) with its own mmap, which free() returns to the kernel: the next step's tensor of the same
-    size page-faults in freshly zeroed pages all over again. On a 2-core CPU that is a quarter of PPO's step
-    (configs/ppo.yaml, 4 steps, bf16: 7.5 M page faults, 32 s of kernel time, 75 s wall; with this, 1.3 M, 7 s and
-    55 s, the same metrics to the last digit, peak memory +0.4-0.8 GB). Linux with glibc only. A user's own
-    MALLOC_* or GLIBC_TUNABLES setting wins (nothing is changed). Returns whether the setting was made."""
+    size page-faults in freshly zeroed pages all over again. On a 2-core CPU that was a fifth of PPO's time
+    (configs/ppo.yaml, 4 steps, bf16: 7.5 M page faults, 22-32 s of kernel time, 67-75 s wall; with this 1.3 M,
+    7-11 s, 55-58 s) and the demo ran 1.18x faster, with the same numbers to the last digit and about 1.1 GB more at
+    its peak (docs/performance.md). Linux with glibc only. A user's own MALLOC_* or GLIBC_TUNABLES setting wins
+    (nothing is changed). Returns whether the setting was made."""
     if not sys.platform.startswith("linux") or "GLIBC_TUNABLES" in os.environ:
         return False
     if any(name.startswith("MALLOC_") for name in os.environ):
