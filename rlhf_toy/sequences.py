@@ -416,30 +416,70 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
 
 
+def pack_float32(weight: Tensor, rows: int) -> Tensor:
+    """A Linear weight ``[out, in]`` packed by MKL for products with exactly ``rows`` rows (`packed_linear_float32`)."""
+    return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
+
+
+def packed_linear_float32(
+    x: Tensor, packed: Tensor, weight: Tensor, bias: Tensor | None, rows: int
+) -> Tensor:
+    """``F.linear(x, weight, bias)`` in float32 from a weight packed by `pack_float32` for ``rows`` rows. MKL's packed
+    product runs only at that row count, so fewer rows (a batch some of whose rows have ended) are padded with zeros
+    up to it, down to three quarters of it. Below that the padded rows cost more than the packing gains, the more so
+    past 32 rows, where a product's time grows with its rows (the embedded model's matmuls on 2 cores: packed for 8
+    rows 24 ms, ``F.linear`` on 4 rows 27 ms and on 2 rows 18 ms; packed for 100 rows 73 ms, ``F.linear`` on 64
+    rows 69 ms). Those calls, and more rows than packed for (the prefill), take ``F.linear``."""
+    width = x.shape[-1]
+    given = x.numel() // width
+    if given > rows or 4 * given < 3 * rows:
+        return torch.nn.functional.linear(x, weight, bias)
+    flat = x.reshape(given, width)
+    if given < rows:
+        flat = torch.cat([flat, flat.new_zeros(rows - given, width)])
+    out = torch.ops.mkl._mkl_linear(flat, packed, weight, bias, rows)
+    return out[:given].reshape(*x.shape[:-1], out.shape[-1])
+
+
 @contextlib.contextmanager
-def linears_packed_once(model, device_type: str, sharded: bool):
-    """On a CPU computing in bfloat16 (autocast or bf16 weights), each ``nn.Linear`` weight reordered once per decode
-    loop into the blocked layout oneDNN's bf16 GEMM reads, where ``F.linear`` reorders it at every call: a decode
-    step multiplies a few rows by every weight, so that reorder is a second pass over the weights at every step.
-    1.07-1.16x a whole decode step on 2 cores (batch 8-100). The products are those of ``F.linear`` bit for bit at
-    most row counts; at some (a prefill of 96 or 480 rows on the embedded model) oneDNN blocks the sums another way
-    and they differ by bf16 rounding, so answers drawn with it are not token for token those drawn without it (the
-    test holds them to bf16's tolerance). Not in float32, where ``F.linear`` calls MKL and oneDNN's packed float32
-    kernel was slower at batch 32 and 100, nor on a CPU without native bf16 (there oneDNN emulates bf16, or has no
-    bf16 kernel at all). Sharded weights (FSDP, ZeRO-3), other devices and other module types (GPT-2's Conv1D) are
-    left as they are; the packed copies are dropped after the loop."""
+def linears_packed_once(model, device_type: str, sharded: bool, rows: int):
+    """On a CPU, each ``nn.Linear`` weight reordered once per decode loop into the blocked layout the GEMM reads,
+    where ``F.linear`` reorders it at every call: a decode step multiplies a few rows by every weight, so that
+    reorder is a second pass over the weights at every step. Sharded weights (FSDP, ZeRO-3), other devices and other
+    module types (GPT-2's Conv1D) are left as they are; the packed copies are dropped after the loop.
+
+    - Computing in bfloat16 (autocast or bf16 weights) on a CPU with native bf16: oneDNN's bf16 layout, for any
+      number of rows. 1.07-1.16x a whole decode step on 2 cores (batch 8-100). The products are those of
+      ``F.linear`` bit for bit at most row counts; at some (a prefill of 96 or 480 rows on the embedded model) oneDNN
+      blocks the sums another way and they differ by bf16 rounding, so answers drawn with it are not token for token
+      those drawn without it (the test holds them to bf16's tolerance). Not on a CPU without native bf16 (there
+      oneDNN emulates bf16, or has no bf16 kernel at all).
+    - In float32, where PyTorch has MKL: MKL's packed layout for the loop's ``rows`` (the batch), fewer rows padded
+      up to it (`packed_linear_float32`). The whole loop 1.25x at batch 8, 1.11x at 32, 1.08x at 100 (2 cores, the
+      embedded model, 48 tokens, packing included). The products differ from ``F.linear``'s by float32 rounding (MKL
+      blocks the sums another way). oneDNN's packed float32 kernel was slower than MKL's at batch 32 and 100."""
     bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
-    packs = device_type == "cpu" and not sharded and torch.backends.mkldnn.is_available()
+    any_autocast = torch.is_autocast_enabled("cpu")
+    packs = device_type == "cpu" and not sharded
+    bf16_packs = packs and torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
+    float32_packs = packs and torch.backends.mkl.is_available() and not any_autocast
     patched = []
-    if packs and cpu_has_native_bf16():
-        for module in model.modules():
-            if type(module) is not torch.nn.Linear or not (
-                bf16_autocast or module.weight.dtype == torch.bfloat16
-            ):
-                continue
+    for module in model.modules():
+        if type(module) is not torch.nn.Linear:
+            continue
+        if bf16_packs and (bf16_autocast or module.weight.dtype == torch.bfloat16):
             bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
             module.forward = functools.partial(packed_linear, packed=pack_bf16(module.weight), bias=bias)
-            patched.append(module)
+        elif float32_packs and module.weight.dtype == torch.float32:
+            weight = module.weight.detach()
+            bias = None if module.bias is None else module.bias.detach()
+            packed = pack_float32(weight, rows)
+            module.forward = functools.partial(
+                packed_linear_float32, packed=packed, weight=weight, bias=bias, rows=rows
+            )
+        else:
+            continue
+        patched.append(module)
     try:
         yield
     finally:
@@ -474,7 +514,7 @@ def sample_ids(
     from (default: torch's global random stream, as PPO's rollouts, which a checkpoint saves and restores)."""
     with (
         weights_cast_once(model, input_ids.device.type, sharded=synced_gpus),
-        linears_packed_once(model, input_ids.device.type, sharded=synced_gpus),
+        linears_packed_once(model, input_ids.device.type, sharded=synced_gpus, rows=input_ids.shape[0]),
     ):
         B, device = input_ids.shape[0], input_ids.device
         responses = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)

@@ -127,7 +127,7 @@ def time_the_sampler(model, queries, query_mask, precision, repeats: int, times:
     with (
         sequences.autocast(precision),
         sequences.weights_cast_once(model, "cpu", sharded=False),
-        sequences.linears_packed_once(model, "cpu", sharded=False),
+        sequences.linears_packed_once(model, "cpu", sharded=False, rows=batch),
     ):
         cache = sequences.preallocated_cache(model, new_tokens)
         prefill = model(

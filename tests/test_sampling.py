@@ -256,8 +256,7 @@ def test_bf16_linears_packed_for_the_loop_sample_the_same_tokens_and_logits_and_
 ):
     """Under bf16 autocast each nn.Linear runs from a weight packed once for the loop (the LM head included): the
     answers are those of the unpacked loop and the logits equal within bf16 rounding (oneDNN may block a product's
-    sum another way for a packed weight), the modules are unpacked afterwards (also when the loop fails), and nothing
-    is packed in float32."""
+    sum another way for a packed weight), the modules are unpacked afterwards (also when the loop fails)."""
     model, tokenizer, queries, query_mask = tiny_llama
     settings = dict(max_new_tokens=8, temperature=0.7, eos_token_id=None, pad_token_id=tokenizer.pad_token_id)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
@@ -283,7 +282,6 @@ def test_bf16_linears_packed_for_the_loop_sample_the_same_tokens_and_logits_and_
     # bf16 has 8 significant bits: products summed in another order differ by about 2^-7 of their size
     torch.testing.assert_close(packed.logits, plain.logits, rtol=1.6e-2, atol=1.6e-2)
     assert not any("forward" in vars(m) for m in linears)
-    assert sample(True, autocast=False)[1] == {False}  # float32: F.linear as it is
 
     fail = model.model.layers[1].register_forward_hook(
         lambda *_: (_ for _ in ()).throw(ValueError("mid-loop"))
@@ -294,6 +292,67 @@ def test_bf16_linears_packed_for_the_loop_sample_the_same_tokens_and_logits_and_
     for hook in hooks:
         hook.remove()
     assert not any("forward" in vars(m) for m in linears)
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkl.is_available(), reason="float32 packing is MKL's (not in this build)"
+)
+def test_float32_linears_packed_for_the_loop_sample_the_same_answers_as_rows_leave(tiny_llama, monkeypatch):
+    """In float32 each nn.Linear runs from a weight MKL packed once for the loop's rows: the answers and logits are
+    those of the unpacked loop (within float32 rounding) while rows leave the batch, every decode step's products
+    went through the packed weights, padded to the batch while at least three quarters of its rows run, and the
+    modules are unpacked afterwards."""
+    model, tokenizer, queries, query_mask = tiny_llama
+    batch = queries.shape[0]
+    settings = dict(
+        max_new_tokens=8, temperature=0.7, pad_token_id=tokenizer.pad_token_id, output_logits=True
+    )
+    eos = ending_token(model, queries, query_mask, seed=3)
+    packed_rows = []
+    mkl_linear = torch.ops.mkl._mkl_linear
+
+    def counted(x, packed, weight, bias, rows):
+        packed_rows.append(x.shape[0])
+        return mkl_linear(x, packed, weight, bias, rows)
+
+    def sample(packing: bool):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.ops.mkl, "_mkl_linear", counted)
+            if not packing:
+                patch.setattr(sequences, "linears_packed_once", lambda *a, **k: contextlib.nullcontext())
+            torch.manual_seed(3)
+            return sequences.sample_ids(model, queries, query_mask, eos_token_id=eos, **settings)
+
+    packed = sample(True)
+    assert set(packed_rows) == {batch}  # every packed product had the batch's rows, padded when some had left
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    plain = sample(False)
+    lengths = sequences.truncate_at_eos(packed.responses, eos, tokenizer.pad_token_id)[1].sum(1)
+    assert len(set(lengths.tolist())) > 1  # rows left the batch at different steps
+    running = [int((lengths > step).sum()) for step in range(1, int(lengths.max()))]
+    # every Linear of each decode step with three quarters of the rows running, and the prefill's LM head (its
+    # last position only: the batch's rows)
+    assert len(packed_rows) == linears * sum(4 * rows >= 3 * batch for rows in running) + 1
+    assert any(4 * rows >= 3 * batch for rows in running if rows < batch)  # padding was used
+    assert torch.equal(packed.responses, plain.responses)
+    torch.testing.assert_close(packed.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+@pytest.mark.skipif(
+    not torch.backends.mkl.is_available(), reason="float32 packing is MKL's (not in this build)"
+)
+@pytest.mark.parametrize("rows", [8, 7, 6, 2, 1, 12])
+def test_a_float32_packed_linear_is_f_linear_at_any_row_count(rows):
+    """Packed for 8 rows: 6 to 8 rows (padded) and fewer or more (through F.linear) give F.linear's product, in the
+    input's leading shape, with a bias."""
+    torch.manual_seed(0)
+    weight, bias = torch.randn(48, 32), torch.randn(48)
+    packed = sequences.pack_float32(weight, 8)
+    x = torch.randn(rows, 1, 32)
+    out = sequences.packed_linear_float32(x, packed, weight, bias, rows=8)
+    assert out.shape == (rows, 1, 48)
+    torch.testing.assert_close(out, torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
 
 
 def test_generate_leaves_the_global_random_stream_alone(tiny):
