@@ -9,12 +9,12 @@ machine's bound for it. It says which part of the gap to the bound a faster deco
 
 For B test prompts after their prefill, each row of the table times one decode step (medians of 15 calls in 3
 rounds that take turns):
-- sampler's step: the model's own forward as `sequences.sample_ids` calls it (preallocated cache, bf16 weights
-  cast and packed once for the loop);
+- sampler's step: the model's own forward as `sequences.sample_ids` calls it (preallocated cache, weights packed
+  once for the loop: bf16 by oneDNN, float32 by MKL; bf16 casts of frozen weights made once);
 - matmuls alone: every Linear of the model once on B rows, in the model's order, through the same modules (so the
   same kernels, packing and casts). No decode loop built on these kernels can be faster than this;
-- fused step: the same step written out by hand, q/k/v in one matmul, gate/up in one, no module calls, bf16 weights
-  packed once (the numerics of autocast kept: the same casts, a float32 residual stream);
+- fused step: the same step written out by hand, q/k/v in one matmul, gate/up in one, no module calls, weights
+  packed once as the sampler packs them (the numerics of autocast kept: the same casts, a float32 residual stream);
 - compiled (`--compile`): the fused step under `torch.compile` with weight freezing (inductor's own kernels and
   fusions; the compile's seconds are printed, it is paid again for every new batch size);
 - bound: the larger of reading every matmul weight once at the measured memory bandwidth and the step's FLOPs at
@@ -60,20 +60,29 @@ def times_ms(fn, repeats: int) -> list[float]:
 
 class FusedLlamaStep:
     """A Llama decode step by hand: one token per row at slot `length` of key/value buffers the caller owns.
-    `packed`: bf16 weights in oneDNN's blocked layout (eager); otherwise plain weights for `F.linear` (what
-    torch.compile traces). Under bf16 the float32 residual stream, norms and rotary of autocast are kept, and a
-    matmul's input is cast to bf16 once (autocast casts it once per projection: three times for q, k and v)."""
+    `packed`: weights packed as the sampler packs them (eager): bf16 in oneDNN's blocked layout, float32 by MKL for
+    `rows` rows; otherwise plain weights for `F.linear` (what torch.compile traces). Under bf16 the float32 residual
+    stream, norms and rotary of autocast are kept, and a matmul's input is cast to bf16 once (autocast casts it once
+    per projection: three times for q, k and v)."""
 
-    def __init__(self, model, compute: torch.dtype, packed: bool):
+    def __init__(self, model, compute: torch.dtype, packed: bool, rows: int):
         self.model, self.cfg = model.model, model.config
         self.dtype, self.heads = compute, self.cfg.num_attention_heads
         self.kv_heads, self.head_dim = self.cfg.num_key_value_heads, self.cfg.head_dim
+        float32_packed = packed and compute == torch.float32
 
         def prepare(*linears):
             weight = torch.cat([linear.weight.detach() for linear in linears]).to(compute)
+            if float32_packed:
+                return sequences.pack_float32(weight, rows), weight
             return sequences.pack_bf16(weight) if packed else weight
 
-        self.linear = sequences.packed_linear if packed else F.linear
+        if float32_packed:
+            self.linear = lambda x, prepared: sequences.packed_linear_float32(
+                x, *prepared, bias=None, rows=rows
+            )
+        else:
+            self.linear = sequences.packed_linear if packed else F.linear
         self.layers = [
             (
                 layer.input_layernorm.weight,
@@ -169,14 +178,16 @@ def measure(
     times = {name: [] for name in ("sampler_step", "matmuls", "fused_step", "compiled_step")}
     row = {"batch": batch}
     with torch.no_grad():
-        packed = compute == torch.bfloat16 and models.cpu_has_native_bf16()
-        steps = {"fused": FusedLlamaStep(model, compute, packed=packed)}
+        packed = (compute == torch.bfloat16 and models.cpu_has_native_bf16()) or (
+            compute == torch.float32 and torch.backends.mkl.is_available()
+        )
+        steps = {"fused": FusedLlamaStep(model, compute, packed=packed, rows=batch)}
         for round_ in range(rounds):
             step_inputs, expected = time_the_sampler(model, queries, query_mask, precision, repeats, times)
             if args.compile and round_ == 0:
                 import torch._inductor.config as inductor
 
-                plain = FusedLlamaStep(model, compute, packed=False)
+                plain = FusedLlamaStep(model, compute, packed=False, rows=batch)
                 with inductor.patch(freezing=True):
                     steps["compiled"] = torch.compile(plain.__call__, dynamic=False)
                     start = time.perf_counter()

@@ -48,10 +48,12 @@ def memory_bandwidth() -> float:
     return x.numel() * 4 / median_seconds(lambda: x.sum())
 
 
-def matmul_rate(dtype: torch.dtype, rows: int, hidden: int, inner: int) -> float:
-    """FLOP/s of a [rows, hidden] x [hidden, inner] product in `dtype`, the shape of the model's MLP."""
+def matmul_rate(dtype: torch.dtype, rows: int, hidden: int, inner: int, products: int = 20) -> float:
+    """FLOP/s of a [rows, hidden] x [hidden, inner] product in `dtype`, the shape of the model's MLP. Each timing
+    takes `products` of them: one lasts a fraction of a millisecond, and a hiccup of the machine during a few of
+    five read 108 GFLOP/s for bf16 where the same process measured 1906 in the next run."""
     a, b = torch.randn(rows, hidden, dtype=dtype), torch.randn(hidden, inner, dtype=dtype)
-    return 2 * rows * hidden * inner / median_seconds(lambda: a @ b)
+    return products * 2 * rows * hidden * inner / median_seconds(lambda: [a @ b for _ in range(products)])
 
 
 def matmul_parameters(model) -> int:

@@ -49,10 +49,10 @@ def test_a_fused_step_that_computes_something_else_stops_the_bench(tiny_llama_di
 
     real_init = bench.FusedLlamaStep.__init__
 
-    def off_by_five_percent(self, *a, **kw):  # the last block's down projection 5% off
+    def off_by_five_percent(self, *a, **kw):  # the last block's second norm 5% off
         real_init(self, *a, **kw)
-        *first, down = self.layers[-1]
-        self.layers[-1] = (*first, down * 1.05)
+        norm1, qkv, o, norm2, gate_up, down = self.layers[-1]
+        self.layers[-1] = (norm1, qkv, o, norm2 * 1.05, gate_up, down)
 
     monkeypatch.setattr(bench.FusedLlamaStep, "__init__", off_by_five_percent)
     with pytest.raises(SystemExit, match="does not compute the model's step"):
