@@ -416,6 +416,12 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
     return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
 
 
+# Up to here a float32 product is bound by reading its weight more than by its FLOPs on a 2-core CPU (about 24 rows at
+# 280 GFLOP/s and 23 GB/s), so a second pass over the weight (MKL packing it at every call) is what it saves; at 100
+# rows the packed loop was 1.08x and the demo's compare (batch 100) no faster, for twice the model's weights held.
+FLOAT32_PACKED_MAX_ROWS = 32
+
+
 def pack_float32(weight: Tensor, rows: int) -> Tensor:
     """A Linear weight ``[out, in]`` packed by MKL for products with exactly ``rows`` rows (`packed_linear_float32`)."""
     return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
@@ -454,15 +460,19 @@ def linears_packed_once(model, device_type: str, sharded: bool, rows: int):
       blocks the sums another way and they differ by bf16 rounding, so answers drawn with it are not token for token
       those drawn without it (the test holds them to bf16's tolerance). Not on a CPU without native bf16 (there
       oneDNN emulates bf16, or has no bf16 kernel at all).
-    - In float32, where PyTorch has MKL: MKL's packed layout for the loop's ``rows`` (the batch), fewer rows padded
-      up to it (`packed_linear_float32`). The whole loop 1.25x at batch 8, 1.11x at 32, 1.08x at 100 (2 cores, the
-      embedded model, 48 tokens, packing included). The products differ from ``F.linear``'s by float32 rounding (MKL
-      blocks the sums another way). oneDNN's packed float32 kernel was slower than MKL's at batch 32 and 100."""
+    - In float32, where PyTorch has MKL, for a batch of at most `FLOAT32_PACKED_MAX_ROWS` rows: MKL's packed layout
+      for the batch's ``rows``, fewer rows padded up to it (`packed_linear_float32`). The whole loop 1.25x at batch
+      8 and 1.11x at 32 (2 cores, the embedded model, 48 tokens, packing included); MKL's packed copies hold about
+      twice the weights' bytes (1.07 GB for the embedded model) for the loop. The products differ from
+      ``F.linear``'s by float32 rounding (MKL blocks the sums another way). oneDNN's packed float32 kernel was
+      slower than MKL's unpacked one at batch 32 and 100."""
     bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     any_autocast = torch.is_autocast_enabled("cpu")
     packs = device_type == "cpu" and not sharded
     bf16_packs = packs and torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
-    float32_packs = packs and torch.backends.mkl.is_available() and not any_autocast
+    float32_packs = (
+        packs and torch.backends.mkl.is_available() and not any_autocast and rows <= FLOAT32_PACKED_MAX_ROWS
+    )
     patched = []
     for module in model.modules():
         if type(module) is not torch.nn.Linear:

@@ -301,7 +301,7 @@ def test_float32_linears_packed_for_the_loop_sample_the_same_answers_as_rows_lea
     """In float32 each nn.Linear runs from a weight MKL packed once for the loop's rows: the answers and logits are
     those of the unpacked loop (within float32 rounding) while rows leave the batch, every decode step's products
     went through the packed weights, padded to the batch while at least three quarters of its rows run, and the
-    modules are unpacked afterwards."""
+    modules are unpacked afterwards. Nothing is packed for MKL past 32 rows or under autocast."""
     model, tokenizer, queries, query_mask = tiny_llama
     batch = queries.shape[0]
     settings = dict(
@@ -337,6 +337,20 @@ def test_float32_linears_packed_for_the_loop_sample_the_same_answers_as_rows_lea
     assert torch.equal(packed.responses, plain.responses)
     torch.testing.assert_close(packed.logits, plain.logits, rtol=1e-5, atol=1e-5)
     assert not any("forward" in vars(m) for m in model.modules())
+
+    # a batch past FLOAT32_PACKED_MAX_ROWS (compute-bound products) is not packed
+    with sequences.linears_packed_once(
+        model, "cpu", sharded=False, rows=sequences.FLOAT32_PACKED_MAX_ROWS + 1
+    ):
+        assert not any("forward" in vars(m) for m in model.modules())
+    with sequences.linears_packed_once(model, "cpu", sharded=False, rows=sequences.FLOAT32_PACKED_MAX_ROWS):
+        assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+    # under bf16 autocast on a CPU without native bf16 the float32 weights stay with autocast's F.linear
+    packed_rows.clear()
+    monkeypatch.setattr(sequences, "cpu_has_native_bf16", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample(True)
+    assert packed_rows == []
 
 
 @pytest.mark.skipif(
