@@ -422,6 +422,16 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
 FLOAT32_PACKED_MAX_ROWS = 32
 
 
+def packs_on_cpu(compute: torch.dtype, rows: int) -> bool:
+    """Whether `linears_packed_once` packs a CPU Linear that computes in ``compute`` for a loop of ``rows`` rows: bf16
+    for oneDNN on a CPU with native bf16, float32 for MKL up to `FLOAT32_PACKED_MAX_ROWS` rows."""
+    if compute == torch.bfloat16:
+        return torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
+    if compute == torch.float32:
+        return torch.backends.mkl.is_available() and rows <= FLOAT32_PACKED_MAX_ROWS
+    return False
+
+
 def pack_float32(weight: Tensor, rows: int) -> Tensor:
     """A Linear weight ``[out, in]`` packed by MKL for products with exactly ``rows`` rows (`packed_linear_float32`)."""
     return torch.ops.mkl._mkl_reorder_linear_weight(weight.detach(), rows)
@@ -469,10 +479,8 @@ def linears_packed_once(model, device_type: str, sharded: bool, rows: int):
     bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     any_autocast = torch.is_autocast_enabled("cpu")
     packs = device_type == "cpu" and not sharded
-    bf16_packs = packs and torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
-    float32_packs = (
-        packs and torch.backends.mkl.is_available() and not any_autocast and rows <= FLOAT32_PACKED_MAX_ROWS
-    )
+    bf16_packs = packs and packs_on_cpu(torch.bfloat16, rows)
+    float32_packs = packs and not any_autocast and packs_on_cpu(torch.float32, rows)
     patched = []
     for module in model.modules():
         if type(module) is not torch.nn.Linear:

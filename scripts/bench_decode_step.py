@@ -178,9 +178,7 @@ def measure(
     times = {name: [] for name in ("sampler_step", "matmuls", "fused_step", "compiled_step")}
     row = {"batch": batch}
     with torch.no_grad():
-        packed = (compute == torch.bfloat16 and models.cpu_has_native_bf16()) or (
-            compute == torch.float32 and torch.backends.mkl.is_available()
-        )
+        packed = sequences.packs_on_cpu(compute, batch)
         steps = {"fused": FusedLlamaStep(model, compute, packed=packed, rows=batch)}
         for round_ in range(rounds):
             step_inputs, expected = time_the_sampler(model, queries, query_mask, precision, repeats, times)
