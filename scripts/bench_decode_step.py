@@ -138,7 +138,7 @@ def time_the_sampler(model, queries, query_mask, precision, repeats: int, times:
         sequences.weights_cast_once(model, "cpu", sharded=False),
         sequences.linears_packed_once(model, "cpu", sharded=False, rows=batch),
     ):
-        cache = sequences.preallocated_cache(model, new_tokens)
+        cache = sequences.preallocated_cache(model, width + new_tokens)
         prefill = model(
             **sequences.model_inputs(queries, query_mask), cache=cache, use_cache=True, logits_to_keep=1
         )

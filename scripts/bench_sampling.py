@@ -10,10 +10,11 @@ generate / ours within each repeat so drifts in machine load hit both; the media
 answer tokens up to and including each row's EOS (what a stage keeps). bfloat16-mixed is skipped on a CPU without
 native bf16 (there it is emulated and slower than float32).
 
-The bound is the time a perfect sampler would need for the same answers on these cores: the prompt's forward at the
-measured matmul rate, then per decode step the larger of (reading every matmul weight once, at the measured memory
-bandwidth) and (2 x matmul parameters x the rows still running, at the matmul rate); attention is left out (a few
-percent at these lengths), so the bound is a little optimistic. `--profile` adds one torch-profiler run of ours at
+The bound is the time a perfect sampler would need for the same answers on these cores: the prompts' forward at the
+measured matmul rate (their shared prefix counted once, as ours computes it), then per decode step the larger of
+(reading every matmul weight once, at the measured memory bandwidth) and (2 x matmul parameters x the rows still
+running, at the matmul rate); attention is left out (a few percent at these lengths), so the bound is a little
+optimistic. `--profile` adds one torch-profiler run of ours at
 the middle batch size in each precision and prints its top operators. `--frozen` samples from a model whose weights
 do not require grad, as PPO's bottom blocks and reference are: under bf16 autocast `generate` casts each frozen weight
 again at every step, ours once per call (`sequences.weights_cast_once`). Writes OUTPUT.md and OUTPUT.json.
@@ -185,7 +186,9 @@ def main() -> None:
                     tokens[kind] = int(mask.sum())
                     if kind == "ours":
                         ours_mask = mask
-            bound = bound_seconds(ours_mask, int(query_mask.sum()), params, weight_bytes, rate, bandwidth)
+            prefix = sequences.shared_prefix_length(queries, query_mask)
+            prompt_tokens = int(query_mask.sum()) - prefix * (batch - 1)
+            bound = bound_seconds(ours_mask, prompt_tokens, params, weight_bytes, rate, bandwidth)
             row = {"precision": name, "batch": batch}
             for kind in ("generate", "ours"):
                 row[f"{kind}_tokens_s"] = tokens[kind] / statistics.median(times[kind])

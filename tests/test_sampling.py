@@ -119,12 +119,20 @@ def test_draws_follow_generates_distribution(temperature, top_k, top_p):
     assert p_value > 1e-4
 
 
-def test_synced_stepping_keeps_rows_and_gives_the_same_answers(tiny, tmp_path):
+def test_synced_stepping_keeps_rows_and_gives_the_same_answers(tiny, tmp_path, monkeypatch):
     """With weights sharded across processes every process steps until all have ended (rows kept, pad fed):
     the answers are the ones the row-dropping loop gives from the same seed, greedy or sampled (each step draws
-    one uniform for every row, so the RNG does not see when rows leave). One gloo process stands in for the group."""
+    one uniform for every row, so the RNG does not see when rows leave). One gloo process stands in for the group.
+    Synced, the prompts' shared prefix gets no forward of its own (the processes' prompts differ, and each forward
+    is a collective): the first forward is the whole batch's, where the unsynced loop shares the prefix."""
     model, tokenizer, queries, query_mask = tiny
     pad = tokenizer.pad_token_id
+    monkeypatch.setattr(sequences, "SHARED_PREFIX_MIN_SAVED", 1)  # the tiny template's short shared prefix
+    first_forward = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kwargs: first_forward.append(kwargs["input_ids"].shape) if not first_forward else None,
+        with_kwargs=True,
+    )
     greedy_eos = greedy_generate(model, queries, query_mask, None, pad, 10)[0, -1].item()
     torch.distributed.init_process_group(
         "gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1
@@ -134,14 +142,94 @@ def test_synced_stepping_keeps_rows_and_gives_the_same_answers(tiny, tmp_path):
             eos = ending_token(model, queries, query_mask, seed) if temperature else greedy_eos
             settings = dict(max_new_tokens=10, temperature=temperature, eos_token_id=eos, pad_token_id=pad)
             torch.manual_seed(seed)
+            first_forward.clear()
             synced = sequences.sample_ids(model, queries, query_mask, synced_gpus=True, **settings)
+            assert first_forward == [queries.shape]
             torch.manual_seed(seed)
+            first_forward.clear()
             dropped = sequences.sample_ids(model, queries, query_mask, **settings)
+            assert first_forward[0][0] == 1
             ends = sequences.truncate_at_eos(dropped.responses, eos, pad)[1].sum(1)
             assert len(set(ends.tolist())) > 1  # rows left the batch at different steps
             assert torch.equal(synced.responses, dropped.responses)
     finally:
+        hook.remove()
         torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny_llama"])
+def test_the_prompts_shared_prefix_goes_through_the_model_once(which, request, monkeypatch):
+    """The chat template's system prompt and turn markers, the same in every prompt, go through the model in a
+    forward of one row, their keys and values copied to every row; the rest of each prompt follows in one forward of
+    the batch. The answers are those of the whole prompts' prefill as rows leave, their logits equal within float32
+    rounding, and the log-probs of the sampled tokens equal a full forward's."""
+    model, tokenizer, _, _ = request.getfixturevalue(which)
+    pad = tokenizer.pad_token_id
+    system = {"role": "system", "content": "You are a film critic. You write short, fair reviews of films."}
+    prompts = [[system, {"role": "user", "content": "Review the film " + "again " * i}] for i in range(6)]
+    queries, query_mask, _ = sequences.encode_prompts(tokenizer, prompts, 64)
+    prefix = sequences.shared_prefix_length(queries, query_mask)
+    assert prefix * (queries.shape[0] - 1) >= sequences.SHARED_PREFIX_MIN_SAVED
+    eos = ending_token(model, queries, query_mask, seed=5)
+    shapes = []
+    hook = model.register_forward_pre_hook(
+        lambda m, a, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+
+    def sample(shared: bool):
+        with monkeypatch.context() as patch:
+            if not shared:
+                patch.setattr(sequences, "SHARED_PREFIX_MIN_SAVED", float("inf"))
+            shapes.clear()
+            torch.manual_seed(5)
+            out = sequences.sample_ids(
+                model,
+                queries,
+                query_mask,
+                max_new_tokens=10,
+                temperature=0.7,
+                eos_token_id=eos,
+                pad_token_id=pad,
+                output_logits=True,
+                output_hidden_states=True,
+            )
+            return out, list(shapes)
+
+    (shared, shared_shapes), (whole, whole_shapes) = sample(True), sample(False)
+    hook.remove()
+    batch, width = queries.shape
+    assert shared_shapes[:2] == [(1, prefix), (batch, width - prefix)] and whole_shapes[0] == (batch, width)
+    assert shared_shapes[2:] == whole_shapes[1:]  # the same decode steps, rows leaving at the same ones
+    responses, mask = sequences.truncate_at_eos(shared.responses, eos, pad)
+    assert len(set(mask.sum(1).tolist())) > 1
+    assert torch.equal(shared.responses, whole.responses)
+    torch.testing.assert_close(shared.logits, whole.logits, rtol=0, atol=1e-5)
+    torch.testing.assert_close(shared.hidden, whole.hidden, rtol=0, atol=1e-5)
+    ids, attention = torch.cat([queries, responses], 1), torch.cat([query_mask, mask.long()], 1)
+    forward = sequences.logprobs_from_scaled(
+        sequences.response_logits(model, ids, attention, width, temperature=0.7), responses
+    )
+    sampled = sequences.logprobs_from_scaled(sequences.scale_logits(shared.logits, 0.7), responses)
+    torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "prompts, expected",
+    [
+        ([[5, 6, 7, 8], [5, 6, 9]], 2),  # the common start
+        ([[5, 6, 7], [5, 6, 7], [5, 6, 7, 8]], 2),  # identical prompts: the shortest keeps its last token
+        ([[5, 6], [5, 6, 7, 8, 9]], 1),  # one prompt the start of another
+        ([[4, 6, 7], [5, 6, 7]], 0),  # the same ends are no prefix
+        ([[0, 0, 7], [0, 7, 7, 7]], 1),  # a real token equal to the pad id is still a token
+        ([[5, 6, 7, 8]], 0),  # one prompt shares with nothing
+        ([[5], [5, 6]], 0),  # a one-token prompt keeps its token
+    ],
+)
+def test_shared_prefix_length_of_left_padded_prompts(prompts, expected):
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    assert sequences.shared_prefix_length(ids, mask) == expected
 
 
 def test_every_row_ended_stops_the_loop(tiny):
