@@ -14,10 +14,10 @@ The bound is the time a perfect sampler would need for the same answers on these
 measured matmul rate (their shared prefix counted once, as ours computes it), then per decode step the larger of
 (reading every matmul weight once, at the measured memory bandwidth) and (2 x matmul parameters x the rows still
 running, at the matmul rate); attention is left out (a few percent at these lengths), so the bound is a little
-optimistic. `--profile` adds one torch-profiler run of ours at
-the middle batch size in each precision and prints its top operators. `--frozen` samples from a model whose weights
-do not require grad, as PPO's bottom blocks and reference are: under bf16 autocast `generate` casts each frozen weight
-again at every step, ours once per call (`sequences.weights_cast_once`). Writes OUTPUT.md and OUTPUT.json.
+optimistic. `--profile` adds one torch-profiler run of ours at the middle batch size in each precision and prints its
+top operators. `--frozen` samples from a model whose weights do not require grad, as PPO's bottom blocks and reference
+are: under bf16 autocast `generate` casts each frozen weight again at every step, ours once per call
+(`sequences.weights_cast_once`). Writes OUTPUT.md and OUTPUT.json.
 """
 
 from __future__ import annotations
