@@ -412,6 +412,13 @@ def shared_prefix_length(input_ids: Tensor, attention_mask: Tensor) -> int:
     return int((tokens == tokens[:1]).all(0).long().cumprod(0).sum())
 
 
+def prefix_to_share(input_ids: Tensor, attention_mask: Tensor) -> int:
+    """The shared prefix `sample_ids` puts through the model once for these prompts (`shared_prefix_length`), or 0
+    when that would save fewer than `SHARED_PREFIX_MIN_SAVED` token positions."""
+    prefix = shared_prefix_length(input_ids, attention_mask)
+    return prefix if prefix * (input_ids.shape[0] - 1) >= SHARED_PREFIX_MIN_SAVED else 0
+
+
 def prefill_shared_prefix(
     model, cache, input_ids: Tensor, attention_mask: Tensor, prefix: int
 ) -> tuple[Tensor, Tensor]:
@@ -595,8 +602,8 @@ def sample_ids(
         width = input_ids.shape[1]
         cache = preallocated_cache(model, width + max_new_tokens)
         # synced: every process must make the same forwards, and their prompts differ
-        prefix = 0 if synced_gpus else shared_prefix_length(input_ids, attention_mask)
-        if prefix * (B - 1) >= SHARED_PREFIX_MIN_SAVED:
+        prefix = 0 if synced_gpus else prefix_to_share(input_ids, attention_mask)
+        if prefix:
             input_ids, attention_mask = prefill_shared_prefix(model, cache, input_ids, attention_mask, prefix)
             step_inputs = {name: x[:, prefix:] for name, x in model_inputs(input_ids, attention_mask).items()}
             step_inputs["attention_mask"] = attention_mask  # the keys: the prefix's too

@@ -186,8 +186,8 @@ def main() -> None:
                     tokens[kind] = int(mask.sum())
                     if kind == "ours":
                         ours_mask = mask
-            prefix = sequences.shared_prefix_length(queries, query_mask)
-            prompt_tokens = int(query_mask.sum()) - prefix * (batch - 1)
+            shared = sequences.prefix_to_share(queries, query_mask)  # computed once, as ours does
+            prompt_tokens = int(query_mask.sum()) - shared * (batch - 1)
             bound = bound_seconds(ours_mask, prompt_tokens, params, weight_bytes, rate, bandwidth)
             row = {"precision": name, "batch": batch}
             for kind in ("generate", "ours"):
