@@ -94,6 +94,13 @@ class Precision:
     def mixed(self) -> bool:
         return self.weights != self.compute
 
+    @property
+    def decode_matches_forward(self) -> bool:
+        """Whether the sampler's own log-probs of its tokens (KV cache, one token at a time) stand for a full forward
+        pass's: in float32 they agree within 1e-5 (tests/test_sampling.py); in bf16 or fp16 they drift by its
+        rounding, more than a PPO update can tell from learning."""
+        return self.compute == torch.float32
+
     def autocast(self):
         """The context a forward pass (and `generate`) runs in: bf16 autocast when mixed, else nothing."""
         if not self.mixed:

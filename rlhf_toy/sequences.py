@@ -33,6 +33,9 @@ class Sample:
     response_ids: list  # generated token ids up to and including the first EOS (nothing after it)
     has_eos: bool
     prompt_truncated: bool = False  # the prompt was longer than max_prompt_length and kept only its end
+    token_logprobs: list | None = (
+        None  # `output_logprobs`: log π of each response id at the sampling temperature
+    )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -302,6 +305,9 @@ class Sampled:
     )
     hidden: Tensor | None = (
         None  # [B, T, H] the trunk's last hidden state (after its final norm) before each token
+    )
+    logprobs: Tensor | None = (
+        None  # [B, T] float32 log π(token) from `logits` at T (`scale_logits`), 0 after a row ended
     )
 
 
@@ -577,6 +583,7 @@ def sample_ids(
     top_p: float = 1.0,
     output_logits: bool = False,
     output_hidden_states: bool = False,
+    output_logprobs: bool = False,
     synced_gpus: bool = False,
     generator: torch.Generator | None = None,
 ) -> Sampled:
@@ -596,7 +603,7 @@ def sample_ids(
     ):
         B, device = input_ids.shape[0], input_ids.device
         responses = torch.full((B, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
-        logits_out, hidden_out = [], []
+        logits_out, hidden_out, logprobs_out = [], [], []
         positions = attention_mask.sum(1, keepdim=True) - 1  # of each row's last real token
         rows = torch.arange(B, device=device)  # the rows still sampling, as indices into the batch
         width = input_ids.shape[1]
@@ -640,6 +647,9 @@ def sample_ids(
                 if output_hidden_states:
                     h = out.hidden_states[-1][:, -1]
                     hidden_out.append(h.new_zeros(B, h.shape[-1]).index_copy_(0, rows, h))
+                if output_logprobs:  # `response_logprobs`' computation, on this step's logits
+                    lp = logprobs_from_scaled(scale_logits(logits, temperature), tokens)
+                    logprobs_out.append(lp.new_zeros(B).index_copy_(0, rows, lp))
                 responses[rows, step] = tokens
             going = (
                 torch.ones_like(tokens, dtype=torch.bool) if eos_token_id is None else tokens != eos_token_id
@@ -671,6 +681,7 @@ def sample_ids(
             responses=responses[:, :steps],
             logits=torch.stack(logits_out, 1) if output_logits else None,
             hidden=torch.stack(hidden_out, 1) if output_hidden_states else None,
+            logprobs=torch.stack(logprobs_out, 1) if output_logprobs else None,
         )
 
 
@@ -690,11 +701,13 @@ def generate(
     progress: str | None = None,
     precision=None,
     synced_gpus: bool = False,
+    output_logprobs: bool = False,
 ) -> list[Sample]:
     """Sample one response per prompt. Same prompts, settings and seed give the same samples (on one kind
     of CPU or GPU: bf16 numerics differ between hardware). ``precision``: as in ``sequence_logprobs``.
     ``synced_gpus``: a model whose weights are sharded across processes (FSDP, ZeRO-3) generates in step with the
-    others, each forward a collective (transformers' own flag)."""
+    others, each forward a collective (transformers' own flag). ``output_logprobs``: each Sample's
+    `token_logprobs`, from the decode's own logits (`sample_ids`)."""
     device = next(model.parameters()).device
     generator_seed = torch.Generator().manual_seed(seed)
     samples = []
@@ -722,9 +735,13 @@ def generate(
                 pad_token_id=tokenizer.pad_token_id,
                 synced_gpus=synced_gpus,
                 generator=generator,
+                output_logprobs=output_logprobs,
             )
         responses, mask = truncate_at_eos(out.responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        for messages, row, n, cut in zip(batch, responses.tolist(), mask.sum(1).tolist(), truncated):
+        logprobs = out.logprobs.tolist() if output_logprobs else [None] * len(batch)
+        for messages, row, n, cut, lps in zip(
+            batch, responses.tolist(), mask.sum(1).tolist(), truncated, logprobs
+        ):
             ids = row[:n]  # up to the first EOS; a sampled pad token is part of the answer, not its end
             samples.append(
                 Sample(
@@ -733,6 +750,7 @@ def generate(
                     response_ids=ids,
                     has_eos=tokenizer.eos_token_id in ids,
                     prompt_truncated=cut,
+                    token_logprobs=None if lps is None else lps[:n],
                 )
             )
     model.train(was_training)

@@ -10,6 +10,8 @@ from conftest import make_tiny_llama
 from scipy import stats
 
 from rlhf_toy import models, sequences
+from rlhf_toy.evaluation.sample_and_score import Sampling, sample_and_score
+from rlhf_toy.scoring import Judge
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +76,7 @@ def test_sampled_logprobs_equal_a_full_forward_pass(tiny):
         eos_token_id=eos,
         pad_token_id=tokenizer.pad_token_id,
         output_logits=True,
+        output_logprobs=True,
     )
     responses, mask = sequences.truncate_at_eos(out.responses, eos, tokenizer.pad_token_id)
     assert torch.equal(responses, out.responses)  # nothing after a row's EOS but pad
@@ -84,6 +87,52 @@ def test_sampled_logprobs_equal_a_full_forward_pass(tiny):
     )
     sampled = sequences.logprobs_from_scaled(sequences.scale_logits(out.logits, 0.7), responses)
     torch.testing.assert_close(sampled[mask], forward[mask], atol=1e-5, rtol=0)
+    # the loop's own log-probs (output_logprobs): the same, each row's after its EOS 0
+    torch.testing.assert_close(out.logprobs[mask], forward[mask], atol=1e-5, rtol=0)
+    assert (out.logprobs[~mask] == 0).all() and (out.logprobs[mask] < 0).all()
+
+
+@pytest.mark.parametrize("precision", ["float32", "bfloat16-mixed"])
+def test_an_evaluations_kl_takes_the_policys_log_probs_from_sampling_in_float32_only(
+    tiny, precision, monkeypatch
+):
+    """sample_and_score's KL(π‖π_ref) needs log π of each sampled token: in float32 the sampler's own (one forward
+    pass fewer: the reference's only), under bf16 autocast a forward pass's, as PPO's rollout. Either way the same
+    KL as two forward passes give, token by token."""
+    model, tokenizer, _, _ = tiny
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    prompts = [[{"role": "user", "content": f"Review film number {i}"}] for i in range(5)]
+    compute = torch.float32 if precision == "float32" else torch.bfloat16
+    sampling = Sampling(
+        max_new_tokens=6,
+        temperature=0.7,
+        batch_size=3,
+        seed=0,
+        precision=models.Precision(precision, torch.float32, compute, "cpu"),
+    )
+    forwards = []
+    token_logprobs = sequences.token_logprobs
+    monkeypatch.setattr(
+        sequences, "token_logprobs", lambda m, *a, **k: forwards.append(m) or token_logprobs(m, *a, **k)
+    )
+    _, rows = sample_and_score(model, tokenizer, prompts, sampling, judge=Judge(None), ref=ref)
+    assert forwards == ([ref] if precision == "float32" else [model, ref])
+    ids = [
+        r["response_ids"]
+        for r in sample_and_score(model, tokenizer, prompts, sampling, judge=Judge(None), keep_ids=True)[1]
+    ]
+    settings = dict(temperature=0.7, batch_size=3, precision=sampling.precision)
+    logp, token_logp = token_logprobs(model, tokenizer, prompts, ids, **settings)
+    ref_logp = token_logprobs(ref, tokenizer, prompts, ids, **settings)[0]
+    tolerance = 1e-4 if precision == "float32" else 0
+    assert [r["logp"] for r in rows] == pytest.approx(logp, abs=tolerance)
+    assert [r["kl"] for r in rows] == pytest.approx([a - b for a, b in zip(logp, ref_logp)], abs=tolerance)
+    assert [r["token_view"]["k1"] for r in rows] != [
+        [0.0] * len(t) for t in token_logp
+    ]  # the reference differs
 
 
 @pytest.mark.parametrize(

@@ -52,7 +52,14 @@ def sample_and_score(
     settings = {
         f.name: getattr(sampling, f.name) for f in fields(sampling)
     }  # not asdict: it would unpack precision
-    samples = sequences.generate(model, tokenizer, prompts, **settings, progress=progress)
+    # In float32 the sampler's log-probs of its own tokens are a forward pass's (as PPO's rollout takes them): the
+    # KL then needs the reference's forward only. Elsewhere the policy's come from a forward pass, like the reference's.
+    logprobs_from_sampling = (
+        ref is not None and sampling.precision is not None and sampling.precision.decode_matches_forward
+    )
+    samples = sequences.generate(
+        model, tokenizer, prompts, **settings, progress=progress, output_logprobs=logprobs_from_sampling
+    )
     max_prompt_length = sampling.max_prompt_length
     n_tokens = [len(s.response_ids) for s in samples]
     n_cut = sum(s.prompt_truncated for s in samples)
@@ -78,7 +85,11 @@ def sample_and_score(
             batch_size=sampling.batch_size,
             precision=sampling.precision,
         )
-        logps, token_logps = sequences.token_logprobs(model, tokenizer, prompts, ids, **settings)
+        if logprobs_from_sampling:
+            token_logps = [s.token_logprobs for s in samples]
+            logps = [sum(lps) for lps in token_logps]
+        else:
+            logps, token_logps = sequences.token_logprobs(model, tokenizer, prompts, ids, **settings)
         ref_logps, ref_token_logps = sequences.token_logprobs(
             ref, ref_tokenizer or tokenizer, prompts, ids, **settings
         )

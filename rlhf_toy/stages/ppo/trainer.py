@@ -266,10 +266,10 @@ def build(cfg: PPOStageConfig) -> tuple[PPOState | None, Path, int]:
     decay = lr_decay(cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, decay)
     kl_ctl = core.make_kl_controller(cfg.kl_coef, cfg.kl_target or None, cfg.kl_horizon)
-    # Outside float32, generate's logits (KV cache, one token at a time) drift from a full forward pass by
-    # more than the update can tell from learning: take the rollout's log-probs from the same forward.
+    # Outside float32 the sampler's logits drift from a full forward pass's: take the rollout's log-probs from the
+    # same forward as the update's.
     logprobs_from_forward = cfg.rollout_logprobs == "forward" or (
-        cfg.rollout_logprobs == "auto" and precision.compute != torch.float32
+        cfg.rollout_logprobs == "auto" and not precision.decode_matches_forward
     )
     state = PPOState(
         cfg,
