@@ -237,6 +237,15 @@ class CommonConfig:
 
 
 @dataclasses.dataclass
+class PairFields:
+    """The stages trained on preference pairs (the reward model, DPO)."""
+
+    # Each pair's prompt through the model once, its keys and values shared by the two answers (one process; see
+    # stages.common.PromptsOnce): the same loss in fewer token positions. false: TRL's forward of the padded rows.
+    share_prompts: bool = True
+
+
+@dataclasses.dataclass
 class LoraFields:
     use_lora: bool = False
     lora_r: int = 16

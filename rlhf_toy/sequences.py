@@ -293,6 +293,93 @@ def autocast(precision):
 
 
 # ------------------------------------------------------------------------------------------------
+# preference pairs: each pair's prompt through the model once
+# ------------------------------------------------------------------------------------------------
+def pair_prefix_lengths(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """``[B]``: for 2B right-padded rows, B chosen then B rejected (TRL's DPO and reward collators), how many first
+    tokens row i and row B + i share (the prompt, and any words both answers start with), at most the shorter's
+    length less one: each row keeps a token of its own (a reward model's score reads its last one)."""
+    B = input_ids.shape[0] // 2
+    real = attention_mask.bool()
+    same = (input_ids[:B] == input_ids[B:]) & real[:B] & real[B:]
+    shortest = torch.minimum(real[:B].sum(1), real[B:].sum(1))
+    return torch.minimum(same.long().cumprod(1).sum(1), shortest - 1).clamp(min=0)
+
+
+def forward_sharing_pair_prefixes(
+    model, input_ids: Tensor, attention_mask: Tensor, logits_needed: Tensor | None = None
+):
+    """``model``'s output for 2B right-padded rows, chosen then rejected, computed with each pair's shared first
+    tokens (`pair_prefix_lengths`) through the model once: the prompts, left-padded (positions count real tokens,
+    as the sampler's), with grad when grad is on; their keys and values copied to both rows of the pair; then each
+    row's own tokens on that cache. The same computation as one forward of the rows, in fewer token positions (the
+    demo's prompts are about a third of each pair's tokens). A sequence classifier's scores come back ``[2B, labels]``
+    (each row's last token); a causal LM's logits ``[2B, T, V]`` in the rows' layout: the trunk's last hidden states
+    put back in place (padding 0), then the LM head over them as the model's forward applies it; given
+    ``logits_needed`` (``[2B, T]`` bool: DPO's, where a logit predicts an answer token), only there, 0 elsewhere."""
+    from transformers import DynamicCache
+    from transformers.modeling_outputs import ModelOutput
+
+    B, T = input_ids.shape[0] // 2, input_ids.shape[1]
+    device = input_ids.device
+    head = model.get_output_embeddings()  # None for a sequence classifier
+    trunk = {} if head is None else {"output_hidden_states": True, "logits_to_keep": 1}
+    prefix = pair_prefix_lengths(input_ids, attention_mask)
+    width = int(prefix.max())
+    # the prefixes, left-padded to the longest
+    columns = torch.arange(width, device=device)
+    prefix_mask = (columns >= width - prefix[:, None]).long()
+    prefix_ids = input_ids[:B].gather(1, (columns - (width - prefix[:, None])).clamp(min=0))
+    cache = DynamicCache(config=model.config)
+    prefix_out = model(**model_inputs(prefix_ids, prefix_mask), cache=cache, use_cache=True, **trunk)
+    # rows in pairs (chosen i, rejected i) from here: the cache's rows repeated in place
+    cache.batch_repeat_interleave(2)
+    pairs = torch.stack([torch.arange(B, device=device), torch.arange(B, 2 * B, device=device)], 1).flatten()
+    own_start = prefix.repeat_interleave(2)
+    own_length = attention_mask[pairs].sum(1) - own_start
+    own_columns = torch.arange(int(own_length.max()), device=device)
+    own_mask = (own_columns < own_length[:, None]).long()
+    own_ids = input_ids[pairs].gather(1, (own_start[:, None] + own_columns).clamp(max=T - 1))
+    # the padding holds the pad id: a sequence classifier scores the last token that is not one
+    own_ids = own_ids.masked_fill(own_mask == 0, model.config.pad_token_id or 0)
+    own_out = model(
+        input_ids=own_ids,
+        attention_mask=torch.cat([prefix_mask.repeat_interleave(2, 0), own_mask], 1),
+        position_ids=own_start[:, None] + own_columns,
+        cache=cache,
+        use_cache=True,
+        **trunk,
+    )
+    unpair = torch.argsort(pairs)  # back to chosen then rejected
+    if head is None:
+        return ModelOutput(logits=own_out.logits[unpair])
+    # each row's hidden states where its forward would have them, from one source of [positions, hidden] vectors
+    prefix_hidden, own_hidden = prefix_out.hidden_states[-1], own_out.hidden_states[-1][unpair]
+    hidden_size = own_hidden.shape[-1]
+    source = torch.cat(
+        [
+            prefix_hidden.reshape(-1, hidden_size),
+            own_hidden.reshape(-1, hidden_size),
+            own_hidden.new_zeros(1, hidden_size),
+        ]
+    )
+    row = torch.arange(2 * B, device=device)[:, None]
+    position = torch.arange(T, device=device)[None, :]
+    pair_prefix = prefix.repeat(2)[:, None]
+    from_prefix = (row % B) * width + (width - pair_prefix) + position
+    from_own = B * width + row * own_hidden.shape[1] + (position - pair_prefix)
+    index = torch.where(position < pair_prefix, from_prefix, from_own)
+    index = torch.where(attention_mask.bool(), index, source.shape[0] - 1)
+    hidden = source[index]
+    if logits_needed is None:
+        return ModelOutput(logits=head(hidden))
+    needed = head(hidden[logits_needed])  # the LM head, the largest matmul, only where its output is read
+    logits = needed.new_zeros(*logits_needed.shape, needed.shape[-1])
+    logits[logits_needed] = needed
+    return ModelOutput(logits=logits)
+
+
+# ------------------------------------------------------------------------------------------------
 # sampling
 # ------------------------------------------------------------------------------------------------
 @dataclass

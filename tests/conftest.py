@@ -49,9 +49,9 @@ def run_script():
     return run
 
 
-def make_tiny_llama(vocab_size: int):
+def make_tiny_llama(vocab_size: int, model_class=None, **config_fields):
     """A random 2-block Llama with grouped-query attention and tied embeddings (its projections are nn.Linear,
-    GPT-2's are Conv1D), in eval mode."""
+    GPT-2's are Conv1D), in eval mode: a causal LM, or `model_class` (e.g. a sequence classifier)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -64,8 +64,9 @@ def make_tiny_llama(vocab_size: int):
         num_attention_heads=4,
         num_key_value_heads=2,
         tie_word_embeddings=True,
+        **config_fields,
     )
-    return LlamaForCausalLM(config).eval()
+    return (model_class or LlamaForCausalLM)(config).eval()
 
 
 def kill_after_checkpoint(process, checkpoints: Path, step: int, timeout: float = 120) -> None:

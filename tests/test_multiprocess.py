@@ -117,6 +117,8 @@ def one_process_runs(runs):
                     *map(str, stage_args(runs, script, runs / f"{run}_1")),
                     "--gradient_accumulation_steps",
                     "2",
+                    # the computation each of the 2 processes runs (PromptsOnce is for one process)
+                    *(["--share_prompts", "false"] if script != "sft" else []),
                 ],
             )
         )

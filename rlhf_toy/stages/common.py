@@ -8,10 +8,71 @@ from pathlib import Path
 
 import torch
 
-from rlhf_toy import models, rundir
+from rlhf_toy import models, rundir, sequences
 from rlhf_toy.config import ConfigError, TrainerFields
 from rlhf_toy.evaluation.sample_and_score import Sampling
 from rlhf_toy.rundir import is_main_process
+
+
+class PromptsOnce:
+    """Mixed into TRL's DPOTrainer and RewardTrainer (`DPOPromptsOnce`, `RewardPromptsOnce`): the model their loss
+    calls on a batch of pairs (chosen rows, then rejected) puts each pair's prompt through the model once
+    (`sequences.forward_sharing_pair_prefixes`), where TRL runs it in both rows; the same logits and gradients. Only
+    where that is plain: one process (a DDP model would see two forwards a step), no gradient checkpointing (it turns
+    the cache off), no LoRA adapter (TRL's reference is the adapter turned off around its call), no model whose
+    forward scales or caps its logits after the LM head."""
+
+    def pairs_calling(self, model, inputs: dict | None = None):
+        plain = self.accelerator.unwrap_model(model)
+        if (
+            self.accelerator.num_processes > 1
+            or getattr(plain, "is_activation_checkpointing", False)
+            or hasattr(plain, "peft_config")
+            # the LM head applied apart from the forward: only where the forward applies nothing after it
+            or any(
+                getattr(plain.config, k, None)
+                for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+            )
+        ):
+            return model
+        if inputs is None or "completion_mask" not in inputs:
+            return PairsCalling(model)
+        predicts_answer = torch.zeros_like(inputs["completion_mask"], dtype=torch.bool)
+        # the logit at position t predicts token t + 1
+        predicts_answer[:, :-1] = inputs["completion_mask"][:, 1:].bool()
+        return PairsCalling(model, predicts_answer)
+
+
+class DPOPromptsOnce(PromptsOnce):
+    """DPO reads the logits that predict answer tokens only (TRL's `completion_mask`): the LM head runs there."""
+
+    def _compute_loss(self, model, inputs, return_outputs):  # the policy
+        return super()._compute_loss(self.pairs_calling(model, inputs), inputs, return_outputs)
+
+    def compute_ref_log_probs(self, model, inputs):  # the reference, once before training
+        return super().compute_ref_log_probs(self.pairs_calling(model, inputs), inputs)
+
+
+class RewardPromptsOnce(PromptsOnce):
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        return super().compute_loss(self.pairs_calling(model), inputs, return_outputs, num_items_in_batch)
+
+
+class PairsCalling:
+    """`model`, called as TRL calls it on a batch of pairs, computed by `forward_sharing_pair_prefixes` (the logits
+    `logits_needed` only, when given)."""
+
+    def __init__(self, model, logits_needed=None):
+        self.model, self.logits_needed = model, logits_needed
+
+    def __call__(self, input_ids, attention_mask, use_cache=None, **others):
+        if others:  # anything else (a margin, router logits): TRL's own call
+            return self.model(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **others
+            )
+        return sequences.forward_sharing_pair_prefixes(
+            self.model, input_ids, attention_mask, self.logits_needed
+        )
 
 
 def wait_for_everyone(cfg) -> None:

@@ -18,10 +18,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rlhf_toy import data, models, rundir, runlog
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least, within
+from rlhf_toy.config import (
+    CommonConfig,
+    ConfigError,
+    LoraFields,
+    PairFields,
+    TrainerFields,
+    above,
+    at_least,
+    within,
+)
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (
+    DPOPromptsOnce,
     begin_run,
     eval_sampling,
     evaluate_before_training,
@@ -58,7 +68,7 @@ LOSS_TYPES = (
 
 
 @dataclass
-class DPOStageConfig(TrainerFields, LoraFields, CommonConfig):
+class DPOStageConfig(TrainerFields, PairFields, LoraFields, CommonConfig):
     model_name_or_path: str = "runs/sft/final"  # the SFT model PPO starts from, which is also the reference
     output_dir: str = "runs/dpo"
     dataset: str = "data/preferences.jsonl"
@@ -236,7 +246,11 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     # TRL precomputes the reference log-probs here, in __init__, before accelerate puts the model under its
     # autocast: run that pass in the precision training runs in (bf16 compute under mixed precision, ~2x faster).
     with precision.autocast():
-        trainer = DPOTrainer(
+        # TRL's trainer; with share_prompts, each pair's prompt through the model once (DPOPromptsOnce)
+        trainer_class = (
+            type("DPOTrainer", (DPOPromptsOnce, DPOTrainer), {}) if cfg.share_prompts else DPOTrainer
+        )
+        trainer = trainer_class(
             model=model,
             ref_model=ref_model,
             args=args,

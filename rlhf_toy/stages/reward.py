@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from rlhf_toy import data, models, rundir, runlog, sequences, task
-from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, TrainerFields, above, at_least
+from rlhf_toy.config import CommonConfig, ConfigError, LoraFields, PairFields, TrainerFields, above, at_least
 from rlhf_toy.evaluation.sample_and_score import sample_and_score
 from rlhf_toy.evaluation.stats import pair_calibration
 from rlhf_toy.scoring import (
@@ -38,6 +38,7 @@ from rlhf_toy.scoring import (
     response_text,
 )
 from rlhf_toy.stages.common import (
+    RewardPromptsOnce,
     begin_run,
     eval_sampling,
     freeze_bottom,
@@ -52,7 +53,7 @@ from rlhf_toy.stages.common import (
 
 
 @dataclass
-class RewardStageConfig(TrainerFields, LoraFields, CommonConfig):
+class RewardStageConfig(TrainerFields, PairFields, LoraFields, CommonConfig):
     model_name_or_path: str = "runs/sft/final"  # the RM starts from the SFT model (any model works)
     output_dir: str = "runs/reward"
     dataset: str = "data/preferences.jsonl"
@@ -372,7 +373,11 @@ def train_reward(cfg: RewardStageConfig) -> Path:
         center_rewards_coefficient=cfg.center_rewards_coefficient,
         activation_checkpointing=False,  # TRL defaults gradient checkpointing on; recomputing only costs time here
     )
-    trainer = RewardTrainer(
+    # TRL's trainer; with share_prompts, each pair's prompt through the model once (RewardPromptsOnce)
+    trainer_class = (
+        type("RewardTrainer", (RewardPromptsOnce, RewardTrainer), {}) if cfg.share_prompts else RewardTrainer
+    )
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=Dataset.from_list(train_rows),
