@@ -127,9 +127,9 @@ def stage_metrics(out) -> list[dict]:
 
 @pytest.mark.parametrize("stage", ["dpo", "reward"])
 def test_the_stages_train_as_they_would_with_each_row_whole(stage, pipeline, tmp_path, monkeypatch):
-    """TRL's DPOTrainer and RewardTrainer, mixed with PromptsOnce (`share_prompts`, the default): every pairs forward
-    shares the prompts (the DPO reference's too), and training logs the losses and metrics it logs with TRL's forward
-    of the padded rows (`--share_prompts false`)."""
+    """TRL's DPOTrainer and RewardTrainer, mixed with PromptsOnce (`share_prompts`: true, or auto in float32): every
+    pairs forward shares the prompts (the DPO reference's too), and training logs the losses and metrics it logs with
+    TRL's forward of the padded rows (`--share_prompts false`)."""
     from rlhf_toy.config import parse_config
     from rlhf_toy.stages.dpo import DPOStageConfig, run_dpo
     from rlhf_toy.stages.reward import RewardStageConfig, train_reward
@@ -202,3 +202,22 @@ def test_the_lm_head_runs_only_where_its_logits_are_read(make_model, monkeypatch
     assert (shared[0][~needed] == 0).all()
     for name in plain[1]:
         torch.testing.assert_close(shared[1][name], plain[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_share_prompts_auto_means_float32_matmuls_and_anything_else_is_a_config_error(tmp_path):
+    from rlhf_toy.config import ConfigError, parse_config
+    from rlhf_toy.stages.dpo import DPOStageConfig
+    from rlhf_toy.stages.reward import RewardStageConfig
+
+    for config_class, name in ((DPOStageConfig, "dpo"), (RewardStageConfig, "reward")):
+        flags = ["--config", str(ROOT / f"configs/{name}.yaml")]
+        auto = parse_config(config_class, flags)
+        assert auto.share_prompts == "auto" and auto.shares_prompts(True) and not auto.shares_prompts(False)
+        for value, shares in (("true", True), ("false", False)):
+            cfg = parse_config(config_class, [*flags, "--share_prompts", value])
+            assert cfg.shares_prompts(True) is shares and cfg.shares_prompts(False) is shares
+        yaml_bool = tmp_path / f"{name}.yaml"
+        yaml_bool.write_text((ROOT / f"configs/{name}.yaml").read_text() + "share_prompts: false\n")
+        assert not parse_config(config_class, ["--config", str(yaml_bool)]).shares_prompts(True)
+        with pytest.raises(ConfigError, match="share_prompts must be auto, true or false, got 'sometimes'"):
+            parse_config(config_class, [*flags, "--share_prompts", "sometimes"])

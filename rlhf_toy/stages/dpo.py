@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from rlhf_toy import data, models, rundir, runlog
 from rlhf_toy.config import (
     CommonConfig,
@@ -248,7 +250,9 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     with precision.autocast():
         # TRL's trainer; with share_prompts, each pair's prompt through the model once (DPOPromptsOnce)
         trainer_class = (
-            type("DPOTrainer", (DPOPromptsOnce, DPOTrainer), {}) if cfg.share_prompts else DPOTrainer
+            type("DPOTrainer", (DPOPromptsOnce, DPOTrainer), {})
+            if cfg.shares_prompts(precision.compute == torch.float32)
+            else DPOTrainer
         )
         trainer = trainer_class(
             model=model,

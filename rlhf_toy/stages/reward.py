@@ -334,7 +334,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     from trl import RewardConfig, RewardTrainer
 
     started = time.time()
-    resolve_run_precision(cfg)  # `auto` -> what this machine runs (recorded in config.yaml)
+    precision = resolve_run_precision(cfg)  # `auto` -> what this machine runs (recorded in config.yaml)
     start = open_run(cfg)
     if start.finished:
         return start.run_dir
@@ -375,7 +375,9 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     )
     # TRL's trainer; with share_prompts, each pair's prompt through the model once (RewardPromptsOnce)
     trainer_class = (
-        type("RewardTrainer", (RewardPromptsOnce, RewardTrainer), {}) if cfg.share_prompts else RewardTrainer
+        type("RewardTrainer", (RewardPromptsOnce, RewardTrainer), {})
+        if cfg.shares_prompts(precision.compute == torch.float32)
+        else RewardTrainer
     )
     trainer = trainer_class(
         model=model,
