@@ -12,8 +12,8 @@ tokens over the whole vocabulary (TRL's `selective_log_softmax`) and the backwar
 forward without grad; shared, the LM head runs only where a logit predicts an answer token, as in the stage.
 Reward: the lowest 12 blocks with 4 frozen and a score head (configs/reward.yaml), batches of
 8 of the first pairs; a step is the forward, the Bradley-Terry loss and the backward. Each pair is its chat
-template's ids, chosen then rejected, right-padded (TRL's collators). Plain and shared alternate batch by batch
-within each repeat; the medians over repeats of the summed batch times. bfloat16-mixed is skipped on a CPU without
+template's ids, chosen then rejected, right-padded (TRL's collators). Each repeat times all batches plain, then all
+shared; the medians over repeats of those sums. bfloat16-mixed is skipped on a CPU without
 native bf16. Prints a markdown table.
 """
 
@@ -26,6 +26,7 @@ import statistics
 import time
 
 import torch
+from trl.trainer.utils import selective_log_softmax
 
 from rlhf_toy import models, sequences
 from rlhf_toy.scoring import load_reward_model
@@ -35,9 +36,10 @@ from rlhf_toy.stages.dpo import finished_pairs
 
 def padded_pairs(tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, attention mask, where a logit predicts an answer token) as TRL's collators lay the pairs out."""
-    ids_of = lambda messages, **kw: tokenizer.apply_chat_template(messages, return_dict=True, **kw)[
-        "input_ids"
-    ]  # noqa: E731
+
+    def ids_of(messages, **kwargs) -> list[int]:
+        return tokenizer.apply_chat_template(messages, return_dict=True, **kwargs)["input_ids"]
+
     rows = [ids_of(p["prompt"] + p[side]) for side in ("chosen", "rejected") for p in pairs]
     prompts = [len(ids_of(p["prompt"], add_generation_prompt=True)) for p in pairs] * 2
     width = max(map(len, rows))
@@ -55,9 +57,8 @@ def dpo_step(model, ids, mask, predicts_answer, grad: bool, shared: bool):
             logits = sequences.forward_sharing_pair_prefixes(model, ids, mask, predicts_answer).logits
         else:
             logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-        from trl.trainer.utils import selective_log_softmax
-
-        logps = (selective_log_softmax(logits[:, :-1].float(), ids[:, 1:]) * mask[:, 1:]).sum(1)
+        # what TRL's DPO sums: each answer token's log-prob (TRL's completion_mask)
+        logps = (selective_log_softmax(logits[:, :-1].float(), ids[:, 1:]) * predicts_answer[:, :-1]).sum(1)
         if grad:
             logps.sum().backward()
             model.zero_grad(set_to_none=True)
