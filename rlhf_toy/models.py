@@ -409,6 +409,44 @@ def causal_lm_from(path: str, dtype: torch.dtype, tokenizer=None):
     return model
 
 
+# transformers' SDPA attention, but where a backward will run through it in bf16 or fp16 on a CPU (its query
+# requires grad), through PyTorch's math backend (matmuls and a softmax): there the flash kernel's backward is
+# 2.5-3x slower than the math one's (17-18 ms against 6-7 for 8 rows of 120 tokens, SmolLM2's 9 heads, 2 cores),
+# while its forward is the faster (1.6 against 4.4 ms), so frozen blocks, evaluation and sampling keep it. In
+# float32 the two cost the same, and on a GPU nothing changes. Not saved with the model (config.json keeps none).
+# SFT, the reward model and DPO train with it; PPO does not: its rollout's forward (no grad) and its update's
+# first one must give the same log-probs, so that the ratio starts at 1, and the two backends differ by bf16
+# rounding (approx-KL 1.9e-3 between them in pure bf16, tests/test_ppo_trainer.py, where its bound is 1e-3).
+TRAINING_ATTENTION = "sdpa_math_backward_on_cpu"
+
+
+def sdpa_math_backward_on_cpu(module, query, key, value, attention_mask, **kwargs):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    half = (torch.bfloat16, torch.float16)
+    # under autocast, the query may be float32 (Llama's rotary embedding): SDPA computes in the autocast dtype
+    computes_in = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else query.dtype
+    if query.requires_grad and query.device.type == "cpu" and computes_in in half:
+        with sdpa_kernel(SDPBackend.MATH):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def with_training_attention(model):
+    """`model`, its SDPA attention (transformers' default where the model supports it) made
+    `sdpa_math_backward_on_cpu`; a model on another attention is left as it is."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    if model.config._attn_implementation == "sdpa":
+        AttentionInterface.register(TRAINING_ATTENTION, sdpa_math_backward_on_cpu)
+        # SDPA's masks too: a name transformers has no mask function for gets no padding or causal mask built
+        ALL_MASK_ATTENTION_FUNCTIONS.register(TRAINING_ATTENTION, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+        model.set_attn_implementation(TRAINING_ATTENTION)
+    return model
+
+
 def align_with_tokenizer(model, tokenizer) -> None:
     """Embeddings sized for a pad token the tokenizer added, and the pad id the model (a sequence classifier
     reads the last token that is not pad, so pad must not be EOS) and its generation config use."""

@@ -180,3 +180,69 @@ def test_freed_tensor_memory_stays_with_the_process_unless_the_user_tunes_malloc
     assert mmapped < size <= free_in_heap
     mmapped, free_in_heap = mmapped_and_free_after(MALLOC_ARENA_MAX="8")
     assert free_in_heap < size <= mmapped
+
+
+def _attention_kernels(model, ids, mask, grad: bool):
+    """The SDPA kernels one bf16-autocast forward (and its backward, with `grad`) of `model` calls, and its logits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = model(input_ids=ids, attention_mask=mask).logits
+        if grad:
+            logits.float().square().mean().backward()
+    names = [e.key for e in prof.key_averages()]
+    count = {e.key: e.count for e in prof.key_averages()}
+    return {
+        "flash": count.get("aten::_scaled_dot_product_flash_attention_for_cpu", 0),
+        "flash_backward": sum(count[n] for n in names if "flash_attention_for_cpu_backward" in n),
+        "math": count.get("aten::_scaled_dot_product_attention_math", 0),
+    }, logits.detach().float()
+
+
+def test_training_attention_takes_matmuls_only_where_a_bf16_backward_runs_through_it(tmp_path):
+    """On a CPU, the flash kernel's bf16 backward is the slow one: a trained block's attention runs the math
+    backend, a frozen block's, evaluation's and sampling's stay on flash; the logits and gradients are the same
+    within bf16 rounding, float32 is untouched, and the saved model carries none of it."""
+    from conftest import make_tiny_llama
+
+    from rlhf_toy.stages.common import freeze_bottom
+
+    ids = torch.randint(0, 100, (4, 12))
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding (the sampler's), which only a padding mask keeps out
+    mask[1, 9:] = 0
+    plain = make_tiny_llama(100)
+    ours = models.with_training_attention(make_tiny_llama(100))
+    assert ours.config._attn_implementation == models.TRAINING_ATTENTION
+    freeze_bottom(plain, 1)
+    freeze_bottom(ours, 1)
+
+    kernels, logits = _attention_kernels(ours, ids, mask, grad=True)
+    assert kernels == {"flash": 1, "flash_backward": 0, "math": 1}  # block 0 frozen, block 1 trained
+    plain_kernels, plain_logits = _attention_kernels(plain, ids, mask, grad=True)
+    assert plain_kernels == {"flash": 2, "flash_backward": 1, "math": 0}
+    real = mask.bool()
+    torch.testing.assert_close(logits[real], plain_logits[real], atol=0.05, rtol=0.05)
+    for (name, p), q in zip(ours.named_parameters(), plain.parameters()):
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, q.grad, atol=0.05, rtol=0.05, msg=name)
+
+    assert _attention_kernels(ours, ids, mask, grad=False)[0] == {"flash": 2, "flash_backward": 0, "math": 0}
+
+    # float32 takes SDPA's own choice: the same logits and gradients to the bit
+    ours.zero_grad()
+    plain.zero_grad()
+    with torch.no_grad():
+        assert torch.equal(
+            ours(input_ids=ids, attention_mask=mask).logits, plain(input_ids=ids, attention_mask=mask).logits
+        )
+    ours(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    plain(input_ids=ids, attention_mask=mask).logits.square().mean().backward()
+    assert all(
+        torch.equal(p.grad, q.grad) for p, q in zip(ours.parameters(), plain.parameters()) if p.requires_grad
+    )
+
+    ours.save_pretrained(tmp_path)
+    assert "attn" not in (tmp_path / "config.json").read_text()
+    assert models.causal_lm_from(str(tmp_path), torch.float32).config._attn_implementation == "sdpa"

@@ -195,6 +195,7 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
             f"{cfg.max_length} tokens: TRL keeps the first {cfg.max_length} of each (pairs_truncated in summary.json)"
         )
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    models.with_training_attention(model)
     freeze_bottom(model, cfg.freeze_bottom_layers)
     judge = Judge(cfg.reward_model or None, device=cfg.device, dtype=cfg.dtype) if eval_prompts else None
     if judge is not None and judge.note:

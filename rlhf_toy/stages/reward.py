@@ -361,6 +361,7 @@ def train_reward(cfg: RewardStageConfig) -> Path:
     eval_prompts, eval_titles = data.load_prompts_and_titles(cfg.eval_prompts, cfg.num_eval_prompts)
     model = load_reward_model(cfg.model_name_or_path, cfg.device, cfg.dtype, cfg.num_hidden_layers)
     models.align_with_tokenizer(model, tokenizer)
+    models.with_training_attention(model)
     freeze_bottom(model, cfg.freeze_bottom_layers)
     begin_run(start, cfg)  # the first write: the config and the inputs are valid
 

@@ -106,6 +106,7 @@ def run_sft(cfg: SFTStageConfig) -> Path:
             f"alone fills max_length={cfg.max_length} tokens, so no completion token would be trained on"
         )
     model = models.load_causal_lm(cfg.model_name_or_path, tokenizer, cfg.device, cfg.dtype)
+    models.with_training_attention(model)
     freeze_bottom(model, cfg.freeze_bottom_layers)
     begin_run(start, cfg)  # the first write: the config and the inputs are valid
     checkpoints = run_dir / "checkpoints"
