@@ -410,10 +410,11 @@ def causal_lm_from(path: str, dtype: torch.dtype, tokenizer=None):
 
 
 # transformers' SDPA attention, but where a backward will run through it in bf16 or fp16 on a CPU (its query
-# requires grad), through PyTorch's math backend (matmuls and a softmax): there the flash kernel's backward is
-# 2.5-3x slower than the math one's (17-18 ms against 6-7 for 8 rows of 120 tokens, SmolLM2's 9 heads, 2 cores),
-# while its forward is the faster (1.6 against 4.4 ms), so frozen blocks, evaluation and sampling keep it. In
-# float32 the two cost the same, and on a GPU nothing changes. Not saved with the model (config.json keeps none).
+# requires grad), through PyTorch's math backend (matmuls and a softmax): there the flash kernel's backward is the
+# slow one (forward and backward 15.3 ms against the math backend's 8.9 for 8 rows of 120 tokens at SmolLM2's 9
+# heads, 2 cores, scripts/bench_attention.py), while its forward is the faster (1.1 against 3.4 ms), so frozen
+# blocks, evaluation and sampling keep it. In float32 flash is the faster both ways and stays; on a GPU nothing
+# changes. Not saved with the model (config.json records no attention).
 # SFT, the reward model and DPO train with it; PPO does not: its rollout's forward (no grad) and its update's
 # first one must give the same log-probs, so that the ratio starts at 1, and the two backends differ by bf16
 # rounding (approx-KL 1.9e-3 between them in pure bf16, tests/test_ppo_trainer.py, where its bound is 1e-3).

@@ -23,12 +23,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from bench_pairs import dpo_step, padded_pairs, reward_step
+from bench_pairs import demo_shaped_models, dpo_step, padded_pairs, reward_step
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rlhf_toy import models
-from rlhf_toy.scoring import load_reward_model
-from rlhf_toy.stages.common import freeze_bottom
 from rlhf_toy.stages.dpo import finished_pairs
 
 
@@ -116,12 +114,8 @@ def main(argv=None) -> None:
     print("| precision | step | SDPA (s) | ours (s) | speed-up |\n|---|---|---|---|---|")
     for name in precisions:
         precision = models.resolve_precision(name, device)
-        policy = models.load_causal_lm(args.model, tokenizer, "cpu", precision.name)
-        dpo_policy = models.load_causal_lm(args.model, tokenizer, "cpu", precision.name)
-        freeze_bottom(dpo_policy, 20)
-        reward_model = load_reward_model(args.model, "cpu", precision.name, num_hidden_layers=12)
-        models.align_with_tokenizer(reward_model, tokenizer)  # the pad id its score reads past
-        freeze_bottom(reward_model, 4)
+        policy = models.load_causal_lm(args.model, tokenizer, "cpu", precision.name)  # SFT trains every block
+        dpo_policy, reward_model = demo_shaped_models(args.model, tokenizer, precision.name)
         stages = [
             ("SFT", sft_step, policy, sft),
             ("reward", lambda *b: reward_step(*b, shared=False), reward_model, reward_batches),

@@ -74,6 +74,17 @@ def reward_step(model, ids, mask, predicts_answer, shared: bool):
     model.zero_grad(set_to_none=True)
 
 
+def demo_shaped_models(model_name: str, tokenizer, precision: str):
+    """The DPO policy (its lowest 20 of 30 blocks frozen) and the reward model (the lowest 12 blocks, 4 of them
+    frozen, and a score head), as the demo's configs shape them."""
+    policy = models.load_causal_lm(model_name, tokenizer, "cpu", precision)
+    freeze_bottom(policy, 20)
+    reward_model = load_reward_model(model_name, "cpu", precision, num_hidden_layers=12)
+    models.align_with_tokenizer(reward_model, tokenizer)  # the pad id its score reads past
+    freeze_bottom(reward_model, 4)
+    return policy, reward_model
+
+
 def timed(step, model, batches, precision, shared: bool) -> float:
     start = time.perf_counter()
     with precision.autocast():
@@ -114,11 +125,7 @@ def main(argv=None) -> None:
             print(f"| {name} | skipped: no native bf16 on this CPU | | | |")
             continue
         precision = models.resolve_precision(name, device)
-        policy = models.load_causal_lm(args.model, tokenizer, "cpu", precision.name)
-        freeze_bottom(policy, 20)
-        reward_model = load_reward_model(args.model, "cpu", precision.name, num_hidden_layers=12)
-        models.align_with_tokenizer(reward_model, tokenizer)  # the pad id its score reads past
-        freeze_bottom(reward_model, 4)
+        policy, reward_model = demo_shaped_models(args.model, tokenizer, precision.name)
         passes = [
             ("DPO step", lambda *batch, shared: dpo_step(*batch, True, shared), policy, dpo_batches),
             ("DPO reference", lambda *batch, shared: dpo_step(*batch, False, shared), policy, dpo_batches),

@@ -208,6 +208,7 @@ def test_training_attention_takes_matmuls_only_where_a_bf16_backward_runs_throug
 
     from rlhf_toy.stages.common import freeze_bottom
 
+    torch.manual_seed(0)
     ids = torch.randint(0, 100, (4, 12))
     mask = torch.ones_like(ids)
     mask[0, :3] = 0  # left padding (the sampler's), which only a padding mask keeps out
