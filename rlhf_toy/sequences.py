@@ -306,17 +306,16 @@ def pair_prefix_lengths(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
     return torch.minimum(same.long().cumprod(1).sum(1), shortest - 1).clamp(min=0)
 
 
-def forward_sharing_pair_prefixes(
-    model, input_ids: Tensor, attention_mask: Tensor, logits_needed: Tensor | None = None
-):
+def forward_sharing_pair_prefixes(model, input_ids: Tensor, attention_mask: Tensor):
     """``model``'s output for 2B right-padded rows, chosen then rejected, computed with each pair's shared first
     tokens (`pair_prefix_lengths`) through the model once: the prompts, left-padded (positions count real tokens,
     as the sampler's), with grad when grad is on; their keys and values copied to both rows of the pair; then each
     row's own tokens on that cache. The same computation as one forward of the rows, in fewer token positions (the
-    demo's prompts are about a third of each pair's tokens). A sequence classifier's scores come back ``[2B, labels]``
-    (each row's last token); a causal LM's logits ``[2B, T, V]`` in the rows' layout: the trunk's last hidden states
-    put back in place (padding 0), then the LM head over them as the model's forward applies it; given
-    ``logits_needed`` (``[2B, T]`` bool: DPO's, where a logit predicts an answer token), only there, 0 elsewhere."""
+    demo's prompts are about a third of each pair's tokens). A sequence classifier's scores come back as ``logits``,
+    ``[2B, labels]`` (each row's last token); a causal LM's trunk output as ``last_hidden_state``, ``[2B, T, H]`` in
+    the rows' layout (padding 0): the input of its LM head, which the caller runs where it reads logits
+    (`answer_logits`), and as ``logits`` the forward's own, at each row's last token (``[2B, 1, V]``, the dtype the
+    model's forward returns its logits in)."""
     from transformers import DynamicCache
     from transformers.modeling_outputs import ModelOutput
 
@@ -370,13 +369,69 @@ def forward_sharing_pair_prefixes(
     from_own = B * width + row * own_hidden.shape[1] + (position - pair_prefix)
     index = torch.where(position < pair_prefix, from_prefix, from_own)
     index = torch.where(attention_mask.bool(), index, source.shape[0] - 1)
-    hidden = source[index]
-    if logits_needed is None:
-        return ModelOutput(logits=head(hidden))
-    needed = head(hidden[logits_needed])  # the LM head, the largest matmul, only where its output is read
-    logits = needed.new_zeros(*logits_needed.shape, needed.shape[-1])
-    logits[logits_needed] = needed
-    return ModelOutput(logits=logits)
+    return ModelOutput(last_hidden_state=source[index], logits=own_out.logits[unpair])
+
+
+@dataclass
+class AnswerWindow:
+    """Where the logits that predict answer tokens sit in right-padded rows whose answers are one run of tokens each
+    (TRL's DPO `completion_mask`): row r's ``lengths[r]`` of them from position ``starts[r]`` (the token before its
+    answer). The window of a row is its tokens from there to the answer's end, left-aligned, ``[rows, W]`` with W the
+    longest answer + 1; as in the rows, the window's logit at column j predicts its token j + 1."""
+
+    starts: Tensor  # [R]
+    lengths: Tensor  # [R] answer tokens (0 for a row without one)
+
+    @classmethod
+    def of(cls, completion_mask: Tensor) -> AnswerWindow | None:
+        """The window of each row, or None when a row's answer tokens are not one run."""
+        predicts = torch.zeros_like(completion_mask, dtype=torch.bool)
+        predicts[:, :-1] = completion_mask[:, 1:].bool()  # the logit at t predicts token t + 1
+        window = cls(starts=predicts.long().argmax(1), lengths=predicts.sum(1))
+        columns = torch.arange(completion_mask.shape[1], device=completion_mask.device)
+        run = (columns >= window.starts[:, None]) & (columns < (window.starts + window.lengths)[:, None])
+        return window if torch.equal(run, predicts) else None
+
+    def columns(self) -> Tensor:
+        return torch.arange(int(self.lengths.max()) + 1, device=self.lengths.device)
+
+    def ids(self, input_ids: Tensor) -> Tensor:
+        """``[R, W]``: each row's token before its answer, then the answer (then tokens no logit is read for)."""
+        positions = (self.starts[:, None] + self.columns()).clamp(max=input_ids.shape[1] - 1)
+        return input_ids.gather(1, positions)
+
+    def completion_mask(self) -> Tensor:
+        columns = self.columns()
+        return ((columns >= 1) & (columns <= self.lengths[:, None])).long()
+
+
+def answer_logits(
+    model, input_ids: Tensor, attention_mask: Tensor, window: AnswerWindow, share_prompts: bool
+):
+    """``[R, W, V]``: the logits of `window` (an `AnswerWindow` of the rows), from one forward of the right-padded rows
+    (``share_prompts``: pairs of rows, chosen then rejected, with each pair's prompt through the trunk once,
+    `forward_sharing_pair_prefixes`); the LM head runs only where a logit predicts an answer token, and the rest of
+    the window is 0; in the dtype the model's forward returns its logits (float32 where accelerate's mixed precision
+    wraps the forward, whose autocast the head then needs around it too)."""
+    if share_prompts:
+        out = forward_sharing_pair_prefixes(model, input_ids, attention_mask)
+        hidden = out.last_hidden_state
+    else:  # hidden_states[-1] is the trunk's output after its final norm, the input of the LM head
+        out = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_hidden_states=True,
+            logits_to_keep=1,
+        )
+        hidden = out.hidden_states[-1]
+    columns = window.columns()
+    real = columns < window.lengths[:, None]
+    rows, at = real.nonzero(as_tuple=True)
+    needed = model.get_output_embeddings()(hidden[rows, window.starts[rows] + at]).to(out.logits.dtype)
+    logits = needed.new_zeros(*real.shape, needed.shape[-1])
+    logits[rows, at] = needed
+    return logits
 
 
 # ------------------------------------------------------------------------------------------------

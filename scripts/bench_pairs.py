@@ -7,9 +7,10 @@ configs shape them, on the demo's own pairs.
                                   [--precisions float32 bfloat16-mixed]
 
 DPO: the policy with its lowest 20 of 30 blocks frozen (configs/dpo.yaml), batches of 8 of the pairs whose two
-answers ended (DPO's `finished_pairs`), shuffled with seed 0; a step is the forward, the log-probs of each row's
-tokens over the whole vocabulary (TRL's `selective_log_softmax`) and the backward; the reference pass the same
-forward without grad; shared, the LM head runs only where a logit predicts an answer token, as in the stage.
+answers ended (DPO's `finished_pairs`), shuffled with seed 0; a step is the forward, the log-probs of each answer's
+tokens over the whole vocabulary (TRL's `selective_log_softmax`) in each row's answer window, the LM head only where
+a logit predicts an answer token (`sequences.answer_logits`, as in the stage), and the backward; the reference pass
+the same forward without grad.
 Reward: the lowest 12 blocks with 4 frozen and a score head (configs/reward.yaml), batches of
 8 of the first pairs; a step is the forward, the Bradley-Terry loss and the backward. Each pair is its chat
 template's ids, chosen then rejected, right-padded (TRL's collators). Each repeat times all batches plain, then all
@@ -52,13 +53,17 @@ def padded_pairs(tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tens
 
 
 def dpo_step(model, ids, mask, predicts_answer, grad: bool, shared: bool):
+    completion_mask = torch.zeros_like(mask)  # TRL's: 1 on answer tokens
+    completion_mask[:, 1:] = predicts_answer[:, :-1]
+    window = sequences.AnswerWindow.of(completion_mask)
     with torch.set_grad_enabled(grad):
-        if shared:
-            logits = sequences.forward_sharing_pair_prefixes(model, ids, mask, predicts_answer).logits
-        else:
-            logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+        # the logits of each answer only (stages.common.DPOAnswerWindows), from the rows or with prompts once
+        logits = sequences.answer_logits(model, ids, mask, window, shared)
         # what TRL's DPO sums: each answer token's log-prob (TRL's completion_mask)
-        logps = (selective_log_softmax(logits[:, :-1].float(), ids[:, 1:]) * predicts_answer[:, :-1]).sum(1)
+        window_ids = window.ids(ids)
+        logps = (
+            selective_log_softmax(logits[:, :-1].float(), window_ids[:, 1:]) * window.completion_mask()[:, 1:]
+        ).sum(1)
         if grad:
             logps.sum().backward()
             model.zero_grad(set_to_none=True)

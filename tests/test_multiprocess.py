@@ -14,7 +14,7 @@ import pytest
 from conftest import ROOT
 from safetensors.torch import load_file
 
-from rlhf_toy import models, runlog
+from rlhf_toy import models, runlog, sequences
 
 
 def launch(script, *args, timeout=300):
@@ -110,18 +110,21 @@ def one_process_runs(runs):
     }
     for run, script in RUNS.items():
         config_class, stage = stages[script]
-        stage(
-            parse_config(
-                config_class,
-                [
-                    *map(str, stage_args(runs, script, runs / f"{run}_1")),
-                    "--gradient_accumulation_steps",
-                    "2",
-                    # the computation each of the 2 processes runs (PromptsOnce is for one process)
-                    *(["--share_prompts", "false"] if script != "sft" else []),
-                ],
+        # the computation each of the 2 processes runs: TRL's forward of the whole rows (the reward model's and DPO's
+        # prompts once and DPO's answer windows are for one process)
+        with pytest.MonkeyPatch.context() as whole_rows:
+            whole_rows.setattr(sequences.AnswerWindow, "of", classmethod(lambda cls, completion_mask: None))
+            stage(
+                parse_config(
+                    config_class,
+                    [
+                        *map(str, stage_args(runs, script, runs / f"{run}_1")),
+                        "--gradient_accumulation_steps",
+                        "2",
+                        *(["--share_prompts", "false"] if script != "sft" else []),
+                    ],
+                )
             )
-        )
     return runs
 
 

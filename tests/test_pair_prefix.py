@@ -1,10 +1,12 @@
 """`sequences.forward_sharing_pair_prefixes`: DPO's and the reward model's pairs put each prompt through the model once,
-for the same logits, scores and gradients as one forward of the padded rows."""
+for the same logits, scores and gradients as one forward of the padded rows; `sequences.AnswerWindow` and
+`answer_logits`: DPO's logits at each answer only, for the same log-probs and gradients."""
 
 import pytest
 import torch
 from conftest import ROOT, make_tiny_llama
 from transformers import LlamaForSequenceClassification
+from transformers.modeling_outputs import ModelOutput
 
 from rlhf_toy import models, runlog, sequences
 from rlhf_toy.scoring import load_reward_model
@@ -86,8 +88,13 @@ def test_outputs_and_gradients_equal_one_forward_of_the_rows(make_model):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return logits.detach(), per_row.detach(), grads
 
+    def shared_forward():  # a causal LM's trunk output, through its LM head here
+        out = sequences.forward_sharing_pair_prefixes(model, input_ids, attention_mask)
+        head = model.get_output_embeddings()
+        return out if head is None else ModelOutput(logits=head(out.last_hidden_state))
+
     plain = loss_and_grads(lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
-    shared = loss_and_grads(lambda: sequences.forward_sharing_pair_prefixes(model, input_ids, attention_mask))
+    shared = loss_and_grads(shared_forward)
     if plain[0].dim() == 3:
         assert shared[0].shape == plain[0].shape
         torch.testing.assert_close(shared[0][real], plain[0][real], atol=1e-5, rtol=1e-5)
@@ -116,8 +123,14 @@ def stage_metrics(out) -> list[dict]:
         "loss",
         "rewards/chosen",
         "rewards/rejected",
+        "rewards/margins",
         "logps/chosen",
         "logps/rejected",
+        "logits/chosen",
+        "logits/rejected",
+        "entropy",
+        "mean_token_accuracy",
+        "num_tokens",
         "accuracy",
         "margin",
     )
@@ -125,83 +138,117 @@ def stage_metrics(out) -> list[dict]:
     return [{k: r[k] for k in keys if k in r} for r in rows if "loss" in r]
 
 
-@pytest.mark.parametrize("stage", ["dpo", "reward"])
-def test_the_stages_train_as_they_would_with_each_row_whole(stage, pipeline, tmp_path, monkeypatch):
-    """TRL's DPOTrainer and RewardTrainer, mixed with PromptsOnce (`share_prompts`: true, or auto in float32): every
-    pairs forward shares the prompts (the DPO reference's too), and training logs the losses and metrics it logs with
-    TRL's forward of the padded rows (`--share_prompts false`)."""
+def run_pairs_stage(stage, pipeline, out, **flags):
+    """3 steps of the tiny DPO or reward stage from the pipeline's SFT model; its logged metrics."""
     from rlhf_toy.config import parse_config
     from rlhf_toy.stages.dpo import DPOStageConfig, run_dpo
     from rlhf_toy.stages.reward import RewardStageConfig, train_reward
 
-    def run(out, share_prompts: bool):
-        flags = {"model_name_or_path": pipeline / "sft/final", "dataset": pipeline / "pairs.jsonl"}
-        flags.update(
-            num_eval_prompts=0, max_steps=3, share_prompts=str(share_prompts).lower(), output_dir=out
-        )
-        if stage == "dpo":
-            flags.update(config=ROOT / "configs/tiny/dpo.yaml", reward_model="none")
-            config_class, train = DPOStageConfig, run_dpo
-        else:
-            flags.update(config=ROOT / "configs/tiny/reward.yaml", policy_model=pipeline / "sft/final")
-            flags.update(train_prompts=pipeline / "prompts.jsonl", eval_prompts=pipeline / "prompts.jsonl")
-            config_class, train = RewardStageConfig, train_reward
-        train(parse_config(config_class, [str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
-        return stage_metrics(out)
+    flags.update(model_name_or_path=pipeline / "sft/final", dataset=pipeline / "pairs.jsonl")
+    flags.update(num_eval_prompts=0, max_steps=3, output_dir=out)
+    if stage == "dpo":
+        flags.update(config=ROOT / "configs/tiny/dpo.yaml", reward_model="none")
+        config_class, train = DPOStageConfig, run_dpo
+    else:
+        flags.update(config=ROOT / "configs/tiny/reward.yaml", policy_model=pipeline / "sft/final")
+        flags.update(train_prompts=pipeline / "prompts.jsonl", eval_prompts=pipeline / "prompts.jsonl")
+        config_class, train = RewardStageConfig, train_reward
+    train(parse_config(config_class, [str(x) for k, v in flags.items() for x in (f"--{k}", v)]))
+    return stage_metrics(out)
 
+
+def test_the_reward_stage_trains_as_it_would_with_each_row_whole(pipeline, tmp_path, monkeypatch):
+    """TRL's RewardTrainer mixed with RewardPromptsOnce (`share_prompts`: true, or auto in float32): every step's
+    pairs share their prompts, and training logs the losses and metrics it logs with TRL's forward of the padded rows
+    (`--share_prompts false`)."""
     calls = []
     shared_forward = sequences.forward_sharing_pair_prefixes
     monkeypatch.setattr(
-        sequences,
-        "forward_sharing_pair_prefixes",
-        lambda *a: calls.append(a[3] is not None) or shared_forward(*a),
+        sequences, "forward_sharing_pair_prefixes", lambda *a: calls.append(1) or shared_forward(*a)
     )
-    shared = run(tmp_path / "shared", True)
-    steps = (
-        3 if stage == "reward" else 3 + 1
-    )  # DPO's reference pass adds its batches: 1 of them here at least
-    assert len(calls) >= steps and len(shared) == 3
-    assert set(calls) == {stage == "dpo"}  # DPO's logits: the head only where they predict an answer token
+    shared = run_pairs_stage("reward", pipeline, tmp_path / "shared", share_prompts="true")
+    assert len(calls) >= 3 and len(shared) == 3
     calls.clear()
-    whole = run(tmp_path / "whole", False)
+    whole = run_pairs_stage("reward", pipeline, tmp_path / "whole", share_prompts="false")
     assert calls == [] and len(whole) == 3
     for a, b in zip(shared, whole):
         assert a.keys() == b.keys() and len(a) >= 3
         assert a == pytest.approx(b, abs=1e-4, rel=1e-4)
 
 
-@pytest.mark.parametrize("make_model", [tiny_gpt2_lm, lambda: make_tiny_llama(50)], ids=["gpt2", "llama"])
-def test_the_lm_head_runs_only_where_its_logits_are_read(make_model, monkeypatch):
-    """DPO reads the logits that predict answer tokens: given them, the head runs there (its input has that many
-    rows), those logits and the gradients of what reads them are a whole forward's, and the rest are 0."""
-    model = make_model().train()
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = 0.0
-    input_ids, attention_mask = pairs_batch(50)
-    needed = attention_mask.bool() & (torch.arange(input_ids.shape[1]) >= 5)  # past a 6-token "prompt"
-    needed[:, -1] = False
-    needed &= torch.roll(attention_mask.bool(), -1, 1)  # a logit predicts the next token, a real one
-    head_rows = []
-    model.get_output_embeddings().register_forward_hook(
-        lambda m, args, out: head_rows.append(args[0].shape[0])
+def test_dpo_trains_on_answer_windows_as_trl_does_on_the_whole_rows(pipeline, tmp_path, monkeypatch):
+    """TRL's DPOTrainer mixed with DPOAnswerWindows: the reference pass and every step read each answer's logits only,
+    with each pair's prompt through the model once (`share_prompts` true) or not (false), and training logs what TRL
+    logs on its own (the windows turned off): the same losses, log-probs, implicit rewards, entropy, mean logits,
+    token accuracy and token counts."""
+    windows, shared = [], []
+    answer_logits, shared_forward = sequences.answer_logits, sequences.forward_sharing_pair_prefixes
+    monkeypatch.setattr(
+        sequences,
+        "answer_logits",
+        lambda *a: windows.append(a[3].completion_mask().shape) or answer_logits(*a),
     )
+    monkeypatch.setattr(
+        sequences, "forward_sharing_pair_prefixes", lambda *a: shared.append(1) or shared_forward(*a)
+    )
+    runs = {}
+    for share in ("true", "false"):
+        runs[share] = run_pairs_stage("dpo", pipeline, tmp_path / share, share_prompts=share)
+        # the reference pass's batches (1 at least) and the 3 steps, each with a window narrower than its rows
+        assert len(windows) >= 4 and len(shared) == (len(windows) if share == "true" else 0)
+        windows.clear(), shared.clear()
+    # a reference model that runs in the loss (log-probs not precomputed) would read the window's ids: TRL's own
+    runs["reference in the loss"] = run_pairs_stage(
+        "dpo", pipeline, tmp_path / "no_precompute", precompute_ref_log_probs="false"
+    )
+    assert windows == [] and shared == []
+    monkeypatch.setattr(sequences.AnswerWindow, "of", classmethod(lambda cls, mask: None))
+    runs["trl"] = run_pairs_stage("dpo", pipeline, tmp_path / "trl", share_prompts="false")
+    assert windows == [] and shared == []
+    for name in ("true", "false", "reference in the loss"):
+        assert len(runs[name]) == len(runs["trl"]) == 3
+        for a, b in zip(runs[name], runs["trl"]):
+            assert a.keys() == b.keys() and len(a) >= 10
+            assert a == pytest.approx(b, abs=1e-4, rel=1e-4), name
 
-    def read(forward):
-        model.zero_grad(set_to_none=True)
-        logits = forward().logits
-        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-        (logp * needed[:, :-1]).sum().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
-    plain = read(lambda: model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False))
-    head_rows.clear()
-    shared = read(lambda: sequences.forward_sharing_pair_prefixes(model, input_ids, attention_mask, needed))
-    assert head_rows[-1] == int(needed.sum())
-    torch.testing.assert_close(shared[0][needed], plain[0][needed], atol=1e-5, rtol=1e-5)
-    assert (shared[0][~needed] == 0).all()
-    for name in plain[1]:
-        torch.testing.assert_close(shared[1][name], plain[1][name], atol=1e-5, rtol=1e-4, msg=name)
+def test_dpo_answer_windows_under_mixed_precision_run_the_head_in_bf16(pipeline, tmp_path, monkeypatch):
+    """bfloat16-mixed: the LM head, which the windows run apart from the forward, computes in bf16 as it does inside
+    it (the trainer's autocast around it); TRL reads the reference pass's logits in bf16 (the model not yet wrapped by
+    accelerate) and the steps' in float32, as from the forward itself."""
+    from accelerate.state import AcceleratorState
+
+    logits_dtypes, head_dtypes = [], []
+    answer_logits = sequences.answer_logits
+
+    def spy(model, *args):
+        if not head_dtypes:
+            model.get_output_embeddings().register_forward_hook(
+                lambda m, a, out: head_dtypes.append(out.dtype)
+            )
+        logits = answer_logits(model, *args)
+        logits_dtypes.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(sequences, "answer_logits", spy)
+    try:
+        run_pairs_stage("dpo", pipeline, tmp_path / "bf16", dtype="bfloat16-mixed", share_prompts="false")
+    finally:  # accelerate keeps its first mixed precision for the process: the next trainer's is float32
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert set(head_dtypes) == {torch.bfloat16} and logits_dtypes[-3:] == [torch.float32] * 3
+    assert logits_dtypes[0] == torch.bfloat16  # the reference pass
+
+
+def test_answer_windows_hold_each_answer_left_aligned():
+    """Rows with answers of 3, 1 and 0 tokens after prompts of different lengths, right-padded: each window is the
+    token before the answer, then the answer; a mask whose answer is not one run has no window."""
+    input_ids = torch.tensor([[11, 12, 13, 14, 15, 0], [21, 22, 23, 24, 0, 0], [31, 32, 0, 0, 0, 0]])
+    completion_mask = torch.tensor([[0, 0, 1, 1, 1, 0], [0, 0, 0, 1, 0, 0], [0, 0, 0, 0, 0, 0]])
+    window = sequences.AnswerWindow.of(completion_mask)
+    assert window.starts.tolist()[:2] == [1, 2] and window.lengths.tolist() == [3, 1, 0]
+    assert window.ids(input_ids)[:2].tolist() == [[12, 13, 14, 15], [23, 24, 0, 0]]
+    assert window.completion_mask().tolist() == [[0, 1, 1, 1], [0, 1, 0, 0], [0, 0, 0, 0]]
+    assert sequences.AnswerWindow.of(torch.tensor([[0, 1, 0, 1, 0, 0]])) is None
 
 
 def test_share_prompts_auto_means_float32_matmuls_and_anything_else_is_a_config_error(tmp_path):
@@ -221,3 +268,75 @@ def test_share_prompts_auto_means_float32_matmuls_and_anything_else_is_a_config_
         assert not parse_config(config_class, ["--config", str(yaml_bool)]).shares_prompts(True)
         with pytest.raises(ConfigError, match="share_prompts must be auto, true or false, got 'sometimes'"):
             parse_config(config_class, [*flags, "--share_prompts", "sometimes"])
+
+
+@pytest.mark.parametrize("share_prompts", [False, True], ids=["rows", "prompts once"])
+@pytest.mark.parametrize("make_model", [tiny_gpt2_lm, lambda: make_tiny_llama(50)], ids=["gpt2", "llama"])
+def test_the_lm_head_runs_only_where_its_logits_are_read(make_model, share_prompts):
+    """DPO reads the logits that predict answer tokens: `answer_logits` runs the head there only (its input has that
+    many rows), those logits and the gradients of the log-probs read from them are a whole forward's, and the rest of
+    the window is 0."""
+    model = make_model().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    input_ids, attention_mask = pairs_batch(50)
+    prompt = torch.tensor([7, 4, 9, 5] * 2)[:, None]  # pairs_batch's prompt lengths
+    completion_mask = attention_mask * (torch.arange(input_ids.shape[1]) >= prompt)
+    window = sequences.AnswerWindow.of(completion_mask)
+    head_rows = []
+    model.get_output_embeddings().register_forward_hook(
+        lambda m, args, out: head_rows.append(args[0].shape[0])
+    )
+
+    def read(logits, ids, mask):  # TRL's DPO: each row's answer log-probs, summed
+        logp = torch.log_softmax(logits[:, :-1].float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+        return (logp * mask[:, 1:]).sum(1)
+
+    def grads_of(per_row):
+        model.zero_grad(set_to_none=True)
+        (per_row * torch.arange(1.0, 9.0)).sum().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain_logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    plain = read(plain_logits, input_ids, completion_mask)
+    plain_grads = grads_of(plain)
+    head_rows.clear()
+    logits = sequences.answer_logits(model, input_ids, attention_mask, window, share_prompts)
+    assert head_rows[-1] == int(completion_mask.sum())
+    ids = window.ids(input_ids)
+    windowed = read(logits, ids, window.completion_mask())
+    torch.testing.assert_close(windowed, plain, atol=1e-5, rtol=1e-5)
+    real = torch.arange(logits.shape[1]) < window.lengths[:, None]
+    at = window.starts[:, None] + torch.arange(logits.shape[1])
+    expected = plain_logits.detach().gather(
+        1, at.clamp(max=input_ids.shape[1] - 1)[..., None].expand(*at.shape, plain_logits.shape[-1])
+    )
+    torch.testing.assert_close(logits.detach()[real], expected[real], atol=1e-5, rtol=1e-5)
+    assert (logits[~real] == 0).all()
+    window_grads = grads_of(windowed)
+    assert window_grads.keys() == plain_grads.keys() and len(plain_grads) > 0
+    for name in plain_grads:
+        torch.testing.assert_close(window_grads[name], plain_grads[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_answer_logits_come_in_the_dtype_the_models_forward_returns():
+    """Under bf16 autocast a model's forward returns bf16 logits, and float32 ones once wrapped as accelerate's mixed
+    precision wraps it (what TRL reads in training): the window's logits come in the same dtype, its head in bf16."""
+    from accelerate.utils import convert_outputs_to_fp32
+
+    model = make_tiny_llama(50)
+    input_ids, attention_mask = pairs_batch(50)
+    window = sequences.AnswerWindow.of(attention_mask * (torch.arange(input_ids.shape[1]) >= 9))
+    head_dtypes = []
+    model.get_output_embeddings().register_forward_hook(lambda m, args, out: head_dtypes.append(out.dtype))
+    for share_prompts in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = sequences.answer_logits(model, input_ids, attention_mask, window, share_prompts)
+        assert logits.dtype == torch.bfloat16
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    for share_prompts in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = sequences.answer_logits(model, input_ids, attention_mask, window, share_prompts)
+        assert logits.dtype == torch.float32
+    assert set(head_dtypes) == {torch.bfloat16}

@@ -14,65 +14,95 @@ from rlhf_toy.evaluation.sample_and_score import Sampling
 from rlhf_toy.rundir import is_main_process
 
 
-class PromptsOnce:
-    """Mixed into TRL's DPOTrainer and RewardTrainer (`DPOPromptsOnce`, `RewardPromptsOnce`): the model their loss
-    calls on a batch of pairs (chosen rows, then rejected) puts each pair's prompt through the model once
-    (`sequences.forward_sharing_pair_prefixes`), where TRL runs it in both rows; the same logits and gradients. Only
-    where that is plain: one process (a DDP model would see two forwards a step), no gradient checkpointing (it turns
-    the cache off), no LoRA adapter (TRL's reference is the adapter turned off around its call), no model whose
-    forward scales or caps its logits after the LM head."""
-
-    def pairs_calling(self, model, inputs: dict | None = None):
-        plain = self.accelerator.unwrap_model(model)
-        if (
-            self.accelerator.num_processes > 1
-            or getattr(plain, "is_activation_checkpointing", False)
-            or hasattr(plain, "peft_config")
-            # the LM head applied apart from the forward: only where the forward applies nothing after it
-            or any(
-                getattr(plain.config, k, None)
-                for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
-            )
-        ):
-            return model
-        if inputs is None or "completion_mask" not in inputs:
-            return PairsCalling(model)
-        predicts_answer = torch.zeros_like(inputs["completion_mask"], dtype=torch.bool)
-        # the logit at position t predicts token t + 1
-        predicts_answer[:, :-1] = inputs["completion_mask"][:, 1:].bool()
-        return PairsCalling(model, predicts_answer)
+def computes_pairs_apart(trainer, model) -> bool:
+    """Whether the pairs mixins below may compute `model`'s output their own way: where that is plain, one process (a
+    DDP model would see two forwards a step), no gradient checkpointing (it turns the cache off), no LoRA adapter
+    (TRL's reference is the adapter turned off around its call), no model whose forward scales or caps its logits
+    after the LM head (they run the head apart from the forward)."""
+    plain = trainer.accelerator.unwrap_model(model)
+    return not (
+        trainer.accelerator.num_processes > 1
+        or getattr(plain, "is_activation_checkpointing", False)
+        or hasattr(plain, "peft_config")
+        or any(
+            getattr(plain.config, k, None)
+            for k in ("final_logit_softcapping", "logit_scale", "logits_scaling")
+        )
+    )
 
 
-class DPOPromptsOnce(PromptsOnce):
-    """DPO reads the logits that predict answer tokens only (TRL's `completion_mask`): the LM head runs there."""
+class DPOAnswerWindows:
+    """Mixed into TRL's DPOTrainer by the DPO stage. TRL's DPO loss reads only the logits that predict answer tokens
+    (its `completion_mask`), yet it takes their log-softmax, their entropy and their argmax at every position of the
+    padded rows, ``[2B, T, vocab]``, and the LM head runs at all of them: in a bf16 step of the demo that was a third of
+    the time. Here TRL gets each row's answer window instead (`sequences.AnswerWindow`: the token before the answer,
+    then the answer, left-aligned), its completion mask, and its logits (`sequences.answer_logits`: the head only
+    where a logit predicts an answer token). The log-probs it sums, the loss and every metric read the same logits;
+    `attention_mask` stays the rows' own, which TRL counts as `num_tokens`. With `share_prompts`, each pair's prompt
+    goes through the trunk once (`sequences.forward_sharing_pair_prefixes`). TRL's own computation where the window
+    does not apply: no plain model (`computes_pairs_apart`), a reference model that would run on the window's ids in
+    the loss (log-probs not precomputed), inputs beyond ids and masks, or a row whose answer is not one run."""
+
+    share_prompts = False  # each pair's prompt through the model once (the stage's `share_prompts`)
 
     def _compute_loss(self, model, inputs, return_outputs):  # the policy
-        return super()._compute_loss(self.pairs_calling(model, inputs), inputs, return_outputs)
+        if self.precompute_ref_logps:
+            model, inputs = self.answer_windows(model, inputs)
+        return super()._compute_loss(model, inputs, return_outputs)
 
     def compute_ref_log_probs(self, model, inputs):  # the reference, once before training
-        return super().compute_ref_log_probs(self.pairs_calling(model, inputs), inputs)
+        return super().compute_ref_log_probs(*self.answer_windows(model, inputs))
+
+    def answer_windows(self, model, inputs: dict):
+        """(what TRL should call as the model, the inputs it should read): the windows', or its own."""
+        from transformers.modeling_outputs import ModelOutput
+
+        pairs_keys = {
+            "input_ids",
+            "attention_mask",
+            "completion_mask",
+            "ref_chosen_logps",
+            "ref_rejected_logps",
+        }
+        if set(inputs) - pairs_keys or self.aux_loss_enabled or not computes_pairs_apart(self, model):
+            return model, inputs
+        window = sequences.AnswerWindow.of(inputs["completion_mask"])
+        if window is None:
+            return model, inputs
+        rows = inputs["input_ids"], inputs["attention_mask"]
+        windowed = {**inputs, "input_ids": window.ids(rows[0]), "completion_mask": window.completion_mask()}
+
+        def answer_logits(**_):  # TRL's call, given the window's ids: the rows go through the model
+            # the LM head runs apart from the forward, which accelerate puts under its autocast: under it too
+            with self.accelerator.autocast():
+                return ModelOutput(logits=sequences.answer_logits(model, *rows, window, self.share_prompts))
+
+        return answer_logits, windowed
 
 
-class RewardPromptsOnce(PromptsOnce):
+class RewardPromptsOnce:
+    """Mixed into TRL's RewardTrainer by the reward stage with `share_prompts`: the model its loss calls on a batch of
+    pairs (chosen rows, then rejected) puts each pair's prompt through the model once
+    (`sequences.forward_sharing_pair_prefixes`), where TRL runs it in both rows; the same scores and gradients."""
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        return super().compute_loss(self.pairs_calling(model), inputs, return_outputs, num_items_in_batch)
+        if computes_pairs_apart(self, model):
+            model = PairsCalling(model)
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
 
 
 class PairsCalling:
-    """`model`, called as TRL calls it on a batch of pairs, computed by `forward_sharing_pair_prefixes` (the logits
-    `logits_needed` only, when given)."""
+    """`model`, called as TRL calls it on a batch of pairs, computed by `forward_sharing_pair_prefixes`."""
 
-    def __init__(self, model, logits_needed=None):
-        self.model, self.logits_needed = model, logits_needed
+    def __init__(self, model):
+        self.model = model
 
     def __call__(self, input_ids, attention_mask, use_cache=None, **others):
         if others:  # anything else (a margin, router logits): TRL's own call
             return self.model(
                 input_ids=input_ids, attention_mask=attention_mask, use_cache=use_cache, **others
             )
-        return sequences.forward_sharing_pair_prefixes(
-            self.model, input_ids, attention_mask, self.logits_needed
-        )
+        return sequences.forward_sharing_pair_prefixes(self.model, input_ids, attention_mask)
 
 
 def wait_for_everyone(cfg) -> None:

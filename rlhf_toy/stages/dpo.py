@@ -33,7 +33,7 @@ from rlhf_toy.config import (
 from rlhf_toy.evaluation.sample_and_score import as_training_metrics, sample_and_score
 from rlhf_toy.scoring import Judge
 from rlhf_toy.stages.common import (
-    DPOPromptsOnce,
+    DPOAnswerWindows,
     begin_run,
     eval_sampling,
     evaluate_before_training,
@@ -249,13 +249,10 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
     # TRL precomputes the reference log-probs here, in __init__, before accelerate puts the model under its
     # autocast: run that pass in the precision training runs in (bf16 compute under mixed precision, ~2x faster).
     with precision.autocast():
-        # TRL's trainer; with share_prompts, each pair's prompt through the model once (DPOPromptsOnce)
-        trainer_class = (
-            type("DPOTrainer", (DPOPromptsOnce, DPOTrainer), {})
-            if cfg.shares_prompts(precision.compute == torch.float32)
-            else DPOTrainer
-        )
-        trainer = trainer_class(
+        # TRL's trainer reading each answer's logits only; with share_prompts, each pair's prompt through the model
+        # once (DPOAnswerWindows)
+        share_prompts = cfg.shares_prompts(precision.compute == torch.float32)
+        trainer = type("DPOTrainer", (DPOAnswerWindows, DPOTrainer), {"share_prompts": share_prompts})(
             model=model,
             ref_model=ref_model,
             args=args,
