@@ -34,14 +34,15 @@ def computes_pairs_apart(trainer, model) -> bool:
 class DPOAnswerWindows:
     """Mixed into TRL's DPOTrainer by the DPO stage. TRL's DPO loss reads only the logits that predict answer tokens
     (its `completion_mask`), yet it takes their log-softmax, their entropy and their argmax at every position of the
-    padded rows, ``[2B, T, vocab]``, and the LM head runs at all of them: in a bf16 step of the demo that was a third of
-    the time. Here TRL gets each row's answer window instead (`sequences.AnswerWindow`: the token before the answer,
-    then the answer, left-aligned), its completion mask, and its logits (`sequences.answer_logits`: the head only
-    where a logit predicts an answer token). The log-probs it sums, the loss and every metric read the same logits;
-    `attention_mask` stays the rows' own, which TRL counts as `num_tokens`. With `share_prompts`, each pair's prompt
-    goes through the trunk once (`sequences.forward_sharing_pair_prefixes`). TRL's own computation where the window
-    does not apply: no plain model (`computes_pairs_apart`), a reference model that would run on the window's ids in
-    the loss (log-probs not precomputed), inputs beyond ids and masks, or a row whose answer is not one run."""
+    padded rows, ``[2B, T, vocab]``, and the LM head runs at all of them: over a third of a bf16 step of the demo
+    (torch.profiler; docs/performance.md). Here TRL gets each row's answer window instead (`sequences.AnswerWindow`:
+    the token before the answer, then the answer, left-aligned), its completion mask, and its logits
+    (`sequences.answer_logits`: the head only where a logit predicts an answer token). The log-probs it sums, the
+    loss and every metric read the same logits; `attention_mask` stays the rows' own, which TRL counts as
+    `num_tokens`. With `share_prompts`, each pair's prompt goes through the trunk once
+    (`sequences.forward_sharing_pair_prefixes`). TRL's own computation where the window does not apply: no plain
+    model (`computes_pairs_apart`), a reference model that would run on the window's ids in the loss (log-probs not
+    precomputed), inputs beyond ids and masks, or a row whose answer is not one run."""
 
     share_prompts = False  # each pair's prompt through the model once (the stage's `share_prompts`)
 
