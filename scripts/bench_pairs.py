@@ -36,7 +36,7 @@ from rlhf_toy.stages.dpo import finished_pairs
 
 
 def padded_pairs(tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(ids, attention mask, where a logit predicts an answer token) as TRL's collators lay the pairs out."""
+    """(ids, attention mask, completion mask: 1 on answer tokens) as TRL's DPO collator lays the pairs out."""
 
     def ids_of(messages, **kwargs) -> list[int]:
         return tokenizer.apply_chat_template(messages, return_dict=True, **kwargs)["input_ids"]
@@ -46,15 +46,13 @@ def padded_pairs(tokenizer, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tens
     width = max(map(len, rows))
     ids = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
-    predicts_answer = torch.tensor(
-        [[prompt - 1 <= t < len(r) - 1 for t in range(width)] for r, prompt in zip(rows, prompts)]
+    completion_mask = torch.tensor(
+        [[int(prompt <= t < len(r)) for t in range(width)] for r, prompt in zip(rows, prompts)]
     )
-    return ids, mask, predicts_answer
+    return ids, mask, completion_mask
 
 
-def dpo_step(model, ids, mask, predicts_answer, grad: bool, shared: bool):
-    completion_mask = torch.zeros_like(mask)  # TRL's: 1 on answer tokens
-    completion_mask[:, 1:] = predicts_answer[:, :-1]
+def dpo_step(model, ids, mask, completion_mask, grad: bool, shared: bool):
     window = sequences.AnswerWindow.of(completion_mask)
     with torch.set_grad_enabled(grad):
         # the logits of each answer only (stages.common.DPOAnswerWindows), from the rows or with prompts once
@@ -69,7 +67,7 @@ def dpo_step(model, ids, mask, predicts_answer, grad: bool, shared: bool):
             model.zero_grad(set_to_none=True)
 
 
-def reward_step(model, ids, mask, predicts_answer, shared: bool):
+def reward_step(model, ids, mask, completion_mask, shared: bool):
     if shared:
         scores = sequences.forward_sharing_pair_prefixes(model, ids, mask).logits
     else:
@@ -93,8 +91,8 @@ def demo_shaped_models(model_name: str, tokenizer, precision: str):
 def timed(step, model, batches, precision, shared: bool) -> float:
     start = time.perf_counter()
     with precision.autocast():
-        for ids, mask, predicts_answer in batches:
-            step(model, ids, mask, predicts_answer, shared=shared)
+        for ids, mask, completion_mask in batches:
+            step(model, ids, mask, completion_mask, shared=shared)
     return time.perf_counter() - start
 
 
