@@ -46,7 +46,12 @@ BASE ?= embedded:smollm2-135m-instruct
 COMPARE_PROMPTS ?= 0          # the first N prompts of each file (0 = all: 72 eval + 128 test)
 COMPARE_FILES ?= data/prompts_eval.jsonl data/prompts_test.jsonl   # the last file's tables come first (test)
 COMPARE_CHECKPOINTS ?= 0      # kept checkpoints per run as extra points (each costs ~25 s here)
-COMPARE_BATCH ?= 100          # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32; 200 prompts = 2 batches
+COMPARE_BATCH ?= 100          # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32; 200 prompts x 2 = 4 batches
+# Answers per prompt from every model (the same seeds for each, so their differences are paired): with one, DPO's
+# gain over SFT on the 128 test prompts (~0.15) was about its 95% interval's half-width (~0.13), and whether one
+# draw separated it was chance (the three demos of 2026-12-07's last code did not); two narrow it to ~0.09, for twice
+# compare's time.
+COMPARE_SAMPLES ?= 2
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
 # SFT, PPO and DPO skip their before/after sampling in the demo: compare samples the same eval prompts from every
 # model. `make demo STAGE_EVAL=` brings it back; a stage run alone keeps its config's num_eval_prompts. The
@@ -91,7 +96,8 @@ $(RUNS)/dpo/final/config.json: $(CONFIGS)/dpo.yaml $(RUNS)/sft/final/config.json
 $(REPORT)/report.html: $(RUNS)/sft/final/config.json $(RUNS)/ppo/final/config.json $(RUNS)/dpo/final/config.json
 	$(STAGE) compare $(PY) scripts/compare.py --runs base $(RUNS)/sft $(RUNS)/ppo $(RUNS)/dpo $(EXTRA_RUNS) --ref $(RUNS)/sft \
 		--base $(BASE) --reward_model $(RUNS)/reward/final --prompts $(COMPARE_FILES) \
-		--limit $(COMPARE_PROMPTS) --batch_size $(COMPARE_BATCH) --checkpoints $(COMPARE_CHECKPOINTS) --output_dir $(REPORT) $(STAGE_FLAGS)
+		--limit $(COMPARE_PROMPTS) --samples_per_prompt $(COMPARE_SAMPLES) --batch_size $(COMPARE_BATCH) \
+		--checkpoints $(COMPARE_CHECKPOINTS) --output_dir $(REPORT) $(STAGE_FLAGS)
 
 # The seed study (not part of the demo): PPO and DPO at the demo's configs with more training seeds (the
 # demo's own runs are seed 0), from the demo's SFT and reward models, in one compare with best-of-N on the

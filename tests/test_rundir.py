@@ -233,3 +233,6 @@ def test_make_demo_skips_the_stage_evals_compare_repeats(tmp_path):
     assert [s for s, line in demo.items() if "--num_eval_prompts 0" in line] == ["sft", "ppo", "dpo"]
     assert not any("--num_eval_prompts" in line for line in flags("STAGE_EVAL=").values())
     assert all("--dtype float32" in line for line in flags("STAGE_FLAGS=--dtype float32").values())
+    # compare draws two answers a prompt from every model (one: DPO's gain over SFT is about its interval's width)
+    assert "--samples_per_prompt 2 " in demo["compare"]
+    assert "--samples_per_prompt 1 " in flags("COMPARE_SAMPLES=1")["compare"]
