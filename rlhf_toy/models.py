@@ -434,6 +434,14 @@ def sdpa_math_backward_on_cpu(module, query, key, value, attention_mask, **kwarg
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 
+def transformer_blocks(model) -> torch.nn.ModuleList | None:
+    """The model's stack of transformer blocks, lowest first (the ModuleList of `num_hidden_layers` modules)."""
+    n_blocks = model.config.num_hidden_layers
+    return next(
+        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None
+    )
+
+
 def with_training_attention(model):
     """`model`, its SDPA attention (transformers' default where the model supports it) made
     `sdpa_math_backward_on_cpu`; a model on another attention is left as it is."""

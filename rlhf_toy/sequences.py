@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from rlhf_toy import models
 from rlhf_toy.models import cpu_has_native_bf16
 
 Tensor = torch.Tensor
@@ -405,25 +406,115 @@ class AnswerWindow:
         return ((columns >= 1) & (columns <= self.lengths[:, None])).long()
 
 
+class FrozenBottom:
+    """What a causal LM's lowest `n_blocks` transformer blocks output for each right-padded row it has seen, where they
+    and the embeddings below them are frozen and run no dropout: DPO's reference pass goes through the whole model
+    once before training, and each training step then starts at the first block that learns, not at the embeddings
+    (the demo's DPO trains the top 10 of 30 blocks: the 20 below were most of a step's forward). A row's output is
+    stored under its tokens (a right-padded row's positions are 0, 1, ... whatever its padding), and only rows seen
+    whole are served: a batch with a row never seen runs the whole model. Up to `max_bytes` of outputs are kept."""
+
+    def __init__(self, model, n_blocks: int, max_bytes: int):
+        self.blocks = models.transformer_blocks(model)
+        self.n_blocks, self.max_bytes, self.n_bytes = n_blocks, max_bytes, 0
+        self.outputs: dict[bytes, Tensor] = {}
+
+    @classmethod
+    def of(cls, model, n_blocks: int, max_bytes: int = 2**30) -> FrozenBottom | None:
+        """The cache, or None where the lowest blocks' output could change: blocks or embeddings that learn, dropout."""
+        blocks = models.transformer_blocks(model)
+        if n_blocks <= 0 or blocks is None or n_blocks > len(blocks):
+            return None
+        below = [model.get_input_embeddings(), *blocks[:n_blocks]]
+        below += [m for m in (getattr(model.base_model, n, None) for n in ("wpe", "embed_positions")) if m]
+        frozen = not any(p.requires_grad for m in below for p in m.parameters())
+        dropout = getattr(model.config, "attention_dropout", 0) or any(
+            isinstance(m, torch.nn.Dropout) and m.p > 0 for part in below for m in part.modules()
+        )
+        return cls(model, n_blocks, max_bytes) if frozen and not dropout else None
+
+    @staticmethod
+    def _row_keys(input_ids: Tensor, attention_mask: Tensor) -> list[tuple[bytes, int]] | None:
+        lengths = attention_mask.sum(1)
+        if not torch.equal(attention_mask.bool(), torch.arange(input_ids.shape[1]) < lengths[:, None]):
+            return None  # not right-padded
+        return [(row[:n].numpy().tobytes(), n) for row, n in zip(input_ids.cpu(), lengths.tolist())]
+
+    @contextlib.contextmanager
+    def recording(self, input_ids: Tensor, attention_mask: Tensor):
+        """Keep each row's output of the lowest blocks in the forward passes of these rows inside the block."""
+        keys = self._row_keys(input_ids.cpu(), attention_mask.cpu())
+
+        def keep(module, args, output):
+            hidden = output[0] if isinstance(output, tuple) else output
+            for i, (key, n) in enumerate(keys):
+                if (
+                    key not in self.outputs
+                    and self.n_bytes + n * hidden[i].nbytes // len(hidden[i]) <= self.max_bytes
+                ):
+                    self.outputs[key] = hidden[i, :n].detach().clone()
+                    self.n_bytes += self.outputs[key].nbytes
+
+        handle = None if keys is None else self.blocks[self.n_blocks - 1].register_forward_hook(keep)
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
+        """``[R, T, H]``: the rows' outputs of the lowest blocks (0 at padding), or None if a row was not seen."""
+        keys = self._row_keys(input_ids.cpu(), attention_mask.cpu())
+        if keys is None or any(key not in self.outputs for key, _ in keys):
+            return None
+        first = self.outputs[keys[0][0]]
+        hidden = first.new_zeros(len(keys), input_ids.shape[1], first.shape[-1])
+        for i, (key, n) in enumerate(keys):
+            hidden[i, :n] = self.outputs[key]
+        return hidden.to(input_ids.device)
+
+    @contextlib.contextmanager
+    def skipped(self, hidden: Tensor):
+        """The model's forward with the lowest blocks' output `hidden`: the first of them returns it, the others pass
+        it on, so the model's own code (masks, positions) runs the blocks above as ever."""
+        first, *rest = self.blocks[: self.n_blocks]
+        first.forward = lambda *args, **kwargs: hidden
+        for block in rest:
+            block.forward = lambda hidden_states, *args, **kwargs: hidden_states
+        try:
+            yield
+        finally:
+            for block in self.blocks[: self.n_blocks]:
+                del block.forward
+
+
 def answer_logits(
-    model, input_ids: Tensor, attention_mask: Tensor, window: AnswerWindow, share_prompts: bool
+    model,
+    input_ids: Tensor,
+    attention_mask: Tensor,
+    window: AnswerWindow,
+    share_prompts: bool,
+    frozen_bottom: FrozenBottom | None = None,
 ):
     """``[R, W, V]``: the logits of `window` (an `AnswerWindow` of the rows), from one forward of the right-padded rows
     (``share_prompts``: pairs of rows, chosen then rejected, with each pair's prompt through the trunk once,
-    `forward_sharing_pair_prefixes`); the LM head runs only where a logit predicts an answer token, and the rest of
-    the window is 0; in the dtype the model's forward returns its logits (float32 where accelerate's mixed precision
-    wraps the forward, whose autocast the head then needs around it too)."""
-    if share_prompts:
+    `forward_sharing_pair_prefixes`; `frozen_bottom`: from the lowest blocks' output for the rows, where it holds
+    them all); the LM head runs only where a logit predicts an answer token, and the rest of the window is 0; in the
+    dtype the model's forward returns its logits (float32 where accelerate's mixed precision wraps the forward, whose
+    autocast the head then needs around it too)."""
+    below = None if frozen_bottom is None else frozen_bottom.lookup(input_ids, attention_mask)
+    if share_prompts and below is None:
         out = forward_sharing_pair_prefixes(model, input_ids, attention_mask)
         hidden = out.last_hidden_state
     else:  # hidden_states[-1] is the trunk's output after its final norm, the input of the LM head
-        out = model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            use_cache=False,
-            output_hidden_states=True,
-            logits_to_keep=1,
-        )
+        with contextlib.nullcontext() if below is None else frozen_bottom.skipped(below):
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                use_cache=False,
+                output_hidden_states=True,
+                logits_to_keep=1,
+            )
         hidden = out.hidden_states[-1]
     columns = window.columns()
     real = columns < window.lengths[:, None]

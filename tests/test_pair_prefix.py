@@ -212,6 +212,32 @@ def test_dpo_trains_on_answer_windows_as_trl_does_on_the_whole_rows(pipeline, tm
             assert a == pytest.approx(b, abs=1e-4, rel=1e-4), name
 
 
+@pytest.mark.parametrize("share_prompts", ["false", "true"])
+def test_dpo_steps_start_above_its_frozen_blocks_and_train_as_trl_does(
+    pipeline, tmp_path, monkeypatch, share_prompts
+):
+    """With its lowest block frozen, the tiny DPO stage's steps start from what that block output in the reference pass
+    (`sequences.FrozenBottom`: every step's rows found), and training logs what TRL's own path logs."""
+    served, lookup = [], sequences.FrozenBottom.lookup
+
+    def spy(*args):
+        below = lookup(*args)
+        served.append(below is not None)
+        return below
+
+    monkeypatch.setattr(sequences.FrozenBottom, "lookup", spy)
+    cached = run_pairs_stage(
+        "dpo", pipeline, tmp_path / "cached", freeze_bottom_layers=1, share_prompts=share_prompts
+    )
+    assert len(served) >= 3 and all(served)
+    monkeypatch.setattr(sequences.AnswerWindow, "of", classmethod(lambda cls, mask: None))
+    trl = run_pairs_stage("dpo", pipeline, tmp_path / "trl", freeze_bottom_layers=1)
+    assert len(cached) == len(trl) == 3
+    for a, b in zip(cached, trl):
+        assert a.keys() == b.keys() and len(a) >= 10
+        assert a == pytest.approx(b, abs=1e-4, rel=1e-4)
+
+
 def test_dpo_answer_windows_under_mixed_precision_run_the_head_in_bf16(pipeline, tmp_path, monkeypatch):
     """bfloat16-mixed: the LM head, which the windows run apart from the forward, computes in bf16 as it does inside
     it (the trainer's autocast around it); TRL reads the reference pass's logits in bf16 (the model not yet wrapped by
@@ -340,3 +366,75 @@ def test_answer_logits_come_in_the_dtype_the_models_forward_returns():
             logits = sequences.answer_logits(model, input_ids, attention_mask, window, share_prompts)
         assert logits.dtype == torch.float32
     assert set(head_dtypes) == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("make_model", [tiny_gpt2_lm, lambda: make_tiny_llama(50)], ids=["gpt2", "llama"])
+def test_steps_start_above_the_frozen_blocks_with_the_same_logits_and_gradients(make_model):
+    """`FrozenBottom`: what the frozen lowest block output for each row in a first pass (DPO's reference pass) stands
+    in for it in later batches of the same rows, in another order and padded wider: the block does not run, and the
+    logits and the gradients of the blocks above are a whole forward's. A batch with a row never seen runs it."""
+    from rlhf_toy.stages.common import freeze_bottom
+
+    model = make_model().train()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    assert sequences.FrozenBottom.of(model, 1) is None  # nothing frozen yet: its output would change
+    freeze_bottom(model, 1)
+    bottom = sequences.FrozenBottom.of(model, 1)
+    input_ids, attention_mask = pairs_batch(50)
+    prompt = torch.tensor([7, 4, 9, 5] * 2)[:, None]
+    completion_mask = attention_mask * (torch.arange(input_ids.shape[1]) >= prompt)
+    window = sequences.AnswerWindow.of(completion_mask)
+    with torch.no_grad(), bottom.recording(input_ids, attention_mask):
+        sequences.answer_logits(model, input_ids, attention_mask, window, False)
+    assert len(bottom.outputs) == 8
+    order = torch.tensor(
+        [5, 2, 7, 0, 1, 6, 3, 4]
+    )  # a later batch: the same rows, shuffled, one more pad column
+    ids = torch.cat([input_ids[order], torch.full((8, 1), PAD)], 1)
+    mask = torch.cat([attention_mask[order], torch.zeros(8, 1, dtype=torch.long)], 1)
+    window = sequences.AnswerWindow.of(
+        torch.cat([completion_mask[order], torch.zeros(8, 1, dtype=torch.long)], 1)
+    )
+    lowest_ran = []
+    models.transformer_blocks(model)[0].mlp.register_forward_hook(lambda *_: lowest_ran.append(1))
+
+    def logits_and_grads(frozen_bottom):
+        model.zero_grad(set_to_none=True)
+        logits = sequences.answer_logits(model, ids, mask, window, False, frozen_bottom)
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, window.ids(ids)[:, 1:, None]).squeeze(-1)
+        (logp * window.completion_mask()[:, 1:] * torch.arange(1.0, 9.0)[:, None]).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    cached = logits_and_grads(bottom)
+    assert lowest_ran == []
+    whole = logits_and_grads(None)
+    assert lowest_ran == [1]
+    torch.testing.assert_close(cached[0], whole[0], atol=1e-5, rtol=1e-5)
+    assert cached[1].keys() == whole[1].keys() and len(whole[1]) > 0
+    for name in whole[1]:
+        torch.testing.assert_close(cached[1][name], whole[1][name], atol=1e-5, rtol=1e-4, msg=name)
+    ids[0, 1] = ids[0, 1] % 49 + 1  # a row never seen: the whole model runs
+    sequences.answer_logits(model, ids, mask, window, False, bottom)
+    assert lowest_ran == [1, 1]
+
+
+def test_no_frozen_bottom_where_its_output_could_change():
+    """Blocks that learn, embeddings that learn, or dropout below the frozen blocks: no cache."""
+    from rlhf_toy.stages.common import freeze_bottom
+
+    model = make_tiny_llama(50)
+    freeze_bottom(model, 1)
+    assert sequences.FrozenBottom.of(model, 1) is not None
+    assert sequences.FrozenBottom.of(model, 2) is None  # block 1 learns
+    assert sequences.FrozenBottom.of(model, 0) is None
+    model.get_input_embeddings().requires_grad_(True)
+    assert sequences.FrozenBottom.of(model, 1) is None
+    model.get_input_embeddings().requires_grad_(False)
+    model.config.attention_dropout = 0.1
+    assert sequences.FrozenBottom.of(model, 1) is None
+    gpt2 = tiny_gpt2_lm()
+    freeze_bottom(gpt2, 1)
+    assert any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in gpt2.modules())
+    assert sequences.FrozenBottom.of(gpt2, 1) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import fields
 from pathlib import Path
@@ -40,11 +41,15 @@ class DPOAnswerWindows:
     (`sequences.answer_logits`: the head only where a logit predicts an answer token). The log-probs it sums, the
     loss and every metric read the same logits; `attention_mask` stays the rows' own, which TRL counts as
     `num_tokens`. With `share_prompts`, each pair's prompt goes through the trunk once
-    (`sequences.forward_sharing_pair_prefixes`). TRL's own computation where the window does not apply: no plain
-    model (`computes_pairs_apart`), a reference model that would run on the window's ids in the loss (log-probs not
+    (`sequences.forward_sharing_pair_prefixes`). With `frozen_bottom` blocks frozen, the reference pass (the policy
+    before training) keeps what they output for every row, and the steps start above them
+    (`sequences.FrozenBottom`). TRL's own computation where the window does not apply: no plain model
+    (`computes_pairs_apart`), a reference model that would run on the window's ids in the loss (log-probs not
     precomputed), inputs beyond ids and masks, or a row whose answer is not one run."""
 
     share_prompts = False  # each pair's prompt through the model once (the stage's `share_prompts`)
+    frozen_bottom = 0  # the stage's freeze_bottom_layers
+    _frozen_bottom_outputs = None  # sequences.FrozenBottom, filled by the reference pass
 
     def _compute_loss(self, model, inputs, return_outputs):  # the policy
         if self.precompute_ref_logps:
@@ -52,9 +57,9 @@ class DPOAnswerWindows:
         return super()._compute_loss(model, inputs, return_outputs)
 
     def compute_ref_log_probs(self, model, inputs):  # the reference, once before training
-        return super().compute_ref_log_probs(*self.answer_windows(model, inputs))
+        return super().compute_ref_log_probs(*self.answer_windows(model, inputs, reference_pass=True))
 
-    def answer_windows(self, model, inputs: dict):
+    def answer_windows(self, model, inputs: dict, reference_pass: bool = False):
         """(what TRL should call as the model, the inputs it should read): the windows', or its own."""
         from transformers.modeling_outputs import ModelOutput
 
@@ -73,10 +78,25 @@ class DPOAnswerWindows:
         rows = inputs["input_ids"], inputs["attention_mask"]
         windowed = {**inputs, "input_ids": window.ids(rows[0]), "completion_mask": window.completion_mask()}
 
+        # The reference pass is the policy before training (precomputed log-probs, no LoRA: no reference model),
+        # so what its frozen blocks output is what they will output in every step.
+        bottom = self._frozen_bottom_outputs
+        if reference_pass and bottom is None and self.ref_model is None:
+            bottom = self._frozen_bottom_outputs = sequences.FrozenBottom.of(model, self.frozen_bottom)
+        recording = reference_pass and bottom is not None
+
         def answer_logits(**_):  # TRL's call, given the window's ids: the rows go through the model
             # the LM head runs apart from the forward, which accelerate puts under its autocast: under it too
-            with self.accelerator.autocast():
-                return ModelOutput(logits=sequences.answer_logits(model, *rows, window, self.share_prompts))
+            with (
+                self.accelerator.autocast(),
+                bottom.recording(*rows) if recording else contextlib.nullcontext(),
+            ):
+                # recording: each row whole through the blocks (not each pair's prompt once)
+                share_prompts = self.share_prompts and not recording
+                logits = sequences.answer_logits(
+                    model, *rows, window, share_prompts, None if reference_pass else bottom
+                )
+                return ModelOutput(logits=logits)
 
         return answer_logits, windowed
 
@@ -346,9 +366,7 @@ def freeze_bottom(model, n_layers: int) -> None:
     if n_layers <= 0:
         return
     n_blocks = model.config.num_hidden_layers
-    blocks = next(
-        (m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m) == n_blocks), None
-    )
+    blocks = models.transformer_blocks(model)
     if blocks is None or n_layers > n_blocks:
         raise ConfigError(f"freeze_bottom_layers={n_layers}: the model has {n_blocks} blocks")
     model.get_input_embeddings().requires_grad_(False)

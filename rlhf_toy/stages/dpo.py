@@ -252,7 +252,8 @@ def run_dpo(cfg: DPOStageConfig) -> Path:
         # TRL's trainer reading each answer's logits only; with share_prompts, each pair's prompt through the model
         # once (DPOAnswerWindows)
         share_prompts = cfg.shares_prompts(precision.compute == torch.float32)
-        trainer = type("DPOTrainer", (DPOAnswerWindows, DPOTrainer), {"share_prompts": share_prompts})(
+        mixed = {"share_prompts": share_prompts, "frozen_bottom": cfg.freeze_bottom_layers}
+        trainer = type("DPOTrainer", (DPOAnswerWindows, DPOTrainer), mixed)(
             model=model,
             ref_model=ref_model,
             args=args,
