@@ -361,7 +361,9 @@ def test_compare_loads_lora_adapter_checkpoints(tmp_path, setup):
     )
     checkpoint = json.loads((out / "compare.json").read_text())["runs"]["dpo"]["checkpoints"][0]
     assert checkpoint["label"] == "dpo@1" and checkpoint["step"] == 1
-    assert abs(checkpoint["kl_to_ref"]) < 1e-4 and checkpoint["win_rate_vs_ref"] == 0.5
+    # the reference's function: KL 0, within bf16's rounding where `auto` is bf16 (the sampler's log-probs of its
+    # tokens against the reference's forward pass; the merged run, 0.05 of noise away, is at 1.3)
+    assert abs(checkpoint["kl_to_ref"]) < 1e-2 and checkpoint["win_rate_vs_ref"] == 0.5
 
 
 def test_compare_splits_pairs_and_best_of_n(tmp_path, setup):

@@ -93,12 +93,10 @@ def test_sampled_logprobs_equal_a_full_forward_pass(tiny):
 
 
 @pytest.mark.parametrize("precision", ["float32", "bfloat16-mixed"])
-def test_an_evaluations_kl_takes_the_policys_log_probs_from_sampling_in_float32_only(
-    tiny, precision, monkeypatch
-):
-    """sample_and_score's KL(π‖π_ref) needs log π of each sampled token: in float32 the sampler's own (one forward
-    pass fewer: the reference's only), under bf16 autocast a forward pass's, as PPO's rollout. Either way the same
-    KL as two forward passes give, token by token."""
+def test_an_evaluations_kl_takes_the_policys_log_probs_from_sampling(tiny, precision, monkeypatch):
+    """sample_and_score's KL(π‖π_ref) needs log π of each sampled token: the sampler's own, so only the reference runs a
+    forward pass. In float32 they are a forward pass's, and so the KL two forward passes give, token by token; under
+    bf16 autocast they differ from a forward pass's by its rounding only."""
     model, tokenizer, _, _ = tiny
     ref = copy.deepcopy(model)
     with torch.no_grad():
@@ -119,7 +117,7 @@ def test_an_evaluations_kl_takes_the_policys_log_probs_from_sampling_in_float32_
         sequences, "token_logprobs", lambda m, *a, **k: forwards.append(m) or token_logprobs(m, *a, **k)
     )
     _, rows = sample_and_score(model, tokenizer, prompts, sampling, judge=Judge(None), ref=ref)
-    assert forwards == ([ref] if precision == "float32" else [model, ref])
+    assert forwards == [ref]
     ids = [
         r["response_ids"]
         for r in sample_and_score(model, tokenizer, prompts, sampling, judge=Judge(None), keep_ids=True)[1]
@@ -127,7 +125,7 @@ def test_an_evaluations_kl_takes_the_policys_log_probs_from_sampling_in_float32_
     settings = dict(temperature=0.7, batch_size=3, precision=sampling.precision)
     logp, token_logp = token_logprobs(model, tokenizer, prompts, ids, **settings)
     ref_logp = token_logprobs(ref, tokenizer, prompts, ids, **settings)[0]
-    tolerance = 1e-4 if precision == "float32" else 0
+    tolerance = 1e-4 if precision == "float32" else 1e-2  # bf16: 6 tokens' rounding
     assert [r["logp"] for r in rows] == pytest.approx(logp, abs=tolerance)
     assert [r["kl"] for r in rows] == pytest.approx([a - b for a, b in zip(logp, ref_logp)], abs=tolerance)
     assert [r["token_view"]["k1"] for r in rows] != [
