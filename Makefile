@@ -48,9 +48,8 @@ COMPARE_FILES ?= data/prompts_eval.jsonl data/prompts_test.jsonl   # the last fi
 COMPARE_CHECKPOINTS ?= 0      # kept checkpoints per run as extra points (each costs ~25 s here)
 COMPARE_BATCH ?= 100          # sampling batch: on a CPU, decoding 64 rows costs far less than twice 32; 200 prompts x 2 = 4 batches
 # Answers per prompt from every model (the same seeds for each, so their differences are paired): with one, DPO's
-# gain over SFT on the 128 test prompts (~0.15) was about its 95% interval's half-width (~0.13), and whether one
-# draw separated it was chance (the three demos of 2026-12-07's last code did not); two narrow it to ~0.09, for twice
-# compare's time.
+# gain over SFT on the 128 test prompts (~0.1-0.15) was about its 95% interval's half-width (~0.13), and the three
+# demos of b3b925a's code did not separate it; two narrow it to ~0.09-0.10 (compare 112 -> 183 s in bf16).
 COMPARE_SAMPLES ?= 2
 EXTRA_RUNS ?=                 # more runs for the report, e.g. EXTRA_RUNS=runs/ppo_hack
 # SFT, PPO and DPO skip their before/after sampling in the demo: compare samples the same eval prompts from every
