@@ -442,6 +442,13 @@ def transformer_blocks(model) -> torch.nn.ModuleList | None:
     )
 
 
+def embeddings_below_blocks(model) -> list[torch.nn.Module]:
+    """What sits below the lowest transformer block: the input embeddings and, where the model learns them (GPT-2),
+    its position embeddings."""
+    learned_positions = (getattr(model.base_model, name, None) for name in ("wpe", "embed_positions"))
+    return [model.get_input_embeddings(), *(m for m in learned_positions if m is not None)]
+
+
 def with_training_attention(model):
     """`model`, its SDPA attention (transformers' default where the model supports it) made
     `sdpa_math_backward_on_cpu`; a model on another attention is left as it is."""

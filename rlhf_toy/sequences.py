@@ -414,9 +414,8 @@ class FrozenBottom:
     stored under its tokens (a right-padded row's positions are 0, 1, ... whatever its padding), and only rows seen
     whole are served: a batch with a row never seen runs the whole model. Up to `max_bytes` of outputs are kept."""
 
-    def __init__(self, model, n_blocks: int, max_bytes: int):
-        self.blocks = models.transformer_blocks(model)
-        self.n_blocks, self.max_bytes, self.n_bytes = n_blocks, max_bytes, 0
+    def __init__(self, blocks: torch.nn.ModuleList, n_blocks: int, max_bytes: int):
+        self.blocks, self.n_blocks, self.max_bytes, self.n_bytes = blocks, n_blocks, max_bytes, 0
         self.outputs: dict[bytes, Tensor] = {}
 
     @classmethod
@@ -425,25 +424,25 @@ class FrozenBottom:
         blocks = models.transformer_blocks(model)
         if n_blocks <= 0 or blocks is None or n_blocks > len(blocks):
             return None
-        below = [model.get_input_embeddings(), *blocks[:n_blocks]]
-        below += [m for m in (getattr(model.base_model, n, None) for n in ("wpe", "embed_positions")) if m]
+        below = [*models.embeddings_below_blocks(model), *blocks[:n_blocks]]
         frozen = not any(p.requires_grad for m in below for p in m.parameters())
         dropout = getattr(model.config, "attention_dropout", 0) or any(
             isinstance(m, torch.nn.Dropout) and m.p > 0 for part in below for m in part.modules()
         )
-        return cls(model, n_blocks, max_bytes) if frozen and not dropout else None
+        return cls(blocks, n_blocks, max_bytes) if frozen and not dropout else None
 
     @staticmethod
     def _row_keys(input_ids: Tensor, attention_mask: Tensor) -> list[tuple[bytes, int]] | None:
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         lengths = attention_mask.sum(1)
         if not torch.equal(attention_mask.bool(), torch.arange(input_ids.shape[1]) < lengths[:, None]):
             return None  # not right-padded
-        return [(row[:n].numpy().tobytes(), n) for row, n in zip(input_ids.cpu(), lengths.tolist())]
+        return [(row[:n].numpy().tobytes(), n) for row, n in zip(input_ids, lengths.tolist())]
 
     @contextlib.contextmanager
     def recording(self, input_ids: Tensor, attention_mask: Tensor):
         """Keep each row's output of the lowest blocks in the forward passes of these rows inside the block."""
-        keys = self._row_keys(input_ids.cpu(), attention_mask.cpu())
+        keys = self._row_keys(input_ids, attention_mask)
 
         def keep(module, args, output):
             hidden = output[0] if isinstance(output, tuple) else output
@@ -464,7 +463,7 @@ class FrozenBottom:
 
     def lookup(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor | None:
         """``[R, T, H]``: the rows' outputs of the lowest blocks (0 at padding), or None if a row was not seen."""
-        keys = self._row_keys(input_ids.cpu(), attention_mask.cpu())
+        keys = self._row_keys(input_ids, attention_mask)
         if keys is None or any(key not in self.outputs for key, _ in keys):
             return None
         first = self.outputs[keys[0][0]]

@@ -369,10 +369,5 @@ def freeze_bottom(model, n_layers: int) -> None:
     blocks = models.transformer_blocks(model)
     if blocks is None or n_layers > n_blocks:
         raise ConfigError(f"freeze_bottom_layers={n_layers}: the model has {n_blocks} blocks")
-    model.get_input_embeddings().requires_grad_(False)
-    for name in ("wpe", "embed_positions"):  # learned position embeddings (GPT-2) sit below block 0 too
-        module = getattr(model.base_model, name, None)
-        if module is not None:
-            module.requires_grad_(False)
-    for block in blocks[:n_layers]:
-        block.requires_grad_(False)
+    for module in [*models.embeddings_below_blocks(model), *blocks[:n_layers]]:
+        module.requires_grad_(False)
