@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import os
@@ -128,6 +129,19 @@ def cpu_has_native_bf16() -> bool:
         except OSError:
             return False
     return any(probe() for probe in probes if probe is not None)
+
+
+@functools.cache
+def cpu_vendor() -> str | None:
+    """The x86 CPU's maker as the kernel reports it ("GenuineIntel", "AuthenticAMD"), None where it names none (an
+    ARM CPU, a system without /proc/cpuinfo)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return None
 
 
 def resolve_precision(requested: str, device: torch.device) -> Precision:

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from rlhf_toy import models
-from rlhf_toy.models import cpu_has_native_bf16
+from rlhf_toy.models import cpu_has_native_bf16, cpu_vendor
 
 Tensor = torch.Tensor
 
@@ -701,15 +701,16 @@ def weights_cast_once(model, device_type: str, sharded: bool):
             p.requires_grad_(False)
 
 
-def pack_bf16(weight: Tensor) -> Tensor:
-    """A Linear weight ``[out, in]`` in the blocked bf16 layout oneDNN's GEMM reads (`packed_linear`). The batch size
-    given is only a hint for the layout; any number of rows multiplies by it."""
-    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(torch.bfloat16), 8)
+def pack_onednn(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+    """A Linear weight ``[out, in]`` in the blocked layout oneDNN's GEMM reads in ``dtype`` (`packed_linear`). The
+    batch size given is only a hint for the layout; any number of rows multiplies by it (float32 on an AMD EPYC:
+    the model's matmuls for 3, 8, 32 and 100 rows within 10% for hints of 8, 32 and 100)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), 8)
 
 
 def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tensor:
-    """``F.linear(x, weight, bias)`` in bf16 from a weight packed by `pack_bf16`."""
-    return torch.ops.mkldnn._linear_pointwise(x.to(torch.bfloat16), packed, bias, "none", [], "")
+    """``F.linear(x, weight, bias)`` in the packed weight's dtype from a weight packed by `pack_onednn`."""
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
 
 
 # Up to here a float32 product is bound by reading its weight more than by its FLOPs on a 2-core CPU (about 24 rows at
@@ -718,12 +719,28 @@ def packed_linear(x: Tensor, packed: Tensor, bias: Tensor | None = None) -> Tens
 FLOAT32_PACKED_MAX_ROWS = 32
 
 
+def float32_packs_with_onednn() -> bool:
+    """Whether float32 products in a decode loop go through oneDNN's packed kernel rather than MKL's: on an x86 CPU
+    not made by Intel. MKL picks its kernels by the CPU's maker, and on an AMD EPYC (Zen 3, 2 cores, AVX2) the
+    embedded model's float32 matmuls of one decode step took, MKL unpacked / MKL packed / oneDNN packed, 109 / 105 /
+    60 ms at 8 rows, 180 / 176 / 117 at 32 and 311 / 302 / 242 at 100 (oneDNN's products within 1.3e-6 of MKL's,
+    relative), and the whole loop ran 1.52x / 1.66x / 1.77x `generate` at batch 8 / 32 / 100 where with MKL's
+    packing it ran 1.03x / 1.28x / 1.52x (`scripts/bench_sampling.py`, one run each); alternating in one process
+    on the demo's DPO model, 48 tokens, the loop was 1.30x MKL's rule at batch 32 and 1.14x at 100. On Intel Xeons
+    oneDNN's float32 kernel was the slower one (at batch 32 and 100)."""
+    vendor = cpu_vendor()
+    return torch.backends.mkldnn.is_available() and vendor is not None and vendor != "GenuineIntel"
+
+
 def packs_on_cpu(compute: torch.dtype, rows: int) -> bool:
     """Whether `linears_packed_once` packs a CPU Linear that computes in ``compute`` for a loop of ``rows`` rows: bf16
-    for oneDNN on a CPU with native bf16, float32 for MKL up to `FLOAT32_PACKED_MAX_ROWS` rows."""
+    for oneDNN on a CPU with native bf16; float32 for oneDNN at any rows where `float32_packs_with_onednn`, else for
+    MKL up to `FLOAT32_PACKED_MAX_ROWS` rows."""
     if compute == torch.bfloat16:
         return torch.backends.mkldnn.is_available() and cpu_has_native_bf16()
     if compute == torch.float32:
+        if float32_packs_with_onednn():
+            return True
         return torch.backends.mkl.is_available() and rows <= FLOAT32_PACKED_MAX_ROWS
     return False
 
@@ -771,19 +788,27 @@ def linears_packed_once(model, device_type: str, sharded: bool, rows: int):
       8 and 1.11x at 32 (2 cores, the embedded model, 48 tokens, packing included); MKL's packed copies hold about
       twice the weights' bytes (1.07 GB for the embedded model) for the loop. The products differ from
       ``F.linear``'s by float32 rounding (MKL blocks the sums another way). oneDNN's packed float32 kernel was
-      slower than MKL's unpacked one at batch 32 and 100."""
+      slower than MKL's unpacked one at batch 32 and 100 on Intel Xeons.
+    - In float32 on an x86 CPU not made by Intel (`float32_packs_with_onednn`): oneDNN's float32 layout, for any
+      number of rows, as bf16 above; its products differ from ``F.linear``'s (MKL's) by float32 rounding."""
     bf16_autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
     any_autocast = torch.is_autocast_enabled("cpu")
     packs = device_type == "cpu" and not sharded
     bf16_packs = packs and packs_on_cpu(torch.bfloat16, rows)
     float32_packs = packs and not any_autocast and packs_on_cpu(torch.float32, rows)
+    onednn_float32 = float32_packs and float32_packs_with_onednn()
     patched = []
     for module in model.modules():
         if type(module) is not torch.nn.Linear:
             continue
         if bf16_packs and (bf16_autocast or module.weight.dtype == torch.bfloat16):
             bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
-            module.forward = functools.partial(packed_linear, packed=pack_bf16(module.weight), bias=bias)
+            module.forward = functools.partial(packed_linear, packed=pack_onednn(module.weight), bias=bias)
+        elif onednn_float32 and module.weight.dtype == torch.float32:
+            bias = None if module.bias is None else module.bias.detach()
+            module.forward = functools.partial(
+                packed_linear, packed=pack_onednn(module.weight, torch.float32), bias=bias
+            )
         elif float32_packs and module.weight.dtype == torch.float32:
             weight = module.weight.detach()
             bias = None if module.bias is None else module.bias.detach()

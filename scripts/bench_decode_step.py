@@ -61,21 +61,21 @@ def times_ms(fn, repeats: int) -> list[float]:
 class FusedLlamaStep:
     """A Llama decode step by hand: one token per row at slot `length` of key/value buffers the caller owns.
     `packed`: weights packed as the sampler packs them (eager): bf16 in oneDNN's blocked layout, float32 by MKL for
-    `rows` rows; otherwise plain weights for `F.linear` (what torch.compile traces). Under bf16 the float32 residual
-    stream, norms and rotary of autocast are kept, and a matmul's input is cast to bf16 once (autocast casts it once
-    per projection: three times for q, k and v)."""
+    `rows` rows (by oneDNN on a CPU not made by Intel); otherwise plain weights for `F.linear` (what torch.compile
+    traces). Under bf16 the float32 residual stream, norms and rotary of autocast are kept, and a matmul's input is
+    cast to bf16 once (autocast casts it once per projection: three times for q, k and v)."""
 
     def __init__(self, model, compute: torch.dtype, packed: bool, rows: int):
         self.model, self.cfg = model.model, model.config
         self.dtype, self.heads = compute, self.cfg.num_attention_heads
         self.kv_heads, self.head_dim = self.cfg.num_key_value_heads, self.cfg.head_dim
-        float32_packed = packed and compute == torch.float32
+        float32_packed = packed and compute == torch.float32 and not sequences.float32_packs_with_onednn()
 
         def prepare(*linears):
             weight = torch.cat([linear.weight.detach() for linear in linears]).to(compute)
             if float32_packed:
                 return sequences.pack_float32(weight, rows), weight
-            return sequences.pack_bf16(weight) if packed else weight
+            return sequences.pack_onednn(weight, compute) if packed else weight
 
         if float32_packed:
             self.linear = lambda x, prepared: sequences.packed_linear_float32(

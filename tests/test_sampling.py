@@ -437,6 +437,9 @@ def test_float32_linears_packed_for_the_loop_sample_the_same_answers_as_rows_lea
     those of the unpacked loop (within float32 rounding) while rows leave the batch, every decode step's products
     went through the packed weights, padded to the batch while at least three quarters of its rows run, and the
     modules are unpacked afterwards. Nothing is packed for MKL past 32 rows or under autocast."""
+    monkeypatch.setattr(
+        sequences, "cpu_vendor", lambda: "GenuineIntel"
+    )  # MKL's packing (on AMD it is oneDNN's)
     model, tokenizer, queries, query_mask = tiny_llama
     batch = queries.shape[0]
     settings = dict(
@@ -486,6 +489,64 @@ def test_float32_linears_packed_for_the_loop_sample_the_same_answers_as_rows_lea
     with torch.autocast("cpu", dtype=torch.bfloat16):
         sample(True)
     assert packed_rows == []
+
+
+@pytest.mark.parametrize(
+    "vendor, onednn", [("GenuineIntel", False), ("AuthenticAMD", True), ("HygonGenuine", True), (None, False)]
+)
+def test_float32_packs_with_onednn_on_x86_cpus_not_made_by_intel(monkeypatch, vendor, onednn):
+    monkeypatch.setattr(sequences, "cpu_vendor", lambda: vendor)
+    assert sequences.float32_packs_with_onednn() is (onednn and torch.backends.mkldnn.is_available())
+    # at any batch size there, as far as the MKL rule allows elsewhere
+    big = sequences.FLOAT32_PACKED_MAX_ROWS + 1
+    assert sequences.packs_on_cpu(torch.float32, big) is sequences.float32_packs_with_onednn()
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="oneDNN is not in this build")
+def test_float32_linears_packed_by_onednn_sample_the_same_answers(tiny_llama, monkeypatch):
+    """On a CPU not made by Intel each float32 nn.Linear runs from a weight oneDNN packed once for the loop, at any
+    batch size: the answers and logits are those of the unpacked loop (within float32 rounding), every product of
+    every decode step went through the packed weights, and the modules are unpacked afterwards. Not under
+    autocast."""
+    monkeypatch.setattr(sequences, "cpu_vendor", lambda: "AuthenticAMD")
+    model, tokenizer, queries, query_mask = tiny_llama
+    settings = dict(
+        max_new_tokens=8, temperature=0.7, pad_token_id=tokenizer.pad_token_id, output_logits=True
+    )
+    eos = ending_token(model, queries, query_mask, seed=3)
+    products = []
+    pointwise = torch.ops.mkldnn._linear_pointwise
+
+    def counted(x, packed, *args):
+        products.append((x.dtype, packed.dtype))
+        return pointwise(x, packed, *args)
+
+    def sample(packing: bool):
+        with monkeypatch.context() as patch:
+            patch.setattr(torch.ops.mkldnn, "_linear_pointwise", counted)
+            if not packing:
+                patch.setattr(sequences, "linears_packed_once", lambda *a, **k: contextlib.nullcontext())
+            torch.manual_seed(3)
+            return sequences.sample_ids(model, queries, query_mask, eos_token_id=eos, **settings)
+
+    packed = sample(True)
+    linears = sum(type(m) is torch.nn.Linear for m in model.modules())
+    steps = int(sequences.truncate_at_eos(packed.responses, eos, tokenizer.pad_token_id)[1].sum(1).max())
+    # every Linear of the prefill and of each decode step after it, in float32
+    assert len(products) >= linears * steps and set(products) == {(torch.float32, torch.float32)}
+    plain = sample(False)
+    assert torch.equal(packed.responses, plain.responses)
+    torch.testing.assert_close(packed.logits, plain.logits, rtol=1e-5, atol=1e-5)
+    assert not any("forward" in vars(m) for m in model.modules())
+    with sequences.linears_packed_once(
+        model, "cpu", sharded=False, rows=sequences.FLOAT32_PACKED_MAX_ROWS + 1
+    ):
+        assert all("forward" in vars(m) for m in model.modules() if type(m) is torch.nn.Linear)
+    products.clear()
+    monkeypatch.setattr(sequences, "cpu_has_native_bf16", lambda: False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sample(True)
+    assert products == []
 
 
 @pytest.mark.skipif(
