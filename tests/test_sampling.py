@@ -437,9 +437,8 @@ def test_float32_linears_packed_for_the_loop_sample_the_same_answers_as_rows_lea
     those of the unpacked loop (within float32 rounding) while rows leave the batch, every decode step's products
     went through the packed weights, padded to the batch while at least three quarters of its rows run, and the
     modules are unpacked afterwards. Nothing is packed for MKL past 32 rows or under autocast."""
-    monkeypatch.setattr(
-        sequences, "cpu_vendor", lambda: "GenuineIntel"
-    )  # MKL's packing (on AMD it is oneDNN's)
+    # MKL's packing is the rule on Intel CPUs (on others the sampler packs with oneDNN)
+    monkeypatch.setattr(sequences, "cpu_vendor", lambda: "GenuineIntel")
     model, tokenizer, queries, query_mask = tiny_llama
     batch = queries.shape[0]
     settings = dict(
