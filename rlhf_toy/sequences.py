@@ -701,7 +701,7 @@ def weights_cast_once(model, device_type: str, sharded: bool):
             p.requires_grad_(False)
 
 
-def pack_onednn(weight: Tensor, dtype: torch.dtype = torch.bfloat16) -> Tensor:
+def pack_onednn(weight: Tensor, dtype: torch.dtype) -> Tensor:
     """A Linear weight ``[out, in]`` in the blocked layout oneDNN's GEMM reads in ``dtype`` (`packed_linear`). The
     batch size given is only a hint for the layout; any number of rows multiplies by it (float32 on an AMD EPYC:
     the model's matmuls for 3, 8, 32 and 100 rows within 10% for hints of 8, 32 and 100)."""
@@ -802,13 +802,15 @@ def linears_packed_once(model, device_type: str, sharded: bool, rows: int):
         if type(module) is not torch.nn.Linear:
             continue
         if bf16_packs and (bf16_autocast or module.weight.dtype == torch.bfloat16):
-            bias = None if module.bias is None else module.bias.detach().to(torch.bfloat16)
-            module.forward = functools.partial(packed_linear, packed=pack_onednn(module.weight), bias=bias)
+            onednn_dtype = torch.bfloat16
         elif onednn_float32 and module.weight.dtype == torch.float32:
-            bias = None if module.bias is None else module.bias.detach()
-            module.forward = functools.partial(
-                packed_linear, packed=pack_onednn(module.weight, torch.float32), bias=bias
-            )
+            onednn_dtype = torch.float32
+        else:
+            onednn_dtype = None
+        if onednn_dtype is not None:
+            bias = None if module.bias is None else module.bias.detach().to(onednn_dtype)
+            packed = pack_onednn(module.weight, onednn_dtype)
+            module.forward = functools.partial(packed_linear, packed=packed, bias=bias)
         elif float32_packs and module.weight.dtype == torch.float32:
             weight = module.weight.detach()
             bias = None if module.bias is None else module.bias.detach()

@@ -69,15 +69,15 @@ class FusedLlamaStep:
         self.model, self.cfg = model.model, model.config
         self.dtype, self.heads = compute, self.cfg.num_attention_heads
         self.kv_heads, self.head_dim = self.cfg.num_key_value_heads, self.cfg.head_dim
-        float32_packed = packed and compute == torch.float32 and not sequences.float32_packs_with_onednn()
+        mkl_packed = packed and compute == torch.float32 and not sequences.float32_packs_with_onednn()
 
         def prepare(*linears):
             weight = torch.cat([linear.weight.detach() for linear in linears]).to(compute)
-            if float32_packed:
+            if mkl_packed:
                 return sequences.pack_float32(weight, rows), weight
             return sequences.pack_onednn(weight, compute) if packed else weight
 
-        if float32_packed:
+        if mkl_packed:
             self.linear = lambda x, prepared: sequences.packed_linear_float32(
                 x, *prepared, bias=None, rows=rows
             )
